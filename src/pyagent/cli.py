@@ -1,0 +1,216 @@
+"""The `pyagent` command line: one entry point, a subcommand per job, `--help` everywhere."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pyagent.engine.registry import BUILTIN, DEFAULT_MODEL, resolve_model
+from pyagent.errors import ConfigError, PyAgentError
+from pyagent.llm.base import Backend
+from pyagent.types import Completion, CompletionRequest, Message, SamplingParams
+
+app = typer.Typer(help="PyAgent: a runtime for fleets of LLM agents, built to be measured.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+models_app = typer.Typer(help="List and prepare models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+err = Console(stderr=True)
+out = Console()
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m",
+                                       help="Model name, alias, HF directory or .gguf path.")]
+DtypeOpt = Annotated[str, typer.Option(help="Weights dtype for the embedded engine.")]
+
+
+@contextmanager
+def _status(message: str):
+    """A live status line; yields a callback that updates it."""
+    with err.status(message) as status:
+        yield lambda text: status.update(text)
+
+
+def _load_engine(model: str, dtype: str, context_length: int | None = None):
+    from transformers.utils import logging as hf_logging
+
+    from pyagent.engine.generate import Engine
+
+    hf_logging.set_verbosity_error()
+    with _status(f"preparing {model}") as report:
+        engine = Engine.load(model, dtype=dtype, context_length=context_length, report=report)
+    err.print(f"[green]loaded[/] {engine.name} in {engine.loaded.load_s:.1f} s "
+              f"(context {engine.context_length} tokens)")
+    return engine
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show built-in models and whether their cache is ready."""
+    from pyagent.engine.model import cache_root, cache_status
+
+    table = Table(title=f"models (cache: {cache_root()})")
+    for column in ("name", "source", "status", "description"):
+        table.add_column(column)
+    for spec in BUILTIN.values():
+        default = " (default)" if spec.name == DEFAULT_MODEL else ""
+        table.add_row(spec.name + default, spec.source, cache_status(spec), spec.description)
+    out.print(table)
+    out.print("Any local Hugging Face directory or .gguf file also works as --model PATH.")
+
+
+@models_app.command("prepare")
+def models_prepare(model: Annotated[str, typer.Argument(help="Model to prepare.")] = DEFAULT_MODEL
+                   ) -> None:
+    """Assemble, convert and cache a model's weights (verified by checksum)."""
+    from pyagent.engine.model import prepare
+
+    spec = resolve_model(model)
+    with _status(f"preparing {spec.name}") as report:
+        directory = prepare(spec, report)
+    out.print(f"{spec.name} ready in {directory}")
+
+
+def _backend(backend: str, model: str, dtype: str, base_url: str | None,
+             recording: Path | None, record: Path | None) -> Backend:
+    from pyagent.llm.registry import make_backend
+
+    if backend == "embedded":
+        from pyagent.llm.embedded import EmbeddedBackend
+
+        chosen: Backend = EmbeddedBackend(_load_engine(model, dtype))
+    elif backend == "openai":
+        chosen = make_backend("openai", base_url=base_url,
+                              model=None if model == DEFAULT_MODEL else model)
+    elif backend == "replay":
+        if recording is None:
+            raise ConfigError("--backend replay needs --recording FILE")
+        chosen = make_backend("replay", path=recording)
+    else:
+        chosen = make_backend(backend)  # raises the unknown-backend error
+    if record is not None:
+        chosen = make_backend("replay", path=record, mode="record", inner=chosen)
+    return chosen
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Prompt text, or - to read it from stdin.")],
+    backend: Annotated[str, typer.Option(help="embedded, openai or replay.")] = "embedded",
+    model: ModelOpt = DEFAULT_MODEL,
+    dtype: DtypeOpt = "float32",
+    chat: Annotated[bool, typer.Option(help="Send the prompt as a user chat message.")] = False,
+    system: Annotated[str | None, typer.Option(help="System message (implies --chat).")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option()] = 1.0,
+    top_k: Annotated[int, typer.Option(help="0 disables top-k.")] = 0,
+    seed: Annotated[int | None, typer.Option()] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL.")] = None,
+    recording: Annotated[Path | None, typer.Option(help="Recording to replay from.")] = None,
+    record: Annotated[Path | None, typer.Option(help="Append this run to a recording.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the completion as JSON.")] = False,
+) -> None:
+    """Generate a completion and report its usage and timings."""
+    text = sys.stdin.read() if prompt == "-" else prompt
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                              top_k=top_k, seed=seed, stop=tuple(stop or ()))
+    if chat or system:
+        messages = ((Message("system", system),) if system else ()) + (Message("user", text),)
+        request = CompletionRequest(messages=messages, sampling=sampling)
+    else:
+        request = CompletionRequest(prompt=text, sampling=sampling)
+    chosen = _backend(backend, model, dtype, base_url, recording, record)
+    if as_json:
+        out.print_json(json.dumps(chosen.complete(request).to_dict()))
+        return
+    completion = _stream_to_stdout(chosen, request)
+    _print_stats([("completion", completion)])
+
+
+def _stream_to_stdout(backend: Backend, request: CompletionRequest) -> Completion:
+    completion = None
+    for event in backend.stream(request):
+        sys.stdout.write(event.delta)
+        sys.stdout.flush()
+        completion = event.completion or completion
+    sys.stdout.write("\n")
+    assert completion is not None
+    return completion
+
+
+def _print_stats(rows: list[tuple[str, Completion]]) -> None:
+    backends = ", ".join(sorted({c.backend for _, c in rows}))
+    table = Table(title=f"tokens and timings, measured ({backends})")
+    for column in ("request", "prompt", "cached", "output", "finish", "TTFT s", "total s",
+                   "tok/s"):
+        table.add_column(column, justify="left" if column == "request" else "right")
+    for label, c in rows:
+        table.add_row(label, str(c.usage.prompt_tokens), str(c.usage.cached_tokens),
+                      str(c.usage.completion_tokens), c.finish_reason,
+                      f"{c.timings.time_to_first_token_s:.3f}", f"{c.timings.total_s:.3f}",
+                      f"{c.timings.tokens_per_s:.1f}")
+    err.print(table)
+
+
+@app.command()
+def serve(
+    model: ModelOpt = DEFAULT_MODEL,
+    dtype: DtypeOpt = "float32",
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
+    context_length: Annotated[int | None, typer.Option(help="Cap the context (tokens).")] = None,
+) -> None:
+    """Serve the embedded engine over an OpenAI-compatible HTTP API."""
+    import uvicorn
+
+    from pyagent.engine.server import create_app
+
+    engine = _load_engine(model, dtype, context_length)
+    err.print(f"serving {engine.name} at http://{host}:{port}/v1")
+    uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")
+
+
+DEMO_REQUESTS = (
+    ("text", CompletionRequest(prompt="The three primary colors are",
+                               sampling=SamplingParams(max_tokens=32, stop=("\n\n",)))),
+    ("chat", CompletionRequest(
+        messages=(Message("system", "Answer in one short sentence."),
+                  Message("user", "What does a unit test check?")),
+        sampling=SamplingParams(max_tokens=48))),
+    ("sampled", CompletionRequest(prompt="A good name for a helpful robot is",
+                                  sampling=SamplingParams(max_tokens=24, temperature=0.8,
+                                                          top_p=0.95, seed=7))),
+)
+
+
+@app.command()
+def demo(model: ModelOpt = DEFAULT_MODEL, dtype: DtypeOpt = "float32") -> None:
+    """The main job: prepare the embedded model and run a few generations on it."""
+    from pyagent.llm.embedded import EmbeddedBackend
+
+    backend = EmbeddedBackend(_load_engine(model, dtype))
+    rows = []
+    for label, request in DEMO_REQUESTS:
+        shown = request.prompt if request.prompt is not None else request.messages[-1].content
+        out.print(f"\n[bold]{label}[/] > {shown}")
+        rows.append((label, _stream_to_stdout(backend, request)))
+    _print_stats(rows)
+
+
+def main() -> None:
+    """Entry point: PyAgent errors become one line on stderr and exit status 1."""
+    try:
+        app()
+    except PyAgentError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/]")
+        sys.exit(130)

@@ -1,0 +1,39 @@
+"""Pick the next token from logits: greedy, or temperature / top-k / top-p with a seeded RNG."""
+
+from __future__ import annotations
+
+import secrets
+
+import torch
+
+from pyagent.types import SamplingParams
+
+
+class Sampler:
+    """Stateful per request: owns the RNG so a seed reproduces the whole sequence."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.generator = torch.Generator()
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """`logits` is a 1-D float tensor over the vocabulary."""
+        p = self.params
+        if p.greedy:
+            return int(torch.argmax(logits))
+        logits = logits.float() / p.temperature
+        if p.top_k:
+            values, indices = torch.topk(logits, min(p.top_k, logits.numel()))
+        else:
+            values, indices = torch.sort(logits, descending=True)
+        probs = torch.softmax(values, dim=-1)
+        if p.top_p < 1.0:
+            # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+            cumulative = torch.cumsum(probs, dim=-1)
+            keep = int(torch.searchsorted(cumulative, torch.tensor(p.top_p))) + 1
+            probs = probs[:keep] / probs[:keep].sum()
+            indices = indices[:keep]
+        choice = torch.multinomial(probs, 1, generator=self.generator)
+        return int(indices[choice])

@@ -1,0 +1,277 @@
+"""An OpenAI-compatible HTTP server for the embedded engine.
+
+`/v1/models`, `/v1/completions` and `/v1/chat/completions`, streaming over SSE, errors in OpenAI's
+error shape. Requests queue on the engine (one runs at a time), so outputs never interleave.
+Extensions beyond OpenAI: `top_k` in requests, and `timings` (seconds) in every final response.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Literal
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from pyagent import __version__
+from pyagent.engine.generate import Engine
+from pyagent.engine.registry import ALIASES
+from pyagent.errors import RequestError
+from pyagent.types import Completion, CompletionRequest, Message, SamplingParams, StreamEvent
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Body(BaseModel):
+    """Fields shared by both endpoints. Unknown fields are ignored, as OpenAI's API does."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(param, message) for a requested feature this engine does not offer."""
+        if self.n != 1:
+            return "n", "only n=1 is supported"
+        if self.presence_penalty or self.frequency_penalty:
+            return "presence_penalty", "presence and frequency penalties are not supported"
+        for field in ("logprobs", "top_logprobs", "logit_bias", "tools", "functions", "echo",
+                      "response_format", "suffix"):
+            value = (self.model_extra or {}).get(field)
+            if value not in (None, False, {}, []) and not (
+                    field == "response_format" and value == {"type": "text"}):
+                return field, f"{field} is not supported by this server"
+        return None
+
+
+class CompletionBody(_Body):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)
+
+
+class ContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def to_message(self) -> Message:
+        content = self.content if isinstance(self.content, str) else "".join(
+            part.text for part in self.content or [])
+        return Message("system" if self.role == "developer" else self.role, content)
+
+
+class ChatBody(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = (
+            status, message, param, code, kind)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+
+def create_app(engine: Engine) -> FastAPI:
+    """The FastAPI application serving `engine` under its model name (and that name's aliases)."""
+    app = FastAPI(title="PyAgent engine", version=__version__)
+    served = {engine.name} | {alias for alias, name in ALIASES.items() if name == engine.name}
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = ".".join(loc) or None
+        message = first.get("msg", "invalid request")
+        where = f" at '{param}'" if param else ""
+        return JSONResponse(APIError(400, f"invalid request{where}: {message}", param).body(),
+                            status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        return JSONResponse(APIError(exc.status_code, str(exc.detail), code=code).body(),
+                            status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _crash(_request: Request, exc: Exception) -> JSONResponse:
+        error = APIError(500, f"internal error: {exc}", kind="server_error")
+        return JSONResponse(error.body(), status_code=500)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": engine.name, "object": "model", "created": created, "owned_by": "pyagent",
+             "context_length": engine.context_length}]}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "model": engine.name}
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionBody) -> Any:
+        prompt = body.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise APIError(400, "prompt must be a string or a list of exactly one string",
+                               "prompt")
+            prompt = prompt[0]
+        request = _request(engine, served, body, prompt=prompt, max_tokens=body.max_tokens)
+        return await _respond(engine, body, request, "text_completion")
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(body: ChatBody) -> Any:
+        messages = tuple(m.to_message() for m in body.messages)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        request = _request(engine, served, body, messages=messages, max_tokens=max_tokens)
+        return await _respond(engine, body, request, "chat.completion")
+
+    return app
+
+
+def _request(engine: Engine, served: set[str], body: _Body, *, max_tokens: int | None,
+             prompt: str | None = None, messages: tuple[Message, ...] | None = None
+             ) -> CompletionRequest:
+    if body.model not in served:
+        raise APIError(404, f"the model {body.model!r} does not exist; this server serves "
+                            f"{engine.name!r}", "model", "model_not_found")
+    problem = body.unsupported()
+    if problem:
+        raise APIError(400, problem[1], problem[0], "unsupported_parameter")
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    try:
+        if max_tokens is None:  # OpenAI's default: whatever the context leaves
+            probe = CompletionRequest(prompt=prompt, messages=messages, model=engine.name)
+            max_tokens = max(1, engine.context_length - len(engine.encode(probe)))
+        sampling = SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
+                                  top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=stop)
+        return CompletionRequest(prompt=prompt, messages=messages, model=engine.name,
+                                 sampling=sampling)
+    except RequestError as exc:
+        raise APIError(400, str(exc), exc.param, exc.code) from exc
+
+
+async def _respond(engine: Engine, body: _Body, request: CompletionRequest, kind: str) -> Any:
+    try:
+        events = await run_in_threadpool(engine.stream, request)
+    except RequestError as exc:
+        raise APIError(400, str(exc), exc.param, exc.code) from exc
+    response_id = f"{'chatcmpl' if request.is_chat else 'cmpl'}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunks = _sse(events, response_id, created, kind, engine.name, include_usage)
+        return StreamingResponse(chunks, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    completion = await _drain(events)
+    if request.is_chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": completion.text},
+                  "finish_reason": completion.finish_reason, "logprobs": None}
+    else:
+        choice = {"index": 0, "text": completion.text, "finish_reason": completion.finish_reason,
+                  "logprobs": None}
+    return {"id": response_id, "object": kind, "created": created, "model": engine.name,
+            "choices": [choice], "usage": _usage(completion), "timings": _timings(completion)}
+
+
+async def _drain(events: Iterator[StreamEvent]) -> Completion:
+    completion = None
+    async for event in _iterate(events):
+        completion = event.completion or completion
+    assert completion is not None
+    return completion
+
+
+async def _iterate(events: Iterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
+    """Step a blocking event iterator in worker threads; always close it (freeing the engine)."""
+    done = object()
+    try:
+        while (event := await run_in_threadpool(next, events, done)) is not done:
+            yield event  # type: ignore[misc]
+    finally:
+        with anyio.CancelScope(shield=True):
+            await run_in_threadpool(events.close)  # type: ignore[attr-defined]
+
+
+async def _sse(events: Iterator[StreamEvent], response_id: str, created: int, kind: str,
+               model: str, include_usage: bool) -> AsyncIterator[str]:
+    chat = kind == "chat.completion"
+    chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        payload = {"id": response_id, "object": chunk_kind, "created": created, "model": model,
+                   "choices": choices, **extra}
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    def choice(text: str, finish: str | None, first: bool = False) -> dict[str, Any]:
+        if chat:
+            delta = {"role": "assistant", "content": text} if first else {"content": text}
+            return {"index": 0, "delta": delta if text or first else {}, "finish_reason": finish,
+                    "logprobs": None}
+        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+
+    try:
+        if chat:
+            yield chunk([choice("", None, first=True)])
+        async for event in _iterate(events):
+            if event.delta:
+                yield chunk([choice(event.delta, None)])
+            if event.completion is not None:
+                done = event.completion
+                yield chunk([choice("", done.finish_reason)], timings=_timings(done))
+                if include_usage:
+                    yield chunk([], usage=_usage(done))
+    except Exception as exc:  # the status line is already sent: report in the stream
+        error = APIError(500, f"generation failed: {exc}", kind="server_error")
+        yield f"data: {json.dumps(error.body())}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _usage(completion: Completion) -> dict[str, Any]:
+    u = completion.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+
+
+def _timings(completion: Completion) -> dict[str, float]:
+    t = completion.timings
+    return {"time_to_first_token_s": round(t.time_to_first_token_s, 6),
+            "total_s": round(t.total_s, 6), "tokens_per_s": round(t.tokens_per_s, 3)}

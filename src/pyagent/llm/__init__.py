@@ -1,0 +1,1 @@
+"""LLM backends behind one `Backend` protocol: embedded, OpenAI-compatible, replay."""

@@ -1,0 +1,140 @@
+"""The `openai` backend: any OpenAI-compatible server (vLLM, llama.cpp, Ollama, OpenAI, PyAgent).
+
+Requests always stream (with `stream_options.include_usage`), so time to first token is measured
+here, at the caller, and usage comes from the server's own fields, cached prompt tokens included.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+
+from pyagent.errors import BackendError, BackendUnavailableError, PyAgentError, RequestError
+from pyagent.types import Completion, CompletionRequest, StreamEvent, Timings, Usage
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
+
+
+class OpenAIBackend:
+    """Talks to `base_url` with the official `openai` client."""
+
+    name = "openai"
+
+    def __init__(self, base_url: str | None = None, model: str | None = None,
+                 api_key: str | None = None, timeout_s: float = 600.0, max_retries: int = 2):
+        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+        self.model = model
+        self.client = openai.OpenAI(
+            base_url=self.base_url,
+            api_key=api_key or os.environ.get("OPENAI_API_KEY") or "unused",
+            timeout=openai.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
+            max_retries=max_retries,
+        )
+
+    def complete(self, request: CompletionRequest) -> Completion:
+        *_, last = self.stream(request)
+        assert last.completion is not None
+        return last.completion
+
+    def stream(self, request: CompletionRequest) -> Iterator[StreamEvent]:
+        model = request.model or self.model or self._first_model()
+        start = time.perf_counter()
+        chunks = self._call(self._create, request, model)
+        return self._events(chunks, model, start)
+
+    def _first_model(self) -> str:
+        models = self._call(self.client.models.list).data
+        if not models:
+            raise BackendError(f"the server at {self.base_url} lists no models; pass a model")
+        self.model = models[0].id
+        return self.model
+
+    def _create(self, request: CompletionRequest, model: str) -> Any:
+        p = request.sampling
+        args: dict[str, Any] = {
+            "model": model,
+            "max_tokens": p.max_tokens,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if p.seed is not None:
+            args["seed"] = p.seed
+        if p.stop:
+            args["stop"] = list(p.stop)
+        if p.top_k:
+            args["extra_body"] = {"top_k": p.top_k}
+        if request.messages is not None:
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            return self.client.chat.completions.create(messages=messages, **args)
+        return self.client.completions.create(prompt=request.prompt, **args)
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except openai.APIConnectionError as exc:
+            raise BackendUnavailableError(
+                f"cannot reach the OpenAI-compatible server at {self.base_url}: {exc}") from exc
+        except openai.APIStatusError as exc:
+            raise _status_error(exc, self.base_url) from exc
+
+    def _events(self, chunks: Any, model: str, start: float) -> Iterator[StreamEvent]:
+        parts: list[str] = []
+        first_at = None
+        finish = "stop"
+        usage = None
+        try:
+            for chunk in chunks:
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                for choice in chunk.choices:
+                    delta = _choice_text(choice)
+                    if delta:
+                        first_at = first_at or time.perf_counter()
+                        parts.append(delta)
+                        yield StreamEvent(delta)
+                    if choice.finish_reason:
+                        finish = "length" if choice.finish_reason == "length" else "stop"
+        except openai.APIConnectionError as exc:
+            raise BackendUnavailableError(
+                f"lost the connection to {self.base_url} mid-stream: {exc}") from exc
+        except openai.APIStatusError as exc:
+            raise _status_error(exc, self.base_url) from exc
+        end = time.perf_counter()
+        if usage is None:
+            raise BackendError(f"the server at {self.base_url} sent no usage for model {model!r} "
+                               "(it must support stream_options.include_usage)")
+        details = getattr(usage, "prompt_tokens_details", None)
+        cached = (getattr(details, "cached_tokens", None) or 0) if details else 0
+        completion = Completion(
+            text="".join(parts),
+            finish_reason=finish,  # type: ignore[arg-type]
+            usage=Usage(usage.prompt_tokens, usage.completion_tokens, cached),
+            timings=Timings(time_to_first_token_s=(first_at or end) - start, total_s=end - start,
+                            completion_tokens=usage.completion_tokens),
+            model=model,
+            backend=self.name,
+        )
+        yield StreamEvent("", completion)
+
+
+def _choice_text(choice: Any) -> str:
+    delta = getattr(choice, "delta", None)
+    if delta is not None:
+        return delta.content or ""
+    return getattr(choice, "text", "") or ""
+
+
+def _status_error(exc: openai.APIStatusError, base_url: str) -> PyAgentError:
+    body = exc.body if isinstance(exc.body, dict) else {}
+    error = body.get("error", body) if isinstance(body, dict) else {}
+    message = error.get("message") if isinstance(error, dict) else None
+    text = f"{base_url} answered HTTP {exc.status_code}: {message or exc.message}"
+    if 400 <= exc.status_code < 500 and exc.status_code not in (401, 403, 404, 429):
+        return RequestError(text, param=error.get("param") if isinstance(error, dict) else None)
+    return BackendError(text)

@@ -1,0 +1,136 @@
+"""The `replay` backend: completions recorded from real runs, replayed by a hash of the request.
+
+A recording is a JSON-lines file, one entry per request, appended and fsynced as each completion
+finishes, so a crash loses at most the request in flight. Recording wraps another backend;
+replaying needs no model at all, which makes tests and benchmarks reproducible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pyagent.errors import ConfigError, ReplayMissError
+from pyagent.llm.base import Backend
+from pyagent.types import Completion, CompletionRequest, StreamEvent
+
+FORMAT = 1
+
+
+def request_key(request: CompletionRequest) -> str:
+    """SHA-256 of the request's canonical JSON: the same request always maps to the same key."""
+    canonical = json.dumps(request.to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class ReplayBackend:
+    """`mode="replay"` serves recordings; `mode="record"` calls `inner` and appends what it says."""
+
+    name = "replay"
+
+    def __init__(self, path: str | Path, mode: Literal["replay", "record"] = "replay",
+                 inner: Backend | None = None):
+        if mode not in ("replay", "record"):
+            raise ConfigError(f"replay mode must be 'replay' or 'record', got {mode!r}")
+        if mode == "record" and inner is None:
+            raise ConfigError("recording needs a backend to record from")
+        self.path = Path(path)
+        self.mode = mode
+        self.inner = inner
+        self._lock = threading.Lock()
+        self.entries: dict[str, dict[str, Any]] = self._load()
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        if not self.path.exists():
+            if self.mode == "replay":
+                raise ConfigError(f"no recording at {self.path}")
+            return {}
+        entries: dict[str, dict[str, Any]] = {}
+        raw = self.path.read_text(encoding="utf-8")
+        lines = raw.split("\n")
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                Completion.from_dict(entry["completion"])
+                entries[entry["key"]] = entry
+            except (ValueError, KeyError, TypeError) as exc:
+                if number == len(lines):  # a last line cut short by a crash: not an entry yet
+                    continue
+                raise ConfigError(f"{self.path}:{number}: not a valid recording entry ({exc})") \
+                    from exc
+        return entries
+
+    def complete(self, request: CompletionRequest) -> Completion:
+        *_, last = self.stream(request)
+        assert last.completion is not None
+        return last.completion
+
+    def stream(self, request: CompletionRequest) -> Iterator[StreamEvent]:
+        key = request_key(request)
+        if self.mode == "record":
+            assert self.inner is not None
+            return self._record(key, request, self.inner.stream(request))
+        entry = self.entries.get(key)
+        if entry is None:
+            raise ReplayMissError(f"no recording of this request in {self.path} (key {key[:16]})")
+        return self._replay(entry)
+
+    def _replay(self, entry: dict[str, Any]) -> Iterator[StreamEvent]:
+        completion = replace(Completion.from_dict(entry["completion"]), backend=self.name)
+        for delta in entry["deltas"]:
+            yield StreamEvent(delta)
+        yield StreamEvent("", completion)
+
+    def _record(self, key: str, request: CompletionRequest,
+                events: Iterator[StreamEvent]) -> Iterator[StreamEvent]:
+        deltas: list[str] = []
+        for event in events:
+            if event.delta:
+                deltas.append(event.delta)
+            if event.completion is not None:
+                self._append({
+                    "format": FORMAT,
+                    "key": key,
+                    "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "request": request.to_dict(),
+                    "deltas": deltas,
+                    "completion": event.completion.to_dict(),
+                })
+            yield event
+
+    def _append(self, entry: dict[str, Any]) -> None:
+        line = json.dumps(entry, ensure_ascii=False, sort_keys=True)
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a+b") as handle:
+                _drop_partial_last_line(handle)
+                handle.write(line.encode("utf-8") + b"\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            self.entries[entry["key"]] = entry
+
+
+def _drop_partial_last_line(handle: Any) -> None:
+    """Cut a last line that a crash left unterminated: it never became an entry."""
+    end = handle.seek(0, os.SEEK_END)
+    position = end
+    while position > 0:
+        step = min(position, 1 << 16)
+        handle.seek(position - step)
+        newline = handle.read(step).rfind(b"\n")
+        if newline >= 0:
+            position = position - step + newline + 1
+            break
+        position -= step
+    if position != end:
+        handle.truncate(position)
+    handle.seek(0, os.SEEK_END)

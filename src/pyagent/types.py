@@ -1,0 +1,176 @@
+"""Request and result types shared by the engine and every backend.
+
+Plain frozen dataclasses: they sit on the hot path and are cheap to build. Validation happens on
+construction, so an invalid value never reaches a model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from pyagent.errors import RequestError
+
+FinishReason = Literal["stop", "length"]
+ROLES = ("system", "user", "assistant", "tool")
+MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. `temperature == 0` means greedy decoding (the default: reproducible).
+
+    `top_k == 0` and `top_p == 1` disable those filters; `seed` makes sampled decoding repeatable.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
+               f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        _check(_is_real(self.temperature) and 0.0 <= self.temperature <= 2.0, "temperature",
+               f"temperature must be a number in [0, 2], got {self.temperature!r}")
+        _check(_is_real(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p",
+               f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k",
+               f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        _check(self.seed is None or _is_int(self.seed), "seed",
+               f"seed must be an integer, got {self.seed!r}")
+        _check(len(self.stop) <= MAX_STOP_STRINGS, "stop",
+               f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop",
+               "stop strings must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat message."""
+
+    role: str
+    content: str
+
+    def __post_init__(self) -> None:
+        _check(self.role in ROLES, "messages",
+               f"message role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        _check(isinstance(self.content, str), "messages",
+               f"message content must be a string, got {type(self.content).__name__}")
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """A text completion (`prompt`) or a chat completion (`messages`): exactly one of the two."""
+
+    prompt: str | None = None
+    messages: tuple[Message, ...] | None = None
+    model: str | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    def __post_init__(self) -> None:
+        if self.messages is not None:
+            object.__setattr__(self, "messages", tuple(
+                m if isinstance(m, Message) else Message(**m) for m in self.messages))
+        _check((self.prompt is None) != (self.messages is None), "prompt",
+               "a request needs exactly one of prompt and messages")
+        _check(self.messages is None or len(self.messages) > 0, "messages",
+               "messages must not be empty")
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts as the model's own tokenizer (or the provider's usage fields) report them.
+
+    `cached_tokens` counts prompt tokens served from a cache instead of being prefilled.
+    """
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Wall-clock timings of one completion, in seconds, measured where the caller sits."""
+
+    time_to_first_token_s: float
+    total_s: float
+    completion_tokens: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed: tokens after the first, over the time after the first."""
+        decode_time = self.total_s - self.time_to_first_token_s
+        if self.completion_tokens < 2 or decode_time <= 0:
+            return 0.0
+        return (self.completion_tokens - 1) / decode_time
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The result of one request, whatever the backend."""
+
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+    model: str
+    backend: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Completion:
+        return cls(
+            text=data["text"],
+            finish_reason=data["finish_reason"],
+            usage=Usage(**data["usage"]),
+            timings=Timings(**data["timings"]),
+            model=data["model"],
+            backend=data["backend"],
+        )
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One item of a stream: a piece of text, and on the last item the whole `Completion`."""
+
+    delta: str
+    completion: Completion | None = None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(ok: bool, param: str, message: str) -> None:
+    if not ok:
+        raise RequestError(message, param=param, code="invalid_value")
