@@ -22,6 +22,7 @@ class SamplingParams:
     """How to pick tokens. `temperature == 0` means greedy decoding (the default: reproducible).
 
     `top_k == 0` and `top_p == 1` disable those filters; `seed` makes sampled decoding repeatable.
+    `ignore_eos` keeps generating past end-of-sequence tokens (for benchmarks of fixed length).
     """
 
     max_tokens: int = 256
@@ -30,6 +31,7 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -82,6 +82,8 @@ class Engine:
         self.check_fits(len(prompt_ids), request.sampling.max_tokens,
                         "messages" if request.is_chat else "prompt")
         stop_ids = self.chat_stop_ids if request.is_chat else self.eos_ids
+        if request.sampling.ignore_eos:
+            stop_ids = set()
         return self._locked(prompt_ids, request, stop_ids)
 
     def _locked(self, prompt_ids: list[int], request: CompletionRequest,

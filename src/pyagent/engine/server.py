@@ -2,7 +2,7 @@
 
 `/v1/models`, `/v1/completions` and `/v1/chat/completions`, streaming over SSE, errors in OpenAI's
 error shape. Requests queue on the engine (one runs at a time), so outputs never interleave.
-Extensions beyond OpenAI: `top_k` in requests, and `timings` (seconds) in every final response.
+Extensions beyond OpenAI: `top_k` and `ignore_eos` in requests, and `timings` (seconds) in every final response.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class _Body(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
+    ignore_eos: bool = False
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
@@ -181,7 +182,8 @@ def _request(engine: Engine, served: set[str], body: _Body, *, max_tokens: int |
             probe = CompletionRequest(prompt=prompt, messages=messages, model=engine.name)
             max_tokens = max(1, engine.context_length - len(engine.encode(probe)))
         sampling = SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
-                                  top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=stop)
+                                  top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=stop,
+                                  ignore_eos=body.ignore_eos)
         return CompletionRequest(prompt=prompt, messages=messages, model=engine.name,
                                  sampling=sampling)
     except RequestError as exc:

@@ -67,8 +67,11 @@ class OpenAIBackend:
             args["seed"] = p.seed
         if p.stop:
             args["stop"] = list(p.stop)
-        if p.top_k:
-            args["extra_body"] = {"top_k": p.top_k}
+        extra = {"top_k": p.top_k} if p.top_k else {}
+        if p.ignore_eos:
+            extra["ignore_eos"] = True
+        if extra:  # extensions that vLLM, llama.cpp and PyAgent's server understand
+            args["extra_body"] = extra
         if request.messages is not None:
             messages = [{"role": m.role, "content": m.content} for m in request.messages]
             return self.client.chat.completions.create(messages=messages, **args)
