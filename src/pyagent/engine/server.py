@@ -2,7 +2,8 @@
 
 `/v1/models`, `/v1/completions` and `/v1/chat/completions`, streaming over SSE, errors in OpenAI's
 error shape. Requests queue on the engine (one runs at a time), so outputs never interleave.
-Extensions beyond OpenAI: `top_k` and `ignore_eos` in requests, and `timings` (seconds) in every final response.
+Extensions beyond OpenAI: `top_k` and `ignore_eos` in requests, and `timings` (seconds) in every
+final response.
 """
 
 from __future__ import annotations
