@@ -90,6 +90,20 @@ def verify_cache(directory: Path, source_sha: str) -> str | None:
     return None
 
 
+def write_manifest(directory: Path, source: str, source_sha: str) -> None:
+    """Record the SHA-256 of every file in `directory` and where its contents came from."""
+    files = {p.name: sha256_file(p) for p in sorted(directory.iterdir())
+             if p.is_file() and p.name != MANIFEST}
+    manifest = {
+        "format": CACHE_FORMAT,
+        "source": source,
+        "source_sha256": source_sha,
+        "files": files,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
 def convert_gguf(gguf: Path, source_sha: str, target: Path, report: Report) -> None:
     """Dequantize `gguf` with transformers; write safetensors, tokenizer and manifest atomically."""
     import torch
@@ -110,15 +124,7 @@ def convert_gguf(gguf: Path, source_sha: str, target: Path, report: Report) -> N
         report("writing safetensors")
         model.save_pretrained(str(work))
         tokenizer.save_pretrained(str(work))
-        files = {p.name: sha256_file(p) for p in sorted(work.iterdir()) if p.is_file()}
-        manifest = {
-            "format": CACHE_FORMAT,
-            "source": str(gguf),
-            "source_sha256": source_sha,
-            "files": files,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_manifest(work, str(gguf), source_sha)
         if target.exists():
             shutil.rmtree(target)
         os.replace(work, target)

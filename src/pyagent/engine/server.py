@@ -119,8 +119,7 @@ def create_app(engine: Engine) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
-        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-        param = ".".join(loc) or None
+        param = _param_path(first.get("loc", ()))
         message = first.get("msg", "invalid request")
         where = f" at '{param}'" if param else ""
         return JSONResponse(APIError(400, f"invalid request{where}: {message}", param).body(),
@@ -166,6 +165,19 @@ def create_app(engine: Engine) -> FastAPI:
         return await _respond(engine, body, request, "chat.completion")
 
     return app
+
+
+def _param_path(loc: tuple[Any, ...]) -> str | None:
+    """'messages.0.role' from pydantic's location, leaving out union branch tags like 'str'."""
+    parts: list[str] = []
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, str) and ("[" in part or part in _TYPE_TAGS):
+            break
+        parts.append(str(part))
+    return ".".join(parts) or None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def _request(engine: Engine, served: set[str], body: _Body, *, max_tokens: int | None,

@@ -86,16 +86,16 @@ class ReplayBackend:
 
     def _replay(self, entry: dict[str, Any]) -> Iterator[StreamEvent]:
         completion = replace(Completion.from_dict(entry["completion"]), backend=self.name)
-        for delta in entry["deltas"]:
+        *deltas, last = entry["deltas"] or [""]
+        for delta in deltas:
             yield StreamEvent(delta)
-        yield StreamEvent("", completion)
+        yield StreamEvent(last, completion)
 
     def _record(self, key: str, request: CompletionRequest,
                 events: Iterator[StreamEvent]) -> Iterator[StreamEvent]:
         deltas: list[str] = []
         for event in events:
-            if event.delta:
-                deltas.append(event.delta)
+            deltas.append(event.delta)
             if event.completion is not None:
                 self._append({
                     "format": FORMAT,

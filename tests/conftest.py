@@ -1,0 +1,110 @@
+"""Shared fixtures: a tiny random-weight Gemma 3 (no download, instant), the real embedded model
+(loaded once per session, tests marked `model`), and real servers on loopback."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import uvicorn
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
+
+from pyagent.engine.generate import Engine
+from pyagent.engine.model import load
+from pyagent.engine.registry import resolve_model
+from pyagent.engine.server import create_app
+
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):\n    return a + b\n",
+    "Agents call tools, read files and run tests; the auditor reports.",
+    "Paged attention keeps key and value blocks of sixteen tokens.",
+] * 20
+
+
+def build_tiny_model(directory: Path) -> Path:
+    """Save a 4-layer random-weight Gemma 3 text model and a byte-level BPE tokenizer."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tokenizer.token_to_id("<bos>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>",
+                                   eos_token="<eos>", unk_token="<unk>", pad_token="<pad>")
+    config = Gemma3TextConfig(
+        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"] * 2, max_position_embeddings=256,
+        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id)
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(config).save_pretrained(str(directory))
+    fast.save_pretrained(str(directory))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-gemma3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir: Path) -> Engine:
+    return Engine(load(resolve_model(str(tiny_model_dir))))
+
+
+@pytest.fixture(scope="session")
+def engine() -> Engine:
+    """The real embedded Gemma 3 270M (prepared into the user cache on first use)."""
+    return Engine.load()
+
+
+class LoopbackServer:
+    """A uvicorn server in a background thread on a free 127.0.0.1 port."""
+
+    def __init__(self, app) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self) -> LoopbackServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_engine: Engine) -> Iterator[LoopbackServer]:
+    with LoopbackServer(create_app(tiny_engine)) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def model_server(engine: Engine) -> Iterator[LoopbackServer]:
+    with LoopbackServer(create_app(engine)) as server:
+        yield server
