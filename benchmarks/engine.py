@@ -1,0 +1,422 @@
+"""Engine benchmark: PyAgent's embedded engine, and llama.cpp on the same GGUF when installed.
+
+    .venv/bin/python benchmarks/engine.py [--quick] [--repeats N] [--threads N]
+
+The parent process builds prompts from Python's own documentation (`pydoc_data.topics`), then runs
+each engine `repeats` times, alternating, each time in a fresh worker process (`--worker NAME`) so
+that load time and peak RSS belong to one engine and one load. A worker loads the model, runs every
+request once (the first one is a warm-up) and prints one JSON object. Figures are the median, min
+and max over the workers; every raw sample is kept in `benchmarks/results/engine.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from importlib import metadata, util
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+ENGINES = {"embedded": "PyAgent", "llamacpp": "llama.cpp"}
+LLAMACPP_CONTEXT = 4096
+
+
+@dataclass(frozen=True)
+class Request:
+    """One measured request: a prompt of about `tokens` tokens, then `max_tokens` generated."""
+
+    name: str
+    tokens: int
+    max_tokens: int
+    prompt: str = ""
+
+
+@dataclass(frozen=True)
+class Run:
+    """What one request took, as the engine under test reports it."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    total_s: float
+
+
+def requests(quick: bool) -> list[Request]:
+    """The requests every worker runs, in order; the first warms the engine up."""
+    prefill = (512,) if quick else (512, 2048)
+    return [
+        Request("warmup", 16, 2),
+        Request("short", 16, 1),
+        *(Request(f"prefill-{n}", n, 1) for n in prefill),
+        Request("decode", 512, 16 if quick else 64),
+    ]
+
+
+def with_prompts(plan: list[Request], tokenizer: Any) -> list[Request]:
+    """Give each request its own consecutive slice of the corpus (no shared prefixes)."""
+    from pydoc_data.topics import topics
+
+    ids = tokenizer("\n\n".join(topics[key] for key in sorted(topics)),
+                    add_special_tokens=False)["input_ids"]
+    out, start = [], 0
+    for request in plan:
+        end = start + request.tokens - 1  # the tokenizer adds a BOS token
+        out.append(Request(request.name, request.tokens, request.max_tokens,
+                           tokenizer.decode(ids[start:end])))
+        start = end
+    return out
+
+
+# --- workers: one engine, one load, every request once --------------------------------------
+
+
+def embedded_worker(threads: int) -> tuple[float, Callable[[Request], Run], dict[str, Any]]:
+    """Load the embedded engine; return load time, a request runner and its settings."""
+    import torch
+
+    from pyagent.engine.generate import Engine
+    from pyagent.types import CompletionRequest, SamplingParams
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    engine = Engine.load()
+    load_s = time.perf_counter() - start
+
+    def run(request: Request) -> Run:
+        sampling = SamplingParams(max_tokens=request.max_tokens, ignore_eos=True)
+        done = engine.generate(CompletionRequest(prompt=request.prompt, sampling=sampling))
+        return Run(done.usage.prompt_tokens, done.usage.completion_tokens,
+                   done.timings.time_to_first_token_s, done.timings.total_s)
+
+    settings = {"dtype": str(engine.model.dtype), "torch_threads": torch.get_num_threads()}
+    return load_s, run, settings
+
+
+def llamacpp_worker(threads: int) -> tuple[float, Callable[[Request], Run], dict[str, Any]]:
+    """Load the embedded model's GGUF in llama.cpp; same contract as `embedded_worker`."""
+    from llama_cpp import Llama
+
+    from pyagent.engine.model import packaged_gguf
+    from pyagent.engine.registry import EMBEDDED
+
+    gguf, _ = packaged_gguf(EMBEDDED)
+    start = time.perf_counter()
+    llm = Llama(model_path=str(gguf), n_ctx=LLAMACPP_CONTEXT, n_threads=threads,
+                n_threads_batch=threads, verbose=False)
+    load_s = time.perf_counter() - start
+
+    def run(request: Request) -> Run:
+        tokens = llm.tokenize(request.prompt.encode(), add_bos=True)
+        llm.reset()  # forget the previous request: no prefix reuse
+        start = time.perf_counter()
+        first, count = None, 0
+        # Greedy and without an EOS check, like ignore_eos in the embedded engine.
+        for count, _ in enumerate(islice(llm.generate(tokens, temp=0.0), request.max_tokens), 1):
+            first = first or time.perf_counter()
+        end = time.perf_counter()
+        return Run(len(tokens), count, (first or end) - start, end - start)
+
+    settings = {"gguf": str(gguf), "n_ctx": llm.n_ctx(), "n_batch": llm.n_batch,
+                "n_threads": threads}
+    return load_s, run, settings
+
+
+def worker(name: str) -> None:
+    """Run one engine on the plan read from stdin; print one JSON sample on stdout."""
+    import psutil
+
+    result = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # libraries that print must not corrupt the JSON on stdout
+    plan = json.load(sys.stdin)
+    load = embedded_worker if name == "embedded" else llamacpp_worker
+    load_s, run, settings = load(plan["threads"])
+    rss_after_load = psutil.Process().memory_info().rss / 2**20
+    runs = {item["name"]: asdict(run(Request(**item))) for item in plan["requests"]}
+    sample = {
+        "load_s": load_s,
+        "rss_after_load_mib": rss_after_load,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "settings": settings,
+        "runs": runs,
+    }
+    json.dump(sample, result)
+    result.close()
+
+
+def run_worker(name: str, plan: dict[str, Any]) -> dict[str, Any]:
+    """Run one worker process and return its sample; exit with its stderr if it fails."""
+    proc = subprocess.run([sys.executable, __file__, "--worker", name], input=json.dumps(plan),
+                          capture_output=True, text=True, cwd=ROOT, check=False)
+    if proc.returncode != 0:
+        sys.exit(f"{proc.stderr[-4000:]}\nengine benchmark: the {name} worker failed "
+                 f"(exit code {proc.returncode})")
+    return json.loads(proc.stdout)
+
+
+# --- figures --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One row of the table: a figure computed from each worker sample."""
+
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool
+    value: Callable[[dict[str, Any]], float]
+    digits: int = 1
+
+
+def prefill_tok_s(name: str) -> Callable[[dict[str, Any]], float]:
+    return lambda s: s["runs"][name]["prompt_tokens"] / s["runs"][name]["ttft_s"]
+
+
+def decode_tok_s(sample: dict[str, Any]) -> float:
+    """Tokens after the first over the time after the first (as `Timings.tokens_per_s`)."""
+    run = sample["runs"]["decode"]
+    return (run["completion_tokens"] - 1) / (run["total_s"] - run["ttft_s"])
+
+
+def token_count(samples: list[dict[str, Any]], name: str, field: str = "prompt_tokens") -> str:
+    counts = sorted({s["runs"][name][field] for s in samples})
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+
+
+def metrics(samples: list[dict[str, Any]]) -> list[Metric]:
+    """The table rows; labels carry the prompt token counts actually measured."""
+    prefills = [name for name in samples[0]["runs"] if name.startswith("prefill-")]
+    decode = (f"decode, {token_count(samples, 'decode', 'completion_tokens')} tokens after a "
+              f"{token_count(samples, 'decode')}-token prompt")
+    return [
+        Metric("load_s", "load time (warm cache)", "s", False, lambda s: s["load_s"], 2),
+        Metric("peak_rss_mib", "peak RSS", "MiB", False, lambda s: s["peak_rss_mib"], 0),
+        Metric("ttft_short_ms", f"time to first token, {token_count(samples, 'short')}-token "
+               "prompt", "ms", False, lambda s: s["runs"]["short"]["ttft_s"] * 1000),
+        *(Metric(f"{name.replace('-', '_')}_tok_s",
+                 f"prefill, {token_count(samples, name)}-token prompt", "tok/s", True,
+                 prefill_tok_s(name)) for name in prefills),
+        Metric("decode_tok_s", decode, "tok/s", True, decode_tok_s),
+    ]
+
+
+def summarize(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "values": values}
+
+
+def summaries(samples: dict[str, list[dict[str, Any]]],
+              rows: list[Metric]) -> dict[str, dict[str, Any]]:
+    """Per engine, per metric: median, min, max and every value."""
+    return {engine: {m.key: summarize([m.value(s) for s in runs]) for m in rows}
+            for engine, runs in samples.items()}
+
+
+def ratios(stats: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """PyAgent median / llama.cpp median, per metric."""
+    if "llamacpp" not in stats:
+        return {}
+    return {key: value["median"] / stats["llamacpp"][key]["median"]
+            for key, value in stats["embedded"].items()}
+
+
+def cell(stat: dict[str, Any], digits: int) -> str:
+    if len(stat["values"]) == 1:
+        return f"{stat['median']:.{digits}f}"
+    return f"{stat['median']:.{digits}f} [{stat['min']:.{digits}f}, {stat['max']:.{digits}f}]"
+
+
+def table_rows(rows: list[Metric], stats: dict[str, dict[str, Any]],
+               ratio: dict[str, float]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells shared by the terminal table and the Markdown file."""
+    header = ["figure", "unit", "better", *(ENGINES[e] for e in stats)]
+    if ratio:
+        header.append("PyAgent / llama.cpp")
+    cells = []
+    for m in rows:
+        line = [m.label, m.unit, "higher" if m.higher_is_better else "lower",
+                *(cell(stats[e][m.key], m.digits) for e in stats)]
+        if ratio:
+            line.append(f"{ratio[m.key]:.2f}x")
+        cells.append(line)
+    return header, cells
+
+
+def markdown(result: dict[str, Any], header: list[str], cells: list[list[str]]) -> str:
+    machine = result["machine"]
+    lines = [
+        "# Engine benchmark",
+        "",
+        f"- command: `{result['command']}`",
+        f"- commit: `{result['git']['commit']}`" + (" (dirty tree)" if result["git"]["dirty"]
+                                                    else ""),
+        f"- date: {result['date']}",
+        f"- machine: {machine['cpu']}, {machine['logical_cores']} logical cores, "
+        f"{machine['memory_gib']:.0f} GiB; {result['threads']} threads per engine",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v),
+        f"- {result['repeats']} worker process(es) per engine; cells are median [min, max]",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(line) + " |" for line in cells),
+    ]
+    if result["llamacpp_skipped"]:
+        lines += ["", f"llama.cpp: {result['llamacpp_skipped']}"]
+    return "\n".join(lines) + "\n"
+
+
+# --- provenance -----------------------------------------------------------------------------
+
+
+def git_state() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
+def version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    import psutil
+
+    return {"cpu": cpu_model(), "logical_cores": os.cpu_count(),
+            "physical_cores": psutil.cpu_count(logical=False),
+            "memory_gib": psutil.virtual_memory().total / 2**30, "platform": platform.platform()}
+
+
+def command() -> str:
+    exe = Path(sys.executable)
+    shown = exe.relative_to(ROOT) if exe.is_relative_to(ROOT) else exe
+    return shlex.join([str(shown), *sys.argv])
+
+
+def write(path: Path, text: str) -> None:
+    """Write atomically: an interrupted run leaves the previous file intact."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --- main -----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="one run per engine, shorter prompts (writes engine-quick.*)")
+    parser.add_argument("--repeats", type=int, help="worker processes per engine (default 3)")
+    parser.add_argument("--threads", type=int, help="threads per engine (torch's default)")
+    parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker)
+        return
+
+    import torch
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+    from transformers import AutoTokenizer
+
+    from pyagent.engine.model import prepare
+    from pyagent.engine.registry import EMBEDDED
+
+    console = Console()
+    repeats = args.repeats or (1 if args.quick else 3)
+    threads = args.threads or torch.get_num_threads()
+    with console.status("preparing the embedded model cache"):
+        tokenizer = AutoTokenizer.from_pretrained(str(prepare(EMBEDDED)))
+    plan = {"threads": threads,
+            "requests": [asdict(r) for r in with_prompts(requests(args.quick), tokenizer)]}
+    engines = ["embedded"]
+    skipped = None
+    if util.find_spec("llama_cpp"):
+        engines.append("llamacpp")
+    else:
+        skipped = "llama_cpp is not installed, figures skipped (pip install -e '.[llamacpp]')"
+        console.print(f"[yellow]{skipped}[/]")
+
+    samples: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
+    with Progress(console=console) as progress:
+        task = progress.add_task("workers", total=repeats * len(engines))
+        for i in range(repeats):
+            for engine in engines:
+                progress.update(task, description=f"{ENGINES[engine]} run {i + 1}/{repeats}")
+                samples[engine].append(run_worker(engine, plan))
+                progress.advance(task)
+
+    rows = metrics(samples["embedded"])
+    stats = summaries(samples, rows)
+    ratio = ratios(stats)
+    result = {
+        "benchmark": "engine",
+        "command": command(),
+        "git": git_state(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "threads": threads,
+        "repeats": repeats,
+        "versions": {"python": platform.python_version(), "pyagent": version("pyagent"),
+                     "torch": version("torch"), "transformers": version("transformers"),
+                     "llama_cpp": version("llama-cpp-python")},
+        "model": EMBEDDED.name,
+        "llamacpp_skipped": skipped,
+        "requests": plan["requests"],
+        "metrics": {m.key: {"label": m.label, "unit": m.unit,
+                            "higher_is_better": m.higher_is_better} for m in rows},
+        "summary": stats,
+        "ratios_pyagent_over_llamacpp": ratio,
+        "samples": samples,
+    }
+    header, cells = table_rows(rows, stats, ratio)
+    table = Table(*header, title=f"Engine benchmark: median [min, max] of {repeats} run(s)")
+    for line in cells:
+        table.add_row(*line)
+    console.print(table)
+
+    stem = "engine-quick" if args.quick else "engine"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write(RESULTS / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+    write(RESULTS / f"{stem}.md", markdown(result, header, cells))
+    console.print(f"wrote {RESULTS.relative_to(ROOT)}/{stem}.json and {stem}.md")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("engine benchmark: interrupted; no result files were written")
