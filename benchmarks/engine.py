@@ -114,6 +114,9 @@ def llamacpp_worker(threads: int) -> tuple[float, Callable[[Request], Run], dict
     from pyagent.engine.registry import EMBEDDED
 
     gguf, _ = packaged_gguf(EMBEDDED)
+    repack = "amx_int8" not in (cpuinfo("flags") or "").split()
+    if not repack:
+        disable_weight_repacking()
     start = time.perf_counter()
     llm = Llama(model_path=str(gguf), n_ctx=LLAMACPP_CONTEXT, n_threads=threads,
                 n_threads_batch=threads, verbose=False)
@@ -123,16 +126,33 @@ def llamacpp_worker(threads: int) -> tuple[float, Callable[[Request], Run], dict
         tokens = llm.tokenize(request.prompt.encode(), add_bos=True)
         llm.reset()  # forget the previous request: no prefix reuse
         start = time.perf_counter()
-        first, count = None, 0
         # Greedy and without an EOS check, like ignore_eos in the embedded engine.
-        for count, _ in enumerate(islice(llm.generate(tokens, temp=0.0), request.max_tokens), 1):
-            first = first or time.perf_counter()
-        end = time.perf_counter()
-        return Run(len(tokens), count, (first or end) - start, end - start)
+        stream = islice(llm.generate(tokens, temp=0.0), request.max_tokens)
+        times = [time.perf_counter() for _ in stream]
+        return Run(len(tokens), len(times), times[0] - start, times[-1] - start)
 
     settings = {"gguf": str(gguf), "n_ctx": llm.n_ctx(), "n_batch": llm.n_batch,
-                "n_threads": threads}
+                "n_threads": threads, "weight_repacking": repack}
     return load_s, run, settings
+
+
+def disable_weight_repacking() -> None:
+    """Load llama.cpp weights as stored, without the AMX/repacked buffers.
+
+    On AMX CPUs llama.cpp crashes in `ggml_backend_amx_mul_mat` on this Q4_K_M model
+    (ggml-org/llama.cpp#20824). llama-cpp-python 0.3.36 does not expose `use_extra_bufts`, so the
+    default model parameters it starts from are patched instead.
+    """
+    import llama_cpp.llama_cpp as lib
+
+    default = lib.llama_model_default_params
+
+    def params() -> Any:
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    lib.llama_model_default_params = params
 
 
 def worker(name: str) -> None:
@@ -256,6 +276,20 @@ def table_rows(rows: list[Metric], stats: dict[str, dict[str, Any]],
     return header, cells
 
 
+def engine_notes(result: dict[str, Any]) -> list[str]:
+    """How each engine ran, from the settings its workers reported."""
+    embedded = result["samples"]["embedded"][0]["settings"]
+    notes = [f"PyAgent: {embedded['dtype'].removeprefix('torch.')} weights, "
+             f"{embedded['torch_threads']} torch threads"]
+    if result["llamacpp_skipped"]:
+        return [*notes, f"llama.cpp: {result['llamacpp_skipped']}"]
+    llama = result["samples"]["llamacpp"][0]["settings"]
+    repack = ("on" if llama["weight_repacking"] else "off (this CPU has AMX, where llama.cpp "
+              "crashes with repacked weights: ggml-org/llama.cpp#20824)")
+    return [*notes, f"llama.cpp: the same GGUF (Q4_K_M), n_ctx {llama['n_ctx']}, n_batch "
+            f"{llama['n_batch']}, {llama['n_threads']} threads, weight repacking {repack}"]
+
+
 def markdown(result: dict[str, Any], header: list[str], cells: list[list[str]]) -> str:
     machine = result["machine"]
     lines = [
@@ -268,14 +302,13 @@ def markdown(result: dict[str, Any], header: list[str], cells: list[list[str]]) 
         f"- machine: {machine['cpu']}, {machine['logical_cores']} logical cores, "
         f"{machine['memory_gib']:.0f} GiB; {result['threads']} threads per engine",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v),
+        *(f"- {note}" for note in engine_notes(result)),
         f"- {result['repeats']} worker process(es) per engine; cells are median [min, max]",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
         *("| " + " | ".join(line) + " |" for line in cells),
     ]
-    if result["llamacpp_skipped"]:
-        lines += ["", f"llama.cpp: {result['llamacpp_skipped']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -300,20 +333,24 @@ def version(package: str) -> str | None:
         return None
 
 
-def cpu_model() -> str:
+def cpuinfo(key: str) -> str | None:
+    """The first value of `key` in /proc/cpuinfo (None where there is none)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return None
+    for line in lines:
+        name, _, value = line.partition(":")
+        if name.strip() == key:
+            return value.strip()
+    return None
 
 
 def machine() -> dict[str, Any]:
     import psutil
 
-    return {"cpu": cpu_model(), "logical_cores": os.cpu_count(),
+    cpu = cpuinfo("model name") or platform.processor() or platform.machine()
+    return {"cpu": cpu, "logical_cores": os.cpu_count(),
             "physical_cores": psutil.cpu_count(logical=False),
             "memory_gib": psutil.virtual_memory().total / 2**30, "platform": platform.platform()}
 
@@ -334,12 +371,19 @@ def write(path: Path, text: str) -> None:
 # --- main -----------------------------------------------------------------------------------
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="one run per engine, shorter prompts (writes engine-quick.*)")
-    parser.add_argument("--repeats", type=int, help="worker processes per engine (default 3)")
-    parser.add_argument("--threads", type=int, help="threads per engine (torch's default)")
+                        help="one run per engine, no 2048-token prompt, 16 decode tokens "
+                             "(writes engine-quick.*)")
+    parser.add_argument("--repeats", type=positive, help="worker processes per engine (default 3)")
+    parser.add_argument("--threads", type=positive, help="threads per engine (torch's default)")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -348,6 +392,7 @@ def main() -> None:
 
     import torch
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import Progress
     from rich.table import Table
     from transformers import AutoTokenizer
@@ -403,10 +448,12 @@ def main() -> None:
         "samples": samples,
     }
     header, cells = table_rows(rows, stats, ratio)
-    table = Table(*header, title=f"Engine benchmark: median [min, max] of {repeats} run(s)")
+    table = Table(*header, title=escape(f"Engine benchmark: median [min, max] of {repeats} run(s)"))
     for line in cells:
         table.add_row(*line)
     console.print(table)
+    for note in engine_notes(result):
+        console.print(escape(note))
 
     stem = "engine-quick" if args.quick else "engine"
     RESULTS.mkdir(parents=True, exist_ok=True)
