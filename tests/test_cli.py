@@ -82,7 +82,7 @@ def test_generate_streams_text_and_reports_usage(engine):
 def test_demo_runs_on_the_embedded_model(engine):
     result = pyagent("demo")
     assert result.returncode == 0, result.stderr
-    assert "red, blue" in result.stdout
+    assert "red, blue" in result.stdout and "def is_even" in result.stdout
     assert "tokens and timings, measured" in result.stderr
 
 

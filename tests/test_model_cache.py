@@ -11,7 +11,7 @@ from pyagent.engine.model import (
     verify_cache,
     write_manifest,
 )
-from pyagent.engine.registry import EMBEDDED
+from pyagent.engine.registry import EMBEDDED, resolve_model
 from pyagent.errors import ModelError
 
 SHA = "ab" * 32
@@ -78,3 +78,18 @@ def test_a_corrupt_model_cache_is_rebuilt_not_used(engine, tmp_path, monkeypatch
     assert verify_cache(target, sha) is None
     assert model_module.sha256_file(target / "model.safetensors") == \
         model_module.sha256_file(source / "model.safetensors")
+
+
+@pytest.mark.model
+def test_a_user_gguf_file_is_converted_and_cached_by_its_checksum(engine, tmp_path, monkeypatch):
+    packaged, sha = packaged_gguf(EMBEDDED)
+    mine = tmp_path / "my-model.gguf"
+    shutil.copyfile(packaged, mine)
+    monkeypatch.setenv("PYAGENT_CACHE_DIR", str(tmp_path / "cache"))
+    spec = resolve_model(str(mine))
+    assert cache_status(spec) == "not prepared"
+    directory = prepare(spec)
+    assert directory == cache_dir_for(spec, sha) and directory.name.startswith("my-model-")
+    assert cache_status(spec) == "ready"
+    assert model_module.sha256_file(directory / "model.safetensors") == \
+        model_module.sha256_file(engine.loaded.directory / "model.safetensors")

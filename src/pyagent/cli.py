@@ -178,12 +178,11 @@ def serve(
 
 
 DEMO_REQUESTS = (
-    ("text", CompletionRequest(prompt="The three primary colors are",
-                               sampling=SamplingParams(max_tokens=32, stop=("\n\n",)))),
-    ("chat", CompletionRequest(
-        messages=(Message("system", "Answer in one short sentence."),
-                  Message("user", "What does a unit test check?")),
-        sampling=SamplingParams(max_tokens=48))),
+    ("greedy", CompletionRequest(prompt="The three primary colors are",
+                                 sampling=SamplingParams(max_tokens=32, stop=("\n\n",)))),
+    ("code", CompletionRequest(
+        prompt='def is_even(n: int) -> bool:\n    """Return True if n is even."""\n',
+        sampling=SamplingParams(max_tokens=48, stop=("\ndef ", "\n\n\n")))),
     ("sampled", CompletionRequest(prompt="A good name for a helpful robot is",
                                   sampling=SamplingParams(max_tokens=24, temperature=0.8,
                                                           top_p=0.95, seed=7))),
@@ -198,8 +197,7 @@ def demo(model: ModelOpt = DEFAULT_MODEL, dtype: DtypeOpt = "float32") -> None:
     backend = EmbeddedBackend(_load_engine(model, dtype))
     rows = []
     for label, request in DEMO_REQUESTS:
-        shown = request.prompt if request.prompt is not None else request.messages[-1].content
-        out.print(f"\n[bold]{label}[/] > {shown}")
+        out.print(f"\n[bold]{label}[/] > {request.prompt}", highlight=False)
         rows.append((label, _stream_to_stdout(backend, request)))
     _print_stats(rows)
 

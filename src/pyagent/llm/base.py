@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
+from pyagent.errors import BackendError
 from pyagent.types import Completion, CompletionRequest, StreamEvent
 
 
@@ -21,9 +22,9 @@ class Backend(Protocol):
 
 def collect(events: Iterator[StreamEvent]) -> Completion:
     """Drain a stream and return its final `Completion`."""
-    last = None
-    for last in events:  # noqa: B007 - only the last event matters
-        pass
-    if last is None or last.completion is None:
-        raise RuntimeError("stream ended without a completion")
-    return last.completion
+    completion = None
+    for event in events:
+        completion = event.completion or completion
+    if completion is None:
+        raise BackendError("the stream ended without a completion")
+    return completion

@@ -14,6 +14,7 @@ from typing import Any
 import openai
 
 from pyagent.errors import BackendError, BackendUnavailableError, PyAgentError, RequestError
+from pyagent.llm.base import collect
 from pyagent.types import Completion, CompletionRequest, StreamEvent, Timings, Usage
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
@@ -36,9 +37,7 @@ class OpenAIBackend:
         )
 
     def complete(self, request: CompletionRequest) -> Completion:
-        *_, last = self.stream(request)
-        assert last.completion is not None
-        return last.completion
+        return collect(self.stream(request))
 
     def stream(self, request: CompletionRequest) -> Iterator[StreamEvent]:
         model = request.model or self.model or self._first_model()

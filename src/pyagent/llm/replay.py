@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pyagent.errors import ConfigError, ReplayMissError
-from pyagent.llm.base import Backend
+from pyagent.llm.base import Backend, collect
 from pyagent.types import Completion, CompletionRequest, StreamEvent
 
 FORMAT = 1
@@ -70,9 +70,7 @@ class ReplayBackend:
         return entries
 
     def complete(self, request: CompletionRequest) -> Completion:
-        *_, last = self.stream(request)
-        assert last.completion is not None
-        return last.completion
+        return collect(self.stream(request))
 
     def stream(self, request: CompletionRequest) -> Iterator[StreamEvent]:
         key = request_key(request)
