@@ -43,6 +43,7 @@ class Engine:
         self.eos_ids: set[int] = {eos} if eos is not None else set()
         self.chat_stop_ids = self.eos_ids | chat_stop_token_ids(self.tokenizer)
         self._lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()  # fast tokenizers mutate state on every encode
 
     @classmethod
     def load(cls, model: str | None = None, dtype: str = "float32",
@@ -53,12 +54,14 @@ class Engine:
         """The prompt's token ids (chat requests through the chat template)."""
         if request.messages is not None:
             text = render_chat(self.tokenizer, self.model.config.model_type, request.messages)
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return self.tokenize(text, add_special_tokens=False)
         assert request.prompt is not None
-        return list(self.tokenizer(request.prompt)["input_ids"])
+        return self.tokenize(request.prompt)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; safe to call from many threads."""
+        with self._tokenizer_lock:
+            return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def check_fits(self, prompt_tokens: int, max_tokens: int, param: str) -> None:
         if prompt_tokens + max_tokens > self.context_length:
