@@ -141,4 +141,9 @@ def test_openai_sdk_parses_a_chat_completion(client, tiny_engine):
         max_completion_tokens=5, temperature=0.7, seed=3)
     assert response.object == "chat.completion"
     assert response.choices[0].message.role == "assistant"
-    assert response.usage.prompt_tokens_details.cached_tokens == 0
+    again = client.chat.completions.create(
+        model=tiny_engine.name, messages=[{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": "Hi"}],
+        max_completion_tokens=5, temperature=0.7, seed=3)
+    prompt = again.usage.prompt_tokens
+    assert again.usage.prompt_tokens_details.cached_tokens == (prompt - 1) // 16 * 16 > 0

@@ -10,25 +10,49 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
+from pyagent.engine import attention
 from pyagent.engine.chat import chat_stop_token_ids, render_chat
+from pyagent.engine.eviction import Budget, evict, make_policy
+from pyagent.engine.kvcache import DEFAULT_BLOCK_SIZE, PagedKVCache, Sequence
 from pyagent.engine.model import LoadedModel, load
 from pyagent.engine.registry import resolve_model
 from pyagent.engine.sampling import Sampler
-from pyagent.errors import RequestError
+from pyagent.errors import ConfigError, RequestError
 from pyagent.types import Completion, CompletionRequest, StreamEvent, Timings, Usage
 
 REPLACEMENT_CHAR = "\ufffd"
 
 
+@dataclass(frozen=True)
+class KVSettings:
+    """How the engine keeps KV: block size, prefix sharing, and eviction (policy and budget,
+    applied after prefill and every `evict_every` decoded tokens)."""
+
+    block_size: int = DEFAULT_BLOCK_SIZE
+    share_prefix: bool = True
+    policy: str = "full"
+    budget: Budget | None = None
+    evict_every: int = 64
+    prefill_chunk: int = 512
+    max_tokens: int | None = None  # capacity of each layer group's block pool
+
+    def __post_init__(self) -> None:
+        if self.policy != "full" and self.budget is None:
+            raise ConfigError(f"eviction policy {self.policy!r} needs a KV budget")
+        for name in ("evict_every", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
 class Engine:
     """An in-process model with a generation loop; thread-safe, one request at a time."""
 
-    def __init__(self, loaded: LoadedModel, context_length: int | None = None):
+    def __init__(self, loaded: LoadedModel, context_length: int | None = None,
+                 kv: KVSettings | None = None):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -44,11 +68,77 @@ class Engine:
         self.chat_stop_ids = self.eos_ids | chat_stop_token_ids(self.tokenizer)
         self._lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()  # fast tokenizers mutate state on every encode
+        self.kv = kv or KVSettings()
+        self.policy = make_policy(self.kv.policy)
+        self.cache = PagedKVCache(config, dtype=self.model.dtype, block_size=self.kv.block_size,
+                                  max_tokens=self.kv.max_tokens)
+        config._attn_implementation = attention.NAME
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+        self._no_masks = dict.fromkeys(layer_types)  # masks come from the paged cache
 
     @classmethod
     def load(cls, model: str | None = None, dtype: str = "float32",
-             context_length: int | None = None, report=lambda _msg: None) -> Engine:
-        return cls(load(resolve_model(model), dtype=dtype, report=report), context_length)
+             context_length: int | None = None, kv: KVSettings | None = None,
+             report=lambda _msg: None) -> Engine:
+        return cls(load(resolve_model(model), dtype=dtype, report=report), context_length, kv)
+
+    # --- sequences on the paged cache ----------------------------------------------------------
+
+    def open(self, prompt_ids: list[int]) -> Sequence:
+        """A sequence for `prompt_ids`, starting from the longest cached prefix. Sequences share
+        the engine's cache: use them under one thread (requests hold the engine lock)."""
+        sequence = self.cache.new_sequence(prompt_ids, self.kv.share_prefix)
+        sequence.prompt_length = len(prompt_ids)
+        return sequence
+
+    def close(self, sequence: Sequence) -> None:
+        self.cache.release(sequence)
+
+    def forward(self, sequence: Sequence, tokens: list[int]) -> torch.Tensor:
+        """Run `tokens` through the model on `sequence`'s cache; the final hidden states."""
+        plan = self.cache.plan(sequence, tokens)
+        paged = attention.PagedForward(
+            self.cache, sequence, plan, collect=bool(self.policy and self.policy.collects),
+            window=self.policy.window if self.policy else 0)
+        with torch.inference_mode():
+            out = self.model.model(input_ids=torch.tensor([tokens]),
+                                   position_ids=plan.query_positions[None],
+                                   attention_mask=self._no_masks, use_cache=False, paged=paged)
+        self.cache.finish(sequence)
+        return out.last_hidden_state[0]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits for hidden states ([n, hidden] -> [n, vocab])."""
+        with torch.inference_mode():
+            logits = self.model.lm_head(hidden)
+            cap = getattr(self.model.config, "final_logit_softcapping", None)
+            return torch.tanh(logits / cap) * cap if cap else logits
+
+    def prefill(self, sequence: Sequence, prompt_ids: list[int]) -> torch.Tensor:
+        """Compute the prompt tokens the cache lacks, in chunks, then apply the eviction budget;
+        return the logits after the last prompt token."""
+        todo = prompt_ids[sequence.length:]
+        chunk = self.kv.prefill_chunk
+        for start in range(0, len(todo), chunk):
+            hidden = self.forward(sequence, todo[start:start + chunk])
+        self.enforce_budget(sequence)
+        return self.logits(hidden[-1])
+
+    def decode(self, sequence: Sequence, token: int) -> torch.Tensor:
+        """Append one token; evict every `evict_every` decoded tokens; the next logits."""
+        logits = self.logits(self.forward(sequence, [token])[-1])
+        if (sequence.length - sequence.prompt_length) % self.kv.evict_every == 0:
+            self.enforce_budget(sequence)
+        return logits
+
+    def enforce_budget(self, sequence: Sequence) -> int:
+        """Evict down to the budget now; the number of tokens dropped."""
+        if self.policy is None or self.kv.budget is None:
+            return 0
+        keep = self.kv.budget.global_tokens(self.cache, sequence)
+        return evict(self.cache, sequence, self.policy, keep)
+
+    # --- requests ------------------------------------------------------------------------------
 
     def encode(self, request: CompletionRequest) -> list[int]:
         """The prompt's token ids (chat requests through the chat template)."""
@@ -94,11 +184,6 @@ class Engine:
         with self._lock:
             yield from self._run(prompt_ids, request, stop_ids)
 
-    def _forward(self, ids: list[int], cache: Any) -> torch.Tensor:
-        out = self.model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True,
-                         logits_to_keep=1)
-        return out.logits[0, -1]
-
     def _run(self, prompt_ids: list[int], request: CompletionRequest,
              stop_ids: set[int]) -> Iterator[StreamEvent]:
         params = request.sampling
@@ -110,9 +195,9 @@ class Engine:
         finish = "length"
         start = time.perf_counter()
         first_token_at = None
-        with torch.inference_mode():
-            cache = DynamicCache(config=self.model.config)
-            logits = self._forward(prompt_ids, cache)
+        sequence = self.open(prompt_ids)
+        try:
+            logits = self.prefill(sequence, prompt_ids)
             while True:
                 token = sampler(logits)
                 first_token_at = first_token_at or time.perf_counter()
@@ -133,12 +218,15 @@ class Engine:
                 if safe > emitted:
                     yield StreamEvent(text[emitted:safe])
                     emitted = safe
-                logits = self._forward([token], cache)
+                logits = self.decode(sequence, token)
+        finally:
+            self.close(sequence)
         end = time.perf_counter()
         completion = Completion(
             text=text,
             finish_reason=finish,  # type: ignore[arg-type]
-            usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=len(generated)),
+            usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=len(generated),
+                        cached_tokens=sequence.cached_tokens),
             timings=Timings(time_to_first_token_s=(first_token_at or end) - start,
                             total_s=end - start, completion_tokens=len(generated)),
             model=self.name,

@@ -1,0 +1,129 @@
+"""PyAgent's attention function, registered with transformers as `pyagent_paged`.
+
+A model whose `config._attn_implementation` is `pyagent_paged` calls `paged_attention` in every
+layer. Given a `PagedForward` (passed as the `paged` keyword through the model's forward), the
+function writes the layer's new keys and values into the paged cache, reads the layer's blocks
+back and attends over them, with a mask built from the positions the blocks hold (causal, and the
+sliding window where the layer has one). Without it, the model runs exactly as with SDPA (the
+same masks are registered for it), so `model.generate` still works.
+
+Layers of the global group can also collect per-token attention statistics for eviction policies
+(accumulated mass, entropy-weighted mass, peak focused attention, the last query's attention, the
+step a token was last attended) and keep the most recent queries for observation-window scoring.
+Attention is computed in query chunks, so no L x L matrix is ever materialized.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from pyagent.engine.kvcache import PagedKVCache, Sequence, WritePlan
+
+NAME = "pyagent_paged"
+SCORE_ELEMENTS = 1 << 22  # largest scores tensor computed at once (floats)
+
+
+@dataclass
+class PagedForward:
+    """What one forward pass of one sequence needs inside every attention layer."""
+
+    cache: PagedKVCache
+    sequence: Sequence
+    plan: WritePlan
+    collect: bool = False  # gather statistics in the global layers
+    window: int = 0  # recent queries to keep per global layer (0: none)
+
+    def attend(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+        layer = module.layer_idx
+        self.cache.write(self.plan, layer, key, value)
+        keys, values, key_pos = self.cache.read(self.plan, layer)
+        group = self.cache.pools[self.cache.group_of[layer]].group
+        query_pos = self.plan.query_positions
+        mask = None
+        if query.shape[2] > 1 or group.window is not None:
+            mask = key_pos[None, :] <= query_pos[:, None]
+            if group.window is not None:
+                mask &= key_pos[None, :] > query_pos[:, None] - group.window
+        if group.window is None and self.window:
+            self._remember(layer, query)
+            self.sequence.query_scale = scaling
+        if group.window is None and self.collect:
+            return self._attend_with_stats(group.layers, layer, query, keys, values, mask,
+                                           scaling)
+        out = F.scaled_dot_product_attention(query, keys[None], values[None], attn_mask=mask,
+                                             scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2)
+
+    def _remember(self, layer: int, query: torch.Tensor) -> None:
+        seq = self.sequence
+        previous = seq.recent_queries.get(layer)
+        joined = query[0] if previous is None else torch.cat([previous, query[0]], dim=1)
+        seq.recent_queries[layer] = joined[:, -self.window:]
+        if layer == min(seq.recent_queries):
+            seq.recent_positions = torch.cat(
+                [seq.recent_positions, self.plan.query_positions])[-self.window:]
+
+    def _attend_with_stats(self, layers: tuple[int, ...], layer: int, query: torch.Tensor,
+                           keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                           scaling: float) -> torch.Tensor:
+        heads, count, dim = query.shape[1], query.shape[2], query.shape[3]
+        kv_heads, length = keys.shape[0], keys.shape[1]
+        grouped = query[0].reshape(kv_heads, heads // kv_heads, count, dim)
+        out = torch.empty_like(grouped)
+        stats = self.sequence.tables["global"].stats
+        first_layer = layer == layers[0]
+        share = 1.0 / len(layers)
+        rows = max(1, SCORE_ELEMENTS // (heads * length))
+        for start in range(0, count, rows):
+            end = min(count, start + rows)
+            scores = torch.einsum("kgnd,kld->kgnl", grouped[:, :, start:end], keys) * scaling
+            if mask is not None:
+                scores = scores.masked_fill(~mask[start:end], float("-inf"))
+            probs = torch.softmax(scores.float(), dim=-1)
+            out[:, :, start:end] = torch.einsum("kgnl,kld->kgnd", probs.to(values.dtype), values)
+            visible = mask[start:end].sum(-1) if mask is not None else torch.full((1,), length)
+            _observe(stats, probs.flatten(0, 1), visible, share, self.sequence.step,
+                     last=(end == count), first_layer=first_layer)
+        return out.reshape(1, heads, count, dim).transpose(1, 2)
+
+
+def _observe(stats: dict[str, torch.Tensor], probs: torch.Tensor, visible: torch.Tensor,
+             share: float, step: int, last: bool, first_layer: bool) -> None:
+    """Fold one chunk of attention ([heads, queries, keys]) into per-token statistics."""
+    length = probs.shape[-1]
+    log_visible = torch.log(visible.clamp(min=2).float())  # [queries]
+    entropy = -(probs * torch.log(probs.clamp(min=1e-12))).sum(-1) / log_visible  # [heads, q]
+    focus = (1.0 - entropy).clamp(0.0, 1.0)
+    focused = (focus[..., None] * probs).mean(0)  # [queries, keys]
+    mean = probs.mean(0)
+    stats["mass"][:length] += mean.sum(0) * share
+    stats["focus"][:length] += focused.sum(0) * share
+    stats["peak"][:length] = torch.maximum(stats["peak"][:length], focused.max(0).values)
+    above = (mean > 1.0 / visible[:, None].float()).any(0)
+    stats["attended_at"][:length][above] = float(step)
+    if last:
+        if first_layer:
+            stats["last"].zero_()
+        stats["last"][:length] += mean[-1] * share
+
+
+def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                    paged: PagedForward | None = None, **kwargs):
+    """The attention function transformers calls for `pyagent_paged` models."""
+    if paged is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      scaling=scaling, dropout=dropout, **kwargs)
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    return paged.attend(module, query, key, value, scale), None
+
+
+AttentionInterface.register(NAME, paged_attention)
+AttentionMaskInterface.register(NAME, sdpa_mask)  # outside a paged forward: exactly SDPA

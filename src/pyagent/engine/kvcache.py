@@ -1,0 +1,475 @@
+"""A paged KV cache: fixed-size blocks in a pool with reference counts, per-sequence block tables,
+prefix sharing by chained block hashes, copy-on-write, and exact memory accounting.
+
+Layers are grouped by attention type. A sliding-window group (Gemma 3's local layers) keeps only
+the blocks its window can still see; a global group grows with the sequence and is the one that
+eviction shrinks. Each group has its own `BlockPool`, so a block id names the same 16 tokens in
+every layer of its group.
+
+Invariants, for every sequence and group: a table's blocks are all full except the last; a block
+is written only while its reference count is 1 (a shared block is copied first); a block holding
+a registered prefix is never modified, and stays in the pool after its last reader lets it go,
+until the pool needs the room.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from pyagent.errors import ConfigError, RequestError
+
+DEFAULT_BLOCK_SIZE = 16
+STATS = ("mass", "focus", "peak", "last", "attended_at")
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """Layers that share a block table: all global layers, or all layers of one sliding window."""
+
+    name: str
+    layers: tuple[int, ...]
+    window: int | None  # tokens a query can see (itself included); None: the whole sequence
+
+
+def layer_groups(config) -> list[LayerGroup]:
+    """Group a transformers config's layers by attention type (Gemma 3: sliding and global)."""
+    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    full = tuple(i for i, t in enumerate(types) if t != "sliding_attention")
+    groups = []
+    if full:
+        groups.append(LayerGroup("global", full, None))
+    if sliding:
+        groups.append(LayerGroup("sliding", sliding, int(window)))
+    return groups
+
+
+class BlockPool:
+    """Physical KV storage of one layer group: `k`/`v` are [layers, blocks, block_size, heads, dim].
+
+    Storage grows by doubling up to `max_blocks`; past that, blocks that only the prefix cache
+    holds are reclaimed, least recently used first.
+    """
+
+    def __init__(self, group: LayerGroup, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, max_blocks: int | None = None, initial_blocks: int = 64):
+        self.group = group
+        self.block_size = block_size
+        self.max_blocks = max_blocks
+        self.layer_index = {layer: i for i, layer in enumerate(group.layers)}
+        shape = (len(group.layers), 0, block_size, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.positions = torch.zeros((0, block_size), dtype=torch.long)
+        self.refcount: list[int] = []
+        self.free: list[int] = []
+        self.cached: OrderedDict[int, None] = OrderedDict()  # refcount 0, holding a prefix
+        self.by_hash: dict[bytes, int] = {}
+        self.hash_of: dict[int, bytes] = {}
+        self.used = 0
+        self.peak_used = 0
+        self._grow(initial_blocks if max_blocks is None else min(initial_blocks, max_blocks))
+
+    @property
+    def capacity(self) -> int:
+        return len(self.refcount)
+
+    @property
+    def bytes_per_block_per_layer(self) -> int:
+        per_slot = self.k.shape[3] * self.k.shape[4] * self.k.element_size()
+        return 2 * self.block_size * per_slot  # keys and values
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.bytes_per_block_per_layer * len(self.group.layers)
+
+    def _grow(self, blocks: int) -> None:
+        old = self.capacity
+        extra = (self.k.shape[0], blocks, *self.k.shape[2:])
+        self.k = torch.cat([self.k, torch.zeros(extra, dtype=self.k.dtype)], dim=1)
+        self.v = torch.cat([self.v, torch.zeros(extra, dtype=self.v.dtype)], dim=1)
+        self.positions = torch.cat(
+            [self.positions, torch.zeros((blocks, self.block_size), dtype=torch.long)])
+        self.refcount.extend([0] * blocks)
+        self.free.extend(range(old + blocks - 1, old - 1, -1))
+
+    def allocate(self) -> int:
+        """A block with reference count 1, for writing."""
+        if not self.free:
+            room = self.capacity if self.max_blocks is None else self.max_blocks - self.capacity
+            # Cached prefixes may hold at most as many blocks as sequences use before reclaiming.
+            if self.cached and (room <= 0 or len(self.cached) >= self.used):
+                block, _ = self.cached.popitem(last=False)
+                del self.by_hash[self.hash_of.pop(block)]
+                self.free.append(block)
+            elif room > 0:
+                self._grow(max(1, min(self.capacity, room)))
+            else:
+                raise RequestError(
+                    f"the KV cache of the {self.group.name} layers is full "
+                    f"({self.capacity} blocks of {self.block_size} tokens in use)",
+                    code="kv_cache_full")
+        block = self.free.pop()
+        self.refcount[block] = 1
+        self._count(+1)
+        return block
+
+    def retain(self, block: int) -> None:
+        if self.refcount[block] == 0:
+            self.cached.pop(block, None)
+            self._count(+1)
+        self.refcount[block] += 1
+
+    def release(self, block: int) -> None:
+        self.refcount[block] -= 1
+        if self.refcount[block] == 0:
+            self._count(-1)
+            if block in self.hash_of:
+                self.cached[block] = None
+            else:
+                self.free.append(block)
+
+    def _count(self, delta: int) -> None:
+        self.used += delta
+        self.peak_used = max(self.peak_used, self.used)
+
+    def register(self, block: int, digest: bytes) -> None:
+        """Make a full, pristine block findable by the chained hash of its tokens."""
+        if digest not in self.by_hash and block not in self.hash_of:
+            self.by_hash[digest] = block
+            self.hash_of[block] = digest
+
+    def lookup(self, digest: bytes) -> int | None:
+        return self.by_hash.get(digest)
+
+    def copy(self, block: int) -> int:
+        """A private copy of `block` (copy-on-write)."""
+        new = self.allocate()
+        self.k[:, new] = self.k[:, block]
+        self.v[:, new] = self.v[:, block]
+        self.positions[new] = self.positions[block]
+        return new
+
+
+def chain_hashes(tokens: list[int], block_size: int, count: int) -> list[bytes]:
+    """Hashes of the first `count` full blocks, each covering every token before it."""
+    digests, previous = [], b""
+    for i in range(count):
+        previous = _block_hash(previous, tokens[i * block_size:(i + 1) * block_size])
+        digests.append(previous)
+    return digests
+
+
+def _block_hash(previous: bytes, tokens: list[int]) -> bytes:
+    return hashlib.blake2b(previous + repr(tokens).encode(), digest_size=16).digest()
+
+
+@dataclass
+class Table:
+    """One sequence's blocks in one group. `pristine[i]` is the logical block index that table
+    entry i holds exactly (in order, never compacted), or None."""
+
+    blocks: list[int] = field(default_factory=list)
+    pristine: list[int | None] = field(default_factory=list)
+    fill: int = 0  # tokens in the last block
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # per slot, global groups only
+
+    def tokens(self, block_size: int) -> int:
+        return 0 if not self.blocks else (len(self.blocks) - 1) * block_size + self.fill
+
+
+@dataclass
+class Sequence:
+    """A request's view of the cache: its tokens, and a block table per layer group."""
+
+    tokens: list[int]
+    tables: dict[str, Table]
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    prompt_length: int = 0  # set once the prompt is in: decoding starts after it
+    step: int = 0  # forward passes run so far
+    evicted: bool = False
+    hashes: list[bytes] = field(default_factory=list)  # chained hash of each full token block
+    peak_bytes: int = 0  # most KV bytes this sequence's blocks held at once
+    # the last queries of each global layer ([heads, window, dim]), for observation windows
+    recent_queries: dict[int, torch.Tensor] = field(default_factory=dict)
+    recent_positions: torch.Tensor = field(
+        default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    query_scale: float = 1.0  # the attention scaling those queries were used with
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class WritePlan:
+    """Where one forward pass writes its new tokens, and what each layer then reads."""
+
+    slots: dict[str, tuple[torch.Tensor, torch.Tensor]]  # group -> (block ids, slot offsets)
+    tables: dict[str, torch.Tensor]  # group -> block ids to read
+    valid: dict[str, int]  # group -> tokens to read
+    query_positions: torch.Tensor
+
+
+@dataclass(frozen=True)
+class KVMemory:
+    """Bytes of KV held by blocks in use (all layers), per layer, and the peak since creation."""
+
+    bytes: int
+    peak_bytes: int
+    per_layer: dict[int, int]
+    cached_prefix_bytes: int
+    capacity_bytes: int
+
+
+class PagedKVCache:
+    """Block pools for one model, the sequences reading them, and the prefix cache."""
+
+    def __init__(self, config, dtype: torch.dtype = torch.float32,
+                 block_size: int = DEFAULT_BLOCK_SIZE, max_tokens: int | None = None):
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ConfigError(f"block_size must be a positive integer, got {block_size!r}")
+        self.block_size = block_size
+        self.groups = layer_groups(config)
+        for group in self.groups:
+            if group.window is not None and group.window % block_size:
+                raise ConfigError(f"block_size {block_size} does not divide the sliding window "
+                                  f"of {group.window} tokens")
+        kv_heads = config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // \
+            config.num_attention_heads
+        max_blocks = None if max_tokens is None else -(-max_tokens // block_size)
+        self.pools = {g.name: BlockPool(g, block_size, kv_heads, head_dim, dtype, max_blocks)
+                      for g in self.groups}
+        self.group_of = {layer: g.name for g in self.groups for layer in g.layers}
+
+    # --- sequences ---------------------------------------------------------------------------
+
+    def new_sequence(self, prompt: list[int], share_prefix: bool = True) -> Sequence:
+        """A sequence for `prompt`, reusing the longest cached prefix (at least one token is left
+        to compute). Only the returned sequence's `tokens[cached_tokens:]` need a forward pass."""
+        sequence = Sequence(tokens=[], tables={g.name: Table() for g in self.groups})
+        blocks = self._match(prompt) if share_prefix else 0
+        if blocks:
+            bs = self.block_size
+            for group in self.groups:
+                pool, table = self.pools[group.name], sequence.tables[group.name]
+                first = self._first_live_block(group, blocks * bs)
+                digests = chain_hashes(prompt, bs, blocks)
+                for index in range(first, blocks):
+                    block = pool.lookup(digests[index])
+                    assert block is not None
+                    pool.retain(block)
+                    table.blocks.append(block)
+                    table.pristine.append(index)
+                table.fill = bs
+                self._grow_stats(group, table)
+            sequence.tokens = list(prompt[:blocks * bs])
+            sequence.hashes = chain_hashes(prompt, bs, blocks)
+            sequence.cached_tokens = blocks * bs
+        return sequence
+
+    def _first_live_block(self, group: LayerGroup, length: int) -> int:
+        """The first logical block a query at position `length` or later can still see."""
+        if group.window is None:
+            return 0
+        return max(0, (length - group.window + 1) // self.block_size)
+
+    def _match(self, prompt: list[int]) -> int:
+        """How many leading full blocks of `prompt` every group can serve from the cache."""
+        bs = self.block_size
+        digests = chain_hashes(prompt, bs, (len(prompt) - 1) // bs)
+        best = 0
+        for count in range(len(digests), 0, -1):
+            if all(self.pools[g.name].lookup(digests[i]) is not None
+                   for g in self.groups
+                   for i in range(self._first_live_block(g, count * bs), count)):
+                best = count
+                break
+        return best
+
+    def fork(self, sequence: Sequence) -> Sequence:
+        """A second sequence sharing every block of `sequence` (copy-on-write on the next write)."""
+        tables = {}
+        for name, table in sequence.tables.items():
+            for block in table.blocks:
+                self.pools[name].retain(block)
+            tables[name] = Table(list(table.blocks), list(table.pristine), table.fill,
+                                 {k: v.clone() for k, v in table.stats.items()})
+        return Sequence(list(sequence.tokens), tables, sequence.cached_tokens,
+                        sequence.prompt_length, sequence.step,
+                        sequence.evicted, list(sequence.hashes), sequence.peak_bytes,
+                        dict(sequence.recent_queries), sequence.recent_positions,
+                        sequence.query_scale)
+
+    def release(self, sequence: Sequence) -> None:
+        """Let go of every block of `sequence`; prefix blocks stay cached for later requests."""
+        for name, table in sequence.tables.items():
+            for block in table.blocks:
+                self.pools[name].release(block)
+            table.blocks.clear()
+            table.pristine.clear()
+            table.fill = 0
+
+    # --- a forward pass ----------------------------------------------------------------------
+
+    def plan(self, sequence: Sequence, new_tokens: list[int]) -> WritePlan:
+        """Reserve slots for `new_tokens` in every group; return where to write and what to read."""
+        start = sequence.length
+        positions = torch.arange(start, start + len(new_tokens))
+        sequence.tokens.extend(new_tokens)
+        bs = self.block_size
+        while len(sequence.hashes) < sequence.length // bs:
+            index = len(sequence.hashes)
+            chunk = sequence.tokens[index * bs:(index + 1) * bs]
+            sequence.hashes.append(_block_hash(sequence.hashes[-1] if index else b"", chunk))
+        slots, tables, valid = {}, {}, {}
+        for group in self.groups:
+            pool, table = self.pools[group.name], sequence.tables[group.name]
+            block_ids, offsets = [], []
+            for position in range(start, start + len(new_tokens)):
+                if not table.blocks or table.fill == self.block_size:
+                    table.blocks.append(pool.allocate())
+                    aligned = not sequence.evicted or group.window is not None
+                    table.pristine.append(position // self.block_size if aligned and
+                                          position % self.block_size == 0 else None)
+                    table.fill = 0
+                elif pool.refcount[table.blocks[-1]] > 1:  # shared tail: copy before writing
+                    shared = table.blocks[-1]
+                    table.blocks[-1] = pool.copy(shared)
+                    pool.release(shared)
+                block_ids.append(table.blocks[-1])
+                offsets.append(table.fill)
+                table.fill += 1
+                if table.fill == self.block_size and table.pristine[-1] is not None:
+                    pool.register(table.blocks[-1], sequence.hashes[table.pristine[-1]])
+            ids, offs = torch.tensor(block_ids), torch.tensor(offsets)
+            pool.positions[ids, offs] = positions
+            slots[group.name] = (ids, offs)
+            tables[group.name] = torch.tensor(table.blocks)
+            valid[group.name] = table.tokens(self.block_size)
+            self._grow_stats(group, table)
+        sequence.step += 1
+        sequence.peak_bytes = max(sequence.peak_bytes, self.memory(sequence).bytes)
+        return WritePlan(slots, tables, valid, positions)
+
+    def finish(self, sequence: Sequence) -> None:
+        """After a forward pass: drop sliding-window blocks no future query can see."""
+        for group in self.groups:
+            if group.window is None:
+                continue
+            pool, table = self.pools[group.name], sequence.tables[group.name]
+            dead = self._first_live_block(group, sequence.length)
+            while len(table.blocks) > 1 and table.pristine[0] is not None \
+                    and table.pristine[0] < dead:
+                pool.release(table.blocks.pop(0))
+                table.pristine.pop(0)
+
+    def write(self, plan: WritePlan, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store a layer's new keys/values ([1, heads, new, dim]) in their planned slots."""
+        name = self.group_of[layer]
+        pool = self.pools[name]
+        index = pool.layer_index[layer]
+        blocks, offsets = plan.slots[name]
+        pool.k[index][blocks, offsets] = key[0].transpose(0, 1).to(pool.k.dtype)
+        pool.v[index][blocks, offsets] = value[0].transpose(0, 1).to(pool.v.dtype)
+
+    def read(self, plan: WritePlan, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A layer's keys and values ([heads, tokens, dim]) and the positions they hold."""
+        name = self.group_of[layer]
+        pool = self.pools[name]
+        index = pool.layer_index[layer]
+        table, count = plan.tables[name], plan.valid[name]
+        keys = pool.k[index].index_select(0, table).flatten(0, 1)[:count].transpose(0, 1)
+        values = pool.v[index].index_select(0, table).flatten(0, 1)[:count].transpose(0, 1)
+        positions = pool.positions.index_select(0, table).flatten()[:count]
+        return keys, values, positions
+
+    # --- eviction support --------------------------------------------------------------------
+
+    def _grow_stats(self, group: LayerGroup, table: Table) -> None:
+        if group.window is not None:
+            return
+        slots = len(table.blocks) * self.block_size
+        for name in STATS:
+            current = table.stats.get(name)
+            have = 0 if current is None else current.numel()
+            if have < slots:
+                fill = -1.0 if name == "attended_at" else 0.0
+                extra = torch.full((slots - have,), fill)
+                table.stats[name] = extra if current is None else torch.cat([current, extra])
+
+    def keep_only(self, sequence: Sequence, group_name: str, keep: torch.Tensor) -> None:
+        """Keep the slots where `keep` (bool, one per held token) is True; pack the survivors of
+        partly kept blocks into fresh blocks at the end of the table. Shared blocks are never
+        modified: a fully kept block stays shared, a partly kept one is copied from."""
+        pool, table = self.pools[group_name], sequence.tables[group_name]
+        bs = self.block_size
+        count = table.tokens(bs)
+        if keep.numel() != count:
+            raise ValueError(f"keep mask has {keep.numel()} entries for {count} tokens")
+        padded = torch.zeros(len(table.blocks) * bs, dtype=torch.bool)
+        padded[:count] = keep
+        per_block = padded.view(-1, bs)
+        kept_blocks, kept_pristine, kept_slots, packed = [], [], [], []
+        for i, block in enumerate(table.blocks):
+            full_block = i < len(table.blocks) - 1 or table.fill == bs
+            kept = int(per_block[i].sum())
+            if full_block and kept == bs:
+                kept_blocks.append(block)
+                kept_pristine.append(table.pristine[i])
+                kept_slots.append(torch.arange(i * bs, (i + 1) * bs))
+                continue
+            if kept:
+                slots = torch.nonzero(per_block[i]).flatten()
+                packed.append((block, slots, i * bs + slots))
+        stat_index = [*kept_slots]
+        new_blocks, fill = [], bs
+        for block, slots, flat in packed:
+            for slot, flat_index in zip(slots.tolist(), flat.tolist(), strict=True):
+                if fill == bs:
+                    new_blocks.append(pool.allocate())
+                    fill = 0
+                target = new_blocks[-1]
+                pool.k[:, target, fill] = pool.k[:, block, slot]
+                pool.v[:, target, fill] = pool.v[:, block, slot]
+                pool.positions[target, fill] = pool.positions[block, slot]
+                stat_index.append(torch.tensor([flat_index]))
+                fill += 1
+        for block in table.blocks:
+            pool.release(block)
+        for block in kept_blocks:
+            pool.retain(block)
+        index = torch.cat(stat_index) if stat_index else torch.zeros(0, dtype=torch.long)
+        kept_count = index.numel()
+        table.blocks = kept_blocks + new_blocks
+        table.pristine = kept_pristine + [None] * len(new_blocks)
+        table.fill = bs if not new_blocks else fill
+        slots_now = len(table.blocks) * bs
+        for name, values in table.stats.items():
+            fresh = torch.full((slots_now,), -1.0 if name == "attended_at" else 0.0)
+            fresh[:kept_count] = values[index]
+            table.stats[name] = fresh
+        sequence.evicted = True
+
+    # --- accounting ----------------------------------------------------------------------------
+
+    def memory(self, sequence: Sequence | None = None) -> KVMemory:
+        """KV bytes in use: by one sequence's blocks, or by all sequences when None."""
+        per_layer: dict[int, int] = {}
+        total = peak = cached = capacity = 0
+        for group in self.groups:
+            pool = self.pools[group.name]
+            blocks = pool.used if sequence is None else len(sequence.tables[group.name].blocks)
+            for layer in group.layers:
+                per_layer[layer] = blocks * pool.bytes_per_block_per_layer
+            total += blocks * pool.bytes_per_block
+            peak += pool.peak_used * pool.bytes_per_block
+            cached += len(pool.cached) * pool.bytes_per_block
+            capacity += pool.capacity * pool.bytes_per_block
+        return KVMemory(total, peak, dict(sorted(per_layer.items())), cached, capacity)
