@@ -234,10 +234,14 @@ class PyAgentPolicy(_Policy):
         bs = view.cache.block_size
         scores[positions < bs] = PINNED
         scores[positions >= view.length - self.recent] = PINNED
-        landmarks = torch.nonzero(stats["peak"] >= self.landmark).flatten()
-        if landmarks.numel():
-            order = stats["peak"][landmarks].argsort(descending=True)
-            scores[landmarks[order][:int(keep * self.landmark_share)]] = PINNED
+        count = positions.numel()
+        peaks = F.pad(stats["peak"], (0, -count % bs)).view(-1, bs).max(1).values
+        landmarks = torch.nonzero(peaks >= self.landmark).flatten()
+        room = int(keep * self.landmark_share) // bs
+        if landmarks.numel() and room:
+            chosen = landmarks[peaks[landmarks].argsort(descending=True)[:room]]
+            for block in chosen.tolist():
+                scores[block * bs:(block + 1) * bs] = PINNED
         return scores
 
 
