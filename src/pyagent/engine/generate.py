@@ -94,12 +94,18 @@ class Engine:
     def close(self, sequence: Sequence) -> None:
         self.cache.release(sequence)
 
-    def forward(self, sequence: Sequence, tokens: list[int]) -> torch.Tensor:
-        """Run `tokens` through the model on `sequence`'s cache; the final hidden states."""
+    def forward(self, sequence: Sequence, tokens: list[int], collect: bool | None = None,
+                window: int | None = None) -> torch.Tensor:
+        """Run `tokens` through the model on `sequence`'s cache; the final hidden states.
+
+        `collect` (attention statistics) and `window` (recent queries kept) default to what the
+        engine's eviction policy needs."""
         plan = self.cache.plan(sequence, tokens)
-        paged = attention.PagedForward(
-            self.cache, sequence, plan, collect=bool(self.policy and self.policy.collects),
-            window=self.policy.window if self.policy else 0)
+        if collect is None:
+            collect = bool(self.policy and self.policy.collects)
+        if window is None:
+            window = self.policy.window if self.policy else 0
+        paged = attention.PagedForward(self.cache, sequence, plan, collect, window)
         with torch.inference_mode():
             out = self.model.model(input_ids=torch.tensor([tokens]),
                                    position_ids=plan.query_positions[None],

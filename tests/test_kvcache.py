@@ -1,0 +1,164 @@
+"""The paged KV cache: equivalence with transformers, prefix sharing, copy-on-write, accounting."""
+
+import pytest
+import torch
+
+from pyagent.engine.eviction import Budget, RandomPolicy, evict
+from pyagent.engine.generate import Engine, KVSettings
+from pyagent.engine.kvcache import PagedKVCache
+from pyagent.errors import ConfigError, RequestError
+from pyagent.types import CompletionRequest, SamplingParams
+
+
+def tokens(count: int, seed: int = 0) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return [2, *torch.randint(6, 300, (count - 1,), generator=generator).tolist()]
+
+
+def reference_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
+    """transformers' own forward over the whole sequence (SDPA, no cache)."""
+    with torch.inference_mode():
+        return engine.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+
+
+def paged_logits(engine: Engine, ids: list[int], chunk: int) -> torch.Tensor:
+    sequence = engine.open(ids)
+    hidden = [engine.forward(sequence, ids[i:i + chunk]) for i in range(0, len(ids), chunk)]
+    engine.close(sequence)
+    return engine.logits(torch.cat(hidden))
+
+
+@pytest.fixture
+def engine(tiny_engine):
+    """A fresh engine (own cache) on the session's tiny model."""
+    return Engine(tiny_engine.loaded, kv=KVSettings(share_prefix=False))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 200])
+def test_paged_logits_match_transformers(engine, chunk):
+    ids = tokens(120)
+    assert torch.allclose(paged_logits(engine, ids, chunk), reference_logits(engine, ids),
+                          atol=1e-4)
+
+
+def test_sliding_layers_keep_only_their_window(engine):
+    ids = tokens(200)
+    sequence = engine.open(ids)
+    for token in ids:
+        engine.forward(sequence, [token])
+    sliding, full = sequence.tables["sliding"], sequence.tables["global"]
+    window_blocks = engine.cache.pools["sliding"].group.window // 16
+    assert len(sliding.blocks) <= window_blocks + 1
+    assert len(full.blocks) == 200 // 16 + 1
+    memory = engine.cache.memory(sequence)
+    per_block = {g: engine.cache.pools[g].bytes_per_block for g in ("sliding", "global")}
+    assert memory.bytes == sum(len(sequence.tables[g].blocks) * per_block[g] for g in per_block)
+    assert sum(memory.per_layer.values()) == memory.bytes
+    assert sequence.peak_bytes >= memory.bytes
+
+
+def test_a_known_prefix_is_not_prefilled_again(tiny_engine):
+    shared = Engine(tiny_engine.loaded, kv=KVSettings(share_prefix=True))
+    alone = Engine(tiny_engine.loaded, kv=KVSettings(share_prefix=False))
+    text = "The quick brown fox jumps over the lazy dog. " * 6
+    first = CompletionRequest(prompt=text + "Agents call tools",
+                              sampling=SamplingParams(max_tokens=6, ignore_eos=True))
+    second = CompletionRequest(prompt=text + "def add(a, b)",
+                               sampling=SamplingParams(max_tokens=6, ignore_eos=True))
+    shared.generate(first)
+    reused = shared.generate(second)
+    common = 0
+    a, b = shared.encode(first), shared.encode(second)
+    while a[common] == b[common]:
+        common += 1
+    assert reused.usage.cached_tokens == common // 16 * 16 > 0
+    assert reused.text == alone.generate(second).text
+    assert alone.generate(second).usage.cached_tokens == 0
+
+
+def test_fork_copies_a_shared_block_before_writing(engine):
+    ids = tokens(40)
+    parent = engine.open(ids)
+    engine.forward(parent, ids)
+    pool = engine.cache.pools["global"]
+    tail = parent.tables["global"].blocks[-1]
+    before = pool.k[:, tail].clone()
+    child = engine.cache.fork(parent)
+    assert pool.refcount[tail] == 2
+    engine.forward(child, [7])
+    assert child.tables["global"].blocks[-1] != tail
+    assert pool.refcount[tail] == 1
+    assert torch.equal(pool.k[:, tail], before)
+    # both views still equal sequences computed from scratch
+    assert torch.allclose(engine.logits(engine.forward(child, [9]))[0],
+                          reference_logits(engine, [*ids, 7, 9])[-1], atol=1e-4)
+    assert torch.allclose(engine.logits(engine.forward(parent, [8]))[0],
+                          reference_logits(engine, [*ids, 8])[-1], atol=1e-4)
+
+
+def test_eviction_never_alters_blocks_another_sequence_reads(tiny_engine):
+    engine = Engine(tiny_engine.loaded, kv=KVSettings(share_prefix=True))
+    ids = tokens(97)
+    reader = engine.open(ids)
+    engine.forward(reader, ids)
+    pool = engine.cache.pools["global"]
+    snapshot = pool.k.clone(), pool.v.clone()
+    other = engine.open(ids)  # shares 96 tokens with the reader
+    assert other.cached_tokens == 96
+    engine.forward(other, ids[96:])
+    dropped = evict(engine.cache, other, RandomPolicy(seed=1), keep=40)
+    assert dropped == 57
+    assert other.tables["global"].tokens(16) == 40
+    for block in reader.tables["global"].blocks:
+        assert torch.equal(pool.k[:, block], snapshot[0][:, block])
+        assert torch.equal(pool.v[:, block], snapshot[1][:, block])
+    after = engine.logits(engine.forward(reader, [11]))[0]
+    assert torch.allclose(after, reference_logits(engine, [*ids, 11])[-1], atol=1e-4)
+
+
+def test_token_eviction_packs_survivors_and_frees_memory(engine):
+    ids = tokens(64)
+    sequence = engine.open(ids)
+    engine.forward(sequence, ids)
+    before = engine.cache.memory(sequence).bytes
+    pool = engine.cache.pools["global"]
+    positions = pool.positions.index_select(
+        0, torch.tensor(sequence.tables["global"].blocks)).flatten()
+    keep = torch.zeros(64, dtype=torch.bool)
+    keep[torch.tensor([0, 1, 5, 17, 18, 40, 63])] = True
+    engine.cache.keep_only(sequence, "global", keep)
+    table = sequence.tables["global"]
+    assert (len(table.blocks), table.fill) == (1, 7)
+    held = pool.positions[table.blocks[0], :7]
+    assert held.tolist() == positions[keep].tolist()
+    assert engine.cache.memory(sequence).bytes == before - 3 * pool.bytes_per_block
+
+
+def test_block_size_must_divide_the_window(tiny_engine):
+    with pytest.raises(ConfigError, match="block_size 5 does not divide the sliding window"):
+        PagedKVCache(tiny_engine.model.config, block_size=5)
+
+
+def test_a_full_pool_is_a_clear_error(tiny_engine):
+    engine = Engine(tiny_engine.loaded, kv=KVSettings(max_tokens=32, share_prefix=False))
+    with pytest.raises(RequestError, match="KV cache of the global layers is full"):
+        engine.generate(CompletionRequest(prompt="The quick brown fox " * 10,
+                                          sampling=SamplingParams(max_tokens=2)))
+    assert engine.cache.pools["global"].used == 0  # the failed request let go of its blocks
+
+
+@pytest.mark.model
+def test_paged_cache_matches_transformers_on_the_real_model():
+    """No eviction: logits equal transformers' to 1e-4 through chunked prefill past the
+    512-token sliding window and through decoding."""
+    from pydoc_data.topics import topics
+
+    engine = Engine.load(kv=KVSettings(prefill_chunk=300, share_prefix=False))
+    ids = engine.tokenizer(topics["assert"] + topics["for"])["input_ids"][:700]
+    sequence = engine.open(ids)
+    assert len(ids) > 600
+    hidden = [engine.forward(sequence, ids[i:min(i + 300, 600)]) for i in range(0, 600, 300)]
+    hidden += [engine.forward(sequence, [t]) for t in ids[600:]]
+    ours = engine.logits(torch.cat(hidden))
+    assert (ours - reference_logits(engine, ids)).abs().max() < 1e-4
+    assert Budget(ratio=0.5).global_tokens(engine.cache, sequence) == len(ids) // 2
