@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -24,10 +23,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from importlib import metadata, util
+from importlib import util
 from itertools import islice
 from pathlib import Path
 from typing import Any
+
+from pyagent.bench.provenance import command, cpuinfo, git_state, machine, version, write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -312,62 +313,6 @@ def markdown(result: dict[str, Any], header: list[str], cells: list[list[str]]) 
     return "\n".join(lines) + "\n"
 
 
-# --- provenance -----------------------------------------------------------------------------
-
-
-def git_state() -> dict[str, Any]:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-
-    try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-
-
-def version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def cpuinfo(key: str) -> str | None:
-    """The first value of `key` in /proc/cpuinfo (None where there is none)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        name, _, value = line.partition(":")
-        if name.strip() == key:
-            return value.strip()
-    return None
-
-
-def machine() -> dict[str, Any]:
-    import psutil
-
-    cpu = cpuinfo("model name") or platform.processor() or platform.machine()
-    return {"cpu": cpu, "logical_cores": os.cpu_count(),
-            "physical_cores": psutil.cpu_count(logical=False),
-            "memory_gib": psutil.virtual_memory().total / 2**30, "platform": platform.platform()}
-
-
-def command() -> str:
-    exe = Path(sys.executable)
-    shown = exe.relative_to(ROOT) if exe.is_relative_to(ROOT) else exe
-    return shlex.join([str(shown), *sys.argv])
-
-
-def write(path: Path, text: str) -> None:
-    """Write atomically: an interrupted run leaves the previous file intact."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # --- main -----------------------------------------------------------------------------------
 
 
@@ -429,8 +374,8 @@ def main() -> None:
     ratio = ratios(stats)
     result = {
         "benchmark": "engine",
-        "command": command(),
-        "git": git_state(),
+        "command": command(ROOT),
+        "git": git_state(ROOT),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "threads": threads,
@@ -457,8 +402,8 @@ def main() -> None:
 
     stem = "engine-quick" if args.quick else "engine"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write(RESULTS / f"{stem}.json", json.dumps(result, indent=2) + "\n")
-    write(RESULTS / f"{stem}.md", markdown(result, header, cells))
+    write_atomic(RESULTS / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+    write_atomic(RESULTS / f"{stem}.md", markdown(result, header, cells))
     console.print(f"wrote {RESULTS.relative_to(ROOT)}/{stem}.json and {stem}.md")
 
 

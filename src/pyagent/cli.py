@@ -21,6 +21,9 @@ app = typer.Typer(help="PyAgent: a runtime for fleets of LLM agents, built to be
                   no_args_is_help=True, pretty_exceptions_enable=False)
 models_app = typer.Typer(help="List and prepare models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+bench_app = typer.Typer(help="Benchmarks that measure PyAgent against its anchors.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 err = Console(stderr=True)
 out = Console()
 
@@ -200,6 +203,53 @@ def demo(model: ModelOpt = DEFAULT_MODEL, dtype: DtypeOpt = "float32") -> None:
         out.print(f"\n[bold]{label}[/] > {request.prompt}", highlight=False)
         rows.append((label, _stream_to_stdout(backend, request)))
     _print_stats(rows)
+
+
+@bench_app.command("kv")
+def bench_kv(
+    quick: Annotated[bool, typer.Option(help="A small run (one 1k context, two budgets).")] = False,
+    out: Annotated[Path, typer.Option(help="Folder for the JSON, Markdown and PNG.")] =
+        Path("benchmarks/results"),
+    ratios: Annotated[str | None, typer.Option(
+        help="Budgets to sweep: shares of the context kept, comma-separated.")] = None,
+    from_json: Annotated[Path | None, typer.Option(
+        help="Render an earlier result instead of running.")] = None,
+) -> None:
+    """Every KV eviction method side by side on the embedded model: quality against KV bytes."""
+    from dataclasses import replace
+
+    from pyagent.bench.kv import FULL, QUICK, KVBench
+    from pyagent.bench.kvreport import markdown, plot, targets
+    from pyagent.bench.provenance import provenance, write_atomic
+
+    stem = "kv-quick" if quick else "kv"
+    if from_json is not None:
+        result = json.loads(from_json.read_text())
+    else:
+        plan = QUICK if quick else FULL
+        if ratios:
+            try:
+                plan = replace(plan, ratios=tuple(float(r) for r in ratios.split(",")))
+            except ValueError:
+                raise ConfigError(f"--ratios must be numbers separated by commas: {ratios!r}")\
+                    from None
+            if not all(0 < r < 1 for r in plan.ratios):
+                raise ConfigError(f"--ratios must each be in (0, 1): {ratios!r}")
+        engine = _load_engine(DEFAULT_MODEL, "float32")
+        with _status("KV benchmark") as report:
+            result = KVBench(engine.loaded, plan, report=report).run()
+        result["meta"] = provenance(Path.cwd())
+        write_atomic(out / f"{stem}.json", json.dumps(result, indent=1) + "\n")
+    write_atomic(out / f"{stem}.md", markdown(result))
+    plot(result, out / f"{stem}.png")
+    table = Table(title="KV benchmark targets (measured)")
+    for column in ("target", "measured", "met"):
+        table.add_column(column)
+    for check in targets(result):
+        table.add_row(check["target"], check["measured"], "yes" if check["met"] else "NO")
+    out_console = Console(width=140)
+    out_console.print(table)
+    out_console.print(f"wrote {out / stem}.json, .md and .png")
 
 
 def main() -> None:

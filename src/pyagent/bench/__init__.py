@@ -1,0 +1,1 @@
+"""The benchmark lab: suites that measure PyAgent against its anchors, with statistics."""
