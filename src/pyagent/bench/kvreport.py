@@ -51,8 +51,8 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     checks = []
     lengths = by_length(result)
     replay = {r["ratio"]: r for r in replay_rows(result) if r["method"] == "pyagent"}
-    for length in (4096, 8192):
-        entries = [e for e in lengths.get(length, []) if e["method"] == "pyagent"
+    for length in (n for n in (4096, 8192) if n in lengths):
+        entries = [e for e in lengths[length] if e["method"] == "pyagent"
                    and e["saving"] is not None and e["saving"] >= 0.40]
         if not entries:
             checks.append({"target": f"{length} tokens: a budget with >=40% less KV",
