@@ -30,6 +30,12 @@ out = Console()
 ModelOpt = Annotated[str, typer.Option("--model", "-m",
                                        help="Model name, alias, HF directory or .gguf path.")]
 DtypeOpt = Annotated[str, typer.Option(help="Weights dtype for the embedded engine.")]
+PolicyOpt = Annotated[str, typer.Option(
+    "--kv-policy", help="KV eviction: full, pyagent, streaming_llm, h2o, tova, snapkv, random.")]
+BudgetOpt = Annotated[str | None, typer.Option(
+    "--kv-budget", help="KV kept under eviction: a ratio (0.5), tokens (2048) or bytes (12MiB).")]
+ShareOpt = Annotated[bool, typer.Option(
+    "--prefix-sharing/--no-prefix-sharing", help="Reuse the KV of prompt prefixes seen before.")]
 
 
 @contextmanager
@@ -39,14 +45,19 @@ def _status(message: str):
         yield lambda text: status.update(text)
 
 
-def _load_engine(model: str, dtype: str, context_length: int | None = None):
+def _load_engine(model: str, dtype: str, context_length: int | None = None,
+                 policy: str = "full", budget: str | None = None, share_prefix: bool = True):
     from transformers.utils import logging as hf_logging
 
-    from pyagent.engine.generate import Engine
+    from pyagent.engine.eviction import Budget
+    from pyagent.engine.generate import Engine, KVSettings
 
+    kv = KVSettings(policy=policy, budget=Budget.parse(budget) if budget else None,
+                    share_prefix=share_prefix)
     hf_logging.set_verbosity_error()
     with _status(f"preparing {model}") as report:
-        engine = Engine.load(model, dtype=dtype, context_length=context_length, report=report)
+        engine = Engine.load(model, dtype=dtype, context_length=context_length, kv=kv,
+                             report=report)
     err.print(f"[green]loaded[/] {engine.name} in {engine.loaded.load_s:.1f} s "
               f"(context {engine.context_length} tokens)")
     return engine
@@ -80,13 +91,15 @@ def models_prepare(model: Annotated[str, typer.Argument(help="Model to prepare."
 
 
 def _backend(backend: str, model: str, dtype: str, base_url: str | None,
-             recording: Path | None, record: Path | None) -> Backend:
+             recording: Path | None, record: Path | None, policy: str,
+             budget: str | None) -> Backend:
     from pyagent.llm.registry import make_backend
 
     if backend == "embedded":
         from pyagent.llm.embedded import EmbeddedBackend
 
-        chosen: Backend = EmbeddedBackend(_load_engine(model, dtype))
+        chosen: Backend = EmbeddedBackend(_load_engine(model, dtype, policy=policy,
+                                                       budget=budget))
     elif backend == "openai":
         chosen = make_backend("openai", base_url=base_url,
                               model=None if model == DEFAULT_MODEL else model)
@@ -107,6 +120,8 @@ def generate(
     backend: Annotated[str, typer.Option(help="embedded, openai or replay.")] = "embedded",
     model: ModelOpt = DEFAULT_MODEL,
     dtype: DtypeOpt = "float32",
+    kv_policy: PolicyOpt = "full",
+    kv_budget: BudgetOpt = None,
     chat: Annotated[bool, typer.Option(help="Send the prompt as a user chat message.")] = False,
     system: Annotated[str | None, typer.Option(help="System message (implies --chat).")] = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 128,
@@ -129,7 +144,7 @@ def generate(
         request = CompletionRequest(messages=messages, sampling=sampling)
     else:
         request = CompletionRequest(prompt=text, sampling=sampling)
-    chosen = _backend(backend, model, dtype, base_url, recording, record)
+    chosen = _backend(backend, model, dtype, base_url, recording, record, kv_policy, kv_budget)
     if as_json:
         out.print_json(json.dumps(chosen.complete(request).to_dict()))
         return
@@ -166,6 +181,9 @@ def _print_stats(rows: list[tuple[str, Completion]]) -> None:
 def serve(
     model: ModelOpt = DEFAULT_MODEL,
     dtype: DtypeOpt = "float32",
+    kv_policy: PolicyOpt = "full",
+    kv_budget: BudgetOpt = None,
+    prefix_sharing: ShareOpt = True,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
     context_length: Annotated[int | None, typer.Option(help="Cap the context (tokens).")] = None,
@@ -175,7 +193,7 @@ def serve(
 
     from pyagent.engine.server import create_app
 
-    engine = _load_engine(model, dtype, context_length)
+    engine = _load_engine(model, dtype, context_length, kv_policy, kv_budget, prefix_sharing)
     err.print(f"serving {engine.name} at http://{host}:{port}/v1")
     uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")
 
