@@ -147,3 +147,11 @@ def test_openai_sdk_parses_a_chat_completion(client, tiny_engine):
         max_completion_tokens=5, temperature=0.7, seed=3)
     prompt = again.usage.prompt_tokens
     assert again.usage.prompt_tokens_details.cached_tokens == (prompt - 1) // 16 * 16 > 0
+
+
+def test_kv_memory_is_exposed(http):
+    http.post("/completions", json={"model": model_name(http), "prompt": "The quick brown fox",
+                                    "max_tokens": 3})
+    body = http.get("/kv").json()
+    assert body["peak_bytes"] > 0 and body["bytes"] == sum(body["per_layer"].values())
+    assert body["policy"] == "full" and body["block_size"] == 16

@@ -1,4 +1,6 @@
-"""The generation loop: prefill once (logits for the last position only), then decode per token.
+"""The generation loop on the paged KV cache: prefill the prompt tokens the prefix cache lacks (in
+chunks, logits for the last position only), evict down to the KV budget, then decode token by
+token, evicting again every `evict_every` tokens.
 
 One request runs at a time per `Engine` (a lock queues the others), so concurrent callers never see
 each other's tokens. Stop strings are honoured across token boundaries, and streamed text holds back

@@ -2,8 +2,8 @@
 
 `/v1/models`, `/v1/completions` and `/v1/chat/completions`, streaming over SSE, errors in OpenAI's
 error shape. Requests queue on the engine (one runs at a time), so outputs never interleave.
-Extensions beyond OpenAI: `top_k` and `ignore_eos` in requests, and `timings` (seconds) in every
-final response.
+Extensions beyond OpenAI: `top_k` and `ignore_eos` in requests, `timings` (seconds) in every final
+response, and `GET /v1/kv` for the KV cache's memory.
 """
 
 from __future__ import annotations
@@ -145,6 +145,19 @@ def create_app(engine: Engine) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok", "model": engine.name}
+
+    @app.get("/v1/kv")
+    async def kv() -> dict[str, Any]:
+        """PyAgent extension: KV bytes the engine holds now and at its peak, per layer."""
+        memory = engine.cache.memory()
+        settings = engine.kv
+        return {"bytes": memory.bytes, "peak_bytes": memory.peak_bytes,
+                "cached_prefix_bytes": memory.cached_prefix_bytes,
+                "capacity_bytes": memory.capacity_bytes,
+                "per_layer": {str(k): v for k, v in memory.per_layer.items()},
+                "block_size": settings.block_size, "policy": settings.policy,
+                "budget": None if settings.budget is None else vars(settings.budget),
+                "prefix_sharing": settings.share_prefix}
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionBody) -> Any:
