@@ -162,3 +162,19 @@ def test_paged_cache_matches_transformers_on_the_real_model():
     ours = engine.logits(torch.cat(hidden))
     assert (ours - reference_logits(engine, ids)).abs().max() < 1e-4
     assert Budget(ratio=0.5).global_tokens(engine.cache, sequence) == len(ids) // 2
+
+
+def test_block_metadata_tracks_writing_attention_and_landmarks(tiny_engine):
+    engine = Engine(tiny_engine.loaded, kv=KVSettings(policy="h2o", budget=Budget(tokens=1000),
+                                                      share_prefix=False))
+    ids = tokens(40)
+    sequence = engine.open(ids)
+    engine.forward(sequence, ids[:32])
+    engine.forward(sequence, ids[32:])
+    info = engine.cache.blocks(sequence)
+    assert [(b.first_position, b.last_position) for b in info] == [(0, 15), (16, 31), (32, 39)]
+    assert [b.written_at for b in info] == [1, 1, 2]
+    assert all(b.last_attended in (1, 2) and b.mass > 0 and 0 <= b.entropy <= 1 for b in info)
+    assert info[-1].last_attended == 2  # its own tokens attend to themselves
+    assert info[0].references == 1
+    assert [b.landmark for b in engine.cache.blocks(sequence, landmark=0.0)] == [True] * 3

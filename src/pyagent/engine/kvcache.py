@@ -23,7 +23,11 @@ import torch
 from pyagent.errors import ConfigError, RequestError
 
 DEFAULT_BLOCK_SIZE = 16
-STATS = ("mass", "focus", "peak", "last", "attended_at")
+# Per-token statistics of the global layers: accumulated attention mass, entropy-weighted mass,
+# the peak focused attention received, the latest query's attention, the step the token was last
+# attended above uniform, and the step it was written.
+STATS = ("mass", "focus", "peak", "last", "attended_at", "written_at")
+STEP_STATS = ("attended_at", "written_at")  # -1 until set
 
 
 @dataclass(frozen=True)
@@ -191,7 +195,7 @@ class Sequence:
     tables: dict[str, Table]
     cached_tokens: int = 0  # prompt tokens found in the prefix cache
     prompt_length: int = 0  # set once the prompt is in: decoding starts after it
-    step: int = 0  # forward passes run so far
+    step: int = 0  # forward passes so far (the one running included): steps count from 1
     evicted: bool = False
     hashes: list[bytes] = field(default_factory=list)  # chained hash of each full token block
     peak_bytes: int = 0  # most KV bytes this sequence's blocks held at once
@@ -223,8 +227,25 @@ class KVMemory:
     bytes: int
     peak_bytes: int
     per_layer: dict[int, int]
+    peak_per_layer: dict[int, int]
     cached_prefix_bytes: int
     capacity_bytes: int
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """One block of a sequence's global layers, as eviction policies see it."""
+
+    block: int
+    references: int
+    first_position: int
+    last_position: int
+    written_at: int  # step (forward pass, from 1) that wrote its first token
+    last_attended: int  # last step any token drew more than a uniform share (-1: never)
+    mass: float  # accumulated attention, averaged over layers and heads
+    entropy: float  # 1 - mean focus of the attention it received (0 = only focused queries)
+    peak: float  # most focused attention one query paid any of its tokens
+    landmark: bool
 
 
 class PagedKVCache:
@@ -323,6 +344,7 @@ class PagedKVCache:
         start = sequence.length
         positions = torch.arange(start, start + len(new_tokens))
         sequence.tokens.extend(new_tokens)
+        sequence.step += 1
         bs = self.block_size
         while len(sequence.hashes) < sequence.length // bs:
             index = len(sequence.hashes)
@@ -354,7 +376,9 @@ class PagedKVCache:
             tables[group.name] = torch.tensor(table.blocks)
             valid[group.name] = table.tokens(self.block_size)
             self._grow_stats(group, table)
-        sequence.step += 1
+            if table.stats:
+                count = valid[group.name]
+                table.stats["written_at"][count - len(new_tokens):count] = float(sequence.step)
         sequence.peak_bytes = max(sequence.peak_bytes, self.memory(sequence).bytes)
         return WritePlan(slots, tables, valid, positions)
 
@@ -400,7 +424,7 @@ class PagedKVCache:
             current = table.stats.get(name)
             have = 0 if current is None else current.numel()
             if have < slots:
-                fill = -1.0 if name == "attended_at" else 0.0
+                fill = -1.0 if name in STEP_STATS else 0.0
                 extra = torch.full((slots - have,), fill)
                 table.stats[name] = extra if current is None else torch.cat([current, extra])
 
@@ -452,7 +476,7 @@ class PagedKVCache:
         table.fill = bs if not new_blocks else fill
         slots_now = len(table.blocks) * bs
         for name, values in table.stats.items():
-            fresh = torch.full((slots_now,), -1.0 if name == "attended_at" else 0.0)
+            fresh = torch.full((slots_now,), -1.0 if name in STEP_STATS else 0.0)
             fresh[:kept_count] = values[index]
             table.stats[name] = fresh
         sequence.evicted = True
@@ -462,14 +486,37 @@ class PagedKVCache:
     def memory(self, sequence: Sequence | None = None) -> KVMemory:
         """KV bytes in use: by one sequence's blocks, or by all sequences when None."""
         per_layer: dict[int, int] = {}
+        peak_per_layer: dict[int, int] = {}
         total = peak = cached = capacity = 0
         for group in self.groups:
             pool = self.pools[group.name]
             blocks = pool.used if sequence is None else len(sequence.tables[group.name].blocks)
             for layer in group.layers:
                 per_layer[layer] = blocks * pool.bytes_per_block_per_layer
+                peak_per_layer[layer] = pool.peak_used * pool.bytes_per_block_per_layer
             total += blocks * pool.bytes_per_block
             peak += pool.peak_used * pool.bytes_per_block
             cached += len(pool.cached) * pool.bytes_per_block
             capacity += pool.capacity * pool.bytes_per_block
-        return KVMemory(total, peak, dict(sorted(per_layer.items())), cached, capacity)
+        return KVMemory(total, peak, dict(sorted(per_layer.items())),
+                        dict(sorted(peak_per_layer.items())), cached, capacity)
+
+    def blocks(self, sequence: Sequence, landmark: float = 0.3) -> list[BlockInfo]:
+        """Metadata of each global block of `sequence`; `landmark` is the peak focused attention
+        that flags a landmark."""
+        table, pool, bs = sequence.tables["global"], self.pools["global"], self.block_size
+        count = table.tokens(bs)
+        stats = {k: v[:len(table.blocks) * bs].view(-1, bs) for k, v in table.stats.items()}
+        out = []
+        for i, block in enumerate(table.blocks):
+            used = bs if i < len(table.blocks) - 1 else count - i * bs
+            positions = pool.positions[block, :used]
+            mass = float(stats["mass"][i, :used].sum())
+            focus = float(stats["focus"][i, :used].sum())
+            peak = float(stats["peak"][i, :used].max())
+            out.append(BlockInfo(
+                block, pool.refcount[block], int(positions.min()), int(positions.max()),
+                int(stats["written_at"][i, :used].min()),
+                int(stats["attended_at"][i, :used].max()), mass,
+                1.0 - focus / mass if mass > 0 else 1.0, peak, peak >= landmark))
+        return out
