@@ -178,3 +178,19 @@ def test_block_metadata_tracks_writing_attention_and_landmarks(tiny_engine):
     assert info[-1].last_attended == 2  # its own tokens attend to themselves
     assert info[0].references == 1
     assert [b.landmark for b in engine.cache.blocks(sequence, landmark=0.0)] == [True] * 3
+
+
+def test_a_model_with_only_global_layers(tmp_path):
+    from conftest import build_tiny_model
+    from pyagent.engine.model import load
+    from pyagent.engine.registry import resolve_model
+
+    directory = build_tiny_model(tmp_path / "global-only", ("full_attention",) * 4)
+    engine = Engine(load(resolve_model(str(directory))), kv=KVSettings(
+        policy="pyagent", budget=Budget(tokens=96), share_prefix=False))
+    assert [g.name for g in engine.cache.groups] == ["global"]
+    ids = tokens(150)
+    assert torch.allclose(paged_logits(engine, ids, 32), reference_logits(engine, ids), atol=1e-4)
+    sequence = engine.open(ids)
+    engine.prefill(sequence, ids)
+    assert sequence.tables["global"].tokens(16) <= 96
