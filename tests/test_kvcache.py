@@ -194,3 +194,19 @@ def test_a_model_with_only_global_layers(tmp_path):
     sequence = engine.open(ids)
     engine.prefill(sequence, ids)
     assert sequence.tables["global"].tokens(16) <= 96
+
+
+def test_blocks_kept_by_eviction_are_never_handed_out_again(engine):
+    ids = tokens(64)
+    sequence = engine.open(ids)
+    engine.forward(sequence, ids)
+    pool = engine.cache.pools["global"]
+    engine.cache.keep_only(sequence, "global", torch.arange(64) % 2 == 0)  # packs 2 new blocks
+    engine.cache.keep_only(sequence, "global", torch.ones(32, dtype=torch.bool))  # keeps them
+    kept = list(sequence.tables["global"].blocks)
+    assert len(kept) == 2
+    snapshot = pool.k[:, kept].clone()
+    engine.forward(sequence, tokens(40, seed=5))
+    assert set(kept).isdisjoint(pool.free)
+    assert torch.equal(pool.k[:, kept], snapshot)
+    assert len(set(sequence.tables["global"].blocks)) == len(sequence.tables["global"].blocks)

@@ -454,26 +454,27 @@ class PagedKVCache:
                 packed.append((block, slots, i * bs + slots))
         stat_index = [*kept_slots]
         new_blocks, fill = [], bs
-        for block, slots, flat in packed:
-            for slot, flat_index in zip(slots.tolist(), flat.tolist(), strict=True):
-                if fill == bs:
-                    new_blocks.append(pool.allocate())
-                    fill = 0
-                target = new_blocks[-1]
-                pool.k[:, target, fill] = pool.k[:, block, slot]
-                pool.v[:, target, fill] = pool.v[:, block, slot]
-                pool.positions[target, fill] = pool.positions[block, slot]
-                stat_index.append(torch.tensor([flat_index]))
-                fill += 1
+        if packed:
+            sources = torch.cat([torch.full_like(slots, block) for block, slots, _ in packed])
+            source_slots = torch.cat([slots for _, slots, _ in packed])
+            stat_index.append(torch.cat([flat for _, _, flat in packed]))
+            moved = source_slots.numel()
+            new_blocks = [pool.allocate() for _ in range(-(-moved // bs))]
+            targets = torch.tensor(new_blocks).repeat_interleave(bs)[:moved]
+            target_slots = torch.arange(moved) % bs
+            pool.k[:, targets, target_slots] = pool.k[:, sources, source_slots]
+            pool.v[:, targets, target_slots] = pool.v[:, sources, source_slots]
+            pool.positions[targets, target_slots] = pool.positions[sources, source_slots]
+            fill = moved - (len(new_blocks) - 1) * bs
+        kept_ids = set(kept_blocks)
         for block in table.blocks:
-            pool.release(block)
-        for block in kept_blocks:
-            pool.retain(block)
+            if block not in kept_ids:
+                pool.release(block)
         index = torch.cat(stat_index) if stat_index else torch.zeros(0, dtype=torch.long)
         kept_count = index.numel()
         table.blocks = kept_blocks + new_blocks
         table.pristine = kept_pristine + [None] * len(new_blocks)
-        table.fill = bs if not new_blocks else fill
+        table.fill = fill
         slots_now = len(table.blocks) * bs
         for name, values in table.stats.items():
             fresh = torch.full((slots_now,), -1.0 if name in STEP_STATS else 0.0)
