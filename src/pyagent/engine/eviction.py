@@ -102,18 +102,19 @@ class KVView:
     def length(self) -> int:
         return self.sequence.length
 
-    def window_attention(self) -> torch.Tensor:
-        """Attention of the remembered recent queries to every held token, summed over those
-        queries and averaged over heads and global layers (causal by position)."""
+    def window_attention(self, window: int) -> torch.Tensor:
+        """Attention of the last `window` remembered queries to every held token, summed over
+        those queries and averaged over heads and global layers (causal by position)."""
         seq, cache = self.sequence, self.cache
         table = seq.tables["global"]
         pool = cache.pools["global"]
         count = table.tokens(cache.block_size)
         ids = torch.tensor(table.blocks)
         votes = torch.zeros(count)
-        query_pos = seq.recent_positions
+        query_pos = seq.recent_positions[-window:]
         mask = self.positions[None, :] <= query_pos[:, None]
-        for layer, queries in seq.recent_queries.items():
+        for layer, remembered in seq.recent_queries.items():
+            queries = remembered[:, -window:]
             keys = pool.k[pool.layer_index[layer]].index_select(0, ids).flatten(0, 1)[:count]
             heads, kv_heads = queries.shape[0], keys.shape[1]
             grouped = queries.reshape(kv_heads, heads // kv_heads, -1, queries.shape[-1])
@@ -183,7 +184,7 @@ class SnapKV(_Policy):
         self.kernel = kernel
 
     def scores(self, view: KVView, keep: int) -> torch.Tensor:
-        votes = view.window_attention()
+        votes = view.window_attention(self.window)
         pooled = F.avg_pool1d(votes[None, None], self.kernel, stride=1,
                               padding=self.kernel // 2)[0, 0]
         pooled[view.positions >= view.length - self.window] = PINNED
@@ -224,7 +225,7 @@ class PyAgentPolicy(_Policy):
 
     def scores(self, view: KVView, keep: int) -> torch.Tensor:
         positions, stats = view.positions, view.stats
-        relevance = view.window_attention()
+        relevance = view.window_attention(self.window)
         relevance = relevance / relevance.sum().clamp(min=1e-9)
         exposure = (view.length - positions).clamp(min=1).float()
         history = stats["focus"] / exposure
