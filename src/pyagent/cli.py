@@ -267,7 +267,8 @@ def bench_kv(
         table.add_row(check["target"], check["measured"], "yes" if check["met"] else "NO")
     out_console = Console(width=140)
     out_console.print(table)
-    out_console.print(f"wrote {out / stem}.json, .md and .png")
+    written = ".md and .png" if from_json is not None else ".json, .md and .png"
+    out_console.print(f"wrote {out / stem}{written}")
 
 
 def main() -> None:

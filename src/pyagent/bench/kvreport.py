@@ -8,6 +8,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from pyagent.bench.stats import bootstrap_ci
+
 MIB = 2**20
 NEEDLES = ("passkey", "multikey", "vartrack")
 
@@ -29,8 +31,10 @@ def by_length(result: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
         entry["saving"] = 1 - entry["kv_bytes"] / hf if hf else None
         cont = [r for r in members if r["task"] == "continuation"]
         if cont:
-            entry["delta_nll"] = statistics.fmean(
-                r["nll"] - full[(r["task"], r["sample"])]["nll"] for r in cont)
+            deltas = [r["nll"] - full[(r["task"], r["sample"])]["nll"] for r in cont]
+            entry["delta_nll"], entry["delta_nll_low"], entry["delta_nll_high"] = \
+                bootstrap_ci(deltas)
+            entry["delta_nll_median"] = statistics.median(deltas)
             entry["kl"] = statistics.fmean(r["kl"] for r in cont)
         for task in NEEDLES:
             mine = [r for r in members if r["task"] == task]
@@ -62,7 +66,8 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         ratio = best["ratio"]
         checks.append({"target": f"{length} tokens, budget {ratio} ({best['saving']:.0%} less KV "
                        "than transformers' cache): continuation NLL loss <= 0.02 nats",
-                       "measured": f"{best.get('delta_nll', float('nan')):+.3f} nats",
+                       "measured": f"{best.get('delta_nll', float('nan')):+.3f} nats (mean; "
+                       f"median {best.get('delta_nll_median', float('nan')):+.3f})",
                        "met": best.get("delta_nll", 1.0) <= 0.02})
         full_em = best.get("passkey_exact_full", 0.0)
         em = best.get("passkey_exact", 0.0)
@@ -121,12 +126,16 @@ def markdown(result: dict[str, Any]) -> str:
     for length, entries in by_length(result).items():
         hf = result["hf_cache_bytes"].get(str(length), result["hf_cache_bytes"].get(length))
         lines += ["", f"## {length}-token contexts (transformers' cache: {hf / MIB:.1f} MiB)", "",
-                  "| method | kept | KV MiB | saving | dNLL | KL | passkey | multikey | vartrack "
-                  "| quality |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| method | kept | KV MiB | saving | dNLL mean [95% CI] | dNLL median | KL "
+                  "| passkey | multikey | vartrack | quality |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for e in entries:
+            interval = "" if "delta_nll" not in e else (
+                f"{e['delta_nll']:+.3f} [{e['delta_nll_low']:+.3f}, {e['delta_nll_high']:+.3f}]")
             lines.append(
                 f"| {e['method']} | {e['ratio']:.2f} | {e['kv_bytes'] / MIB:.1f} | "
-                f"{_cell(e['saving'], '.0%')} | {_cell(e.get('delta_nll'), '+.3f')} | "
+                f"{_cell(e['saving'], '.0%')} | {interval} | "
+                f"{_cell(e.get('delta_nll_median'), '+.3f')} | "
                 f"{_cell(e.get('kl'), '.3f')} | {_cell(e.get('passkey_exact'), '.0%')} | "
                 f"{_cell(e.get('multikey_exact'), '.0%')} | "
                 f"{_cell(e.get('vartrack_exact'), '.0%')} | {e['quality']:.3f} |")
