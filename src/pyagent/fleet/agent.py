@@ -1,0 +1,93 @@
+"""Agent definitions: who an agent is, what it runs on, what it may touch, and its limits.
+
+```yaml
+agents:
+  - name: coder
+    role: You fix bugs in Python code. Change as little as possible.
+    backend: embedded            # embedded | openai | replay
+    model: gemma-3-270m
+    tools: [read_file, write_file, list_files]
+    permissions:
+      paths: ["src/**", "tests/**"]
+      commands: []
+    limits: {max_tokens: 512, wall_time_s: 300, max_tool_calls: 8}
+```
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pyagent.fleet.yamlfile import config_error, load_yaml, validate
+
+NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
+
+
+class Permissions(BaseModel):
+    """What an agent's tools may touch: workspace globs and allowed command names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    paths: list[str] = Field(default_factory=lambda: ["**"])
+    commands: list[str] = Field(default_factory=list)
+
+    @field_validator("paths")
+    @classmethod
+    def _inside(cls, paths: list[str]) -> list[str]:
+        for pattern in paths:
+            if pattern.startswith("/") or ".." in Path(pattern).parts:
+                raise ValueError(f"path pattern {pattern!r} must stay inside the workspace")
+        return paths
+
+
+class Limits(BaseModel):
+    """Per-invocation ceilings; exceeding one ends the agent's turn with an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(512, ge=1)
+    wall_time_s: float = Field(300.0, gt=0)
+    max_cost_usd: float | None = Field(None, ge=0)
+    max_tool_calls: int = Field(8, ge=0)
+
+
+class AgentSpec(BaseModel):
+    """One agent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    role: str = Field(min_length=1)
+    backend: Literal["embedded", "openai", "replay"] = "embedded"
+    model: str | None = None
+    tools: list[str] = Field(default_factory=list)
+    permissions: Permissions = Field(default_factory=Permissions)
+    limits: Limits = Field(default_factory=Limits)
+
+
+class AgentsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    agents: list[AgentSpec] = Field(min_length=1)
+
+
+def load_agents(path: Path, known_tools: set[str] | None = None) -> dict[str, AgentSpec]:
+    """Agents defined in `path`, by name; duplicate names and unknown tools name their line."""
+    data, lines = load_yaml(path)
+    agents = validate(AgentsFile, data, lines, path).agents
+    by_name: dict[str, AgentSpec] = {}
+    for index, agent in enumerate(agents):
+        if agent.name in by_name:
+            raise config_error(path, lines, ("agents", index, "name"),
+                               f"agents.{index}.name: agent {agent.name!r} is defined twice")
+        for tool_index, tool in enumerate(agent.tools):
+            if known_tools is not None and tool not in known_tools:
+                raise config_error(
+                    path, lines, ("agents", index, "tools", tool_index),
+                    f"agents.{index}.tools.{tool_index}: unknown tool {tool!r}; known tools: "
+                    f"{', '.join(sorted(known_tools))}")
+        by_name[agent.name] = agent
+    return by_name

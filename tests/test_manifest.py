@@ -1,0 +1,143 @@
+"""Agent and manifest definitions: valid files load; every mistake names file, line and field."""
+
+import textwrap
+
+import pytest
+
+from pyagent.errors import ConfigError
+from pyagent.fleet.agent import load_agents
+from pyagent.fleet.manifest import LoopSpec, environment, load_manifest
+
+AGENTS = """\
+agents:
+  - name: coder
+    role: You fix bugs.
+    tools: [read_file, write_file]
+    permissions: {paths: ["src/**"]}
+  - name: tester
+    role: You run the tests.
+    tools: [run_tests]
+    limits: {max_tokens: 128, max_tool_calls: 2}
+  - name: auditor
+    role: You review changes.
+    tools: [lint]
+"""
+
+MANIFEST = """\
+name: code-test-audit
+agents: agents.yaml
+steps:
+  - id: fix
+    loop:
+      max_iterations: 3
+      until: "steps.test.data.failed == 0"
+      steps:
+        - id: code
+          agent: coder
+          instruction: "Fix: {{ task }} (try {{ loop.iteration }}) {{ steps.test.output }}"
+        - id: test
+          agent: tester
+          instruction: Run the tests.
+          retries: 1
+  - id: audit
+    agent: auditor
+    when: "steps.test.data.failed == 0"
+    instruction: "Review. Tests said: {{ steps.test.output }}"
+    timeout_s: 120
+"""
+TOOLS = {"read_file", "write_file", "list_files", "run_tests", "lint", "shell"}
+
+
+def write(tmp_path, manifest=MANIFEST, agents=AGENTS):
+    (tmp_path / "agents.yaml").write_text(agents)
+    path = tmp_path / "manifest.yaml"
+    path.write_text(textwrap.dedent(manifest))
+    return path
+
+
+def test_a_valid_manifest_loads(tmp_path):
+    manifest = load_manifest(write(tmp_path), TOOLS)
+    assert manifest.name == "code-test-audit"
+    assert manifest.step_ids() == ["code", "test", "audit"]
+    assert isinstance(manifest.steps[0], LoopSpec) and manifest.steps[0].loop.max_iterations == 3
+    assert manifest.agents["tester"].limits.max_tool_calls == 2
+    assert manifest.agents["coder"].permissions.paths == ["src/**"]
+
+
+def test_templates_render_strictly():
+    env = environment()
+    text = env.from_string("Fix {{ task }} after {{ steps.code.output }}").render(
+        task="bug", steps={"code": {"output": "done"}})
+    assert text == "Fix bug after done"
+    assert env.compile_expression("steps.test.data.failed == 0")(
+        steps={"test": {"data": {"failed": 0}}}) is True
+
+
+def error_for(tmp_path, manifest=MANIFEST, agents=AGENTS):
+    with pytest.raises(ConfigError) as info:
+        load_manifest(write(tmp_path, manifest, agents), TOOLS)
+    return str(info.value)
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    message = error_for(tmp_path, MANIFEST.replace("  - id: audit", "  - id: [audit"))
+    assert "manifest.yaml:17" in message and "not valid YAML" in message
+
+
+def test_a_missing_field_names_line_and_field(tmp_path):
+    message = error_for(tmp_path, MANIFEST.replace("    agent: auditor\n", ""))
+    assert "manifest.yaml:16: steps.1.agent: Field required" in message
+
+
+def test_an_unknown_agent_names_its_line(tmp_path):
+    message = error_for(tmp_path, MANIFEST.replace("agent: auditor", "agent: reviewer"))
+    assert "manifest.yaml:17: unknown agent 'reviewer'" in message
+
+
+def test_a_template_naming_a_later_step_is_refused(tmp_path):
+    broken = MANIFEST.replace("Run the tests.", "Run the tests after {{ steps.audit.output }}")
+    message = error_for(tmp_path, broken)
+    assert "manifest.yaml:14" in message and "step 'audit', which does not run before it" in message
+
+
+def test_unknown_names_and_bad_syntax_in_templates(tmp_path):
+    assert "unknown names ['tsak']" in error_for(tmp_path, MANIFEST.replace("{{ task }}",
+                                                                             "{{ tsak }}"))
+    assert "invalid template" in error_for(tmp_path, MANIFEST.replace("{{ task }}", "{{ task"))
+    assert "manifest.yaml:7: steps.0.loop.until: invalid template" in error_for(
+        tmp_path, MANIFEST.replace('"steps.test.data.failed == 0"\n      steps',
+                                   '"steps.test.data.failed =="\n      steps'))
+
+
+def test_duplicate_step_ids_are_refused(tmp_path):
+    message = error_for(tmp_path, MANIFEST.replace("id: audit", "id: code"))
+    assert "step id 'code' is used twice" in message
+
+
+def test_limits_are_checked(tmp_path):
+    message = error_for(tmp_path, MANIFEST.replace("max_iterations: 3", "max_iterations: 0"))
+    assert "manifest.yaml:6: steps.0.loop.max_iterations" in message
+    message = error_for(tmp_path, MANIFEST.replace("retries: 1", "retries: -1"))
+    assert "retries" in message
+
+
+def test_agent_mistakes_name_the_agents_file(tmp_path):
+    message = error_for(tmp_path, agents=AGENTS.replace("tools: [lint]", "tools: [lintt]"))
+    assert "agents.yaml:12: agents.2.tools.0: unknown tool 'lintt'" in message
+    message = error_for(tmp_path, agents=AGENTS.replace("name: auditor", "name: coder"))
+    assert "agents.yaml:10" in message and "defined twice" in message
+    message = error_for(tmp_path, agents=AGENTS.replace('paths: ["src/**"]', 'paths: ["../x"]'))
+    assert "agents.yaml:5" in message and "inside the workspace" in message
+
+
+def test_a_missing_agents_file_is_named(tmp_path):
+    path = write(tmp_path)
+    (tmp_path / "agents.yaml").unlink()
+    with pytest.raises(ConfigError, match="manifest.yaml:2: agents: no agents file"):
+        load_manifest(path, TOOLS)
+
+
+def test_an_empty_file_is_refused(tmp_path):
+    (tmp_path / "agents.yaml").write_text("")
+    with pytest.raises(ConfigError, match="agents.yaml: the file is empty"):
+        load_agents(tmp_path / "agents.yaml")
