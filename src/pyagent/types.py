@@ -22,7 +22,8 @@ class SamplingParams:
     """How to pick tokens. `temperature == 0` means greedy decoding (the default: reproducible).
 
     `top_k == 0` and `top_p == 1` disable those filters; `seed` makes sampled decoding repeatable.
-    `ignore_eos` keeps generating past end-of-sequence tokens (for benchmarks of fixed length).
+    `ignore_eos` keeps generating past end-of-sequence tokens (for benchmarks of fixed length);
+    `json_schema` constrains the output to JSON valid for that schema.
     """
 
     max_tokens: int = 256
@@ -32,6 +33,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    json_schema: dict[str, Any] | None = None  # constrain the output to JSON matching it
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -52,6 +54,8 @@ class SamplingParams:
                f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop",
                "stop strings must be non-empty strings")
+        _check(self.json_schema is None or isinstance(self.json_schema, dict), "json_schema",
+               "json_schema must be a JSON schema object")
 
     @property
     def greedy(self) -> bool:

@@ -19,6 +19,7 @@ import torch
 from pyagent.engine import attention
 from pyagent.engine.chat import chat_stop_token_ids, render_chat
 from pyagent.engine.eviction import Budget, evict, make_policy
+from pyagent.engine.grammar import JsonConstraint, grammar_tokenizer
 from pyagent.engine.kvcache import DEFAULT_BLOCK_SIZE, PagedKVCache, Sequence
 from pyagent.engine.model import LoadedModel, load
 from pyagent.engine.registry import resolve_model
@@ -77,6 +78,7 @@ class Engine:
         config._attn_implementation = attention.NAME
         layer_types = getattr(config, "layer_types", None) or ["full_attention"]
         self._no_masks = dict.fromkeys(layer_types)  # masks come from the paged cache
+        self._grammar_tokenizer = None  # built on the first constrained request
 
     @classmethod
     def load(cls, model: str | None = None, dtype: str = "float32",
@@ -146,6 +148,12 @@ class Engine:
         keep = self.kv.budget.global_tokens(self.cache, sequence)
         return evict(self.cache, sequence, self.policy, keep)
 
+    def json_constraint(self, schema: dict) -> JsonConstraint:
+        """A fresh constraint for one generation against `schema`."""
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = grammar_tokenizer(self.tokenizer, self.chat_stop_ids)
+        return JsonConstraint(self._grammar_tokenizer, schema, self.model.config.vocab_size)
+
     # --- requests ------------------------------------------------------------------------------
 
     def encode(self, request: CompletionRequest) -> list[int]:
@@ -185,15 +193,17 @@ class Engine:
         stop_ids = self.chat_stop_ids if request.is_chat else self.eos_ids
         if request.sampling.ignore_eos:
             stop_ids = set()
-        return self._locked(prompt_ids, request, stop_ids)
+        schema = request.sampling.json_schema
+        constraint = self.json_constraint(schema) if schema is not None else None
+        return self._locked(prompt_ids, request, stop_ids, constraint)
 
-    def _locked(self, prompt_ids: list[int], request: CompletionRequest,
-                stop_ids: set[int]) -> Iterator[StreamEvent]:
+    def _locked(self, prompt_ids: list[int], request: CompletionRequest, stop_ids: set[int],
+                constraint: JsonConstraint | None) -> Iterator[StreamEvent]:
         with self._lock:
-            yield from self._run(prompt_ids, request, stop_ids)
+            yield from self._run(prompt_ids, request, stop_ids, constraint)
 
-    def _run(self, prompt_ids: list[int], request: CompletionRequest,
-             stop_ids: set[int]) -> Iterator[StreamEvent]:
+    def _run(self, prompt_ids: list[int], request: CompletionRequest, stop_ids: set[int],
+             constraint: JsonConstraint | None) -> Iterator[StreamEvent]:
         params = request.sampling
         sampler = Sampler(params)
         holdback = max((len(s) for s in params.stop), default=1) - 1
@@ -207,7 +217,7 @@ class Engine:
         try:
             logits = self.prefill(sequence, prompt_ids)
             while True:
-                token = sampler(logits)
+                token = sampler(logits if constraint is None else constraint.constrain(logits))
                 first_token_at = first_token_at or time.perf_counter()
                 generated.append(token)
                 if token in stop_ids:
@@ -218,6 +228,11 @@ class Engine:
                 if cut is not None:
                     text, finish = text[:cut], "stop"
                     break
+                if constraint is not None:
+                    constraint.advance(token)
+                    if constraint.finished:
+                        finish = "stop"
+                        break
                 if len(generated) >= params.max_tokens:
                     break
                 safe = len(text) - holdback

@@ -2,6 +2,7 @@
 
 `/v1/models`, `/v1/completions` and `/v1/chat/completions`, streaming over SSE, errors in OpenAI's
 error shape. Requests queue on the engine (one runs at a time), so outputs never interleave.
+Structured outputs (`response_format` json_schema / json_object) are grammar-constrained.
 Extensions beyond OpenAI: `top_k` and `ignore_eos` in requests, `timings` (seconds) in every final
 response, and `GET /v1/kv` for the KV cache's memory.
 """
@@ -33,6 +34,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
 class _Body(BaseModel):
     """Fields shared by both endpoints. Unknown fields are ignored, as OpenAI's API does."""
 
@@ -50,6 +56,7 @@ class _Body(BaseModel):
     n: int = 1
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    response_format: ResponseFormat | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for a requested feature this engine does not offer."""
@@ -58,12 +65,22 @@ class _Body(BaseModel):
         if self.presence_penalty or self.frequency_penalty:
             return "presence_penalty", "presence and frequency penalties are not supported"
         for field in ("logprobs", "top_logprobs", "logit_bias", "tools", "functions", "echo",
-                      "response_format", "suffix"):
-            value = (self.model_extra or {}).get(field)
-            if value not in (None, False, {}, []) and not (
-                    field == "response_format" and value == {"type": "text"}):
+                      "suffix"):
+            if (self.model_extra or {}).get(field) not in (None, False, {}, []):
                 return field, f"{field} is not supported by this server"
         return None
+
+    def json_schema(self) -> dict[str, Any] | None:
+        """The JSON schema `response_format` asks for (None: free text)."""
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return {"type": "object"}
+        if fmt.json_schema is None or not isinstance(fmt.json_schema.get("schema"), dict):
+            raise APIError(400, "response_format of type json_schema needs json_schema.schema",
+                           "response_format")
+        return fmt.json_schema["schema"]
 
 
 class CompletionBody(_Body):
@@ -209,7 +226,7 @@ def _request(engine: Engine, served: set[str], body: _Body, *, max_tokens: int |
             max_tokens = max(1, engine.context_length - len(engine.encode(probe)))
         sampling = SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
                                   top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=stop,
-                                  ignore_eos=body.ignore_eos)
+                                  ignore_eos=body.ignore_eos, json_schema=body.json_schema())
         return CompletionRequest(prompt=prompt, messages=messages, model=engine.name,
                                  sampling=sampling)
     except RequestError as exc:

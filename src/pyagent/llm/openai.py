@@ -66,6 +66,9 @@ class OpenAIBackend:
             args["seed"] = p.seed
         if p.stop:
             args["stop"] = list(p.stop)
+        if p.json_schema is not None:
+            args["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "output", "schema": p.json_schema, "strict": True}}
         extra = {"top_k": p.top_k} if p.top_k else {}
         if p.ignore_eos:
             extra["ignore_eos"] = True

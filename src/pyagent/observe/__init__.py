@@ -1,0 +1,1 @@
+"""Observability: events, the event bus and the trace store; importable by every layer."""

@@ -1,0 +1,269 @@
+"""A SQLite trace store: every published event, and one row per span, in a versioned schema.
+
+One connection guarded by a lock serves every thread; the file is in WAL mode so readers in other
+processes (the dashboard, the miner) do not block the writer. Each event is stored in its own
+transaction, so a failure never loses what was stored before it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from pyagent.errors import ConfigError
+from pyagent.observe.events import Event, EventBus
+
+# Migration N (1-based) brings a file from schema version N - 1 to N; append, never edit.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id TEXT NOT NULL, span_id TEXT NOT NULL, parent_id TEXT,
+            kind TEXT NOT NULL, phase TEXT NOT NULL, name TEXT NOT NULL,
+            timestamp REAL NOT NULL, attributes TEXT NOT NULL)""",
+        "CREATE INDEX events_run ON events (run_id)",
+        """CREATE TABLE spans (
+            span_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, parent_id TEXT,
+            kind TEXT NOT NULL, name TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('running', 'ok', 'error')),
+            start_time REAL, end_time REAL, duration_s REAL, attributes TEXT NOT NULL)""",
+        "CREATE INDEX spans_run ON spans (run_id, start_time)",
+        "CREATE INDEX spans_parent ON spans (parent_id)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+MAX_DEPTH = 1000  # bound on lineage walks, so a damaged parent chain cannot loop forever
+STATUS = {"start": "running", "end": "ok", "error": "error"}
+SPAN_COLUMNS = ("span_id, run_id, parent_id, kind, name, status, start_time, end_time, duration_s, "
+                "attributes")
+
+
+@dataclass(frozen=True)
+class SpanRecord:
+    """One stored span; `attributes` merges those of its start and closing events."""
+
+    span_id: str
+    run_id: str
+    parent_id: str | None
+    kind: str
+    name: str
+    status: str
+    start: float | None
+    end: float | None
+    duration_s: float | None
+    attributes: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run, from its `run` span(s): first start, and end and status of the latest one."""
+
+    run_id: str
+    name: str
+    start: float | None
+    end: float | None
+    status: str
+
+
+@dataclass(frozen=True)
+class RunTotals:
+    """Token usage summed over a run's LLM calls, and counts of its calls and failed spans."""
+
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    llm_calls: int
+    tool_calls: int
+    errors: int
+
+
+class TraceStore:
+    """Persists events from an `EventBus` and answers questions about runs and spans."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._detach: list[Callable[[], None]] = []
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"{self.path}: cannot open the trace store ({exc})") from exc
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except ConfigError:
+            self._conn.close()
+            raise
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            raise ConfigError(f"{self.path}: not a readable trace store ({exc})") from exc
+
+    def _migrate(self) -> None:
+        with self._transaction("BEGIN IMMEDIATE") as conn:
+            tables = {row[0] for row in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
+            if "schema_version" not in tables:
+                if tables:
+                    raise ConfigError(f"{self.path}: not a trace store (it holds tables "
+                                      f"{', '.join(sorted(tables))} but no schema_version)")
+                conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+                conn.execute("INSERT INTO schema_version VALUES (0)")
+            row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            version = row[0] if row[0] is not None else 0
+            if version > SCHEMA_VERSION:
+                raise ConfigError(f"{self.path}: trace store schema version {version} is newer "
+                                  f"than version {SCHEMA_VERSION}, the newest this PyAgent reads; "
+                                  "open it with a newer PyAgent")
+            for statements in MIGRATIONS[version:]:
+                for statement in statements:
+                    conn.execute(statement)
+            conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+
+    @contextmanager
+    def _transaction(self, begin: str = "BEGIN") -> Iterator[sqlite3.Connection]:
+        self._conn.execute(begin)
+        try:
+            yield self._conn
+            self._conn.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:  # some failures end the transaction themselves
+                self._conn.execute("ROLLBACK")
+            raise
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version of the open file."""
+        with self._lock:
+            return self._conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+
+    def attach(self, bus: EventBus) -> Callable[[], None]:
+        """Store every event `bus` publishes from now on; returns the function that stops it."""
+        unsubscribe = bus.subscribe(self.record)
+        with self._lock:
+            self._detach.append(unsubscribe)
+        return unsubscribe
+
+    def record(self, event: Event) -> None:
+        """Store one event and fold it into its span's row."""
+        attributes = _dumps(event.attributes)
+        with self._lock, self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO events (run_id, span_id, parent_id, kind, phase, name, timestamp, "
+                "attributes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (event.run_id, event.span_id, event.parent_id, event.kind, event.phase,
+                 event.name, event.timestamp, attributes))
+            row = conn.execute("SELECT start_time, attributes FROM spans WHERE span_id = ?",
+                               (event.span_id,)).fetchone()
+            if event.phase == "start":
+                start, end, duration = event.timestamp, None, None
+            else:
+                end = event.timestamp
+                duration = event.attributes.get("duration_s")
+                start = row[0] if row else end - (duration or 0.0)
+            if row:
+                attributes = _dumps({**json.loads(row[1]), **event.attributes})
+            conn.execute(
+                f"INSERT INTO spans ({SPAN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (span_id) DO UPDATE SET status = excluded.status, "
+                "start_time = excluded.start_time, end_time = excluded.end_time, "
+                "duration_s = excluded.duration_s, attributes = excluded.attributes",
+                (event.span_id, event.run_id, event.parent_id, event.kind, event.name,
+                 STATUS[event.phase], start, end, duration, attributes))
+
+    def runs(self) -> list[RunRecord]:
+        """Every run that has a `run` span, newest first."""
+        rows = self._query(
+            """SELECT run_id, name, first_start, end_time, status FROM (
+                   SELECT run_id, name, end_time, status,
+                          MIN(start_time) OVER (PARTITION BY run_id) AS first_start,
+                          ROW_NUMBER() OVER (PARTITION BY run_id
+                                             ORDER BY start_time DESC, rowid DESC) AS newest
+                   FROM spans WHERE kind = 'run')
+               WHERE newest = 1 ORDER BY first_start DESC""")
+        return [RunRecord(*row) for row in rows]
+
+    def spans(self, run_id: str) -> list[SpanRecord]:
+        """The spans of one run, in the order they started."""
+        return self._spans("WHERE run_id = ? ORDER BY start_time, rowid", run_id)
+
+    def children(self, span_id: str) -> list[SpanRecord]:
+        """The spans directly under `span_id`, in the order they started."""
+        return self._spans("WHERE parent_id = ? ORDER BY start_time, rowid", span_id)
+
+    def lineage(self, span_id: str) -> list[SpanRecord]:
+        """The chain from the outermost ancestor (the run) down to `span_id` itself."""
+        rows = self._query(
+            f"""WITH RECURSIVE chain (span_id, depth) AS (
+                    SELECT ?, 0
+                    UNION ALL
+                    SELECT s.parent_id, c.depth + 1 FROM chain c JOIN spans s USING (span_id)
+                    WHERE s.parent_id IS NOT NULL AND c.depth < {MAX_DEPTH})
+                SELECT {SPAN_COLUMNS} FROM spans JOIN chain USING (span_id)
+                ORDER BY chain.depth DESC""",
+            span_id)
+        return [_span(row) for row in rows]
+
+    def events(self, run_id: str) -> list[Event]:
+        """The events of one run, in the order they were stored."""
+        rows = self._query(
+            "SELECT kind, phase, name, run_id, span_id, parent_id, timestamp, attributes "
+            "FROM events WHERE run_id = ? ORDER BY id", run_id)
+        return [Event(*row[:7], json.loads(row[7])) for row in rows]
+
+    def totals(self, run_id: str) -> RunTotals:
+        """Tokens over the run's LLM-call spans, number of LLM and tool calls, failed spans."""
+        spans = self.spans(run_id)
+        llm = [s.attributes for s in spans if s.kind == "llm_call"]
+        return RunTotals(
+            input_tokens=sum(_count(a, "gen_ai.usage.input_tokens") for a in llm),
+            output_tokens=sum(_count(a, "gen_ai.usage.output_tokens") for a in llm),
+            cached_tokens=sum(_count(a, "pyagent.usage.cached_tokens") for a in llm),
+            llm_calls=len(llm),
+            tool_calls=sum(s.kind == "tool_call" for s in spans),
+            errors=sum(s.status == "error" for s in spans))
+
+    def _spans(self, where: str, value: str) -> list[SpanRecord]:
+        return [_span(row) for row in self._query(f"SELECT {SPAN_COLUMNS} FROM spans {where}",
+                                                  value)]
+
+    def _query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        """Stop listening to every attached bus and close the file; calling it again is harmless."""
+        with self._lock:
+            detach, self._detach = self._detach, []
+        for unsubscribe in detach:
+            unsubscribe()
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> TraceStore:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+
+
+def _dumps(attributes: dict[str, Any]) -> str:
+    return json.dumps(attributes, default=str)
+
+
+def _count(attributes: dict[str, Any], key: str) -> int:
+    value = attributes.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _span(row: tuple[Any, ...]) -> SpanRecord:
+    return SpanRecord(*row[:9], json.loads(row[9]))
