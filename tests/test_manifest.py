@@ -141,3 +141,12 @@ def test_an_empty_file_is_refused(tmp_path):
     (tmp_path / "agents.yaml").write_text("")
     with pytest.raises(ConfigError, match="agents.yaml: the file is empty"):
         load_agents(tmp_path / "agents.yaml")
+
+
+def test_the_example_manifest_is_valid():
+    from pathlib import Path
+
+    example = Path(__file__).parents[1] / "examples" / "bugfix" / "manifest.yaml"
+    manifest = load_manifest(example, TOOLS)
+    assert manifest.step_ids() == ["code", "test", "audit"]
+    assert set(manifest.agents) == {"coder", "tester", "auditor"}

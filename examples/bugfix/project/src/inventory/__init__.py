@@ -1,0 +1,1 @@
+"""A tiny inventory: stock levels and the total value of what is on the shelves."""
