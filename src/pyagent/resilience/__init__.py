@@ -1,0 +1,1 @@
+"""Durable run state: checkpoint stores behind one `CheckpointStore` protocol."""
