@@ -1,0 +1,1 @@
+"""Tools that fleet agents call, each confined to a workspace; see `registry` for the names."""

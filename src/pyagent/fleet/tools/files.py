@@ -1,0 +1,135 @@
+"""File tools: read a file (or some of its lines), write one atomically, list files by glob."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field, model_validator
+
+from pyagent.fleet.tools.base import BaseTool, ToolContext, ToolError, ToolInput, ToolResult
+
+PATH_HELP = "Path relative to the workspace root."
+
+
+class ReadFileInput(ToolInput):
+    path: str = Field(description=PATH_HELP)
+    start_line: int | None = Field(None, ge=1, description="First line to return (1-based).")
+    end_line: int | None = Field(None, ge=1, description="Last line to return (inclusive).")
+    max_bytes: int = Field(100_000, ge=1, le=1_000_000, description="Most bytes to return.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.start_line and self.end_line and self.end_line < self.start_line:
+            raise ValueError("end_line is before start_line")
+        return self
+
+
+class ReadFile(BaseTool[ReadFileInput]):
+    name = "read_file"
+    description = "Read a text file from the workspace, optionally only a range of its lines."
+    input_model = ReadFileInput
+
+    def run(self, args: ReadFileInput, context: ToolContext) -> ToolResult:
+        target = context.workspace.resolve(args.path)
+        if not target.is_file():
+            raise ToolError(f"{args.path!r} is not a file in the workspace")
+        first = args.start_line or 1
+        try:
+            lines, truncated = _read_lines(target, first, args.end_line, args.max_bytes)
+        except OSError as exc:
+            raise ToolError(f"cannot read {args.path!r}: {exc.strerror or exc}") from None
+        output = "".join(lines)
+        if truncated:
+            output += (f"\n[truncated at {args.max_bytes} bytes; "
+                       f"continue from line {first + len(lines)}]")
+        return ToolResult(output, {
+            "path": context.workspace.relative(target), "start_line": first,
+            "end_line": first + len(lines) - 1, "truncated": truncated})
+
+
+def _read_lines(target: Path, first: int, last: int | None,
+                max_bytes: int) -> tuple[list[str], bool]:
+    """Lines `first`..`last` of `target`, stopping before `max_bytes`; and whether it stopped."""
+    lines: list[str] = []
+    size = 0
+    with target.open(encoding="utf-8", errors="replace", newline="") as handle:
+        for number, line in enumerate(handle, start=1):
+            if number < first:
+                continue
+            if last is not None and number > last:
+                break
+            size += len(line.encode())
+            if size > max_bytes:
+                return lines, True
+            lines.append(line)
+    return lines, False
+
+
+class WriteFileInput(ToolInput):
+    path: str = Field(description=PATH_HELP + " Missing parent directories are created.")
+    content: str = Field(description="The file's complete new content.")
+
+
+class WriteFile(BaseTool[WriteFileInput]):
+    name = "write_file"
+    description = "Create or replace a text file in the workspace with the given content."
+    input_model = WriteFileInput
+
+    def run(self, args: WriteFileInput, context: ToolContext) -> ToolResult:
+        target = context.workspace.resolve(args.path)
+        if target.is_dir():
+            raise ToolError(f"{args.path!r} is a directory")
+        data = args.content.encode()
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(target, data)
+        except OSError as exc:
+            raise ToolError(f"cannot write {args.path!r}: {exc.strerror or exc}") from None
+        relative = context.workspace.relative(target)
+        return ToolResult(f"wrote {len(data)} bytes to {relative}",
+                          {"path": relative, "bytes": len(data)})
+
+
+def _atomic_write(target: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `target`, then rename it over `target`."""
+    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, target.stat().st_mode & 0o7777 if target.exists() else 0o644)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class ListFilesInput(ToolInput):
+    pattern: str = Field("**/*", description="Glob relative to the workspace root: src/**/*.py.")
+    max_results: int = Field(200, ge=1, le=10_000, description="Most paths to return.")
+
+
+class ListFiles(BaseTool[ListFilesInput]):
+    name = "list_files"
+    description = "List the workspace's files matching a glob pattern, sorted."
+    input_model = ListFilesInput
+
+    def run(self, args: ListFilesInput, context: ToolContext) -> ToolResult:
+        root = context.workspace.root
+        if Path(args.pattern).is_absolute() or ".." in Path(args.pattern).parts:
+            raise ToolError(f"pattern {args.pattern!r} must be relative and must not contain '..'")
+        try:
+            found = sorted(context.workspace.relative(path) for path in root.glob(args.pattern)
+                           if path.is_file() and path.resolve().is_relative_to(root))
+        except (OSError, ValueError, NotImplementedError) as exc:
+            raise ToolError(f"cannot list {args.pattern!r}: {exc}") from None
+        shown = found[:args.max_results]
+        output = "\n".join(shown)
+        if len(found) > len(shown):
+            output += f"\n[{len(found) - len(shown)} more not shown]"
+        return ToolResult(output, {"files": shown, "total": len(found),
+                                   "truncated": len(found) > len(shown)})

@@ -1,0 +1,63 @@
+"""The `run_tests` tool: pytest on the workspace in a limited subprocess, counts parsed."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+from pydantic import Field
+
+from pyagent.fleet.tools.base import (
+    BaseTool,
+    ToolContext,
+    ToolInput,
+    ToolResult,
+    run_command,
+)
+
+_SUMMARY_LINE = re.compile(r"\bin \d+(?:\.\d+)?s\b")
+_COUNT = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|deselected|warnings?)")
+_PLURAL = {"error": "errors", "warning": "warnings"}
+
+
+def parse_summary(output: str) -> dict[str, int]:
+    """Counts from pytest's last summary line ("1 failed, 2 passed in 0.12s"); absent ones are 0."""
+    counts = dict.fromkeys(("passed", "failed", "errors", "skipped"), 0)
+    for line in reversed(output.splitlines()):
+        if _SUMMARY_LINE.search(line):
+            for number, word in _COUNT.findall(line):
+                counts[_PLURAL.get(word, word)] = int(number)
+            break
+    return counts
+
+
+def failed_tests(output: str) -> list[str]:
+    """Node ids from pytest's short summary (`FAILED x.py::t - ...`, `ERROR x.py`)."""
+    return [line.split(" ", 1)[1].split(" - ", 1)[0] for line in output.splitlines()
+            if line.startswith(("FAILED ", "ERROR "))]
+
+
+class RunTestsInput(ToolInput):
+    path: str | None = Field(
+        None, description="Test file or directory relative to the workspace root; default: all.")
+    keyword: str | None = Field(None, description="Only tests matching this pytest -k expression.")
+
+
+class RunTests(BaseTool[RunTestsInput]):
+    name = "run_tests"
+    description = "Run the workspace's tests with pytest; report passed, failed and error counts."
+    input_model = RunTestsInput
+
+    def run(self, args: RunTestsInput, context: ToolContext) -> ToolResult:
+        root = str(context.workspace.root)
+        argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                "--rootdir", root, "--confcutdir", root]
+        if args.keyword is not None:
+            argv += ["-k", args.keyword]
+        if args.path is not None:
+            argv.append(str(context.workspace.resolve(args.path)))
+        result = run_command(argv, context.workspace, context.limits)
+        return ToolResult(result.transcript(), {
+            **parse_summary(result.stdout), "failures": failed_tests(result.stdout),
+            "returncode": result.returncode, "timed_out": result.timed_out,
+            "duration_s": result.duration_s})
