@@ -30,7 +30,7 @@ CORPUS = [
 
 
 def build_tiny_model(directory: Path, layer_types: tuple[str, ...] = (
-        "sliding_attention", "full_attention") * 2) -> Path:
+        "sliding_attention", "full_attention") * 2, context: int = 256) -> Path:
     """Save a 4-layer random-weight Gemma 3 text model and a byte-level BPE tokenizer."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -45,7 +45,7 @@ def build_tiny_model(directory: Path, layer_types: tuple[str, ...] = (
     config = Gemma3TextConfig(
         vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=16,
-        layer_types=list(layer_types), max_position_embeddings=256,
+        layer_types=list(layer_types), max_position_embeddings=context,
         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id)
     torch.manual_seed(0)

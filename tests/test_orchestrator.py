@@ -1,0 +1,133 @@
+"""The orchestrator on a real (tiny, random-weight) model, real tools, a real trace store and
+real checkpoints: both modes, conditions and loops, crash and resume."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pyagent.errors import ConfigError
+from pyagent.fleet.manifest import load_manifest
+from pyagent.fleet.orchestrator import Orchestrator
+from pyagent.fleet.tools.registry import TOOLS
+from pyagent.llm.embedded import EmbeddedBackend
+from pyagent.observe.events import EventBus
+from pyagent.observe.traces import TraceStore
+from pyagent.resilience.sqlite_store import SQLiteCheckpointStore
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "bugfix"
+
+
+class Crash(Exception):
+    """Stands for the process dying: not a PyAgentError, so nothing catches it."""
+
+
+class CountingBackend:
+    """The embedded backend, counting calls, crashing on a chosen call."""
+
+    name = "embedded"
+
+    def __init__(self, engine, crash_on: int | None = None):
+        self.inner = EmbeddedBackend(engine)
+        self.calls = 0
+        self.crash_on = crash_on
+
+    def complete(self, request):
+        self.calls += 1
+        if self.calls == self.crash_on:
+            raise Crash
+        return self.inner.complete(request)
+
+    def stream(self, request):
+        return self.inner.stream(request)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tmp_path_factory):
+    """The tiny random-weight model with room for agent transcripts (8k positions)."""
+    from conftest import build_tiny_model
+    from pyagent.engine.generate import Engine
+    from pyagent.engine.model import load
+    from pyagent.engine.registry import resolve_model
+
+    directory = build_tiny_model(tmp_path_factory.mktemp("tiny-long"), context=8192)
+    return Engine(load(resolve_model(str(directory))))
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_engine):
+    workspace = tmp_path / "workspace"
+    shutil.copytree(EXAMPLE / "project", workspace)
+    manifest = load_manifest(EXAMPLE / "manifest.yaml", set(TOOLS))
+    small = {name: agent.model_copy(update={"limits": agent.limits.model_copy(
+        update={"max_tokens": 48, "max_tool_calls": 1})}) for name, agent in
+        manifest.agents.items()}
+    manifest = manifest.__class__(manifest.path, manifest.name, manifest.description,
+                                  manifest.steps, small)
+    bus = EventBus()
+    traces = TraceStore(tmp_path / "traces.db")
+    traces.attach(bus)
+    store = SQLiteCheckpointStore(tmp_path / "checkpoints.db")
+    yield manifest, workspace, bus, traces, store
+    traces.close()
+    store.close()
+
+
+def orchestrator(setup, backend, mode="sequenced"):
+    manifest, workspace, bus, _, store = setup
+    return Orchestrator(manifest, lambda agent: backend, workspace, bus, store, mode)
+
+
+def test_a_run_completes_and_is_traced_and_checkpointed(setup, tiny_engine):
+    backend = CountingBackend(tiny_engine)
+    result = orchestrator(setup, backend).run("Fix remove() in src/inventory/stock.py")
+    assert result.status == "ok", result.error
+    assert {"code", "test", "audit"} <= set(result.outputs)
+    _, _, _, traces, store = setup
+    checkpoints = store.list(result.run_id)
+    assert len(checkpoints) == result.checkpoints and checkpoints[-1].state["status"] == "ok"
+    spans = traces.spans(result.run_id)
+    kinds = {s.kind for s in spans}
+    assert {"run", "step", "agent", "llm_call"} <= kinds
+    assert sum(1 for s in spans if s.kind == "llm_call") == backend.calls
+    totals = traces.totals(result.run_id)
+    ran = [o for o in result.outputs.values() if o["status"] == "ok"]
+    assert totals.input_tokens == sum(o["usage"][0] for o in ran)
+    llm = next(s for s in spans if s.kind == "llm_call")
+    assert traces.lineage(llm.span_id)[0].kind == "run"
+
+
+def test_sequenced_runs_reuse_the_kv_of_earlier_steps(setup, tiny_engine):
+    sequenced = orchestrator(setup, CountingBackend(tiny_engine)).run("Fix remove()")
+    handover = orchestrator(setup, CountingBackend(tiny_engine), "handover").run("Fix remove()")
+    cached = {name: sum(o.get("usage", [0, 0, 0])[2] for o in result.outputs.values())
+              for name, result in (("sequenced", sequenced), ("handover", handover))}
+    assert cached["sequenced"] > cached["handover"]
+
+
+def test_a_crashed_run_resumes_without_repeating_completed_steps(setup, tiny_engine):
+    crashing = CountingBackend(tiny_engine, crash_on=3)
+    runner = orchestrator(setup, crashing)
+    with pytest.raises(Crash):
+        runner.run("Fix remove()", run_id="crashy")
+    _, _, _, traces, store = setup
+    before = store.get("crashy").state
+    assert before["status"] == "running" and before["outputs"]
+    resumed = orchestrator(setup, CountingBackend(tiny_engine)).resume("crashy")
+    assert resumed.status == "ok", resumed.error
+    completed = [(s.attributes["pyagent.step.id"], s.attributes["pyagent.loop.iteration"])
+                 for s in traces.spans("crashy") if s.kind == "step" and s.status == "ok"]
+    assert len(completed) == len(set(completed))  # no completed step ran twice
+    crashed = [s for s in traces.spans("crashy") if s.kind == "step" and s.status == "error"]
+    assert len(crashed) == 1  # the step in flight at the crash, run again on resume
+    seqs = [c.seq for c in store.list("crashy")]
+    assert seqs == list(range(len(seqs)))
+    again = orchestrator(setup, CountingBackend(tiny_engine)).resume("crashy")
+    assert again.outputs == resumed.outputs  # a finished run is not run again
+
+
+def test_bad_modes_and_unknown_runs_are_refused(setup, tiny_engine):
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        orchestrator(setup, CountingBackend(tiny_engine), "parallel")
+    with pytest.raises(ConfigError, match="no checkpoints for run 'nope'"):
+        orchestrator(setup, CountingBackend(tiny_engine)).resume("nope")
