@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pyagent.engine.registry import BUILTIN, DEFAULT_MODEL, resolve_model
@@ -24,6 +25,9 @@ app.add_typer(models_app, name="models")
 bench_app = typer.Typer(help="Benchmarks that measure PyAgent against its anchors.",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+runs_app = typer.Typer(help="Runs recorded in a data folder.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+DataOpt = Annotated[Path, typer.Option(help="Folder of the checkpoint and trace stores.")]
 err = Console(stderr=True)
 out = Console()
 
@@ -271,12 +275,136 @@ def bench_kv(
     out_console.print(f"wrote {out / stem}{written}")
 
 
+@app.command("run")
+def run_manifest(
+    manifest: Annotated[Path, typer.Argument(help="The manifest YAML file.")],
+    task: Annotated[str, typer.Option(help="What the run should achieve.")],
+    workspace: Annotated[Path, typer.Option(help="The project folder the agents work in.")],
+    mode: Annotated[str, typer.Option(help="sequenced or handover.")] = "sequenced",
+    backend: Annotated[str | None, typer.Option(
+        help="Override every agent's backend: embedded or openai.")] = None,
+    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL.")] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    data: DataOpt = Path(".pyagent"),
+    run_id: Annotated[str | None, typer.Option(help="Name the run (default: random).")] = None,
+) -> None:
+    """Run a manifest's steps on a workspace, checkpointing after every step."""
+    from pyagent.fleet.runner import Runtime, backend_factory, orchestrator
+
+    runtime = Runtime.open(data)
+    try:
+        options = {"backend": backend, "base_url": base_url, "model": model}
+        runner = orchestrator(manifest, workspace, mode, runtime,
+                              backend_factory(options, _embedded_loader(model)))
+        _report_steps(runtime)
+        result = runner.run(task, run_id, options)
+    finally:
+        runtime.close()
+    _finish(result, data)
+
+
+@app.command()
+def resume(run_id: Annotated[str, typer.Argument(help="The run to continue.")],
+           data: DataOpt = Path(".pyagent")) -> None:
+    """Continue a run from its latest checkpoint; completed steps do not run again."""
+    from pyagent.fleet.runner import Runtime, backend_factory, orchestrator
+
+    runtime = Runtime.open(data)
+    try:
+        checkpoint = runtime.checkpoints.get(run_id)
+        if checkpoint is None:
+            raise ConfigError(f"no run {run_id!r} in {data}")
+        state = checkpoint.state
+        runner = orchestrator(Path(state["manifest"]), Path(state["workspace"]), state["mode"],
+                              runtime, backend_factory(state["options"],
+                                                       _embedded_loader(state["options"]["model"])))
+        _report_steps(runtime)
+        result = runner.resume(run_id)
+    finally:
+        runtime.close()
+    _finish(result, data)
+
+
+def _embedded_loader(model: str):
+    return lambda: _load_engine(model, "float32")
+
+
+def _report_steps(runtime) -> None:
+    """Print a line as each step starts and ends."""
+    def show(event) -> None:
+        if event.kind == "step":
+            label = {"start": "[cyan]start[/]", "end": "[green]done[/]",
+                     "error": "[red]failed[/]"}[event.phase]
+            took = event.attributes.get("duration_s")
+            err.print(f"{label} {event.name}" + (f" ({took:.1f} s)" if took else ""))
+
+    runtime.bus.subscribe(show)
+
+
+def _finish(result, data: Path) -> None:
+    out.print(f"run {result.run_id}: {result.status} ({result.checkpoints} checkpoints in {data})")
+    if result.status != "ok":
+        raise PyAgentError(f"run {result.run_id} failed: {result.error}")
+
+
+@runs_app.command("list")
+def runs_list(data: DataOpt = Path(".pyagent")) -> None:
+    """Every recorded run, newest first."""
+    from pyagent.fleet.runner import Runtime
+
+    runtime = Runtime.open(data)
+    try:
+        table = Table(title=f"runs in {data}")
+        for column in ("run", "status", "steps done", "manifest"):
+            table.add_column(column)
+        for run_id in runtime.checkpoints.runs():
+            state = runtime.checkpoints.get(run_id).state
+            done = sum(1 for o in state["outputs"].values() if o["status"] == "ok")
+            table.add_row(run_id, state["status"], str(done), state["manifest"])
+        out.print(table)
+    finally:
+        runtime.close()
+
+
+@runs_app.command("show")
+def runs_show(run_id: Annotated[str, typer.Argument(help="The run to show.")],
+              data: DataOpt = Path(".pyagent")) -> None:
+    """A run's steps: agent, status, tokens, tool calls, time and output."""
+    from pyagent.fleet.runner import Runtime
+
+    runtime = Runtime.open(data)
+    try:
+        checkpoint = runtime.checkpoints.get(run_id)
+        if checkpoint is None:
+            raise ConfigError(f"no run {run_id!r} in {data}")
+        state = checkpoint.state
+        seconds = {}
+        for span in runtime.traces.spans(run_id):
+            if span.kind == "step" and span.duration_s:
+                step = span.attributes.get("pyagent.step.id")
+                seconds[step] = seconds.get(step, 0.0) + span.duration_s
+        table = Table(title=f"run {run_id} ({state['status']}, {state['mode']}): {state['task']}")
+        for column in ("step", "agent", "status", "in tok", "out tok", "cached", "tools", "s",
+                       "output"):
+            table.add_column(column)
+        for step, o in state["outputs"].items():
+            usage = o.get("usage", [0, 0, 0])
+            table.add_row(step, o.get("agent", ""), o["status"], *map(str, usage),
+                          str(o.get("tool_calls", 0)), f"{seconds.get(step, 0.0):.1f}",
+                          o["output"][:60])
+        out.print(table)
+        if state["error"]:
+            out.print(f"[red]error:[/] {state['error']}")
+    finally:
+        runtime.close()
+
+
 def main() -> None:
     """Entry point: PyAgent errors become one line on stderr and exit status 1."""
     try:
         app()
     except PyAgentError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]")

@@ -57,10 +57,15 @@ class Orchestrator:
 
     # --- entry points ------------------------------------------------------------------------
 
-    def run(self, task: str, run_id: str | None = None) -> RunResult:
-        state = {"run_id": run_id or uuid.uuid4().hex[:12], "task": task, "mode": self.mode,
-                 "manifest": str(self.manifest.path), "cursor": {"item": 0, "iteration": 1,
-                                                                  "inner": 0},
+    def run(self, task: str, run_id: str | None = None,
+            options: dict[str, Any] | None = None) -> RunResult:
+        """Start a run; `options` (JSON data) are kept with it for `resume`."""
+        run_id = run_id or uuid.uuid4().hex[:12]
+        if self.store.get(run_id) is not None:
+            raise ConfigError(f"run {run_id!r} already exists; resume it instead")
+        state = {"run_id": run_id, "task": task, "mode": self.mode,
+                 "manifest": str(self.manifest.path), "workspace": str(self.workspace.root),
+                 "options": options or {}, "cursor": {"item": 0, "iteration": 1, "inner": 0},
                  "outputs": {}, "transcript": [], "status": "running", "error": None, "seq": -1}
         self._save(state)
         return self._execute(state)

@@ -1,0 +1,74 @@
+"""Wiring for runs started from the command line: where runs keep their data, which backend
+each agent gets, and the orchestrator that ties them together."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyagent.errors import ConfigError
+from pyagent.fleet.agent import AgentSpec
+from pyagent.fleet.manifest import load_manifest
+from pyagent.fleet.orchestrator import Orchestrator
+from pyagent.fleet.tools.registry import TOOLS
+from pyagent.llm.base import Backend
+from pyagent.observe.events import EventBus
+from pyagent.observe.traces import TraceStore
+from pyagent.resilience.sqlite_store import SQLiteCheckpointStore
+
+
+@dataclass
+class Runtime:
+    """The event bus, trace store and checkpoint store of one data folder."""
+
+    bus: EventBus
+    traces: TraceStore
+    checkpoints: SQLiteCheckpointStore
+
+    @classmethod
+    def open(cls, data_dir: Path) -> Runtime:
+        bus = EventBus()
+        traces = TraceStore(data_dir / "traces.db")
+        traces.attach(bus)
+        return cls(bus, traces, SQLiteCheckpointStore(data_dir / "checkpoints.db"))
+
+    def close(self) -> None:
+        self.traces.close()
+        self.checkpoints.close()
+
+
+def backend_factory(options: dict[str, Any],
+                    load_engine: Callable[[], Any]) -> Callable[[AgentSpec], Backend]:
+    """Backends per agent: the agent's `backend` kind, with one shared embedded engine."""
+    cache: dict[tuple[str, str | None], Backend] = {}
+
+    def backend_for(agent: AgentSpec) -> Backend:
+        kind = options.get("backend") or agent.backend
+        key = (kind, agent.model)
+        if key not in cache:
+            if kind == "embedded":
+                from pyagent.llm.embedded import EmbeddedBackend
+
+                shared = next((b for (k, _), b in cache.items() if k == "embedded"), None)
+                cache[key] = shared or EmbeddedBackend(load_engine())
+            elif kind == "openai":
+                from pyagent.llm.openai import OpenAIBackend
+
+                cache[key] = OpenAIBackend(options.get("base_url"), model=agent.model)
+            else:
+                raise ConfigError(f"agent {agent.name!r}: backend {kind!r} cannot run a "
+                                  "manifest from the command line")
+        return cache[key]
+
+    return backend_for
+
+
+def orchestrator(manifest_path: Path, workspace: Path, mode: str, runtime: Runtime,
+                 backend_for: Callable[[AgentSpec], Backend]) -> Orchestrator:
+    if not workspace.is_dir():
+        raise ConfigError(f"workspace {workspace} is not a directory")
+    manifest = load_manifest(manifest_path, set(TOOLS))
+    return Orchestrator(manifest, backend_for, workspace, runtime.bus, runtime.checkpoints,
+                        mode)  # type: ignore[arg-type]
