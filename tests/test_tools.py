@@ -299,3 +299,15 @@ def test_schemas_use_the_openai_function_format():
     assert read["required"] == ["path"]
     assert read["properties"]["start_line"]["anyOf"][0] == {"minimum": 1, "type": "integer"}
     json.dumps(schemas)
+
+
+def test_write_file_honours_the_agents_writable_globs(tmp_path):
+    from pyagent.fleet.tools.base import ToolContext, ToolError, Workspace
+    from pyagent.fleet.tools.registry import make_tool
+
+    context = ToolContext(Workspace(tmp_path), writable=("src/*",))
+    write = make_tool("write_file")
+    assert write.call({"path": "src/pkg/a.py", "content": "x = 1\n"}, context).data["bytes"] == 6
+    with pytest.raises(ToolError, match="may not write 'tests/test_a.py'; it may write src/"):
+        write.call({"path": "tests/test_a.py", "content": "x"}, context)
+    assert not (tmp_path / "tests").exists()

@@ -27,7 +27,8 @@ NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
 
 
 class Permissions(BaseModel):
-    """What an agent's tools may touch: workspace globs and allowed command names."""
+    """What an agent's tools may touch: the files it may write (workspace-relative globs, where
+    `*` also crosses directories) and the commands its shell may run."""
 
     model_config = ConfigDict(extra="forbid")
 

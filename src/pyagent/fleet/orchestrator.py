@@ -132,7 +132,8 @@ class Orchestrator:
             task=state["task"], steps=state["outputs"], loop={"iteration": iteration})
         transcript, logged = self._transcript(agent, instruction, state)
         context = ToolContext(self.workspace,
-                              allowed_commands=frozenset(agent.permissions.commands))
+                              allowed_commands=frozenset(agent.permissions.commands),
+                              writable=tuple(agent.permissions.paths))
         attempts = step.retries + 1
         with run_span.child("step", f"step {step.id}", **{"pyagent.step.id": step.id,
                                                          "pyagent.loop.iteration": iteration}

@@ -157,11 +157,13 @@ def run_command(argv: Sequence[str], workspace: Workspace, limits: Limits,
 
 @dataclass(frozen=True)
 class ToolContext:
-    """What a tool call may touch: its workspace, subprocess limits, the commands `shell` runs."""
+    """What a tool call may touch: its workspace, subprocess limits, the commands `shell` runs,
+    and the files it may write (workspace-relative globs; `*` also crosses directories)."""
 
     workspace: Workspace
     limits: Limits = field(default_factory=Limits)
     allowed_commands: frozenset[str] = frozenset()
+    writable: tuple[str, ...] = ("*",)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Self
 
@@ -82,13 +83,16 @@ class WriteFile(BaseTool[WriteFileInput]):
         target = context.workspace.resolve(args.path)
         if target.is_dir():
             raise ToolError(f"{args.path!r} is a directory")
+        relative = context.workspace.relative(target)
+        if not any(fnmatch(relative, pattern) for pattern in context.writable):
+            raise ToolError(f"this agent may not write {relative!r}; it may write "
+                            f"{', '.join(context.writable) or 'nothing'}")
         data = args.content.encode()
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             _atomic_write(target, data)
         except OSError as exc:
             raise ToolError(f"cannot write {args.path!r}: {exc.strerror or exc}") from None
-        relative = context.workspace.relative(target)
         return ToolResult(f"wrote {len(data)} bytes to {relative}",
                           {"path": relative, "bytes": len(data)})
 
