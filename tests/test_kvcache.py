@@ -210,3 +210,17 @@ def test_blocks_kept_by_eviction_are_never_handed_out_again(engine):
     assert set(kept).isdisjoint(pool.free)
     assert torch.equal(pool.k[:, kept], snapshot)
     assert len(set(sequence.tables["global"].blocks)) == len(sequence.tables["global"].blocks)
+
+
+def test_clearing_the_prefix_cache_frees_its_blocks(tiny_engine):
+    engine = Engine(tiny_engine.loaded, kv=KVSettings(share_prefix=True))
+    ids = tokens(80)
+    first = engine.open(ids)
+    engine.prefill(first, ids)
+    engine.close(first)
+    second = engine.open(ids)
+    assert second.cached_tokens == 64
+    engine.close(second)
+    engine.cache.clear_prefix_cache()
+    assert all(not pool.cached and not pool.by_hash for pool in engine.cache.pools.values())
+    assert engine.open(ids).cached_tokens == 0

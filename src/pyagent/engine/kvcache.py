@@ -148,6 +148,13 @@ class BlockPool:
             self.by_hash[digest] = block
             self.hash_of[block] = digest
 
+    def forget_cached(self) -> None:
+        """Free every block only the prefix cache holds."""
+        for block in self.cached:
+            del self.by_hash[self.hash_of.pop(block)]
+            self.free.append(block)
+        self.cached.clear()
+
     def lookup(self, digest: bytes) -> int | None:
         return self.by_hash.get(digest)
 
@@ -336,6 +343,11 @@ class PagedKVCache:
             table.blocks.clear()
             table.pristine.clear()
             table.fill = 0
+
+    def clear_prefix_cache(self) -> None:
+        """Forget the prefixes no sequence holds (for measurements that must start cold)."""
+        for pool in self.pools.values():
+            pool.forget_cached()
 
     # --- a forward pass ----------------------------------------------------------------------
 
