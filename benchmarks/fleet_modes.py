@@ -93,9 +93,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {mode} | {m['wall_s']:.1f} | {m['prompt_tokens']:.0f} | "
                      f"{m['prefilled_tokens']:.0f} | {m['cached_tokens']:.0f} | "
                      f"{m['llm_calls']:.0f} | {m['success_rate']:.0%} |")
-    lines.append(f"\nsequenced / handover wall time: "
-                 f"{s['wall_ratio_sequenced_over_handover']:.2f}x "
-                 f"({1 - s['wall_ratio_sequenced_over_handover']:+.0%} less time)")
+    ratio = s["wall_ratio_sequenced_over_handover"]
+    lines.append(f"\nsequenced / handover wall time: {ratio:.2f}x ({1 - ratio:.0%} less time)")
     return "\n".join(lines) + "\n"
 
 
