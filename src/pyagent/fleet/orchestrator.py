@@ -10,6 +10,7 @@ Two modes for the same manifest:
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ class Orchestrator:
         self.store = store
         self.mode = mode
         self.env = environment()
+        self._template = functools.lru_cache(maxsize=None)(self.env.from_string)
+        self._expression = functools.lru_cache(maxsize=None)(self.env.compile_expression)
 
     # --- entry points ------------------------------------------------------------------------
 
@@ -128,7 +131,7 @@ class Orchestrator:
         if step.timeout_s is not None:
             agent = agent.model_copy(update={"limits": agent.limits.model_copy(
                 update={"wall_time_s": min(agent.limits.wall_time_s, step.timeout_s)})})
-        instruction = self.env.from_string(step.instruction).render(
+        instruction = self._template(step.instruction).render(
             task=state["task"], steps=state["outputs"], loop={"iteration": iteration})
         transcript, logged = self._transcript(agent, instruction, state)
         context = ToolContext(self.workspace,
@@ -174,7 +177,7 @@ class Orchestrator:
 
     def _holds(self, expression: str, state: dict[str, Any], iteration: int) -> bool:
         try:
-            return bool(self.env.compile_expression(expression)(
+            return bool(self._expression(expression)(
                 task=state["task"], steps=state["outputs"], loop={"iteration": iteration}))
         except Exception as exc:  # a condition over a step that failed or returned no data
             raise PyAgentError(f"condition {expression!r} could not be evaluated: {exc}") from exc
