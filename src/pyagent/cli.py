@@ -311,10 +311,7 @@ def resume(run_id: Annotated[str, typer.Argument(help="The run to continue.")],
 
     runtime = Runtime.open(data)
     try:
-        checkpoint = runtime.checkpoints.get(run_id)
-        if checkpoint is None:
-            raise ConfigError(f"no run {run_id!r} in {data}")
-        state = checkpoint.state
+        state = runtime.state(run_id)
         runner = orchestrator(Path(state["manifest"]), Path(state["workspace"]), state["mode"],
                               runtime, backend_factory(state["options"],
                                                        _embedded_loader(state["options"]["model"])))
@@ -358,7 +355,7 @@ def runs_list(data: DataOpt = Path(".pyagent")) -> None:
         for column in ("run", "status", "steps done", "manifest"):
             table.add_column(column)
         for run_id in runtime.checkpoints.runs():
-            state = runtime.checkpoints.get(run_id).state
+            state = runtime.state(run_id)
             done = sum(1 for o in state["outputs"].values() if o["status"] == "ok")
             table.add_row(run_id, state["status"], str(done), state["manifest"])
         out.print(table)
@@ -374,10 +371,7 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="The run to show.")],
 
     runtime = Runtime.open(data)
     try:
-        checkpoint = runtime.checkpoints.get(run_id)
-        if checkpoint is None:
-            raise ConfigError(f"no run {run_id!r} in {data}")
-        state = checkpoint.state
+        state = runtime.state(run_id)
         seconds = {}
         for span in runtime.traces.spans(run_id):
             if span.kind == "step" and span.duration_s:

@@ -34,6 +34,13 @@ class Runtime:
         traces.attach(bus)
         return cls(bus, traces, SQLiteCheckpointStore(data_dir / "checkpoints.db"))
 
+    def state(self, run_id: str) -> dict[str, Any]:
+        """The latest checkpointed state of `run_id`."""
+        checkpoint = self.checkpoints.get(run_id)
+        if checkpoint is None:
+            raise ConfigError(f"no run {run_id!r} in {self.checkpoints.path.parent}")
+        return checkpoint.state
+
     def close(self) -> None:
         self.traces.close()
         self.checkpoints.close()
