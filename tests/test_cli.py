@@ -79,11 +79,15 @@ def test_generate_streams_text_and_reports_usage(engine):
 
 
 @pytest.mark.model
-def test_demo_runs_on_the_embedded_model(engine):
-    result = pyagent("demo")
+def test_demo_runs_on_the_embedded_model(engine, tmp_path):
+    result = pyagent("demo", "--data", str(tmp_path), timeout=900)
     assert result.returncode == 0, result.stderr
     assert "red, blue" in result.stdout and "def is_even" in result.stdout
     assert "tokens and timings, measured" in result.stderr
+    assert "done step code" in result.stderr and "done step test" in result.stderr
+    run_id = result.stdout.split("pyagent runs show ")[1].split()[0]
+    shown = pyagent("runs", "show", run_id, "--data", str(tmp_path))
+    assert shown.returncode == 0 and "coder" in shown.stdout
 
 
 @pytest.mark.model

@@ -215,16 +215,43 @@ DEMO_REQUESTS = (
 
 
 @app.command()
-def demo(model: ModelOpt = DEFAULT_MODEL, dtype: DtypeOpt = "float32") -> None:
-    """The main job: prepare the embedded model and run a few generations on it."""
+def demo(model: ModelOpt = DEFAULT_MODEL, dtype: DtypeOpt = "float32",
+         data: DataOpt = Path(".pyagent/demo")) -> None:
+    """The main job: a few generations on the embedded model, then the example Code -> Test ->
+    Audit workflow on a copy of its buggy project."""
+    import shutil
+    import tempfile
+
+    from pyagent.fleet.runner import Runtime, backend_factory, orchestrator
     from pyagent.llm.embedded import EmbeddedBackend
 
-    backend = EmbeddedBackend(_load_engine(model, dtype))
+    example = Path(__file__).resolve().parents[2] / "examples" / "bugfix"
+    if not (example / "manifest.yaml").is_file():
+        raise ConfigError(f"the demo needs the example at {example} (run it from a checkout)")
+    engine = _load_engine(model, dtype)
+    backend = EmbeddedBackend(engine)
     rows = []
     for label, request in DEMO_REQUESTS:
         out.print(f"\n[bold]{label}[/] > {request.prompt}", highlight=False)
         rows.append((label, _stream_to_stdout(backend, request)))
     _print_stats(rows)
+    workspace = Path(tempfile.mkdtemp(prefix="pyagent-demo-"))
+    shutil.copytree(example / "project", workspace, dirs_exist_ok=True)
+    out.print(f"\n[bold]workflow[/] examples/bugfix/manifest.yaml on a copy in {workspace}")
+    runtime = Runtime.open(data)
+    try:
+        runner = orchestrator(example / "manifest.yaml", workspace, "sequenced", runtime,
+                              backend_factory({"model": model}, lambda: engine))
+        _report_steps(runtime)
+        result = runner.run(DEMO_TASK, options={"model": model})
+    finally:
+        runtime.close()
+    out.print(f"run {result.run_id}: {result.status}; see it with: pyagent runs show "
+              f"{result.run_id} --data {data}")
+
+
+DEMO_TASK = ("The test test_remove_counts_down fails: remove() in src/inventory/stock.py must "
+             "subtract count, not add it. Fix it.")
 
 
 @bench_app.command("kv")
