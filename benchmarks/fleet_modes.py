@@ -1,12 +1,13 @@
-"""Sequenced vs hand-over execution of the same manifest on the embedded engine.
+"""Sequenced vs hand-over execution of the same manifests on the embedded engine.
 
     .venv/bin/python benchmarks/fleet_modes.py [--repeats N] [--quick]
 
-Each repeat runs the example Code -> Test -> Audit manifest (examples/bugfix) once per mode, on a
-fresh copy of its project, with greedy decoding and one shared engine (prefix cache cleared between
-runs, so no run benefits from another). Recorded per run: end-to-end wall time, prompt tokens
-prefilled and served from the cache (from the trace store), LLM and tool calls, and task success:
-the project's own tests pass afterwards (pytest run independently of the agents).
+Each repeat runs every example manifest (examples/bugfix: Code -> Test -> Audit;
+examples/docstrings: Read -> Document -> Review; examples/triage: Test -> Diagnose -> Report) once
+per mode, on a fresh copy of its project, with greedy decoding and one shared engine (prefix cache
+cleared between runs, so no run benefits from another). Recorded per run: end-to-end wall time,
+prompt tokens prefilled and served from the cache (from the trace store), LLM and tool calls, and
+task success, judged afterwards by the example's own `check.py`, independently of the agents.
 """
 
 from __future__ import annotations
@@ -33,18 +34,23 @@ from pyagent.observe.traces import TraceStore
 from pyagent.resilience.memory_store import MemoryCheckpointStore
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "bugfix"
+EXAMPLES = ROOT / "examples"
 RESULTS = ROOT / "benchmarks" / "results"
-TASK = ("The test test_remove_counts_down fails: remove() in src/inventory/stock.py must "
-        "subtract count, not add it. Fix it.")
+TASKS = {
+    "bugfix": "The test test_remove_counts_down fails: remove() in src/inventory/stock.py must "
+              "subtract count, not add it. Fix it.",
+    "docstrings": "Add a one-line docstring to each function in src/geometry/shapes.py.",
+    "triage": "One test fails. Find out which and why, and write REPORT.md about it.",
+}
 MODES = ("sequenced", "handover")
 
 
-def one_run(engine: Engine, mode: str, folder: Path, max_tokens: int | None) -> dict[str, Any]:
-    """Run the example once in `mode`; return its measurements."""
-    workspace = folder / f"{mode}-workspace"
-    shutil.copytree(EXAMPLE / "project", workspace)
-    manifest = load_manifest(EXAMPLE / "manifest.yaml", set(TOOLS))
+def one_run(engine: Engine, example: str, mode: str, folder: Path,
+            max_tokens: int | None) -> dict[str, Any]:
+    """Run one example once in `mode`; return its measurements."""
+    workspace = folder / f"{example}-{mode}-workspace"
+    shutil.copytree(EXAMPLES / example / "project", workspace)
+    manifest = load_manifest(EXAMPLES / example / "manifest.yaml", set(TOOLS))
     if max_tokens is not None:
         agents = {name: agent.model_copy(update={"limits": agent.limits.model_copy(
             update={"max_tokens": max_tokens})}) for name, agent in manifest.agents.items()}
@@ -52,49 +58,62 @@ def one_run(engine: Engine, mode: str, folder: Path, max_tokens: int | None) -> 
                                       manifest.steps, agents)
     engine.cache.clear_prefix_cache()
     bus = EventBus()
-    traces = TraceStore(folder / f"{mode}-traces.db")
+    traces = TraceStore(folder / f"{example}-{mode}-traces.db")
     traces.attach(bus)
     backend = EmbeddedBackend(engine)
     runner = Orchestrator(manifest, lambda _agent: backend, workspace, bus,
                           MemoryCheckpointStore(), mode)  # type: ignore[arg-type]
     start = time.perf_counter()
-    result = runner.run(TASK)
+    result = runner.run(TASKS[example])
     wall = time.perf_counter() - start
     totals = traces.totals(result.run_id)
     traces.close()
-    check = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
-                           cwd=workspace, capture_output=True, text=True, timeout=300)
-    return {"mode": mode, "status": result.status, "error": result.error, "wall_s": wall,
+    check = subprocess.run([sys.executable, str(EXAMPLES / example / "check.py"), workspace],
+                           capture_output=True, text=True, timeout=300)
+    return {"example": example, "mode": mode, "status": result.status, "error": result.error,
+            "wall_s": wall,
             "prompt_tokens": totals.input_tokens, "cached_tokens": totals.cached_tokens,
             "prefilled_tokens": totals.input_tokens - totals.cached_tokens,
             "output_tokens": totals.output_tokens, "llm_calls": totals.llm_calls,
-            "tool_calls": totals.tool_calls, "tests_pass": check.returncode == 0,
+            "tool_calls": totals.tool_calls, "success": check.returncode == 0,
             "steps": {k: v["status"] for k, v in result.outputs.items()}}
 
 
+SUMMED = ("wall_s", "prompt_tokens", "prefilled_tokens", "cached_tokens", "llm_calls")
+
+
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    by_mode = {m: [r for r in runs if r["mode"] == m] for m in MODES}
-    out = {}
-    for mode, rows in by_mode.items():
-        out[mode] = {key: statistics.median(r[key] for r in rows) for key in (
-            "wall_s", "prompt_tokens", "prefilled_tokens", "cached_tokens", "llm_calls")}
-        out[mode]["success_rate"] = statistics.fmean(float(r["tests_pass"]) for r in rows)
-    out["wall_ratio_sequenced_over_handover"] = (out["sequenced"]["wall_s"]
-                                                 / out["handover"]["wall_s"])
+    """Per example and mode: medians over repeats; overall: those medians summed per mode."""
+    out: dict[str, Any] = {}
+    for example in dict.fromkeys(r["example"] for r in runs):
+        out[example] = {}
+        for mode in MODES:
+            rows = [r for r in runs if r["example"] == example and r["mode"] == mode]
+            out[example][mode] = {key: statistics.median(r[key] for r in rows) for key in SUMMED}
+            out[example][mode]["success_rate"] = statistics.fmean(
+                float(r["success"]) for r in rows)
+    examples = list(out)
+    out["all"] = {mode: {key: sum(out[e][mode][key] for e in examples) for key in SUMMED}
+                  for mode in MODES}
+    for mode in MODES:
+        out["all"][mode]["success_rate"] = statistics.fmean(
+            float(r["success"]) for r in runs if r["mode"] == mode)
+    for name in [*examples, "all"]:
+        out[name]["wall_ratio_sequenced_over_handover"] = (
+            out[name]["sequenced"]["wall_s"] / out[name]["handover"]["wall_s"])
     return out
 
 
 def markdown(result: dict[str, Any]) -> str:
-    s = result["summary"]
-    lines = ["| mode | wall s (median) | prompt tokens | prefilled | cached | LLM calls | tests "
-             "pass |", "|---|---|---|---|---|---|---|"]
-    for mode in MODES:
-        m = s[mode]
-        lines.append(f"| {mode} | {m['wall_s']:.1f} | {m['prompt_tokens']:.0f} | "
-                     f"{m['prefilled_tokens']:.0f} | {m['cached_tokens']:.0f} | "
-                     f"{m['llm_calls']:.0f} | {m['success_rate']:.0%} |")
-    ratio = s["wall_ratio_sequenced_over_handover"]
-    lines.append(f"\nsequenced / handover wall time: {ratio:.2f}x ({1 - ratio:.0%} less time)")
+    lines = ["| manifest | mode | wall s | prompt tokens | prefilled | cached | LLM calls | "
+             "success | sequenced / handover wall |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, s in result["summary"].items():
+        for mode in MODES:
+            m = s[mode]
+            ratio = f"{s['wall_ratio_sequenced_over_handover']:.2f}x" if mode == MODES[0] else ""
+            lines.append(f"| {name} | {mode} | {m['wall_s']:.1f} | {m['prompt_tokens']:.0f} | "
+                         f"{m['prefilled_tokens']:.0f} | {m['cached_tokens']:.0f} | "
+                         f"{m['llm_calls']:.0f} | {m['success_rate']:.0%} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -109,14 +128,15 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(repeats):
-            for mode in (MODES if repeat % 2 == 0 else MODES[::-1]):  # alternate the order
-                folder = Path(tmp) / f"{repeat}"
-                folder.mkdir(exist_ok=True)
-                run = one_run(engine, mode, folder, 64 if args.quick else None)
-                print(json.dumps(run), flush=True)
-                runs.append(run)
-    result = {"benchmark": "fleet_modes", "meta": provenance(ROOT), "task": TASK, "runs": runs,
-              "summary": summarize(runs)}
+            folder = Path(tmp) / f"{repeat}"
+            folder.mkdir()
+            for example in TASKS:
+                for mode in (MODES if repeat % 2 == 0 else MODES[::-1]):  # alternate the order
+                    run = one_run(engine, example, mode, folder, 64 if args.quick else None)
+                    print(json.dumps(run), flush=True)
+                    runs.append(run)
+    result = {"benchmark": "fleet_modes", "meta": provenance(ROOT), "tasks": TASKS,
+              "runs": runs, "summary": summarize(runs)}
     stem = "fleet-modes-quick" if args.quick else "fleet-modes"
     write_atomic(RESULTS / f"{stem}.json", json.dumps(result, indent=1) + "\n")
     write_atomic(RESULTS / f"{stem}.md", markdown(result))

@@ -6,6 +6,7 @@ Both run three steps whose LLM calls are served by the same replay backend (reco
 the embedded model), so the difference is the orchestration itself: templates, events, state and
 checkpoints. Each framework runs without durable checkpoints and with SQLite checkpoints (PyAgent:
 `SQLiteCheckpointStore`, WAL + synchronous=FULL, one checkpoint per step; LangGraph: `SqliteSaver`).
+Every variant runs in a fresh Python process, so its peak RSS (imports included) is its own.
 Needs the optional extra: pip install -e '.[compare]'.
 """
 
@@ -13,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from importlib import metadata
@@ -118,38 +122,56 @@ def langgraph_runs(folder: Path, recording: Path, runs: int, durable: bool) -> l
 
 
 def _request(data: dict[str, Any]) -> dict[str, Any]:
-    from pyagent.types import Message, SamplingParams
+    from pyagent.types import SamplingParams
 
-    messages = data["messages"] and tuple(Message(**m) for m in data["messages"])
-    return {"prompt": data["prompt"], "messages": messages, "model": data["model"],
-            "sampling": SamplingParams(**data["sampling"])}
+    return {**data, "sampling": SamplingParams(**data["sampling"])}
+
+
+RUNNERS = {"pyagent": pyagent_runs, "langgraph": langgraph_runs}
+
+
+def variant(name: str, durable: bool, folder: Path, recording: Path, runs: int) -> dict[str, Any]:
+    """Time one variant in this process (a fresh one) and measure its memory."""
+    times = RUNNERS[name](folder, recording, runs, durable)[10:]  # the first 10 warm up
+    return {"us_per_step_median": statistics.median(times) / 3 * 1e6,
+            "us_per_step_p90": statistics.quantiles(times, n=10)[-1] / 3 * 1e6,
+            "runs": len(times),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=300, help="chain runs per variant")
+    parser.add_argument("--variant", nargs=4, metavar=("NAME", "DURABLE", "FOLDER", "RECORDING"),
+                        help=argparse.SUPPRESS)  # one variant in a child process
     args = parser.parse_args()
+    if args.variant:
+        name, durable, folder, recording = args.variant
+        print(json.dumps(variant(name, durable == "1", Path(folder), Path(recording),
+                                 args.runs)))
+        return
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "agents.yaml").write_text(AGENTS)
         (folder / "manifest.yaml").write_text(MANIFEST)
         recording = record(folder)
-        for name, runner in (("pyagent", pyagent_runs), ("langgraph", langgraph_runs)):
+        for name in RUNNERS:
             for durable in (False, True):
-                times = runner(folder, recording, args.runs, durable)[10:]  # first 10 warm up
+                child = subprocess.run(
+                    [sys.executable, __file__, "--runs", str(args.runs), "--variant", name,
+                     str(int(durable)), str(folder), str(recording)],
+                    capture_output=True, text=True, check=True)
                 key = f"{name}{' + sqlite checkpoints' if durable else ''}"
-                results[key] = {"us_per_step_median": statistics.median(times) / 3 * 1e6,
-                                "us_per_step_p90": statistics.quantiles(times, n=10)[-1] / 3
-                                * 1e6, "runs": len(times)}
+                results[key] = json.loads(child.stdout.splitlines()[-1])
                 print(key, json.dumps(results[key]), flush=True)
     out = {"benchmark": "orchestration_overhead", "meta": provenance(ROOT),
            "versions": {"langgraph": metadata.version("langgraph"),
                         "langgraph-checkpoint-sqlite": metadata.version(
                             "langgraph-checkpoint-sqlite")}, "results": results}
-    lines = ["| variant | us per step (median) | p90 |", "|---|---|---|"]
-    lines += [f"| {k} | {v['us_per_step_median']:.0f} | {v['us_per_step_p90']:.0f} |"
-              for k, v in results.items()]
+    lines = ["| variant | us per step (median) | p90 | peak RSS (MB) |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['us_per_step_median']:.0f} | {v['us_per_step_p90']:.0f} "
+              f"| {v['peak_rss_mb']:.0f} |" for k, v in results.items()]
     write_atomic(RESULTS / "orchestration-overhead.json", json.dumps(out, indent=1) + "\n")
     write_atomic(RESULTS / "orchestration-overhead.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -65,6 +65,13 @@ def tiny_engine(tiny_model_dir: Path) -> Engine:
 
 
 @pytest.fixture(scope="session")
+def agent_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    """The tiny model with room for agent transcripts and tool descriptions (8k positions)."""
+    directory = build_tiny_model(tmp_path_factory.mktemp("tiny-agent"), context=8192)
+    return Engine(load(resolve_model(str(directory))))
+
+
+@pytest.fixture(scope="session")
 def engine() -> Engine:
     """The real embedded Gemma 3 270M (prepared into the user cache on first use)."""
     return Engine.load()
@@ -102,6 +109,12 @@ class LoopbackServer:
 @pytest.fixture(scope="session")
 def tiny_server(tiny_engine: Engine) -> Iterator[LoopbackServer]:
     with LoopbackServer(create_app(tiny_engine)) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def agent_server(agent_engine: Engine) -> Iterator[LoopbackServer]:
+    with LoopbackServer(create_app(agent_engine)) as server:
         yield server
 
 

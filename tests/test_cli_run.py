@@ -20,7 +20,7 @@ EXAMPLE = Path(__file__).parents[1] / "examples" / "bugfix"
 def tiny_long(tmp_path_factory):
     from conftest import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-run"), context=8192)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-run"), context=16384)
 
 
 @pytest.fixture

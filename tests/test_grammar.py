@@ -6,6 +6,7 @@ import httpx
 import pytest
 
 from pyagent.errors import RequestError
+from pyagent.fleet.tools.registry import tool_specs
 from pyagent.types import CompletionRequest, Message, SamplingParams
 
 ANSWER = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]},
@@ -53,13 +54,13 @@ def test_the_server_honours_response_format(tiny_server, tiny_engine):
 
 
 @pytest.mark.model
-def test_the_embedded_model_emits_a_valid_tool_call(engine):
+def test_the_embedded_model_makes_the_tool_call_asked_for(engine):
     request = CompletionRequest(
-        messages=(Message("user", "Call a tool to read the file src/app.py. Reply with JSON."),),
-        sampling=SamplingParams(max_tokens=60, json_schema=TOOL_CALL))
-    call = json.loads(engine.generate(request).text)
-    assert call["tool"] in ("read_file", "write_file") and isinstance(
-        call["arguments"]["path"], str)
+        messages=(Message("user", "Read the file src/app.py."),), tool_choice="required",
+        tools=tool_specs(["read_file", "write_file", "list_files"]),
+        sampling=SamplingParams(max_tokens=60))
+    (call,) = engine.generate(request).tool_calls
+    assert call.name == "read_file" and json.loads(call.arguments)["path"] == "src/app.py"
     text = engine.generate(ask("Call a tool to read the file src/app.py. Answer with JSON:\n",
                                TOOL_CALL)).text
     assert json.loads(text) == {"tool": "read_file", "arguments": {"path": "src/app.py"}}

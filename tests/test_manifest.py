@@ -1,6 +1,10 @@
 """Agent and manifest definitions: valid files load; every mistake names file, line and field."""
 
+import shutil
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -45,6 +49,7 @@ steps:
     instruction: "Review. Tests said: {{ steps.test.output }}"
     timeout_s: 120
 """
+EXAMPLES = Path(__file__).parents[1] / "examples"
 TOOLS = {"read_file", "write_file", "list_files", "run_tests", "lint", "shell"}
 
 
@@ -128,6 +133,9 @@ def test_agent_mistakes_name_the_agents_file(tmp_path):
     assert "agents.yaml:10" in message and "defined twice" in message
     message = error_for(tmp_path, agents=AGENTS.replace('paths: ["src/**"]', 'paths: ["../x"]'))
     assert "agents.yaml:5" in message and "inside the workspace" in message
+    message = error_for(tmp_path, agents=AGENTS.replace("tools: [lint]",
+                                                        "tools: [lint]\n    subagents: [revieww]"))
+    assert "agents.yaml:13: agents.2.subagents.0: unknown agent 'revieww'" in message
 
 
 def test_a_missing_agents_file_is_named(tmp_path):
@@ -143,10 +151,14 @@ def test_an_empty_file_is_refused(tmp_path):
         load_agents(tmp_path / "agents.yaml")
 
 
-def test_the_example_manifest_is_valid():
-    from pathlib import Path
-
-    example = Path(__file__).parents[1] / "examples" / "bugfix" / "manifest.yaml"
-    manifest = load_manifest(example, TOOLS)
-    assert manifest.step_ids() == ["code", "test", "audit"]
-    assert set(manifest.agents) == {"coder", "tester", "auditor"}
+@pytest.mark.parametrize(("example", "steps"), [
+    ("bugfix", ["code", "test", "audit"]), ("docstrings", ["read", "document", "review"]),
+    ("triage", ["test", "diagnose", "report"])])
+def test_each_example_is_valid_and_starts_unsolved(example, steps, tmp_path):
+    folder = EXAMPLES / example
+    manifest = load_manifest(folder / "manifest.yaml", TOOLS)
+    assert manifest.step_ids() == steps
+    shutil.copytree(folder / "project", tmp_path / "project")
+    check = subprocess.run([sys.executable, str(folder / "check.py"), str(tmp_path / "project")],
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode != 0  # the task is real: its own check fails before any agent runs

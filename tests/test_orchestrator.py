@@ -42,20 +42,8 @@ class CountingBackend:
         return self.inner.stream(request)
 
 
-@pytest.fixture(scope="module")
-def tiny_engine(tmp_path_factory):
-    """The tiny random-weight model with room for agent transcripts (8k positions)."""
-    from conftest import build_tiny_model
-    from pyagent.engine.generate import Engine
-    from pyagent.engine.model import load
-    from pyagent.engine.registry import resolve_model
-
-    directory = build_tiny_model(tmp_path_factory.mktemp("tiny-long"), context=8192)
-    return Engine(load(resolve_model(str(directory))))
-
-
 @pytest.fixture
-def setup(tmp_path, tiny_engine):
+def setup(tmp_path, agent_engine):
     workspace = tmp_path / "workspace"
     shutil.copytree(EXAMPLE / "project", workspace)
     manifest = load_manifest(EXAMPLE / "manifest.yaml", set(TOOLS))
@@ -78,8 +66,8 @@ def orchestrator(setup, backend, mode="sequenced"):
     return Orchestrator(manifest, lambda agent: backend, workspace, bus, store, mode)
 
 
-def test_a_run_completes_and_is_traced_and_checkpointed(setup, tiny_engine):
-    backend = CountingBackend(tiny_engine)
+def test_a_run_completes_and_is_traced_and_checkpointed(setup, agent_engine):
+    backend = CountingBackend(agent_engine)
     result = orchestrator(setup, backend).run("Fix remove() in src/inventory/stock.py")
     assert result.status == "ok", result.error
     assert {"code", "test", "audit"} <= set(result.outputs)
@@ -97,23 +85,23 @@ def test_a_run_completes_and_is_traced_and_checkpointed(setup, tiny_engine):
     assert traces.lineage(llm.span_id)[0].kind == "run"
 
 
-def test_sequenced_runs_reuse_the_kv_of_earlier_steps(setup, tiny_engine):
-    sequenced = orchestrator(setup, CountingBackend(tiny_engine)).run("Fix remove()")
-    handover = orchestrator(setup, CountingBackend(tiny_engine), "handover").run("Fix remove()")
+def test_sequenced_runs_reuse_the_kv_of_earlier_steps(setup, agent_engine):
+    sequenced = orchestrator(setup, CountingBackend(agent_engine)).run("Fix remove()")
+    handover = orchestrator(setup, CountingBackend(agent_engine), "handover").run("Fix remove()")
     cached = {name: sum(o.get("usage", [0, 0, 0])[2] for o in result.outputs.values())
               for name, result in (("sequenced", sequenced), ("handover", handover))}
     assert cached["sequenced"] > cached["handover"]
 
 
-def test_a_crashed_run_resumes_without_repeating_completed_steps(setup, tiny_engine):
-    crashing = CountingBackend(tiny_engine, crash_on=3)
+def test_a_crashed_run_resumes_without_repeating_completed_steps(setup, agent_engine):
+    crashing = CountingBackend(agent_engine, crash_on=3)
     runner = orchestrator(setup, crashing)
     with pytest.raises(Crash):
         runner.run("Fix remove()", run_id="crashy")
     _, _, _, traces, store = setup
     before = store.get("crashy").state
     assert before["status"] == "running" and before["outputs"]
-    resumed = orchestrator(setup, CountingBackend(tiny_engine)).resume("crashy")
+    resumed = orchestrator(setup, CountingBackend(agent_engine)).resume("crashy")
     assert resumed.status == "ok", resumed.error
     completed = [(s.attributes["pyagent.step.id"], s.attributes["pyagent.loop.iteration"])
                  for s in traces.spans("crashy") if s.kind == "step" and s.status == "ok"]
@@ -122,12 +110,12 @@ def test_a_crashed_run_resumes_without_repeating_completed_steps(setup, tiny_eng
     assert len(crashed) == 1  # the step in flight at the crash, run again on resume
     seqs = [c.seq for c in store.list("crashy")]
     assert seqs == list(range(len(seqs)))
-    again = orchestrator(setup, CountingBackend(tiny_engine)).resume("crashy")
+    again = orchestrator(setup, CountingBackend(agent_engine)).resume("crashy")
     assert again.outputs == resumed.outputs  # a finished run is not run again
 
 
-def test_bad_modes_and_unknown_runs_are_refused(setup, tiny_engine):
+def test_bad_modes_and_unknown_runs_are_refused(setup, agent_engine):
     with pytest.raises(ConfigError, match="mode must be one of"):
-        orchestrator(setup, CountingBackend(tiny_engine), "parallel")
+        orchestrator(setup, CountingBackend(agent_engine), "parallel")
     with pytest.raises(ConfigError, match="no checkpoints for run 'nope'"):
-        orchestrator(setup, CountingBackend(tiny_engine)).resume("nope")
+        orchestrator(setup, CountingBackend(agent_engine)).resume("nope")

@@ -15,7 +15,7 @@ from pyagent.fleet.tools.base import (
     Workspace,
     run_command,
 )
-from pyagent.fleet.tools.registry import TOOLS, make_tool, tool_schemas
+from pyagent.fleet.tools.registry import TOOLS, make_tool, tool_specs
 
 
 @pytest.fixture
@@ -287,18 +287,18 @@ def test_unknown_tools_list_the_known_ones():
         make_tool("nope")
 
 
-def test_schemas_use_the_openai_function_format():
-    schemas = tool_schemas(TOOLS)
-    assert [schema["function"]["name"] for schema in schemas] == list(TOOLS)
-    for schema in schemas:
-        assert schema["type"] == "function"
-        assert set(schema["function"]) == {"name", "description", "parameters"}
-        assert schema["function"]["parameters"]["type"] == "object"
-        assert schema["function"]["parameters"]["additionalProperties"] is False
-    read = tool_schemas(["read_file"])[0]["function"]["parameters"]
+def test_tools_are_offered_with_json_schemas_of_their_arguments():
+    specs = tool_specs(TOOLS)
+    assert [spec.name for spec in specs] == list(TOOLS)
+    for spec in specs:
+        assert spec.description
+        assert spec.parameters["type"] == "object"
+        assert spec.parameters["additionalProperties"] is False
+    read = tool_specs(["read_file"])[0].parameters
     assert read["required"] == ["path"]
-    assert read["properties"]["start_line"]["anyOf"][0] == {"minimum": 1, "type": "integer"}
-    json.dumps(schemas)
+    assert read["properties"]["start_line"]["anyOf"][0] == {
+        "minimum": 1, "maximum": 10_000_000, "type": "integer"}
+    json.dumps([spec.parameters for spec in specs])
 
 
 def test_write_file_honours_the_agents_writable_globs(tmp_path):

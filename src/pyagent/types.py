@@ -12,8 +12,10 @@ from typing import Any, Literal
 
 from pyagent.errors import RequestError
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+ToolChoice = Literal["auto", "required", "none"]
 ROLES = ("system", "user", "assistant", "tool")
+TOOL_CHOICES = ("auto", "required", "none")
 MAX_STOP_STRINGS = 16
 
 
@@ -63,36 +65,103 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class ToolSpec:
+    """A function the model may call: its name, what it does, and a JSON schema of its arguments."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.name, str) and bool(self.name), "tools",
+               f"a tool needs a non-empty name, got {self.name!r}")
+        _check(isinstance(self.parameters, dict), "tools",
+               f"tool {self.name!r}: parameters must be a JSON schema object")
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call the model made: `arguments` is the JSON text it wrote (it may not parse)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class Message:
-    """One chat message."""
+    """One chat message. An assistant message may carry tool calls; a tool message answers the
+    call named by `tool_call_id`."""
 
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.role in ROLES, "messages",
                f"message role must be one of {', '.join(ROLES)}, got {self.role!r}")
         _check(isinstance(self.content, str), "messages",
                f"message content must be a string, got {type(self.content).__name__}")
+        object.__setattr__(self, "tool_calls", tuple(
+            c if isinstance(c, ToolCall) else ToolCall(**c) for c in self.tool_calls))
+        _check(not self.tool_calls or self.role == "assistant", "messages",
+               "only assistant messages may carry tool calls")
+        _check((self.tool_call_id is not None) == (self.role == "tool"), "messages",
+               "a tool message needs the tool_call_id it answers (and only a tool message has one)")
 
 
 @dataclass(frozen=True)
 class CompletionRequest:
-    """A text completion (`prompt`) or a chat completion (`messages`): exactly one of the two."""
+    """A text completion (`prompt`) or a chat completion (`messages`): exactly one of the two.
+
+    A chat request may offer `tools`; `tool_choice` says whether the model may (`auto`), must
+    (`required`) or must not (`none`) call one, and `allowed_tools` narrows which of them it may
+    call without changing what it is told about (so a prompt cache over the tools survives).
+    """
 
     prompt: str | None = None
     messages: tuple[Message, ...] | None = None
     model: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: ToolChoice = "auto"
+    allowed_tools: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.messages is not None:
             object.__setattr__(self, "messages", tuple(
                 m if isinstance(m, Message) else Message(**m) for m in self.messages))
+        object.__setattr__(self, "tools", tuple(
+            t if isinstance(t, ToolSpec) else ToolSpec(**t) for t in self.tools))
+        if self.allowed_tools is not None:
+            object.__setattr__(self, "allowed_tools", tuple(self.allowed_tools))
         _check((self.prompt is None) != (self.messages is None), "prompt",
                "a request needs exactly one of prompt and messages")
         _check(self.messages is None or len(self.messages) > 0, "messages",
                "messages must not be empty")
+        _check(not self.tools or self.messages is not None, "tools",
+               "tools need a chat request (messages)")
+        _check(self.tool_choice in TOOL_CHOICES, "tool_choice",
+               f"tool_choice must be one of {', '.join(TOOL_CHOICES)}, got {self.tool_choice!r}")
+        names = [t.name for t in self.tools]
+        _check(len(set(names)) == len(names), "tools", "tool names must be unique")
+        unknown = set(self.allowed_tools or ()) - set(names)
+        _check(not unknown, "allowed_tools",
+               f"allowed_tools names tools the request does not offer: {sorted(unknown)}")
+        _check(self.tool_choice != "required" or bool(self.callable_tools), "tool_choice",
+               "tool_choice 'required' needs at least one tool")
+        _check(not self.tools or self.sampling.json_schema is None, "response_format",
+               "a request cannot combine tools with a JSON schema for the reply")
+
+    @property
+    def callable_tools(self) -> tuple[ToolSpec, ...]:
+        """The tools the model may call in this request."""
+        if self.tool_choice == "none":
+            return ()
+        if self.allowed_tools is None:
+            return self.tools
+        return tuple(t for t in self.tools if t.name in self.allowed_tools)
 
     @property
     def is_chat(self) -> bool:
@@ -145,6 +214,7 @@ class Completion:
     timings: Timings
     model: str
     backend: str
+    tool_calls: tuple[ToolCall, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,6 +228,7 @@ class Completion:
             timings=Timings(**data["timings"]),
             model=data["model"],
             backend=data["backend"],
+            tool_calls=tuple(ToolCall(**c) for c in data.get("tool_calls", ())),
         )
 
 

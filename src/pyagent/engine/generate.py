@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -24,7 +24,9 @@ from pyagent.engine.kvcache import DEFAULT_BLOCK_SIZE, PagedKVCache, Sequence
 from pyagent.engine.model import LoadedModel, load
 from pyagent.engine.registry import resolve_model
 from pyagent.engine.sampling import Sampler
+from pyagent.engine.toolcalls import as_text_messages, parse_reply, reply_schema
 from pyagent.errors import ConfigError, RequestError
+from pyagent.llm.base import collect
 from pyagent.types import Completion, CompletionRequest, StreamEvent, Timings, Usage
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -159,7 +161,8 @@ class Engine:
     def encode(self, request: CompletionRequest) -> list[int]:
         """The prompt's token ids (chat requests through the chat template)."""
         if request.messages is not None:
-            text = render_chat(self.tokenizer, self.model.config.model_type, request.messages)
+            messages = as_text_messages(request.messages, request.tools)
+            text = render_chat(self.tokenizer, self.model.config.model_type, messages)
             return self.tokenize(text, add_special_tokens=False)
         assert request.prompt is not None
         return self.tokenize(request.prompt)
@@ -186,6 +189,7 @@ class Engine:
         """Yield text deltas as they become final; the last event carries the `Completion`.
 
         The request is validated here, before the first event, so errors surface at the call.
+        A request that may call tools yields its answer or call once it is complete.
         """
         prompt_ids = self.encode(request)
         self.check_fits(len(prompt_ids), request.sampling.max_tokens,
@@ -193,9 +197,12 @@ class Engine:
         stop_ids = self.chat_stop_ids if request.is_chat else self.eos_ids
         if request.sampling.ignore_eos:
             stop_ids = set()
-        schema = request.sampling.json_schema
+        schema = request.sampling.json_schema or reply_schema(request)
         constraint = self.json_constraint(schema) if schema is not None else None
-        return self._locked(prompt_ids, request, stop_ids, constraint)
+        events = self._locked(prompt_ids, request, stop_ids, constraint)
+        if not request.callable_tools:
+            return events
+        return _with_tool_calls(events, str(prompt_ids))
 
     def _locked(self, prompt_ids: list[int], request: CompletionRequest, stop_ids: set[int],
                 constraint: JsonConstraint | None) -> Iterator[StreamEvent]:
@@ -256,6 +263,14 @@ class Engine:
             backend="embedded",
         )
         yield StreamEvent(text[emitted:], completion)
+
+
+def _with_tool_calls(events: Iterator[StreamEvent], context: str) -> Iterator[StreamEvent]:
+    """The reply of a tool-calling request as its answer text or its tool calls."""
+    completion = collect(events)
+    text, calls = parse_reply(completion.text, context)
+    finish = "tool_calls" if calls else completion.finish_reason
+    yield StreamEvent(text, replace(completion, text=text, tool_calls=calls, finish_reason=finish))
 
 
 def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:

@@ -2,7 +2,8 @@
 
 `/v1/models`, `/v1/completions` and `/v1/chat/completions`, streaming over SSE, errors in OpenAI's
 error shape. Requests queue on the engine (one runs at a time), so outputs never interleave.
-Structured outputs (`response_format` json_schema / json_object) are grammar-constrained.
+Structured outputs (`response_format` json_schema / json_object) and tool calls (`tools`,
+`tool_choice`) are grammar-constrained, so a call always parses and matches its tool's schema.
 Extensions beyond OpenAI: `top_k` and `ignore_eos` in requests, `timings` (seconds) in every final
 response, and `GET /v1/kv` for the KV cache's memory.
 """
@@ -27,7 +28,15 @@ from pyagent import __version__
 from pyagent.engine.generate import Engine
 from pyagent.engine.registry import ALIASES
 from pyagent.errors import RequestError
-from pyagent.types import Completion, CompletionRequest, Message, SamplingParams, StreamEvent
+from pyagent.types import (
+    Completion,
+    CompletionRequest,
+    Message,
+    SamplingParams,
+    StreamEvent,
+    ToolCall,
+    ToolSpec,
+)
 
 
 class StreamOptions(BaseModel):
@@ -64,8 +73,7 @@ class _Body(BaseModel):
             return "n", "only n=1 is supported"
         if self.presence_penalty or self.frequency_penalty:
             return "presence_penalty", "presence and frequency penalties are not supported"
-        for field in ("logprobs", "top_logprobs", "logit_bias", "tools", "functions", "echo",
-                      "suffix"):
+        for field in ("logprobs", "top_logprobs", "logit_bias", "functions", "echo", "suffix"):
             if (self.model_extra or {}).get(field) not in (None, False, {}, []):
                 return field, f"{field} is not supported by this server"
         return None
@@ -93,20 +101,69 @@ class ContentPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallBody(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCallBody] | None = None
+    tool_call_id: str | None = None
 
     def to_message(self) -> Message:
         content = self.content if isinstance(self.content, str) else "".join(
             part.text for part in self.content or [])
-        return Message("system" if self.role == "developer" else self.role, content)
+        calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments)
+                      for c in self.tool_calls or [])
+        return Message("system" if self.role == "developer" else self.role, content,
+                       tool_calls=calls, tool_call_id=self.tool_call_id)
+
+
+class FunctionBody(BaseModel):
+    name: str = Field(min_length=1)
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+
+
+class ToolBody(BaseModel):
+    type: Literal["function"]
+    function: FunctionBody
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatBody(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[ToolBody] | None = None
+    tool_choice: Literal["auto", "required", "none"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # replies hold at most one call either way
+
+    def tool_request(self) -> dict[str, Any]:
+        """The request's tools, tool_choice and allowed_tools as `CompletionRequest` fields."""
+        tools = tuple(ToolSpec(t.function.name, t.function.description, t.function.parameters)
+                      for t in self.tools or [])
+        choice = self.tool_choice or "auto"
+        if isinstance(choice, NamedToolChoice):
+            return {"tools": tools, "tool_choice": "required",
+                    "allowed_tools": (choice.function.name,)}
+        return {"tools": tools, "tool_choice": choice}
 
 
 class APIError(Exception):
@@ -189,9 +246,13 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatBody) -> Any:
-        messages = tuple(m.to_message() for m in body.messages)
+        try:
+            messages = tuple(m.to_message() for m in body.messages)
+        except RequestError as exc:
+            raise APIError(400, str(exc), exc.param, exc.code) from exc
         max_tokens = body.max_completion_tokens or body.max_tokens
-        request = _request(engine, served, body, messages=messages, max_tokens=max_tokens)
+        request = _request(engine, served, body, messages=messages, max_tokens=max_tokens,
+                           **body.tool_request())
         return await _respond(engine, body, request, "chat.completion")
 
     return app
@@ -211,8 +272,8 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def _request(engine: Engine, served: set[str], body: _Body, *, max_tokens: int | None,
-             prompt: str | None = None, messages: tuple[Message, ...] | None = None
-             ) -> CompletionRequest:
+             prompt: str | None = None, messages: tuple[Message, ...] | None = None,
+             **tools: Any) -> CompletionRequest:
     if body.model not in served:
         raise APIError(404, f"the model {body.model!r} does not exist; this server serves "
                             f"{engine.name!r}", "model", "model_not_found")
@@ -222,13 +283,14 @@ def _request(engine: Engine, served: set[str], body: _Body, *, max_tokens: int |
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     try:
         if max_tokens is None:  # OpenAI's default: whatever the context leaves
-            probe = CompletionRequest(prompt=prompt, messages=messages, model=engine.name)
+            probe = CompletionRequest(prompt=prompt, messages=messages, model=engine.name,
+                                      **tools)
             max_tokens = max(1, engine.context_length - len(engine.encode(probe)))
         sampling = SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
                                   top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=stop,
                                   ignore_eos=body.ignore_eos, json_schema=body.json_schema())
         return CompletionRequest(prompt=prompt, messages=messages, model=engine.name,
-                                 sampling=sampling)
+                                 sampling=sampling, **tools)
     except RequestError as exc:
         raise APIError(400, str(exc), exc.param, exc.code) from exc
 
@@ -247,8 +309,12 @@ async def _respond(engine: Engine, body: _Body, request: CompletionRequest, kind
                                  headers={"Cache-Control": "no-cache"})
     completion = await _drain(events)
     if request.is_chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": completion.text},
-                  "finish_reason": completion.finish_reason, "logprobs": None}
+        message: dict[str, Any] = {"role": "assistant", "content": completion.text}
+        if completion.tool_calls:
+            message.update(content=completion.text or None,
+                           tool_calls=_tool_calls(completion.tool_calls))
+        choice = {"index": 0, "message": message, "finish_reason": completion.finish_reason,
+                  "logprobs": None}
     else:
         choice = {"index": 0, "text": completion.text, "finish_reason": completion.finish_reason,
                   "logprobs": None}
@@ -300,6 +366,9 @@ async def _sse(events: Iterator[StreamEvent], response_id: str, created: int, ki
                 yield chunk([choice(event.delta, None)])
             if event.completion is not None:
                 done = event.completion
+                if done.tool_calls:
+                    yield chunk([{"index": 0, "delta": {"tool_calls": _tool_calls(
+                        done.tool_calls)}, "finish_reason": None, "logprobs": None}])
                 yield chunk([choice("", done.finish_reason)], timings=_timings(done))
                 if include_usage:
                     yield chunk([], usage=_usage(done))
@@ -307,6 +376,12 @@ async def _sse(events: Iterator[StreamEvent], response_id: str, created: int, ki
         error = APIError(500, f"generation failed: {exc}", kind="server_error")
         yield f"data: {json.dumps(error.body())}\n\n"
     yield "data: [DONE]\n\n"
+
+
+def _tool_calls(calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
+    return [{"index": i, "id": c.id, "type": "function",
+             "function": {"name": c.name, "arguments": c.arguments}}
+            for i, c in enumerate(calls)]
 
 
 def _usage(completion: Completion) -> dict[str, Any]:

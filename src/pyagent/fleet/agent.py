@@ -7,6 +7,7 @@ agents:
     backend: embedded            # embedded | openai | replay
     model: gemma-3-270m
     tools: [read_file, write_file, list_files]
+    subagents: [reviewer]        # agents it may delegate a sub-task to (the `delegate` tool)
     permissions:
       paths: ["src/**", "tests/**"]
       commands: []
@@ -65,6 +66,7 @@ class AgentSpec(BaseModel):
     backend: Literal["embedded", "openai", "replay"] = "embedded"
     model: str | None = None
     tools: list[str] = Field(default_factory=list)
+    subagents: list[str] = Field(default_factory=list)
     permissions: Permissions = Field(default_factory=Permissions)
     limits: Limits = Field(default_factory=Limits)
 
@@ -76,7 +78,8 @@ class AgentsFile(BaseModel):
 
 
 def load_agents(path: Path, known_tools: set[str] | None = None) -> dict[str, AgentSpec]:
-    """Agents defined in `path`, by name; duplicate names and unknown tools name their line."""
+    """Agents defined in `path`, by name; duplicate names, unknown tools and unknown sub-agents
+    name their line."""
     data, lines = load_yaml(path)
     agents = validate(AgentsFile, data, lines, path).agents
     by_name: dict[str, AgentSpec] = {}
@@ -91,4 +94,11 @@ def load_agents(path: Path, known_tools: set[str] | None = None) -> dict[str, Ag
                     f"agents.{index}.tools.{tool_index}: unknown tool {tool!r}; known tools: "
                     f"{', '.join(sorted(known_tools))}")
         by_name[agent.name] = agent
+    for index, agent in enumerate(agents):
+        for sub_index, sub in enumerate(agent.subagents):
+            if sub not in by_name:
+                raise config_error(
+                    path, lines, ("agents", index, "subagents", sub_index),
+                    f"agents.{index}.subagents.{sub_index}: unknown agent {sub!r}; agents: "
+                    f"{', '.join(by_name)}")
     return by_name

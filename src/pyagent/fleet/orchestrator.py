@@ -2,8 +2,9 @@
 step, so a run killed at any point resumes without repeating a completed step.
 
 Two modes for the same manifest:
-- `sequenced`: the steps continue one shared conversation, so the engine reuses the KV of
-  everything before (prefix sharing) and remote backends hit the provider's prompt cache;
+- `sequenced`: the steps continue one shared conversation, offered one list of tools (every
+  agent's), so the engine reuses the KV of everything before (prefix sharing) and remote backends
+  hit the provider's prompt cache; each agent may still call only its own tools;
 - `handover`: every step starts a fresh conversation that carries the earlier transcript as text,
   as frameworks that hand work from agent to agent do.
 """
@@ -20,8 +21,8 @@ from typing import Any, Literal
 from pyagent.errors import ConfigError, PyAgentError
 from pyagent.fleet.agent import AgentSpec
 from pyagent.fleet.manifest import LoopSpec, Manifest, StepSpec, environment
-from pyagent.fleet.tools.base import ToolContext, Workspace
-from pyagent.fleet.turn import run_turn, system_prompt
+from pyagent.fleet.tools.base import Workspace
+from pyagent.fleet.turn import Team, offered_tools, run_turn, system_prompt
 from pyagent.llm.base import Backend
 from pyagent.observe.events import EventBus, Span
 from pyagent.resilience.checkpoint import CheckpointStore
@@ -49,8 +50,9 @@ class Orchestrator:
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.manifest = manifest
-        self.backend_for = backend_for
         self.workspace = Workspace(workspace)
+        self.team = Team(manifest.agents, backend_for, self.workspace)
+        self.shared_tools = offered_tools(manifest.agents.values())
         self.bus = bus
         self.store = store
         self.mode = mode
@@ -134,9 +136,7 @@ class Orchestrator:
         instruction = self._template(step.instruction).render(
             task=state["task"], steps=state["outputs"], loop={"iteration": iteration})
         transcript, logged = self._transcript(agent, instruction, state)
-        context = ToolContext(self.workspace,
-                              allowed_commands=frozenset(agent.permissions.commands),
-                              writable=tuple(agent.permissions.paths))
+        tools = self.shared_tools if self.mode == "sequenced" else None
         attempts = step.retries + 1
         with run_span.child("step", f"step {step.id}", **{"pyagent.step.id": step.id,
                                                          "pyagent.loop.iteration": iteration}
@@ -147,8 +147,7 @@ class Orchestrator:
                                     **{"gen_ai.operation.name": "invoke_agent",
                                        "gen_ai.agent.name": agent.name,
                                        "pyagent.attempt": attempt}) as agent_span:
-                        result = run_turn(agent, self.backend_for(agent), transcript, context,
-                                          agent_span)
+                        result = run_turn(agent, transcript, self.team, agent_span, tools)
                     break
                 except PyAgentError:
                     if attempt == attempts:
@@ -160,17 +159,17 @@ class Orchestrator:
             "output": result.output, "data": result.data, "status": "ok", "agent": agent.name,
             "tool_calls": result.tool_calls, "iteration": iteration,
             "usage": [a + b for a, b in zip(earlier, usage, strict=True)]}
-        state["transcript"] += [[m.role, m.content] for m in [logged, *result.messages]]
+        state["transcript"] += [_record(m) for m in [logged, *result.messages]]
 
     def _transcript(self, agent: AgentSpec, instruction: str,
                     state: dict[str, Any]) -> tuple[list[Message], Message]:
         """The conversation an agent's turn starts from in this run's mode, and the message the
         run's transcript records for this step."""
-        earlier = [Message(role, content) for role, content in state["transcript"]]
+        earlier = [Message(**message) for message in state["transcript"]]
         if self.mode == "sequenced":
             turn = Message("user", f"[{agent.name}] {system_prompt(agent)}\n\n{instruction}")
             return [*earlier, turn], turn
-        history = "\n\n".join(f"{m.role}: {m.content}" for m in earlier)
+        history = "\n\n".join(_as_text(m) for m in earlier)
         handed = f"Transcript so far:\n{history}\n\n{instruction}" if earlier else instruction
         return ([Message("system", system_prompt(agent)), Message("user", handed)],
                 Message("user", f"[{agent.name}] {instruction}"))
@@ -191,3 +190,19 @@ class Orchestrator:
         return RunResult(state["run_id"], state["status"], state["outputs"], state["error"],
                          state["seq"] + 1)
 
+
+
+def _record(message: Message) -> dict[str, Any]:
+    """A transcript message as checkpoint JSON."""
+    record: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        record["tool_calls"] = [vars(call) for call in message.tool_calls]
+    if message.tool_call_id is not None:
+        record["tool_call_id"] = message.tool_call_id
+    return record
+
+
+def _as_text(message: Message) -> str:
+    """A transcript message as a hand-over writes it for the next agent."""
+    calls = "".join(f"\n[called {c.name} with {c.arguments}]" for c in message.tool_calls)
+    return f"{message.role}: {message.content}{calls}"

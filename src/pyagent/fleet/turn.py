@@ -1,28 +1,35 @@
-"""One agent turn: the agent acts (a tool call or its final answer) until it answers or runs out
-of tool calls.
+"""One agent turn: the agent calls tools until it answers or runs out of tool calls.
 
-Every action is JSON constrained by a schema that admits exactly the agent's tools with their
-argument schemas, or `{"final": "..."}`: the embedded engine enforces it while decoding, and
-OpenAI-compatible servers through structured outputs. So even a small model's action always
-parses and validates; what it decides may still be wrong, and the trace records it.
+Tools are offered through the backend's tool calling: native on OpenAI-compatible servers,
+grammar-constrained on the embedded engine, so even a small model's call always parses and matches
+its tool's schema. What a model decides may still be wrong: a call to a tool its agent does not
+hold, arguments that are not JSON, a tool that fails. Each becomes a result the agent reads and a
+failed `execute_tool` span in the trace.
+
+An agent with sub-agents also holds `delegate`: it hands a sub-task to one of them, which works in a
+fresh context with its own tools and permissions; the sub-agent's answer is the call's result. The
+trace records the lineage run -> step -> agent -> sub-agent.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from pyagent.errors import PyAgentError
 from pyagent.fleet.agent import AgentSpec
-from pyagent.fleet.tools.base import ToolContext, ToolError
-from pyagent.fleet.tools.registry import make_tool
+from pyagent.fleet.tools.base import ToolContext, ToolError, ToolResult, Workspace
+from pyagent.fleet.tools.registry import make_tool, tool_specs
 from pyagent.llm.base import Backend
 from pyagent.observe.events import Span
-from pyagent.types import CompletionRequest, Message, SamplingParams, Usage
+from pyagent.types import CompletionRequest, Message, SamplingParams, ToolCall, ToolSpec, Usage
 
 TOOL_OUTPUT_CHARS = 4000  # what an agent sees of one tool result
+DELEGATE = "delegate"
+MAX_DEPTH = 3  # sub-agents of sub-agents of sub-agents, no deeper
 
 
 class LimitExceeded(PyAgentError):
@@ -31,7 +38,8 @@ class LimitExceeded(PyAgentError):
 
 @dataclass
 class TurnResult:
-    """What a turn produced: the final answer, the last tool result's data, and its cost."""
+    """What a turn produced: the final answer, the last tool result's data, and its cost
+    (sub-agents' tokens included)."""
 
     output: str
     data: dict[str, Any] = field(default_factory=dict)
@@ -40,40 +48,62 @@ class TurnResult:
     messages: list[Message] = field(default_factory=list)  # what the turn added to its transcript
 
 
-def action_schema(agent: AgentSpec, tools_allowed: bool) -> dict[str, Any]:
-    """JSON schema of one action: a call to one of the agent's tools, or the final answer."""
-    final = {"type": "object", "required": ["final"], "additionalProperties": False,
-             "properties": {"final": {"type": "string", "maxLength": 2000}}}
-    if not tools_allowed or not agent.tools:
-        return final
-    calls = []
-    for name in agent.tools:
-        calls.append({"type": "object", "required": ["tool", "arguments"],
-                      "additionalProperties": False,
-                      "properties": {"tool": {"const": name},
-                                     "arguments": make_tool(name).input_schema()}})
-    return {"anyOf": [*calls, final]}
+@dataclass(frozen=True)
+class Team:
+    """What a turn reaches beyond its agent: the run's agents (to delegate to), a backend for each,
+    and the workspace their tools work in."""
+
+    agents: Mapping[str, AgentSpec]
+    backend_for: Callable[[AgentSpec], Backend]
+    workspace: Workspace
+
+    def context(self, agent: AgentSpec) -> ToolContext:
+        """What `agent`'s tools may touch."""
+        return ToolContext(self.workspace, allowed_commands=frozenset(agent.permissions.commands),
+                           writable=tuple(agent.permissions.paths))
+
+
+def offered_tools(agents: Iterable[AgentSpec]) -> tuple[ToolSpec, ...]:
+    """The tools a model is told about when any of `agents` may act: their tools in order of first
+    appearance, plus `delegate` over all their sub-agents. One list for several agents keeps a
+    shared conversation's prompt prefix identical from one agent to the next."""
+    agents = list(agents)
+    names = list(dict.fromkeys(name for agent in agents for name in agent.tools))
+    specs = tool_specs(names)
+    subagents = list(dict.fromkeys(sub for agent in agents for sub in agent.subagents))
+    if subagents:
+        specs += (ToolSpec(DELEGATE, "Hand a sub-task to another agent and get its answer back.", {
+            "type": "object", "additionalProperties": False, "required": ["agent", "task"],
+            "properties": {
+                "agent": {"enum": subagents, "description": "The agent to do it."},
+                "task": {"type": "string", "maxLength": 2000,
+                         "description": "What to do, with everything the agent needs to know."}}}),)
+    return specs
 
 
 def system_prompt(agent: AgentSpec) -> str:
-    tools = "\n".join(f"- {make_tool(name).name}: {make_tool(name).description}"
-                      for name in agent.tools) or "- (none)"
-    return (f"{agent.role}\n\nYou act by replying with one JSON object: either "
-            '{"tool": NAME, "arguments": {...}} to call a tool, or {"final": "..."} when done.\n'
-            f"Tools:\n{tools}")
+    return f"{agent.role}\n\nUse your tools when you need them; answer when you are done."
 
 
-def run_turn(agent: AgentSpec, backend: Backend, transcript: list[Message], context: ToolContext,
-             span: Span) -> TurnResult:
-    """Let `agent` act on `transcript` (which ends with its instruction) until it answers."""
+def run_turn(agent: AgentSpec, transcript: list[Message], team: Team, span: Span,
+             tools: tuple[ToolSpec, ...] | None = None, depth: int = 0) -> TurnResult:
+    """Let `agent` act on `transcript` (which ends with its instruction) until it answers.
+
+    `tools` is what the model is told about (default: the agent's own); it may call only the
+    agent's own tools, and `delegate` while `depth` is below MAX_DEPTH.
+    """
+    tools = offered_tools([agent]) if tools is None else tools
+    allowed = [*agent.tools, *([DELEGATE] if agent.subagents and depth < MAX_DEPTH else [])]
+    backend = team.backend_for(agent)
     result = TurnResult(output="")
     deadline = time.monotonic() + agent.limits.wall_time_s
     while True:
-        tools_allowed = result.tool_calls < agent.limits.max_tool_calls
+        may_call = result.tool_calls < agent.limits.max_tool_calls and bool(allowed)
         request = CompletionRequest(
             messages=tuple(transcript + result.messages), model=agent.model,
-            sampling=SamplingParams(max_tokens=agent.limits.max_tokens,
-                                    json_schema=action_schema(agent, tools_allowed)))
+            sampling=SamplingParams(max_tokens=agent.limits.max_tokens), tools=tools,
+            tool_choice="auto" if may_call else "none",
+            allowed_tools=tuple(allowed) if tools else None)
         with span.child("llm_call", f"chat {agent.model or backend.name}",
                         **{"gen_ai.operation.name": "chat",
                            "gen_ai.request.model": agent.model or ""}) as call:
@@ -81,42 +111,80 @@ def run_turn(agent: AgentSpec, backend: Backend, transcript: list[Message], cont
             call.update({"gen_ai.usage.input_tokens": completion.usage.prompt_tokens,
                          "gen_ai.usage.output_tokens": completion.usage.completion_tokens,
                          "pyagent.usage.cached_tokens": completion.usage.cached_tokens,
-                         "pyagent.finish_reason": completion.finish_reason})
+                         "gen_ai.response.finish_reasons": [completion.finish_reason]})
         result.usage = _add(result.usage, completion.usage)
-        result.messages.append(Message("assistant", completion.text))
-        action = _parse(completion.text)
-        if action is None or "final" in action:
-            result.output = completion.text if action is None else action["final"]
+        result.messages.append(Message("assistant", completion.text,
+                                       tool_calls=completion.tool_calls))
+        if not completion.tool_calls:
+            result.output = completion.text
             return result
-        if time.monotonic() > deadline:
-            raise LimitExceeded(f"agent {agent.name!r} ran past its wall time of "
-                                f"{agent.limits.wall_time_s:g} s")
-        result.tool_calls += 1
-        result.messages.append(Message("tool", _call_tool(action, context, span, result)))
+        for tool_call in completion.tool_calls:
+            if time.monotonic() > deadline:
+                raise LimitExceeded(f"agent {agent.name!r} ran past its wall time of "
+                                    f"{agent.limits.wall_time_s:g} s")
+            if result.tool_calls < agent.limits.max_tool_calls:
+                result.tool_calls += 1
+                output = _call_tool(tool_call, agent, allowed, team, span, depth, result)
+            else:
+                output = (f"not run: agent {agent.name!r} has used all "
+                          f"{agent.limits.max_tool_calls} of its tool calls")
+            result.messages.append(Message("tool", output, tool_call_id=tool_call.id))
 
 
-def _call_tool(action: dict[str, Any], context: ToolContext, span: Span,
-               result: TurnResult) -> str:
-    name = action["tool"]
-    with span.child("tool_call", f"execute_tool {name}",
-                    **{"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": name}) as call:
-        try:
-            outcome = make_tool(name).call(action.get("arguments", {}), context)
-        except ToolError as exc:
-            call.set("error.type", "ToolError").set("pyagent.tool.error", str(exc))
-            return f"{name} failed: {exc}"
-        call.set("pyagent.tool.output_chars", len(outcome.output))
-    result.data = dict(outcome.data)
-    return f"{name} result:\n{outcome.output[-TOOL_OUTPUT_CHARS:]}"
-
-
-def _parse(text: str) -> dict[str, Any] | None:
-    """The action in `text`; None when it is not a JSON object (a length-cut reply)."""
+def _call_tool(tool_call: ToolCall, agent: AgentSpec, allowed: list[str], team: Team,
+               span: Span, depth: int, result: TurnResult) -> str:
+    """Run one call; what the agent reads back (an error included)."""
+    name = tool_call.name
     try:
-        action = json.loads(text)
-    except ValueError:
-        return None
-    return action if isinstance(action, dict) else None
+        with span.child("tool_call", f"execute_tool {name}",
+                        **{"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": name,
+                           "gen_ai.tool.call.id": tool_call.id}) as call:
+            if name not in allowed:
+                raise ToolError(f"agent {agent.name!r} may not call {name!r}; its tools: "
+                                f"{', '.join(allowed) or 'none'}")
+            arguments = _arguments(tool_call)
+            if name == DELEGATE:
+                outcome = _delegate(agent, arguments, team, call, depth, result)
+            else:
+                outcome = make_tool(name).call(arguments, team.context(agent))
+            call.set("pyagent.tool.output_chars", len(outcome.output))
+    except ToolError as exc:
+        return f"failed: {exc}"
+    result.data = dict(outcome.data)
+    return outcome.output[-TOOL_OUTPUT_CHARS:]
+
+
+def _arguments(tool_call: ToolCall) -> dict[str, Any]:
+    try:
+        arguments = json.loads(tool_call.arguments or "{}")
+    except ValueError as exc:
+        raise ToolError(f"the arguments of {tool_call.name} are not valid JSON: {exc}") from None
+    if not isinstance(arguments, dict):
+        raise ToolError(f"the arguments of {tool_call.name} must be a JSON object")
+    return arguments
+
+
+def _delegate(agent: AgentSpec, arguments: dict[str, Any], team: Team, span: Span, depth: int,
+              result: TurnResult) -> ToolResult:
+    """Run the sub-agent `arguments` names on its task, in a fresh context."""
+    name, task = arguments.get("agent"), arguments.get("task")
+    if name not in agent.subagents:
+        raise ToolError(f"agent {agent.name!r} may delegate only to "
+                        f"{', '.join(agent.subagents)}; got {name!r}")
+    if not isinstance(task, str) or not task.strip():
+        raise ToolError("delegate needs a non-empty task")
+    sub = team.agents[name]
+    with span.child("agent", f"invoke_agent {sub.name}",
+                    **{"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": sub.name,
+                       "pyagent.parent_agent": agent.name, "pyagent.depth": depth + 1}) as sub_span:
+        transcript = [Message("system", system_prompt(sub)), Message("user", task)]
+        try:
+            sub_result = run_turn(sub, transcript, team, sub_span, depth=depth + 1)
+        except LimitExceeded as exc:
+            raise ToolError(f"sub-agent {sub.name!r} failed: {exc}") from None
+    result.usage = _add(result.usage, sub_result.usage)
+    return ToolResult(sub_result.output, {**sub_result.data, "agent": sub.name,
+                                          "tool_calls": sub_result.tool_calls})
 
 
 def _add(a: Usage, b: Usage) -> Usage:

@@ -2,6 +2,8 @@
 
 Requests always stream (with `stream_options.include_usage`), so time to first token is measured
 here, at the caller, and usage comes from the server's own fields, cached prompt tokens included.
+Tools use the server's native tool calling. `allowed_tools` is not sent (few servers know it):
+callers check that a call names an allowed tool.
 """
 
 from __future__ import annotations
@@ -15,7 +17,15 @@ import openai
 
 from pyagent.errors import BackendError, BackendUnavailableError, PyAgentError, RequestError
 from pyagent.llm.base import collect
-from pyagent.types import Completion, CompletionRequest, StreamEvent, Timings, Usage
+from pyagent.types import (
+    Completion,
+    CompletionRequest,
+    Message,
+    StreamEvent,
+    Timings,
+    ToolCall,
+    Usage,
+)
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 
@@ -74,8 +84,13 @@ class OpenAIBackend:
             extra["ignore_eos"] = True
         if extra:  # extensions that vLLM, llama.cpp and PyAgent's server understand
             args["extra_body"] = extra
+        if request.tools:
+            args["tools"] = [{"type": "function", "function": {
+                "name": t.name, "description": t.description, "parameters": t.parameters}}
+                for t in request.tools]
+            args["tool_choice"] = request.tool_choice
         if request.messages is not None:
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            messages = [_message(m) for m in request.messages]
             return self.client.chat.completions.create(messages=messages, **args)
         return self.client.completions.create(prompt=request.prompt, **args)
 
@@ -90,6 +105,7 @@ class OpenAIBackend:
 
     def _events(self, chunks: Any, model: str, start: float) -> Iterator[StreamEvent]:
         parts: list[str] = []
+        calls: dict[int, dict[str, str]] = {}
         first_at = None
         finish = "stop"
         usage = None
@@ -103,8 +119,13 @@ class OpenAIBackend:
                         first_at = first_at or time.perf_counter()
                         parts.append(delta)
                         yield StreamEvent(delta)
+                    for piece in getattr(getattr(choice, "delta", None), "tool_calls", None) or []:
+                        first_at = first_at or time.perf_counter()
+                        _merge_call(calls.setdefault(piece.index, {}), piece)
                     if choice.finish_reason:
-                        finish = "length" if choice.finish_reason == "length" else "stop"
+                        finish = choice.finish_reason
+                        if finish not in ("length", "tool_calls"):
+                            finish = "stop"
         except openai.APIConnectionError as exc:
             raise BackendUnavailableError(
                 f"lost the connection to {self.base_url} mid-stream: {exc}") from exc
@@ -124,8 +145,34 @@ class OpenAIBackend:
                             completion_tokens=usage.completion_tokens),
             model=model,
             backend=self.name,
+            tool_calls=tuple(ToolCall(c.get("id", f"call_{i}"), c.get("name", ""),
+                                      c.get("arguments", "")) for i, c in sorted(calls.items())),
         )
         yield StreamEvent("", completion)
+
+
+def _message(message: Message) -> dict[str, Any]:
+    """A message in the Chat Completions format."""
+    if message.tool_calls:
+        return {"role": "assistant", "content": message.content or None, "tool_calls": [
+            {"id": c.id, "type": "function",
+             "function": {"name": c.name, "arguments": c.arguments}}
+            for c in message.tool_calls]}
+    if message.role == "tool":
+        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content}
+    return {"role": message.role, "content": message.content}
+
+
+def _merge_call(call: dict[str, str], piece: Any) -> None:
+    """Add one streamed fragment of a tool call (id and name once, arguments in pieces)."""
+    if piece.id:
+        call["id"] = piece.id
+    function = piece.function
+    if function is not None:
+        if function.name:
+            call["name"] = call.get("name", "") + function.name
+        if function.arguments:
+            call["arguments"] = call.get("arguments", "") + function.arguments
 
 
 def _choice_text(choice: Any) -> str:

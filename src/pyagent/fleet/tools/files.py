@@ -13,12 +13,15 @@ from pydantic import Field, model_validator
 from pyagent.fleet.tools.base import BaseTool, ToolContext, ToolError, ToolInput, ToolResult
 
 PATH_HELP = "Path relative to the workspace root."
+MAX_LINE = 10_000_000  # bounds line numbers, so a constrained model cannot write digits forever
 
 
 class ReadFileInput(ToolInput):
     path: str = Field(description=PATH_HELP)
-    start_line: int | None = Field(None, ge=1, description="First line to return (1-based).")
-    end_line: int | None = Field(None, ge=1, description="Last line to return (inclusive).")
+    start_line: int | None = Field(None, ge=1, le=MAX_LINE,
+                                   description="First line to return (1-based).")
+    end_line: int | None = Field(None, ge=1, le=MAX_LINE,
+                                 description="Last line to return (inclusive).")
     max_bytes: int = Field(100_000, ge=1, le=1_000_000, description="Most bytes to return.")
 
     @model_validator(mode="after")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from pyagent.fleet.tools.base import Tool, ToolError
 from pyagent.fleet.tools.files import ListFiles, ReadFile, WriteFile
 from pyagent.fleet.tools.lint import Lint
 from pyagent.fleet.tools.shell import Shell
 from pyagent.fleet.tools.testing import RunTests
+from pyagent.types import ToolSpec
 
 TOOLS: dict[str, type[Tool]] = {
     "read_file": ReadFile,
@@ -29,12 +29,7 @@ def make_tool(name: str) -> Tool:
         raise ToolError(f"unknown tool {name!r}; known tools: {', '.join(TOOLS)}") from None
 
 
-def tool_schemas(names: Iterable[str]) -> list[dict[str, Any]]:
-    """The named tools described in the OpenAI function-calling format."""
-    schemas = []
-    for name in names:
-        tool = make_tool(name)
-        schemas.append({"type": "function", "function": {
-            "name": tool.name, "description": tool.description,
-            "parameters": tool.input_schema()}})
-    return schemas
+def tool_specs(names: Iterable[str]) -> tuple[ToolSpec, ...]:
+    """The named tools as a model is offered them."""
+    return tuple(ToolSpec(tool.name, tool.description, tool.input_schema())
+                 for tool in map(make_tool, names))

@@ -1,0 +1,103 @@
+"""Tool calling on the embedded engine, for any model, whatever its chat template.
+
+The tools are described in a system message at the start of the conversation, and the reply is
+grammar-constrained to one JSON object: `{"tool": NAME, "arguments": {...}}` for a call whose
+arguments validate against that tool's schema, or `{"final": "..."}` for an answer. The reply then
+becomes OpenAI-shaped: a `ToolCall`, or plain text. Earlier calls and their results are written
+back into the conversation in the same format, so a conversation that continues re-renders to the
+very tokens the model produced and its KV prefix is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from pyagent.types import CompletionRequest, Message, ToolCall, ToolSpec
+
+FINAL_MAX_CHARS = 4000
+_FINAL = {"type": "object", "required": ["final"], "additionalProperties": False,
+          "properties": {"final": {"type": "string", "maxLength": FINAL_MAX_CHARS}}}
+
+
+def reply_schema(request: CompletionRequest) -> dict[str, Any] | None:
+    """The JSON schema of a reply to `request`; None when it may not call a tool."""
+    calls = [{"type": "object", "required": ["tool", "arguments"], "additionalProperties": False,
+              "properties": {"tool": {"const": tool.name}, "arguments": tool.parameters}}
+             for tool in request.callable_tools]
+    if not calls:
+        return None
+    if request.tool_choice != "required":
+        calls.append(_FINAL)
+    return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+
+def tools_prompt(tools: Sequence[ToolSpec]) -> str:
+    """How the model learns about `tools` and the reply format."""
+    lines = ["You can call these tools. To call one, reply with exactly one JSON object "
+             '{"tool": NAME, "arguments": {...}}. When you are done, reply with '
+             '{"final": "your answer"}.', "Tools:"]
+    for tool in tools:
+        lines.append(f"- {tool.name}: {tool.description}")
+        required = set(tool.parameters.get("required", ()))
+        for name, schema in tool.parameters.get("properties", {}).items():
+            need = "required" if name in required else "optional"
+            about = f": {schema['description']}" if schema.get("description") else ""
+            lines.append(f"    {name} ({_type_name(schema)}, {need}){about}")
+    return "\n".join(lines)
+
+
+def _type_name(schema: dict[str, Any]) -> str:
+    """'string', 'integer or null', 'array of string', ... for a property's schema."""
+    if "anyOf" in schema:
+        return " or ".join(_type_name(option) for option in schema["anyOf"])
+    if "enum" in schema:
+        return "one of " + ", ".join(json.dumps(value) for value in schema["enum"])
+    kind = schema.get("type", "any")
+    if kind == "array":
+        return f"array of {_type_name(schema.get('items', {}))}"
+    return kind if isinstance(kind, str) else " or ".join(kind)
+
+
+def as_text_messages(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> list[Message]:
+    """`messages` as plain text messages any chat template renders: the tools described up front,
+    each call written as the JSON the model replies with, each result as a user turn."""
+    names = {call.id: call.name for message in messages for call in message.tool_calls}
+    plain = [Message("system", tools_prompt(tools))] if tools else []
+    for message in messages:
+        if message.tool_calls:
+            lines = [message.content] if message.content else []
+            lines += [call_text(call) for call in message.tool_calls]
+            plain.append(Message("assistant", "\n".join(lines)))
+        elif message.role == "tool":
+            name = names.get(message.tool_call_id or "", "the tool call")
+            plain.append(Message("user", f"Result of {name}:\n{message.content}"))
+        else:
+            plain.append(message)
+    return plain
+
+
+def call_text(call: ToolCall) -> str:
+    """A call as the model writes it."""
+    return f'{{"tool":{json.dumps(call.name, ensure_ascii=False)},"arguments":{call.arguments}}}'
+
+
+def parse_reply(text: str, context: str) -> tuple[str, tuple[ToolCall, ...]]:
+    """The answer text and tool calls in a constrained reply. `context` (the prompt) makes call
+    ids unique per conversation and repeatable: the same prompt and reply give the same id."""
+    try:
+        action = json.loads(text)
+    except ValueError:  # cut short by max_tokens: hand back what was written
+        return text, ()
+    if not isinstance(action, dict) or "tool" not in action:
+        return (action.get("final", text) if isinstance(action, dict) else text), ()
+    name = action["tool"]
+    head = f'{{"tool":{json.dumps(name, ensure_ascii=False)},"arguments":'
+    if text.startswith(head) and text.endswith("}"):
+        arguments = text[len(head):-1]  # exactly as written, so it re-renders to the same tokens
+    else:
+        arguments = json.dumps(action.get("arguments", {}), separators=(",", ":"))
+    digest = hashlib.sha256(f"{context}\x00{text}".encode()).hexdigest()[:24]
+    return "", (ToolCall(f"call_{digest}", name, arguments),)
