@@ -32,7 +32,7 @@ def test_the_reply_schema_follows_tool_choice_and_allowed_tools():
     assert len(auto["anyOf"]) == 3 and auto["anyOf"][-1]["required"] == ["final"]
     required = reply_schema(chat(question, tool_choice="required", allowed_tools=("count",)))
     assert required["properties"]["tool"] == {"const": "count"}
-    assert reply_schema(chat(question, tool_choice="none")) is None
+    assert reply_schema(chat(question, tool_choice="none"))["required"] == ["final"]
     assert reply_schema(chat(question, tools=())) is None
 
 
@@ -69,6 +69,8 @@ def test_calls_and_results_are_written_back_as_the_model_writes_them():
     assert parse_reply(call_text(call), "other")[1][0].id != calls[0].id
     assert parse_reply('{"final":"done"}', "p") == ("done", ())
     assert parse_reply('{"tool":"read_fi', "p") == ('{"tool":"read_fi', ())
+    assert parse_reply('{"final":"half an ans', "p") == ("half an ans", ())  # cut by max_tokens
+    assert parse_reply('{"final":"a \\', "p") == ("a ", ())
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -95,6 +97,7 @@ def test_a_conversation_with_calls_reuses_its_prefix(agent_engine):
              Message("tool", "1 2 3", tool_call_id=call.id))
     second = agent_engine.generate(chat(*after, tool_choice="none"))
     assert second.tool_calls == () and second.finish_reason in ("stop", "length")
+    assert not second.text.startswith('{"final"')  # the answer, unwrapped
     # every full block of the first prompt and the call the model wrote is served from the cache
     written = first.usage.prompt_tokens + first.usage.completion_tokens
     assert second.usage.cached_tokens >= written - agent_engine.kv.block_size

@@ -189,7 +189,7 @@ class Engine:
         """Yield text deltas as they become final; the last event carries the `Completion`.
 
         The request is validated here, before the first event, so errors surface at the call.
-        A request that may call tools yields its answer or call once it is complete.
+        A request that offers tools yields its answer or call once it is complete.
         """
         prompt_ids = self.encode(request)
         self.check_fits(len(prompt_ids), request.sampling.max_tokens,
@@ -200,7 +200,7 @@ class Engine:
         schema = request.sampling.json_schema or reply_schema(request)
         constraint = self.json_constraint(schema) if schema is not None else None
         events = self._locked(prompt_ids, request, stop_ids, constraint)
-        if not request.callable_tools:
+        if not request.tools:
             return events
         return _with_tool_calls(events, str(prompt_ids))
 

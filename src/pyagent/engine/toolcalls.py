@@ -23,12 +23,12 @@ _FINAL = {"type": "object", "required": ["final"], "additionalProperties": False
 
 
 def reply_schema(request: CompletionRequest) -> dict[str, Any] | None:
-    """The JSON schema of a reply to `request`; None when it may not call a tool."""
+    """The JSON schema of a reply to `request`; None when it offers no tools (free text)."""
+    if not request.tools:
+        return None
     calls = [{"type": "object", "required": ["tool", "arguments"], "additionalProperties": False,
               "properties": {"tool": {"const": tool.name}, "arguments": tool.parameters}}
              for tool in request.callable_tools]
-    if not calls:
-        return None
     if request.tool_choice != "required":
         calls.append(_FINAL)
     return calls[0] if len(calls) == 1 else {"anyOf": calls}
@@ -89,8 +89,8 @@ def parse_reply(text: str, context: str) -> tuple[str, tuple[ToolCall, ...]]:
     ids unique per conversation and repeatable: the same prompt and reply give the same id."""
     try:
         action = json.loads(text)
-    except ValueError:  # cut short by max_tokens: hand back what was written
-        return text, ()
+    except ValueError:  # cut short by max_tokens: the answer so far, or the text as written
+        return _cut_answer(text), ()
     if not isinstance(action, dict) or "tool" not in action:
         return (action.get("final", text) if isinstance(action, dict) else text), ()
     name = action["tool"]
@@ -101,3 +101,14 @@ def parse_reply(text: str, context: str) -> tuple[str, tuple[ToolCall, ...]]:
         arguments = json.dumps(action.get("arguments", {}), separators=(",", ":"))
     digest = hashlib.sha256(f"{context}\x00{text}".encode()).hexdigest()[:24]
     return "", (ToolCall(f"call_{digest}", name, arguments),)
+
+
+def _cut_answer(text: str) -> str:
+    """The answer in a `{"final": "...` reply cut short; other text as it is."""
+    if text.startswith('{"final":"'):
+        for ending in ('"}', '\\"}'):  # a cut may fall right after a backslash
+            try:
+                return json.loads(text + ending)["final"].rstrip("\\")
+            except ValueError:
+                continue
+    return text
