@@ -108,7 +108,8 @@ def run_turn(agent: AgentSpec, transcript: list[Message], team: Team, span: Span
                         **{"gen_ai.operation.name": "chat",
                            "gen_ai.request.model": agent.model or ""}) as call:
             completion = backend.complete(request)
-            call.update({"gen_ai.usage.input_tokens": completion.usage.prompt_tokens,
+            call.update({"gen_ai.response.model": completion.model,
+                         "gen_ai.usage.input_tokens": completion.usage.prompt_tokens,
                          "gen_ai.usage.output_tokens": completion.usage.completion_tokens,
                          "pyagent.usage.cached_tokens": completion.usage.cached_tokens,
                          "gen_ai.response.finish_reasons": [completion.finish_reason]})
