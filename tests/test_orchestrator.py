@@ -119,3 +119,33 @@ def test_bad_modes_and_unknown_runs_are_refused(setup, agent_engine):
         orchestrator(setup, CountingBackend(agent_engine), "parallel")
     with pytest.raises(ConfigError, match="no checkpoints for run 'nope'"):
         orchestrator(setup, CountingBackend(agent_engine)).resume("nope")
+
+
+def test_compaction_shortens_old_tool_results_for_good():
+    from pyagent.fleet.compaction import Compaction
+
+    transcript = [{"role": "user", "content": "go"}] + [
+        {"role": "tool", "content": f"result {i}\n" + "x" * 500, "tool_call_id": str(i)}
+        for i in range(4)]
+    removed = Compaction(keep_recent=1, min_chars=100).apply(transcript)
+    assert removed > 1000 and transcript[0]["content"] == "go"
+    assert [m["content"].startswith(f"result {i}\n[... ") for i, m in
+            enumerate(transcript[1:])] == [True, True, True, False]
+    assert Compaction(keep_recent=1, min_chars=100).apply(transcript) == 0  # already done
+    with pytest.raises(ConfigError, match="keep_recent >= 0"):
+        Compaction(keep_recent=-1)
+
+
+def test_a_compacted_run_sends_fewer_prompt_tokens(setup, agent_engine):
+    from pyagent.fleet.compaction import Compaction
+
+    manifest, workspace, bus, traces, store = setup
+    plain = orchestrator(setup, CountingBackend(agent_engine)).run("Fix remove()")
+    compact = Orchestrator(manifest, lambda agent: CountingBackend(agent_engine), workspace, bus,
+                           store, "sequenced", Compaction(keep_recent=0, min_chars=40)
+                           ).run("Fix remove()")
+    assert compact.status == "ok", compact.error
+    elided = sum(s.attributes["pyagent.compaction.elided_chars"]
+                 for s in traces.spans(compact.run_id) if s.kind == "step")
+    assert elided > 0
+    assert traces.totals(compact.run_id).input_tokens < traces.totals(plain.run_id).input_tokens

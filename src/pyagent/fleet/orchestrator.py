@@ -7,6 +7,8 @@ Two modes for the same manifest:
   hit the provider's prompt cache; each agent may still call only its own tools;
 - `handover`: every step starts a fresh conversation that carries the earlier transcript as text,
   as frameworks that hand work from agent to agent do.
+
+With a `Compaction`, old tool results in the run's transcript shrink before each step.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, Literal
 
 from pyagent.errors import ConfigError, PyAgentError
 from pyagent.fleet.agent import AgentSpec
+from pyagent.fleet.compaction import Compaction
 from pyagent.fleet.manifest import LoopSpec, Manifest, StepSpec, environment
 from pyagent.fleet.tools.base import Workspace
 from pyagent.fleet.turn import Team, offered_tools, run_turn, system_prompt
@@ -46,7 +49,7 @@ class Orchestrator:
 
     def __init__(self, manifest: Manifest, backend_for: Callable[[AgentSpec], Backend],
                  workspace: Path, bus: EventBus, store: CheckpointStore,
-                 mode: Mode = "sequenced"):
+                 mode: Mode = "sequenced", compaction: Compaction | None = None):
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.manifest = manifest
@@ -56,6 +59,7 @@ class Orchestrator:
         self.bus = bus
         self.store = store
         self.mode = mode
+        self.compaction = compaction
         self.env = environment()
         self._template = functools.lru_cache(maxsize=None)(self.env.from_string)
         self._expression = functools.lru_cache(maxsize=None)(self.env.compile_expression)
@@ -135,11 +139,13 @@ class Orchestrator:
                 update={"wall_time_s": min(agent.limits.wall_time_s, step.timeout_s)})})
         instruction = self._template(step.instruction).render(
             task=state["task"], steps=state["outputs"], loop={"iteration": iteration})
+        elided = self.compaction.apply(state["transcript"]) if self.compaction else 0
         transcript, logged = self._transcript(agent, instruction, state)
         tools = self.shared_tools if self.mode == "sequenced" else None
         attempts = step.retries + 1
         with run_span.child("step", f"step {step.id}", **{"pyagent.step.id": step.id,
-                                                         "pyagent.loop.iteration": iteration}
+                                                         "pyagent.loop.iteration": iteration,
+                                                         "pyagent.compaction.elided_chars": elided}
                             ) as span:
             for attempt in range(1, attempts + 1):
                 try:
