@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,22 @@ def test_run_then_list_and_show(tiny_long, workspace, tmp_path):
     assert "first" in listed.stdout and "ok" in listed.stdout
     shown = pyagent("runs", "show", "first", "--data", str(data))
     assert shown.returncode == 0 and "coder" in shown.stdout and "tester" in shown.stdout
+    assert "cost unknown" in shown.stdout and "no price known for model" in shown.stderr
+    traces = TraceStore(data / "traces.db")
+    calls = [s for s in traces.spans("first") if s.kind == "llm_call"]
+    traces.close()
+    prompt = sum(s.attributes["gen_ai.usage.input_tokens"] for s in calls)
+    cached = sum(s.attributes["pyagent.usage.cached_tokens"] for s in calls)
+    output = sum(s.attributes["gen_ai.usage.output_tokens"] for s in calls)
+    (data / "prices.yaml").write_text(
+        f"prices:\n  - model: {calls[0].attributes['gen_ai.response.model']}\n"
+        "    input_per_mtok: 2\n    output_per_mtok: 10\n    cache_read_per_mtok: 0.5\n")
+    priced = pyagent("runs", "show", "first", "--data", str(data))
+    expected = (Decimal(prompt - cached) * 2 + Decimal(cached) * Decimal("0.5")
+                + Decimal(output) * 10) / 1_000_000
+    assert f"tokens: {prompt} prompt ({cached} cached), {output} output" in priced.stdout
+    shown_cost = Decimal(priced.stdout.rsplit("cost $", 1)[1].split()[0])
+    assert shown_cost == expected
     again = pyagent(*run_args(tiny_long, workspace, data, "first"))
     assert again.returncode == 1 and "already exists; resume it instead" in again.stderr
 

@@ -31,6 +31,8 @@ DataOpt = Annotated[Path, typer.Option(help="Folder of the checkpoint and trace 
 err = Console(stderr=True)
 out = Console()
 
+PricesOpt = Annotated[Path | None, typer.Option(
+    help="A price file for models genai-prices does not know (default: <data>/prices.yaml).")]
 ModelOpt = Annotated[str, typer.Option("--model", "-m",
                                        help="Model name, alias, HF directory or .gguf path.")]
 DtypeOpt = Annotated[str, typer.Option(help="Weights dtype for the embedded engine.")]
@@ -314,17 +316,22 @@ def run_manifest(
     model: ModelOpt = DEFAULT_MODEL,
     data: DataOpt = Path(".pyagent"),
     run_id: Annotated[str | None, typer.Option(help="Name the run (default: random).")] = None,
+    compact_keep: Annotated[int | None, typer.Option(
+        help="Shorten old tool results before each step, keeping this many newest whole.")
+    ] = None,
 ) -> None:
     """Run a manifest's steps on a workspace, checkpointing after every step."""
     from pyagent.fleet.runner import Runtime, backend_factory, orchestrator
 
     runtime = Runtime.open(data)
     try:
-        options = {"backend": backend, "base_url": base_url, "model": model}
+        options = {"backend": backend, "base_url": base_url, "model": model,
+                   "compact_keep": compact_keep}
         runner = orchestrator(manifest, workspace, mode, runtime,
-                              backend_factory(options, _embedded_loader(model)))
+                              backend_factory(options, _embedded_loader(model)), compact_keep)
         _report_steps(runtime)
         result = runner.run(task, run_id, options)
+        err.print(_totals_line(runtime.tokens.totals()))
     finally:
         runtime.close()
     _finish(result, data)
@@ -339,9 +346,10 @@ def resume(run_id: Annotated[str, typer.Argument(help="The run to continue.")],
     runtime = Runtime.open(data)
     try:
         state = runtime.state(run_id)
+        options = state["options"]
         runner = orchestrator(Path(state["manifest"]), Path(state["workspace"]), state["mode"],
-                              runtime, backend_factory(state["options"],
-                                                       _embedded_loader(state["options"]["model"])))
+                              runtime, backend_factory(options, _embedded_loader(options["model"])),
+                              options.get("compact_keep"))
         _report_steps(runtime)
         result = runner.resume(run_id)
     finally:
@@ -363,6 +371,20 @@ def _report_steps(runtime) -> None:
             err.print(f"{label} {event.name}" + (f" ({took:.1f} s)" if took else ""))
 
     runtime.bus.subscribe(show)
+
+
+def _totals_line(totals) -> str:
+    """A run's tokens and cost (unknown where a model has no price), in one line."""
+    return (f"tokens: {totals.prompt_tokens} prompt ({totals.cached_tokens} cached), "
+            f"{totals.completion_tokens} output in {totals.calls} LLM calls; "
+            f"cost {_cost(totals)}")
+
+
+def _cost(totals) -> str:
+    if totals.calls and totals.unknown_calls == totals.calls:
+        return "unknown"
+    known = f"${totals.cost}"
+    return f"{known} + {totals.unknown_calls} calls unknown" if totals.unknown_calls else known
 
 
 def _finish(result, data: Path) -> None:
@@ -392,28 +414,34 @@ def runs_list(data: DataOpt = Path(".pyagent")) -> None:
 
 @runs_app.command("show")
 def runs_show(run_id: Annotated[str, typer.Argument(help="The run to show.")],
-              data: DataOpt = Path(".pyagent")) -> None:
-    """A run's steps: agent, status, tokens, tool calls, time and output."""
+              data: DataOpt = Path(".pyagent"), prices: PricesOpt = None) -> None:
+    """A run's steps: agent, status, tokens, cost, tool calls, time and output."""
     from pyagent.fleet.runner import Runtime
 
-    runtime = Runtime.open(data)
+    runtime = Runtime.open(data, prices)
     try:
         state = runtime.state(run_id)
+        tokens = runtime.run_tokens(run_id)
+        by_step = tokens.by("step")
         seconds = {}
         for span in runtime.traces.spans(run_id):
             if span.kind == "step" and span.duration_s:
                 step = span.attributes.get("pyagent.step.id")
                 seconds[step] = seconds.get(step, 0.0) + span.duration_s
         table = Table(title=f"run {run_id} ({state['status']}, {state['mode']}): {state['task']}")
-        for column in ("step", "agent", "status", "in tok", "out tok", "cached", "tools", "s",
-                       "output"):
-            table.add_column(column)
+        for column in ("step", "agent", "status", "in tok", "out tok", "cached", "cost", "tools",
+                       "s"):
+            table.add_column(column, no_wrap=True)
         for step, o in state["outputs"].items():
             usage = o.get("usage", [0, 0, 0])
-            table.add_row(step, o.get("agent", ""), o["status"], *map(str, usage),
-                          str(o.get("tool_calls", 0)), f"{seconds.get(step, 0.0):.1f}",
-                          o["output"][:60])
+            cost = _cost(by_step[step]) if step in by_step else ""
+            table.add_row(step, o.get("agent", ""), o["status"], *map(str, usage), cost,
+                          str(o.get("tool_calls", 0)), f"{seconds.get(step, 0.0):.1f}")
         out.print(table)
+        for step, o in state["outputs"].items():
+            if o["output"]:
+                out.print(f"[bold]{escape(step)}[/]: {escape(o['output'][:300])}")
+        out.print(_totals_line(tokens.totals()))
         if state["error"]:
             out.print(f"[red]error:[/] {state['error']}")
     finally:

@@ -8,31 +8,53 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pyagent.bench.prices import PriceTable
+from pyagent.bench.tokens import TokenTracker
 from pyagent.errors import ConfigError
 from pyagent.fleet.agent import AgentSpec
+from pyagent.fleet.compaction import Compaction
 from pyagent.fleet.manifest import load_manifest
 from pyagent.fleet.orchestrator import Orchestrator
 from pyagent.fleet.tools.registry import TOOLS
 from pyagent.llm.base import Backend
 from pyagent.observe.events import EventBus
+from pyagent.observe.metrics import MetricsFeed, MetricsRegistry
 from pyagent.observe.traces import TraceStore
 from pyagent.resilience.sqlite_store import SQLiteCheckpointStore
 
 
 @dataclass
 class Runtime:
-    """The event bus, trace store and checkpoint store of one data folder."""
+    """One data folder's event bus, trace store and checkpoint store, with the metrics and the
+    token and cost accounting that the bus feeds live.
+
+    Prices come from `prices` (a user price file; default `<data>/prices.yaml` when it exists)
+    and then genai-prices' table."""
 
     bus: EventBus
     traces: TraceStore
     checkpoints: SQLiteCheckpointStore
+    prices: PriceTable
+    metrics: MetricsRegistry
+    tokens: TokenTracker
 
     @classmethod
-    def open(cls, data_dir: Path) -> Runtime:
+    def open(cls, data_dir: Path, prices: Path | None = None) -> Runtime:
+        default = data_dir / "prices.yaml"
+        table = PriceTable(prices or (default if default.is_file() else None))
         bus = EventBus()
         traces = TraceStore(data_dir / "traces.db")
         traces.attach(bus)
-        return cls(bus, traces, SQLiteCheckpointStore(data_dir / "checkpoints.db"))
+        metrics = MetricsRegistry()
+        MetricsFeed(metrics).attach(bus)
+        tokens = TokenTracker(table)
+        tokens.attach(bus)
+        return cls(bus, traces, SQLiteCheckpointStore(data_dir / "checkpoints.db"), table,
+                   metrics, tokens)
+
+    def run_tokens(self, run_id: str) -> TokenTracker:
+        """Tokens and cost of a stored run, call by call, rebuilt from its trace."""
+        return TokenTracker.from_traces(self.traces, run_id, prices=self.prices)
 
     def state(self, run_id: str) -> dict[str, Any]:
         """The latest checkpointed state of `run_id`."""
@@ -73,9 +95,12 @@ def backend_factory(options: dict[str, Any],
 
 
 def orchestrator(manifest_path: Path, workspace: Path, mode: str, runtime: Runtime,
-                 backend_for: Callable[[AgentSpec], Backend]) -> Orchestrator:
+                 backend_for: Callable[[AgentSpec], Backend],
+                 compact_keep: int | None = None) -> Orchestrator:
+    """The orchestrator for a run from the command line (`compact_keep`: see Compaction)."""
     if not workspace.is_dir():
         raise ConfigError(f"workspace {workspace} is not a directory")
     manifest = load_manifest(manifest_path, set(TOOLS))
+    compaction = None if compact_keep is None else Compaction(keep_recent=compact_keep)
     return Orchestrator(manifest, backend_for, workspace, runtime.bus, runtime.checkpoints,
-                        mode)  # type: ignore[arg-type]
+                        mode, compaction)  # type: ignore[arg-type]
