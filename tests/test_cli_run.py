@@ -1,5 +1,6 @@
 """`pyagent run`, `resume` and `runs` as a user runs them, including a run killed with SIGKILL."""
 
+import json
 import os
 import shutil
 import signal
@@ -67,6 +68,15 @@ def test_run_then_list_and_show(tiny_long, workspace, tmp_path):
     assert f"tokens: {prompt} prompt ({cached} cached), {output} output" in priced.stdout
     shown_cost = Decimal(priced.stdout.rsplit("cost $", 1)[1].split()[0])
     assert shown_cost == expected
+    report = pyagent("runs", "report", "first", "--data", str(data), "--out",
+                     str(tmp_path / "reports"))
+    assert report.returncode == 0, report.stderr
+    written = {p.name for p in (tmp_path / "reports").iterdir()}
+    assert written == {"run-first.json", "run-first-calls.csv", "run-first.sqlite",
+                       "run-first.html"}
+    result = json.loads((tmp_path / "reports" / "run-first.json").read_text())
+    assert Decimal(result["tokens"]["totals"]["cost"]) == expected
+    assert result["tokens"]["totals"]["calls"] == len(calls)
     again = pyagent(*run_args(tiny_long, workspace, data, "first"))
     assert again.returncode == 1 and "already exists; resume it instead" in again.stderr
 

@@ -304,6 +304,48 @@ def bench_kv(
     out_console.print(f"wrote {out / stem}{written}")
 
 
+@bench_app.command("report")
+def bench_report(
+    results: Annotated[list[Path], typer.Argument(
+        help="Result JSON files: benchmark results, run results, memory profiles, metrics "
+             "snapshots, alert states, health reports.")],
+    output: Annotated[Path, typer.Option("--out", help="The HTML file to write.")
+                      ] = Path("report.html"),
+    title: Annotated[str, typer.Option(help="The report's title.")] = "PyAgent report",
+) -> None:
+    """One self-contained HTML report (plots inline, viewable offline) from result files."""
+    from pyagent.bench.report.html import build_report
+
+    out.print(f"wrote {build_report(results, output, title)}")
+
+
+@bench_app.command("memory", context_settings={"allow_extra_args": True,
+                                               "ignore_unknown_options": True})
+def bench_memory(
+    command: Annotated[list[str], typer.Argument(help="The command to profile (after --).")],
+    interval: Annotated[float, typer.Option(help="Seconds between samples.")] = 0.5,
+    output: Annotated[Path | None, typer.Option(
+        "--out", help="Write the memory report as JSON.")] = None,
+) -> None:
+    """Run a command and sample its process tree's memory: peak RSS and growth pattern."""
+    import json
+
+    from pyagent.bench.memory import profile_command
+    from pyagent.bench.provenance import write_atomic
+
+    report = profile_command(command, interval_s=interval)
+    mib = 1024 * 1024
+    pattern = report.pattern.kind if report.pattern else "n/a"
+    out.print(f"exit code {report.returncode}; {len(report.samples)} samples over "
+              f"{report.duration_s:.1f} s; peak RSS {report.peak_rss / mib:.1f} MiB; "
+              f"growth pattern {pattern}")
+    if output is not None:
+        write_atomic(output, json.dumps(report.to_dict(), indent=1) + "\n")
+        out.print(f"wrote {output}")
+    if report.returncode:
+        raise typer.Exit(report.returncode)
+
+
 @app.command("run")
 def run_manifest(
     manifest: Annotated[Path, typer.Argument(help="The manifest YAML file.")],
@@ -408,6 +450,24 @@ def runs_list(data: DataOpt = Path(".pyagent")) -> None:
             done = sum(1 for o in state["outputs"].values() if o["status"] == "ok")
             table.add_row(run_id, state["status"], str(done), state["manifest"])
         out.print(table)
+    finally:
+        runtime.close()
+
+
+@runs_app.command("report")
+def runs_report(run_id: Annotated[str, typer.Argument(help="The run to report on.")],
+                output: Annotated[Path, typer.Option("--out", help="Folder for the files.")
+                                  ] = Path("reports"),
+                data: DataOpt = Path(".pyagent"), prices: PricesOpt = None) -> None:
+    """A run's tokens, cost and metrics as JSON, CSV, SQLite and an HTML report."""
+    from pyagent.bench.report.run import write_run_report
+    from pyagent.fleet.runner import Runtime
+
+    runtime = Runtime.open(data, prices)
+    try:
+        runtime.state(run_id)  # an unknown run is one clear error
+        for path in write_run_report(runtime.traces, run_id, runtime.prices, output):
+            out.print(f"wrote {path}")
     finally:
         runtime.close()
 

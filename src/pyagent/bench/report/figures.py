@@ -1,0 +1,68 @@
+"""Plots as inline SVG (matplotlib, no display needed), so a report is one offline file."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+WIDTH, HEIGHT = 7.0, 3.2
+
+
+def svg(figure: plt.Figure) -> str:
+    """The figure as an <svg> element; the figure is closed."""
+    buffer = io.StringIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="svg")
+    plt.close(figure)
+    text = buffer.getvalue()
+    return text[text.index("<svg"):]
+
+
+def stacked_bars(categories: Sequence[str], series: Mapping[str, Sequence[float]], title: str,
+                 ylabel: str) -> str:
+    """One bar per category, stacked by series."""
+    figure, axes = plt.subplots(figsize=(WIDTH, HEIGHT))
+    bottom = [0.0] * len(categories)
+    for label, values in series.items():
+        axes.bar(categories, values, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    axes.set_title(title)
+    axes.set_ylabel(ylabel)
+    if len(series) > 1:
+        axes.legend()
+    return svg(figure)
+
+
+def lines(x: Sequence[float], series: Mapping[str, Sequence[float]], title: str, xlabel: str,
+          ylabel: str) -> str:
+    """Line plots over a shared x axis."""
+    figure, axes = plt.subplots(figsize=(WIDTH, HEIGHT))
+    for label, values in series.items():
+        axes.plot(x, values, label=label)
+    axes.set_title(title)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    if len(series) > 1:
+        axes.legend()
+    return svg(figure)
+
+
+def quantile_ranges(names: Sequence[str], quantiles: Sequence[Mapping[str, float]], title: str,
+                    unit: str) -> str:
+    """Per series a bar from p50 to p99 with ticks at p50, p90, p95 and p99 (horizontal)."""
+    figure, axes = plt.subplots(figsize=(WIDTH, max(1.6, 0.45 * len(names) + 1)))
+    for row, q in enumerate(quantiles):
+        axes.hlines(row, q["p50"], q["p99"], linewidth=6, alpha=0.35)
+        for key, marker in (("p50", "|"), ("p90", "x"), ("p95", "+"), ("p99", "d")):
+            axes.plot(q[key], row, marker=marker, color="black", linestyle="none",
+                      label=key if row == 0 else None)
+    axes.set_yticks(range(len(names)), names)
+    axes.set_xlabel(unit)
+    axes.set_title(title)
+    axes.legend(loc="lower right", fontsize="small")
+    return svg(figure)
