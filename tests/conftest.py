@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -122,3 +122,16 @@ def agent_server(agent_engine: Engine) -> Iterator[LoopbackServer]:
 def model_server(engine: Engine) -> Iterator[LoopbackServer]:
     with LoopbackServer(create_app(engine)) as server:
         yield server
+
+
+class DictSource:
+    """A MetricSource answering from `values` (by metric name) and recording every query."""
+
+    def __init__(self, **values: float | None):
+        self.values = values
+        self.calls: list[tuple[str, str, dict[str, str] | None, float | None]] = []
+
+    def query(self, name: str, stat: str, labels: Mapping[str, str] | None = None,
+              window_s: float | None = None) -> float | None:
+        self.calls.append((name, stat, None if labels is None else dict(labels), window_s))
+        return self.values.get(name)

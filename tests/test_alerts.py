@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
+from conftest import DictSource
 from pyagent.errors import ConfigError
 from pyagent.observe.metrics.alerts import (
     FIRING,
@@ -25,19 +25,6 @@ from pyagent.observe.metrics.alerts import (
 from pyagent.observe.metrics.source import MetricSource
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "alerts.yaml"
-
-
-class DictSource:
-    """A MetricSource answering from `values` (by metric name) and recording every query."""
-
-    def __init__(self, **values: float | None):
-        self.values = values
-        self.calls: list[tuple[str, str, dict[str, str] | None, float | None]] = []
-
-    def query(self, name: str, stat: str, labels: Mapping[str, str] | None = None,
-              window_s: float | None = None) -> float | None:
-        self.calls.append((name, stat, None if labels is None else dict(labels), window_s))
-        return self.values.get(name)
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from conftest import DictSource
 from pyagent.errors import ConfigError
 from pyagent.observe.metrics.alerts import AlertEngine, Query, load_rules
 from pyagent.observe.metrics.health import (
@@ -20,19 +20,6 @@ from pyagent.observe.metrics.health import (
     load_objectives,
     status_of,
 )
-
-
-class DictSource:
-    """A MetricSource answering from `values` (by metric name) and recording every query."""
-
-    def __init__(self, **values: float | None):
-        self.values = values
-        self.calls: list[tuple[str, str, dict[str, str] | None, float | None]] = []
-
-    def query(self, name: str, stat: str, labels: Mapping[str, str] | None = None,
-              window_s: float | None = None) -> float | None:
-        self.calls.append((name, stat, None if labels is None else dict(labels), window_s))
-        return self.values.get(name)
 
 
 def objective(name: str = "o", query: object = "value(x)", target: float = 1.0,
