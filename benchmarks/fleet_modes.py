@@ -16,70 +16,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
+from pyagent.bench.fleet import run_example
 from pyagent.bench.provenance import provenance, write_atomic
 from pyagent.engine.generate import Engine
-from pyagent.fleet.manifest import load_manifest
-from pyagent.fleet.orchestrator import Orchestrator
-from pyagent.fleet.tools.registry import TOOLS, tool_specs
-from pyagent.llm.embedded import EmbeddedBackend
-from pyagent.observe.events import EventBus
-from pyagent.observe.traces import TraceStore
-from pyagent.resilience.memory_store import MemoryCheckpointStore
+from pyagent.fleet.tools.registry import tool_specs
 from pyagent.types import CompletionRequest, Message, SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 RESULTS = ROOT / "benchmarks" / "results"
-TASKS = {
-    "bugfix": "The test test_remove_counts_down fails: remove() in src/inventory/stock.py must "
-              "subtract count, not add it. Fix it.",
-    "docstrings": "Add a one-line docstring to each function in src/geometry/shapes.py.",
-    "triage": "One test fails. Find out which and why, and write REPORT.md about it.",
-}
+EXAMPLE_NAMES = ("bugfix", "docstrings", "triage")
 MODES = ("sequenced", "handover")
-
-
-def one_run(engine: Engine, example: str, mode: str, folder: Path,
-            max_tokens: int | None) -> dict[str, Any]:
-    """Run one example once in `mode`; return its measurements."""
-    workspace = folder / f"{example}-{mode}-workspace"
-    shutil.copytree(EXAMPLES / example / "project", workspace)
-    manifest = load_manifest(EXAMPLES / example / "manifest.yaml", set(TOOLS))
-    if max_tokens is not None:
-        agents = {name: agent.model_copy(update={"limits": agent.limits.model_copy(
-            update={"max_tokens": max_tokens})}) for name, agent in manifest.agents.items()}
-        manifest = manifest.__class__(manifest.path, manifest.name, manifest.description,
-                                      manifest.steps, agents)
-    engine.cache.clear_prefix_cache()
-    bus = EventBus()
-    traces = TraceStore(folder / f"{example}-{mode}-traces.db")
-    traces.attach(bus)
-    backend = EmbeddedBackend(engine)
-    runner = Orchestrator(manifest, lambda _agent: backend, workspace, bus,
-                          MemoryCheckpointStore(), mode)  # type: ignore[arg-type]
-    start = time.perf_counter()
-    result = runner.run(TASKS[example])
-    wall = time.perf_counter() - start
-    totals = traces.totals(result.run_id)
-    traces.close()
-    check = subprocess.run([sys.executable, str(EXAMPLES / example / "check.py"), workspace],
-                           capture_output=True, text=True, timeout=300)
-    return {"example": example, "mode": mode, "status": result.status, "error": result.error,
-            "wall_s": wall,
-            "prompt_tokens": totals.input_tokens, "cached_tokens": totals.cached_tokens,
-            "prefilled_tokens": totals.input_tokens - totals.cached_tokens,
-            "output_tokens": totals.output_tokens, "llm_calls": totals.llm_calls,
-            "tool_calls": totals.tool_calls, "success": check.returncode == 0,
-            "steps": {k: v["status"] for k, v in result.outputs.items()}}
 
 
 SUMMED = ("wall_s", "prompt_tokens", "prefilled_tokens", "cached_tokens", "llm_calls")
@@ -136,12 +88,14 @@ def main() -> None:
         for repeat in range(repeats):
             folder = Path(tmp) / f"{repeat}"
             folder.mkdir()
-            for example in TASKS:
+            for example in EXAMPLE_NAMES:
                 for mode in (MODES if repeat % 2 == 0 else MODES[::-1]):  # alternate the order
-                    run = one_run(engine, example, mode, folder, 64 if args.quick else None)
+                    run = run_example(engine, EXAMPLES / example, mode, folder,
+                                      max_tokens=64 if args.quick else None)
                     print(json.dumps(run), flush=True)
                     runs.append(run)
-    result = {"benchmark": "fleet_modes", "meta": provenance(ROOT), "tasks": TASKS,
+    tasks = {name: (EXAMPLES / name / "task.txt").read_text().strip() for name in EXAMPLE_NAMES}
+    result = {"benchmark": "fleet_modes", "meta": provenance(ROOT), "tasks": tasks,
               "runs": runs, "summary": summarize(runs)}
     stem = "fleet-modes-quick" if args.quick else "fleet-modes"
     write_atomic(RESULTS / f"{stem}.json", json.dumps(result, indent=1) + "\n")

@@ -245,15 +245,13 @@ def demo(model: ModelOpt = DEFAULT_MODEL, dtype: DtypeOpt = "float32",
         runner = orchestrator(example / "manifest.yaml", workspace, "sequenced", runtime,
                               backend_factory({"model": model}, lambda: engine))
         _report_steps(runtime)
-        result = runner.run(DEMO_TASK, options={"model": model})
+        result = runner.run((example / "task.txt").read_text().strip(),
+                            options={"model": model})
     finally:
         runtime.close()
     out.print(f"run {result.run_id}: {result.status}; see it with: pyagent runs show "
               f"{result.run_id} --data {data}")
 
-
-DEMO_TASK = ("The test test_remove_counts_down fails: remove() in src/inventory/stock.py must "
-             "subtract count, not add it. Fix it.")
 
 
 @bench_app.command("kv")
