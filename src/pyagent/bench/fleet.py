@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,10 @@ def run_example(engine: Engine, example: Path, mode: str, folder: Path, *,
                 compaction: Compaction | None = None,
                 max_tokens: int | None = None) -> dict[str, Any]:
     """Run `example` (a folder with project/, manifest.yaml, task.txt and check.py) once on a
-    fresh copy of its project, the engine's prefix cache cleared first; its measurements and the
-    usage of each LLM call."""
-    label = f"{example.name}-{mode}{'-compact' if compaction else ''}"
-    workspace = folder / f"{label}-workspace"
+    fresh copy of its project in a new folder under `folder`, the engine's prefix cache cleared
+    first; its measurements and the usage of each LLM call."""
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{example.name}-{mode}-", dir=folder))
+    workspace = run_dir / "workspace"
     shutil.copytree(example / "project", workspace)
     manifest = load_manifest(example / "manifest.yaml", set(TOOLS))
     if max_tokens is not None:
@@ -39,7 +40,7 @@ def run_example(engine: Engine, example: Path, mode: str, folder: Path, *,
                                       manifest.steps, agents)
     engine.cache.clear_prefix_cache()
     bus = EventBus()
-    traces = TraceStore(folder / f"{label}-traces.db")
+    traces = TraceStore(run_dir / "traces.db")
     traces.attach(bus)
     backend = EmbeddedBackend(engine)
     runner = Orchestrator(manifest, lambda _agent: backend, workspace, bus,
