@@ -151,10 +151,10 @@ def pruning(engine: Engine, pruned: Engine, prompt_tokens: int) -> dict[str, Any
         use.cache.clear_prefix_cache()
         sequence = use.open(ids)
         try:
-            use.prefill(sequence, ids)
-            dropped = use.enforce_budget(sequence)
-            out[name] = {"kv_bytes": use.cache.memory().bytes, "tokens_dropped": dropped,
-                         "prompt_tokens": len(ids)}
+            use.prefill(sequence, ids)  # evicts down to the budget at its end
+            kept = sequence.tables["global"].tokens(use.kv.block_size)
+            out[name] = {"kv_bytes": use.cache.memory().bytes, "prompt_tokens": len(ids),
+                         "global_tokens_kept": kept, "tokens_dropped": len(ids) - kept}
         finally:
             use.close(sequence)
     full, kept = out["full"]["kv_bytes"], out["pyagent eviction, budget 0.5"]["kv_bytes"]
@@ -184,7 +184,8 @@ def markdown(result: dict[str, Any]) -> str:
               f"{p['full']['kv_bytes'] / 2**20:.1f} MiB full vs "
               f"{p['pyagent eviction, budget 0.5']['kv_bytes'] / 2**20:.1f} MiB with eviction "
               f"({p['kv_saving']:.0%} less), "
-              f"{p['pyagent eviction, budget 0.5']['tokens_dropped']} tokens dropped"]
+              f"{p['pyagent eviction, budget 0.5']['tokens_dropped']} context tokens dropped "
+              "from the global layers"]
     c = result["checks"]
     lines += ["", f"checks: tracker totals equal the recorded usage: {c['totals_equal_usage']} "
               f"({c['calls']} calls); prices equal genai-prices' own: "
