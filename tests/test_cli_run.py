@@ -77,6 +77,18 @@ def test_run_then_list_and_show(tiny_long, workspace, tmp_path):
     result = json.loads((tmp_path / "reports" / "run-first.json").read_text())
     assert Decimal(result["tokens"]["totals"]["cost"]) == expected
     assert result["tokens"]["totals"]["calls"] == len(calls)
+    other = tmp_path / "other"
+    shutil.copytree(EXAMPLE / "project", other)
+    handover = pyagent(*run_args(tiny_long, other, data, "second"), "--mode", "handover")
+    assert handover.returncode == 0, handover.stderr
+    compared = pyagent("runs", "compare", "--baseline", "first", "--candidate", "second",
+                       "--data", str(data))
+    assert compared.returncode == 0, compared.stderr
+    assert "1 tasks" in compared.stdout and f"│ tokens │ {prompt + output} " in compared.stdout
+    assert "cost $" in compared.stdout
+    unpaired = pyagent("runs", "compare", "--baseline", "first", "--baseline", "second",
+                       "--candidate", "second", "--data", str(data))
+    assert unpaired.returncode == 1 and "two baseline runs have the same task" in unpaired.stderr
     again = pyagent(*run_args(tiny_long, workspace, data, "first"))
     assert again.returncode == 1 and "already exists; resume it instead" in again.stderr
 

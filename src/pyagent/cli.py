@@ -6,7 +6,7 @@ import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -450,6 +450,50 @@ def runs_list(data: DataOpt = Path(".pyagent")) -> None:
         out.print(table)
     finally:
         runtime.close()
+
+
+@runs_app.command("compare")
+def runs_compare(
+    baseline: Annotated[list[str], typer.Option(help="A baseline run (repeat the option).")],
+    candidate: Annotated[list[str], typer.Option(help="A candidate run (repeat the option).")],
+    data: DataOpt = Path(".pyagent"), prices: PricesOpt = None,
+) -> None:
+    """Tokens and cost of candidate runs against baseline runs of the same tasks, paired by
+    task, with bootstrap confidence intervals of the mean difference per task."""
+    from pyagent.bench.tokens import compare_runs
+    from pyagent.fleet.runner import Runtime
+
+    runtime = Runtime.open(data, prices)
+    try:
+        sides = [_by_task(runtime, runs, side) for runs, side in ((baseline, "baseline"),
+                                                                  (candidate, "candidate"))]
+        comparison = compare_runs(*sides)
+    finally:
+        runtime.close()
+    table = Table(title=f"{len(comparison.tasks)} tasks, candidate - baseline (95% CI per task)")
+    for column in ("", "baseline", "candidate", "mean difference", "CI", "ratio"):
+        table.add_column(column)
+    for name, paired in (("tokens", comparison.tokens), ("cost $", comparison.cost)):
+        if paired is None:
+            table.add_row(name, "unknown: no price for a model in tasks "
+                          + ", ".join(comparison.cost_unknown_tasks), "", "", "", "")
+            continue
+        table.add_row(name, str(paired.baseline_total), str(paired.candidate_total),
+                      f"{paired.mean_difference:.6g}", f"[{paired.ci_low:.6g}, "
+                      f"{paired.ci_high:.6g}]", f"{paired.ratio:.4f}" if paired.ratio else "n/a")
+    out.print(table)
+
+
+def _by_task(runtime, run_ids: list[str], side: str) -> dict[str, Any]:
+    """The runs' trackers keyed by their task; two runs of one task on a side are an error."""
+    trackers: dict[str, Any] = {}
+    for run_id in run_ids:
+        task = runtime.state(run_id)["task"]
+        if task in trackers:
+            raise PyAgentError(f"two {side} runs have the same task ({task[:60]!r}); "
+                               "give one run per task on each side")
+        trackers[task] = runtime.run_tokens(run_id)
+    return trackers
 
 
 @runs_app.command("report")
