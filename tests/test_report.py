@@ -107,7 +107,8 @@ def results(tmp_path: Path) -> list[Path]:
 
 
 def test_a_report_shows_every_kind_of_result_in_one_offline_page(tmp_path):
-    out = build_report(results(tmp_path), tmp_path / "report.html")
+    out, *tables = build_report(results(tmp_path), tmp_path / "report.html",
+                                tables=tmp_path / "tables")
     page = parse(out)
     assert page.headings == [
         "Tokens and cost: tokens.json", "Distribution: pyagent_llm_latency_seconds",
@@ -118,6 +119,15 @@ def test_a_report_shows_every_kind_of_result_in_one_offline_page(tmp_path):
     text = out.read_text()
     assert "&lt;tester&gt;" in text and "<tester>" not in text  # names are escaped
     assert "cost $0.020" in text and "10900 prompt tokens (8000 cached)" in text
+    assert tables[-1].name == "report.sqlite" and len(tables) > 8
+    first = tables[0]
+    assert first.name == "t01_tokens_and_cost_tokens_json_1.csv"
+    with first.open() as handle:
+        agents = [row["name"] for row in csv.DictReader(handle)]
+    assert agents == ["coder", "<tester>"]
+    with sqlite3.connect(tables[-1]) as db:
+        names = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    assert names == {path.stem for path in tables[:-1]}
 
 
 def test_bad_result_files_are_named(tmp_path):

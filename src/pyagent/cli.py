@@ -310,11 +310,14 @@ def bench_report(
     output: Annotated[Path, typer.Option("--out", help="The HTML file to write.")
                       ] = Path("report.html"),
     title: Annotated[str, typer.Option(help="The report's title.")] = "PyAgent report",
+    tables: Annotated[Path | None, typer.Option(
+        help="Also write every table as CSV, and all of them in one SQLite file, here.")] = None,
 ) -> None:
     """One self-contained HTML report (plots inline, viewable offline) from result files."""
     from pyagent.bench.report.html import build_report
 
-    out.print(f"wrote {build_report(results, output, title)}")
+    for path in build_report(results, output, title, tables):
+        out.print(f"wrote {path}")
 
 
 @bench_app.command("memory", context_settings={"allow_extra_args": True,

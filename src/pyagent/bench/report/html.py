@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,6 +14,7 @@ from markupsafe import Markup
 
 from pyagent import __version__
 from pyagent.bench.provenance import write_atomic
+from pyagent.bench.report.records import write_records
 from pyagent.bench.report.sections import Section, sections_for
 from pyagent.errors import ConfigError
 
@@ -68,9 +70,27 @@ def write_html(out: Path, title: str, sources: Sequence[str], sections: Sequence
     return out
 
 
-def build_report(paths: Sequence[Path], out: Path, title: str = "PyAgent report") -> Path:
-    """Read every result in `paths` and write one HTML report to `out`."""
+def build_report(paths: Sequence[Path], out: Path, title: str = "PyAgent report",
+                 tables: Path | None = None) -> list[Path]:
+    """Read every result in `paths` and write one HTML report to `out`; with `tables`, also every
+    table of the report as a CSV file in that folder and as a table of `report.sqlite` there."""
     sections: list[Section] = []
     for path in paths:
         sections += sections_for(path.name, load_result(path))
-    return write_html(out, title, [str(p) for p in paths], sections)
+    written = [write_html(out, title, [str(p) for p in paths], sections)]
+    if tables is not None:
+        written += write_tables(sections, tables)
+    return written
+
+
+def write_tables(sections: Sequence[Section], folder: Path) -> list[Path]:
+    """Each table of `sections` as `folder/<name>.csv` and as table <name> of report.sqlite."""
+    written = []
+    for index, (section, number, table) in enumerate(
+            (s, n, t) for s in sections for n, t in enumerate(s.tables, 1)):
+        name = f"t{index + 1:02d}_{re.sub(r'[^a-z0-9]+', '_', section.title.lower())[:40]}"
+        name = f"{name.rstrip('_')}_{number}"
+        records = [dict(zip(table.columns, row, strict=True)) for row in table.rows]
+        written.append(write_records(records, folder / f"{name}.csv"))
+        write_records(records, folder / "report.sqlite", table=name)
+    return [*written, folder / "report.sqlite"] if written else written
