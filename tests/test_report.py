@@ -119,6 +119,7 @@ def test_a_report_shows_every_kind_of_result_in_one_offline_page(tmp_path):
     text = out.read_text()
     assert "&lt;tester&gt;" in text and "<tester>" not in text  # names are escaped
     assert "cost $0.020" in text and "10900 prompt tokens (8000 cached)" in text
+    assert "cached_share" in text and "genai-prices" in text  # strategies and price sources
     assert tables[-1].name == "report.sqlite" and len(tables) > 8
     first = tables[0]
     assert first.name == "t01_tokens_and_cost_tokens_json_1.csv"

@@ -68,11 +68,15 @@ def tokens_section(name: str, data: Data) -> list[Section]:
                 [str(g["name"]) for g in priced], {"cost": [float(g["cost"]) for g in priced]},
                 f"cost by {key} (known prices)", "USD"))
         section.tables.append(table(groups))
-    for strategy in ("caching", "batching"):
-        if data.get(strategy):
-            section.tables.append(table([{"strategy": strategy, **data[strategy]}]))
-    if data.get("measurements"):
-        section.tables.append(table(data["measurements"]))
+    strategies = data.get("strategies", {})
+    rows = [{"strategy": name, **strategies[name]} for name in ("caching", "batching")
+            if strategies.get(name)]
+    if rows:
+        section.tables.append(table(rows))
+    if strategies.get("measured"):
+        section.tables.append(table(strategies["measured"]))
+    if data.get("prices"):
+        section.tables.append(table(data["prices"]["sources"]))
     return [section]
 
 
