@@ -35,7 +35,9 @@ PricesOpt = Annotated[Path | None, typer.Option(
     help="A price file for models genai-prices does not know (default: <data>/prices.yaml).")]
 ModelOpt = Annotated[str, typer.Option("--model", "-m",
                                        help="Model name, alias, HF directory or .gguf path.")]
-DtypeOpt = Annotated[str, typer.Option(help="Weights dtype for the embedded engine.")]
+DtypeOpt = Annotated[str, typer.Option(
+    help="Weights of the embedded engine: float32, bfloat16, float16, or int8 (weight-only int8 "
+         "linear layers and LM head, float32 elsewhere).")]
 PolicyOpt = Annotated[str, typer.Option(
     "--kv-policy", help="KV eviction: full, pyagent, streaming_llm, h2o, tova, snapkv, random.")]
 BudgetOpt = Annotated[str | None, typer.Option(
@@ -61,9 +63,11 @@ def _load_engine(model: str, dtype: str, context_length: int | None = None,
     kv = KVSettings(policy=policy, budget=Budget.parse(budget) if budget else None,
                     share_prefix=share_prefix)
     hf_logging.set_verbosity_error()
+    quantize = "int8" if dtype == "int8" else None
     with _status(f"preparing {model}") as report:
-        engine = Engine.load(model, dtype=dtype, context_length=context_length, kv=kv,
-                             report=report)
+        engine = Engine.load(model, dtype="float32" if quantize else dtype,
+                             context_length=context_length, kv=kv, report=report,
+                             quantize=quantize)
     err.print(f"[green]loaded[/] {engine.name} in {engine.loaded.load_s:.1f} s "
               f"(context {engine.context_length} tokens)")
     return engine

@@ -85,8 +85,10 @@ class Engine:
     @classmethod
     def load(cls, model: str | None = None, dtype: str = "float32",
              context_length: int | None = None, kv: KVSettings | None = None,
-             report=lambda _msg: None) -> Engine:
-        return cls(load(resolve_model(model), dtype=dtype, report=report), context_length, kv)
+             report=lambda _msg: None, quantize: str | None = None) -> Engine:
+        """Load `model` (default: the embedded one); `quantize="int8"` for weight-only int8."""
+        return cls(load(resolve_model(model), dtype=dtype, report=report, quantize=quantize),
+                   context_length, kv)
 
     # --- sequences on the paged cache ----------------------------------------------------------
 

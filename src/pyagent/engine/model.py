@@ -28,6 +28,7 @@ from pyagent.errors import ModelError
 MANIFEST = "pyagent-cache.json"
 CACHE_FORMAT = 1
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE = ("int8",)  # weight-only schemes (engine/quantize.py)
 
 Report = Callable[[str], None]
 
@@ -189,11 +190,14 @@ class LoadedModel:
     load_s: float
 
 
-def load(spec: ModelSpec, dtype: str = "float32",
-         report: Report = lambda _msg: None) -> LoadedModel:
-    """Prepare (if needed) and load `spec` for inference on the CPU."""
+def load(spec: ModelSpec, dtype: str = "float32", report: Report = lambda _msg: None,
+         quantize: str | None = None) -> LoadedModel:
+    """Prepare (if needed) and load `spec` for inference on the CPU; `quantize` ("int8") turns
+    its linear layers into weight-only int8 ones (see engine/quantize.py)."""
     if dtype not in DTYPES:
         raise ModelError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ModelError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
     start = time.perf_counter()
     directory = prepare(spec, report)
     import torch
@@ -206,4 +210,8 @@ def load(spec: ModelSpec, dtype: str = "float32",
     except Exception as exc:
         raise ModelError(f"could not load model {spec.name!r} from {directory}: {exc}") from exc
     model.eval()
+    if quantize is not None:
+        from pyagent.engine.quantize import quantize as quantize_model
+
+        report(f"int8: {quantize_model(model, quantize):,} weights")
     return LoadedModel(spec, directory, model, tokenizer, time.perf_counter() - start)

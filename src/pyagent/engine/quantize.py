@@ -1,0 +1,56 @@
+"""Weight-only int8 for the large matrices, on PyTorch's own CPU kernel.
+
+Decoding one token reads every weight once, so on a CPU it is bound by memory bandwidth; Gemma 3
+270M's LM head alone (262,144 x 640) is 671 MB in float32. Weight-only int8 keeps one byte per
+weight with a float scale per output row (symmetric, per channel), and multiplies through
+`torch._weight_int8pack_mm`, which takes bfloat16 activations and dequantizes inside the kernel.
+Activations, the KV cache, norms and embeddings stay in the model's dtype. The input embedding
+stays in float even when it shares its weights with the LM head: a lookup reads one row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pyagent.engine.model import QUANTIZE
+from pyagent.errors import ModelError
+
+ACTIVATIONS = torch.bfloat16  # what the CPU int8 kernel multiplies with
+
+
+class Int8Linear(nn.Module):
+    """A linear layer holding int8 weights and a bfloat16 scale per output row."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight", torch.round(weight / scales[:, None]).clamp(-127, 127)
+                             .to(torch.int8).contiguous())
+        self.register_buffer("scales", scales.to(ACTIVATIONS))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
+                                                                   requires_grad=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(ACTIVATIONS)
+        out = torch._weight_int8pack_mm(flat, self.weight, self.scales).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def quantize(model: Any, scheme: str) -> int:
+    """Replace the model's linear layers (decoder projections and the LM head) by int8 ones in
+    place; the number of weights now held in int8."""
+    if scheme not in QUANTIZE:
+        raise ModelError(f"quantize must be one of {', '.join(QUANTIZE)}, got {scheme!r}")
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear)]
+    for name, module in targets:
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attribute, Int8Linear(module))
+    return sum(module.weight.numel() for _, module in targets)
