@@ -1,4 +1,5 @@
-"""Engine benchmark: PyAgent's embedded engine, and llama.cpp on the same GGUF when installed.
+"""Engine benchmark: PyAgent's embedded engine (float32 and weight-only int8), and llama.cpp on
+the same GGUF when installed.
 
     .venv/bin/python benchmarks/engine.py [--quick] [--repeats N] [--threads N]
 
@@ -32,7 +33,7 @@ from pyagent.bench.provenance import command, cpuinfo, git_state, machine, versi
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-ENGINES = {"embedded": "PyAgent", "llamacpp": "llama.cpp"}
+ENGINES = {"embedded": "PyAgent", "embedded-int8": "PyAgent int8", "llamacpp": "llama.cpp"}
 LLAMACPP_CONTEXT = 4096
 
 
@@ -85,7 +86,8 @@ def with_prompts(plan: list[Request], tokenizer: Any) -> list[Request]:
 # --- workers: one engine, one load, every request once --------------------------------------
 
 
-def embedded_worker(threads: int) -> tuple[float, Callable[[Request], Run], dict[str, Any]]:
+def embedded_worker(threads: int, quantize: str | None = None
+                    ) -> tuple[float, Callable[[Request], Run], dict[str, Any]]:
     """Load the embedded engine; return load time, a request runner and its settings."""
     import torch
 
@@ -94,7 +96,7 @@ def embedded_worker(threads: int) -> tuple[float, Callable[[Request], Run], dict
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    engine = Engine.load()
+    engine = Engine.load(quantize=quantize)
     load_s = time.perf_counter() - start
 
     def run(request: Request) -> Run:
@@ -103,7 +105,8 @@ def embedded_worker(threads: int) -> tuple[float, Callable[[Request], Run], dict
         return Run(done.usage.prompt_tokens, done.usage.completion_tokens,
                    done.timings.time_to_first_token_s, done.timings.total_s)
 
-    settings = {"dtype": str(engine.model.dtype), "torch_threads": torch.get_num_threads()}
+    settings = {"dtype": str(engine.model.dtype), "quantize": quantize,
+                "torch_threads": torch.get_num_threads()}
     return load_s, run, settings
 
 
@@ -163,8 +166,11 @@ def worker(name: str) -> None:
     result = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # libraries that print must not corrupt the JSON on stdout
     plan = json.load(sys.stdin)
-    load = embedded_worker if name == "embedded" else llamacpp_worker
-    load_s, run, settings = load(plan["threads"])
+    if name == "llamacpp":
+        load_s, run, settings = llamacpp_worker(plan["threads"])
+    else:
+        load_s, run, settings = embedded_worker(plan["threads"],
+                                                "int8" if name == "embedded-int8" else None)
     rss_after_load = psutil.Process().memory_info().rss / 2**20
     runs = {item["name"]: asdict(run(Request(**item))) for item in plan["requests"]}
     sample = {
@@ -247,12 +253,13 @@ def summaries(samples: dict[str, list[dict[str, Any]]],
             for engine, runs in samples.items()}
 
 
-def ratios(stats: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """PyAgent median / llama.cpp median, per metric."""
+def ratios(stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per PyAgent variant, its median / llama.cpp's median, per metric."""
     if "llamacpp" not in stats:
         return {}
-    return {key: value["median"] / stats["llamacpp"][key]["median"]
-            for key, value in stats["embedded"].items()}
+    return {engine: {key: value["median"] / stats["llamacpp"][key]["median"]
+                     for key, value in stats[engine].items()}
+            for engine in stats if engine != "llamacpp"}
 
 
 def cell(stat: dict[str, Any], digits: int) -> str:
@@ -262,17 +269,15 @@ def cell(stat: dict[str, Any], digits: int) -> str:
 
 
 def table_rows(rows: list[Metric], stats: dict[str, dict[str, Any]],
-               ratio: dict[str, float]) -> tuple[list[str], list[list[str]]]:
+               ratio: dict[str, dict[str, float]]) -> tuple[list[str], list[list[str]]]:
     """Header and cells shared by the terminal table and the Markdown file."""
     header = ["figure", "unit", "better", *(ENGINES[e] for e in stats)]
-    if ratio:
-        header.append("PyAgent / llama.cpp")
+    header += [f"{ENGINES[e]} / llama.cpp" for e in ratio]
     cells = []
     for m in rows:
         line = [m.label, m.unit, "higher" if m.higher_is_better else "lower",
                 *(cell(stats[e][m.key], m.digits) for e in stats)]
-        if ratio:
-            line.append(f"{ratio[m.key]:.2f}x")
+        line += [f"{ratio[e][m.key]:.2f}x" for e in ratio]
         cells.append(line)
     return header, cells
 
@@ -281,7 +286,9 @@ def engine_notes(result: dict[str, Any]) -> list[str]:
     """How each engine ran, from the settings its workers reported."""
     embedded = result["samples"]["embedded"][0]["settings"]
     notes = [f"PyAgent: {embedded['dtype'].removeprefix('torch.')} weights, "
-             f"{embedded['torch_threads']} torch threads"]
+             f"{embedded['torch_threads']} torch threads",
+             "PyAgent int8: the same, with weight-only int8 linear layers and LM head "
+             "(engine/quantize.py)"]
     if result["llamacpp_skipped"]:
         return [*notes, f"llama.cpp: {result['llamacpp_skipped']}"]
     llama = result["samples"]["llamacpp"][0]["settings"]
@@ -352,7 +359,7 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(prepare(EMBEDDED)))
     plan = {"threads": threads,
             "requests": [asdict(r) for r in with_prompts(requests(args.quick), tokenizer)]}
-    engines = ["embedded"]
+    engines = ["embedded", "embedded-int8"]
     skipped = None
     if util.find_spec("llama_cpp"):
         engines.append("llamacpp")
@@ -389,7 +396,7 @@ def main() -> None:
         "metrics": {m.key: {"label": m.label, "unit": m.unit,
                             "higher_is_better": m.higher_is_better} for m in rows},
         "summary": stats,
-        "ratios_pyagent_over_llamacpp": ratio,
+        "ratios_over_llamacpp": ratio,
         "samples": samples,
     }
     header, cells = table_rows(rows, stats, ratio)
