@@ -19,6 +19,7 @@ from pyagent.engine.model import QUANTIZE
 from pyagent.errors import ModelError
 
 ACTIVATIONS = torch.bfloat16  # what the CPU int8 kernel multiplies with
+ROWS_PER_CHUNK = 8192  # rows quantized at a time: a few MB of float temporaries, not the matrix
 
 
 class Int8Linear(nn.Module):
@@ -26,10 +27,13 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        weight = linear.weight.detach().float()
-        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer("weight", torch.round(weight / scales[:, None]).clamp(-127, 127)
-                             .to(torch.int8).contiguous())
+        weight = linear.weight.detach()
+        scales = weight.abs().amax(dim=1).float().clamp(min=1e-12) / 127
+        packed = torch.empty(weight.shape, dtype=torch.int8)
+        for start in range(0, weight.shape[0], ROWS_PER_CHUNK):  # small temporaries only
+            rows = slice(start, start + ROWS_PER_CHUNK)
+            packed[rows] = torch.round(weight[rows].float() / scales[rows, None]).clamp(-127, 127)
+        self.register_buffer("weight", packed)
         self.register_buffer("scales", scales.to(ACTIVATIONS))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
                                                                    requires_grad=False)
