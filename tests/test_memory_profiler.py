@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
-import os
+import mmap
 import sys
 import threading
 import time
@@ -26,9 +26,14 @@ MIB = 1 << 20
 FAST = 0.02  # sampling interval for tests
 
 
-def resident(size: int) -> bytes:
-    """`size` bytes that are really resident (written, not lazily zero-mapped)."""
-    return os.urandom(size)
+def resident(size: int) -> mmap.mmap:
+    """`size` bytes that are really resident, in fresh pages of their own: an anonymous mapping
+    with every page written, unmapped when dropped (heap memory could reuse pages that an earlier
+    test freed but the allocator kept, and then RSS would not move)."""
+    pages = mmap.mmap(-1, size)
+    for offset in range(0, size, mmap.PAGESIZE):
+        pages[offset] = 1
+    return pages
 
 
 def test_a_leak_of_1_mib_per_iteration_is_found_within_20_iterations():

@@ -228,8 +228,8 @@ def demo(model: ModelOpt = DEFAULT_MODEL, dtype: DtypeOpt = "float32",
     import shutil
     import tempfile
 
-    from pyagent.fleet.runner import Runtime, backend_factory, orchestrator
     from pyagent.llm.embedded import EmbeddedBackend
+    from pyagent.runtime import Runtime, backend_factory, orchestrator
 
     example = Path(__file__).resolve().parents[2] / "examples" / "bugfix"
     if not (example / "manifest.yaml").is_file():
@@ -368,7 +368,7 @@ def run_manifest(
     ] = None,
 ) -> None:
     """Run a manifest's steps on a workspace, checkpointing after every step."""
-    from pyagent.fleet.runner import Runtime, backend_factory, orchestrator
+    from pyagent.runtime import Runtime, backend_factory, orchestrator
 
     runtime = Runtime.open(data)
     try:
@@ -388,7 +388,7 @@ def run_manifest(
 def resume(run_id: Annotated[str, typer.Argument(help="The run to continue.")],
            data: DataOpt = Path(".pyagent")) -> None:
     """Continue a run from its latest checkpoint; completed steps do not run again."""
-    from pyagent.fleet.runner import Runtime, backend_factory, orchestrator
+    from pyagent.runtime import Runtime, backend_factory, orchestrator
 
     runtime = Runtime.open(data)
     try:
@@ -443,7 +443,7 @@ def _finish(result, data: Path) -> None:
 @runs_app.command("list")
 def runs_list(data: DataOpt = Path(".pyagent")) -> None:
     """Every recorded run, newest first."""
-    from pyagent.fleet.runner import Runtime
+    from pyagent.runtime import Runtime
 
     runtime = Runtime.open(data)
     try:
@@ -468,7 +468,7 @@ def runs_compare(
     """Tokens and cost of candidate runs against baseline runs of the same tasks, paired by
     task, with bootstrap confidence intervals of the mean difference per task."""
     from pyagent.bench.tokens import compare_runs
-    from pyagent.fleet.runner import Runtime
+    from pyagent.runtime import Runtime
 
     runtime = Runtime.open(data, prices)
     try:
@@ -510,7 +510,7 @@ def runs_report(run_id: Annotated[str, typer.Argument(help="The run to report on
                 data: DataOpt = Path(".pyagent"), prices: PricesOpt = None) -> None:
     """A run's tokens, cost and metrics as JSON, CSV, SQLite and an HTML report."""
     from pyagent.bench.report.run import write_run_report
-    from pyagent.fleet.runner import Runtime
+    from pyagent.runtime import Runtime
 
     runtime = Runtime.open(data, prices)
     try:
@@ -525,7 +525,7 @@ def runs_report(run_id: Annotated[str, typer.Argument(help="The run to report on
 def runs_show(run_id: Annotated[str, typer.Argument(help="The run to show.")],
               data: DataOpt = Path(".pyagent"), prices: PricesOpt = None) -> None:
     """A run's steps: agent, status, tokens, cost, tool calls, time and output."""
-    from pyagent.fleet.runner import Runtime
+    from pyagent.runtime import Runtime
 
     runtime = Runtime.open(data, prices)
     try:

@@ -25,8 +25,8 @@ from genai_prices import types as gp
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from pyagent.errors import PyAgentError
-from pyagent.fleet.yamlfile import config_error, line_of, load_yaml, validate
 from pyagent.types import Usage
+from pyagent.yamlfile import config_error, line_of, load_yaml, validate
 
 log = logging.getLogger(__name__)
 

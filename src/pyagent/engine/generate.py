@@ -26,7 +26,6 @@ from pyagent.engine.registry import resolve_model
 from pyagent.engine.sampling import Sampler
 from pyagent.engine.toolcalls import as_text_messages, parse_reply, reply_schema
 from pyagent.errors import ConfigError, RequestError
-from pyagent.llm.base import collect
 from pyagent.types import Completion, CompletionRequest, StreamEvent, Timings, Usage
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -269,7 +268,9 @@ class Engine:
 
 def _with_tool_calls(events: Iterator[StreamEvent], context: str) -> Iterator[StreamEvent]:
     """The reply of a tool-calling request as its answer text or its tool calls."""
-    completion = collect(events)
+    *_, last = events
+    completion = last.completion
+    assert completion is not None
     text, calls = parse_reply(completion.text, context)
     finish = "tool_calls" if calls else completion.finish_reason
     yield StreamEvent(text, replace(completion, text=text, tool_calls=calls, finish_reason=finish))

@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pyagent.fleet.yamlfile import config_error, load_yaml, validate
+from pyagent.yamlfile import config_error, load_yaml, validate
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
 

@@ -33,7 +33,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from pyagent.fleet.agent import NAME_PATTERN, AgentSpec, load_agents
-from pyagent.fleet.yamlfile import Lines, config_error, load_yaml, validate
+from pyagent.yamlfile import Lines, config_error, load_yaml, validate
 
 NAMES = {"task", "steps", "loop"}
 

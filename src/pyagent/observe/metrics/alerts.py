@@ -47,8 +47,8 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validat
 from pydantic_core import PydanticCustomError
 
 from pyagent.errors import ConfigError
-from pyagent.fleet.yamlfile import Lines, config_error, load_yaml, validate
 from pyagent.observe.metrics.source import STATS, MetricSource, is_stat
+from pyagent.yamlfile import Lines, config_error, load_yaml, validate
 
 INACTIVE, PENDING, FIRING, RESOLVED = "inactive", "pending", "firing", "resolved"
 SEVERITIES = ("critical", "warning", "info")

@@ -56,7 +56,6 @@ from pydantic import (
     model_validator,
 )
 
-from pyagent.fleet.yamlfile import config_error, load_yaml, validate
 from pyagent.observe.metrics.alerts import (
     FIRING,
     NAME_PATTERN,
@@ -68,6 +67,7 @@ from pyagent.observe.metrics.alerts import (
     parsed,
 )
 from pyagent.observe.metrics.source import STATS, MetricSource, is_stat
+from pyagent.yamlfile import config_error, load_yaml, validate
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 ORDER = (PASS, WARN, FAIL)
