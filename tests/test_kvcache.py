@@ -141,10 +141,25 @@ def test_block_size_must_divide_the_window(tiny_engine):
 
 def test_a_full_pool_is_a_clear_error(tiny_engine):
     engine = Engine(tiny_engine.loaded, kv=KVSettings(max_tokens=32, share_prefix=False))
+    ids = engine.tokenize("The quick brown fox " * 10)
+    sequence = engine.open(ids)
     with pytest.raises(RequestError, match="KV cache of the global layers is full"):
-        engine.generate(CompletionRequest(prompt="The quick brown fox " * 10,
-                                          sampling=SamplingParams(max_tokens=2)))
-    assert engine.cache.pools["global"].used == 0  # the failed request let go of its blocks
+        engine.prefill(sequence, ids)
+    engine.close(sequence)
+    assert engine.cache.pools["global"].used == 0
+
+
+def test_a_request_larger_than_the_kv_budget_is_refused_up_front(tiny_engine):
+    engine = Engine(tiny_engine.loaded, kv=KVSettings(max_tokens=64, share_prefix=False))
+    big = CompletionRequest(prompt="The quick brown fox " * 10,
+                            sampling=SamplingParams(max_tokens=2))
+    with pytest.raises(RequestError, match=r"may need 96 tokens of KV in the global layers "
+                       r"\(51 prompt \+ 2 max_tokens.*KV budget there is 64 tokens") as caught:
+        engine.generate(big)
+    assert caught.value.code == "kv_budget_exceeded"
+    small = engine.generate(CompletionRequest(prompt="fox", sampling=SamplingParams(max_tokens=3)))
+    assert small.usage.completion_tokens == 3  # the engine goes on serving
+    assert engine.cache.pools["global"].used == 0
 
 
 @pytest.mark.model

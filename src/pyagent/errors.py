@@ -39,3 +39,12 @@ class BackendUnavailableError(BackendError):
 
 class ReplayMissError(BackendError):
     """A replay backend has no recording for a request."""
+
+
+class OverloadedError(RequestError):
+    """The engine cannot take a request now (its queue is full, or it is shutting down); try again
+    after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int, code: str = "overloaded"):
+        super().__init__(message, code=code)
+        self.retry_after = retry_after

@@ -11,6 +11,10 @@ Layers of the global group can also collect per-token attention statistics for e
 (accumulated mass, entropy-weighted mass, peak focused attention, the last query's attention, the
 step a token was last attended) and keep the most recent queries for observation-window scoring.
 Attention is computed in query chunks, so no L x L matrix is ever materialized.
+
+A `BatchForward` runs several sequences in one forward pass: their new tokens lie side by side in
+one row, so every projection and MLP reads its weights once for all of them, and each sequence
+attends only over its own blocks.
 """
 
 from __future__ import annotations
@@ -95,6 +99,23 @@ class PagedForward:
         return out.reshape(1, heads, count, dim).transpose(1, 2)
 
 
+@dataclass
+class BatchForward:
+    """Several sequences' new tokens in one forward pass: `parts[i]` owns the next `sizes[i]`."""
+
+    parts: list[PagedForward]
+    sizes: list[int]
+
+    def attend(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+        if len(self.parts) == 1:
+            return self.parts[0].attend(module, query, key, value, scaling)
+        queries, keys, values = (t.split(self.sizes, dim=2) for t in (query, key, value))
+        return torch.cat([part.attend(module, q, k, v, scaling)
+                          for part, q, k, v in zip(self.parts, queries, keys, values,
+                                                   strict=True)], dim=1)
+
+
 def _observe(stats: dict[str, torch.Tensor], probs: torch.Tensor, visible: torch.Tensor,
              share: float, step: int, last: bool, first_layer: bool) -> None:
     """Fold one chunk of attention ([heads, queries, keys]) into per-token statistics."""
@@ -116,7 +137,7 @@ def _observe(stats: dict[str, torch.Tensor], probs: torch.Tensor, visible: torch
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                    paged: PagedForward | None = None, **kwargs):
+                    paged: BatchForward | None = None, **kwargs):
     """The attention function transformers calls for `pyagent_paged` models."""
     if paged is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask,

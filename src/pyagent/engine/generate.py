@@ -1,34 +1,39 @@
-"""The generation loop on the paged KV cache: prefill the prompt tokens the prefix cache lacks (in
-chunks, logits for the last position only), evict down to the KV budget, then decode token by
-token, evicting again every `evict_every` tokens.
+"""The engine: the model on the paged KV cache, and the generation of requests.
 
-One request runs at a time per `Engine` (a lock queues the others), so concurrent callers never see
-each other's tokens. Stop strings are honoured across token boundaries, and streamed text holds back
-anything that could still turn into a stop string or an incomplete UTF-8 character.
+A forward pass computes new tokens of one or more sequences on the cache. A prompt's tokens that
+the prefix cache lacks are computed in chunks (logits for the last position only), then the cache
+evicts down to the KV budget, and decoding goes token by token, evicting again every
+`evict_every` tokens.
+
+Requests run on the engine's `Scheduler`, which batches all of them into shared forward passes
+(continuous batching), so concurrent callers share the weights' memory traffic and never see each
+other's tokens.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from pyagent.engine import attention
 from pyagent.engine.chat import chat_stop_token_ids, render_chat
+from pyagent.engine.decoding import Decoder
 from pyagent.engine.eviction import Budget, evict, make_policy
 from pyagent.engine.grammar import JsonConstraint, grammar_tokenizer
 from pyagent.engine.kvcache import DEFAULT_BLOCK_SIZE, PagedKVCache, Sequence
 from pyagent.engine.model import LoadedModel, load
 from pyagent.engine.registry import resolve_model
-from pyagent.engine.sampling import Sampler
-from pyagent.engine.toolcalls import as_text_messages, parse_reply, reply_schema
+from pyagent.engine.scheduler import Job, Scheduler, SchedulerSettings, Ticket
+from pyagent.engine.toolcalls import as_text_messages, reply_schema
 from pyagent.errors import ConfigError, RequestError
-from pyagent.types import Completion, CompletionRequest, StreamEvent, Timings, Usage
+from pyagent.types import Completion, CompletionRequest, StreamEvent
 
-REPLACEMENT_CHAR = "\ufffd"
+DEFAULT_KV_SHARE = 0.25  # of the memory available at start, when no KV capacity is given
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,7 @@ class KVSettings:
     budget: Budget | None = None
     evict_every: int = 64
     prefill_chunk: int = 512
-    max_tokens: int | None = None  # capacity of each layer group's block pool
+    max_tokens: int | None = None  # capacity of each layer group's block pool (None: see Engine)
 
     def __post_init__(self) -> None:
         if self.policy != "full" and self.budget is None:
@@ -53,10 +58,10 @@ class KVSettings:
 
 
 class Engine:
-    """An in-process model with a generation loop; thread-safe, one request at a time."""
+    """An in-process model with a paged KV cache, serving requests with continuous batching."""
 
     def __init__(self, loaded: LoadedModel, context_length: int | None = None,
-                 kv: KVSettings | None = None):
+                 kv: KVSettings | None = None, scheduling: SchedulerSettings | None = None):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -70,35 +75,79 @@ class Engine:
         eos = getattr(self.tokenizer, "eos_token_id", None)
         self.eos_ids: set[int] = {eos} if eos is not None else set()
         self.chat_stop_ids = self.eos_ids | chat_stop_token_ids(self.tokenizer)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._tokenizer_lock = threading.Lock()  # fast tokenizers mutate state on every encode
         self.kv = kv or KVSettings()
         self.policy = make_policy(self.kv.policy)
+        self.scheduling = scheduling or SchedulerSettings()
         self.cache = PagedKVCache(config, dtype=self.model.dtype, block_size=self.kv.block_size,
-                                  max_tokens=self.kv.max_tokens)
+                                  max_tokens=self.kv.max_tokens or self._default_kv_tokens())
         config._attn_implementation = attention.NAME
         layer_types = getattr(config, "layer_types", None) or ["full_attention"]
         self._no_masks = dict.fromkeys(layer_types)  # masks come from the paged cache
         self._grammar_tokenizer = None  # built on the first constrained request
+        self.scheduler = Scheduler(self, self.scheduling)
 
     @classmethod
     def load(cls, model: str | None = None, dtype: str = "float32",
              context_length: int | None = None, kv: KVSettings | None = None,
-             report=lambda _msg: None, quantize: str | None = None) -> Engine:
+             report=lambda _msg: None, quantize: str | None = None,
+             scheduling: SchedulerSettings | None = None) -> Engine:
         """Load `model` (default: the embedded one); `quantize="int8"` for weight-only int8."""
         return cls(load(resolve_model(model), dtype=dtype, report=report, quantize=quantize),
-                   context_length, kv)
+                   context_length, kv, scheduling)
+
+    def shutdown(self) -> None:
+        """Stop serving: requests still queued or running end with an error."""
+        self.scheduler.close()
+
+    # --- KV memory -----------------------------------------------------------------------------
+
+    def _default_kv_tokens(self) -> int:
+        """KV capacity when none is given: a full context for every request of a batch, within
+        a quarter of the memory available now."""
+        import psutil
+
+        probe = PagedKVCache(self.model.config, dtype=self.model.dtype,
+                             block_size=self.kv.block_size, max_tokens=self.kv.block_size)
+        per_token = sum(p.bytes_per_block for p in probe.pools.values()) // self.kv.block_size
+        affordable = int(psutil.virtual_memory().available * DEFAULT_KV_SHARE) // per_token
+        wanted = self.context_length * self.scheduling.max_batch
+        return max(self.context_length, min(wanted, affordable))
+
+    def kv_token_budget(self) -> dict[str, int]:
+        """Tokens of KV each layer group can hold: what admitted requests may reserve."""
+        return {name: (pool.max_blocks or 0) * pool.block_size
+                for name, pool in self.cache.pools.items()}
+
+    def kv_reservation(self, prompt_tokens: int, max_tokens: int) -> dict[str, int]:
+        """The most KV tokens a request can occupy per layer group (a block of slack each for a
+        partly filled block and a copy on write)."""
+        total = prompt_tokens + max_tokens
+        reserve = {}
+        for group in self.cache.groups:
+            live = total if group.window is None else min(
+                total, group.window + self.kv.prefill_chunk)
+            reserve[group.name] = (-(-live // self.kv.block_size) + 2) * self.kv.block_size
+        return reserve
 
     # --- sequences on the paged cache ----------------------------------------------------------
 
+    @contextmanager
+    def exclusive(self):
+        """Hold the cache alone: the low-level sequence methods below need it while the engine
+        may be serving requests."""
+        with self._lock:
+            yield
+
     def open(self, prompt_ids: list[int]) -> Sequence:
-        """A sequence for `prompt_ids`, starting from the longest cached prefix. Sequences share
-        the engine's cache: use them under one thread (requests hold the engine lock)."""
+        """A sequence for `prompt_ids`, starting from the longest cached prefix."""
         sequence = self.cache.new_sequence(prompt_ids, self.kv.share_prefix)
         sequence.prompt_length = len(prompt_ids)
         return sequence
 
     def close(self, sequence: Sequence) -> None:
+        """Let go of `sequence`'s blocks (its prompt prefix stays cached)."""
         self.cache.release(sequence)
 
     def forward(self, sequence: Sequence, tokens: list[int], collect: bool | None = None,
@@ -107,18 +156,30 @@ class Engine:
 
         `collect` (attention statistics) and `window` (recent queries kept) default to what the
         engine's eviction policy needs."""
-        plan = self.cache.plan(sequence, tokens)
+        return self.forward_batch([(sequence, tokens)], collect, window)[0]
+
+    def forward_batch(self, items: list[tuple[Sequence, list[int]]], collect: bool | None = None,
+                      window: int | None = None) -> list[torch.Tensor]:
+        """One forward pass over the new tokens of several sequences; each one's hidden states."""
         if collect is None:
             collect = bool(self.policy and self.policy.collects)
         if window is None:
             window = self.policy.window if self.policy else 0
-        paged = attention.PagedForward(self.cache, sequence, plan, collect, window)
+        parts, positions, tokens = [], [], []
+        for sequence, new in items:
+            plan = self.cache.plan(sequence, new)
+            parts.append(attention.PagedForward(self.cache, sequence, plan, collect, window))
+            positions.append(plan.query_positions)
+            tokens.extend(new)
+        sizes = [len(new) for _, new in items]
+        paged = attention.BatchForward(parts, sizes)
         with torch.inference_mode():
             out = self.model.model(input_ids=torch.tensor([tokens]),
-                                   position_ids=plan.query_positions[None],
+                                   position_ids=torch.cat(positions)[None],
                                    attention_mask=self._no_masks, use_cache=False, paged=paged)
-        self.cache.finish(sequence)
-        return out.last_hidden_state[0]
+        for sequence, _ in items:
+            self.cache.finish(sequence)
+        return list(out.last_hidden_state[0].split(sizes))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits for hidden states ([n, hidden] -> [n, vocab])."""
@@ -179,6 +240,15 @@ class Engine:
                 f"this request needs {prompt_tokens} prompt tokens + {max_tokens} max_tokens = "
                 f"{prompt_tokens + max_tokens} tokens, but {self.name}'s context is "
                 f"{self.context_length} tokens", param=param, code="context_length_exceeded")
+        reserve = self.kv_reservation(prompt_tokens, max_tokens)
+        budget = self.kv_token_budget()
+        for group, tokens in reserve.items():
+            if tokens > budget[group]:
+                raise RequestError(
+                    f"this request may need {tokens} tokens of KV in the {group} layers "
+                    f"({prompt_tokens} prompt + {max_tokens} max_tokens, in blocks of "
+                    f"{self.kv.block_size}), but the engine's KV budget there is "
+                    f"{budget[group]} tokens", param="max_tokens", code="kv_budget_exceeded")
 
     def generate(self, request: CompletionRequest) -> Completion:
         """Run `request` to completion."""
@@ -189,93 +259,25 @@ class Engine:
     def stream(self, request: CompletionRequest) -> Iterator[StreamEvent]:
         """Yield text deltas as they become final; the last event carries the `Completion`.
 
-        The request is validated here, before the first event, so errors surface at the call.
-        A request that offers tools yields its answer or call once it is complete.
+        The request is validated and queued here, before the first event, so errors (including
+        a full queue) surface at the call. Closing the iterator early cancels the request.
         """
+        return iter(self.submit(request))
+
+    def submit(self, request: CompletionRequest,
+               loop: asyncio.AbstractEventLoop | None = None) -> Ticket:
+        """Validate and queue `request`; its events arrive on the returned ticket (readable with
+        `async for` on `loop` when one is given)."""
         prompt_ids = self.encode(request)
-        self.check_fits(len(prompt_ids), request.sampling.max_tokens,
-                        "messages" if request.is_chat else "prompt")
+        max_tokens = request.sampling.max_tokens
+        self.check_fits(len(prompt_ids), max_tokens, "messages" if request.is_chat else "prompt")
         stop_ids = self.chat_stop_ids if request.is_chat else self.eos_ids
         if request.sampling.ignore_eos:
             stop_ids = set()
         schema = request.sampling.json_schema or reply_schema(request)
         constraint = self.json_constraint(schema) if schema is not None else None
-        events = self._locked(prompt_ids, request, stop_ids, constraint)
-        if not request.tools:
-            return events
-        return _with_tool_calls(events, str(prompt_ids))
-
-    def _locked(self, prompt_ids: list[int], request: CompletionRequest, stop_ids: set[int],
-                constraint: JsonConstraint | None) -> Iterator[StreamEvent]:
-        with self._lock:
-            yield from self._run(prompt_ids, request, stop_ids, constraint)
-
-    def _run(self, prompt_ids: list[int], request: CompletionRequest, stop_ids: set[int],
-             constraint: JsonConstraint | None) -> Iterator[StreamEvent]:
-        params = request.sampling
-        sampler = Sampler(params)
-        holdback = max((len(s) for s in params.stop), default=1) - 1
-        generated: list[int] = []
-        emitted = 0
-        text = ""
-        finish = "length"
-        start = time.perf_counter()
-        first_token_at = None
-        sequence = self.open(prompt_ids)
-        try:
-            logits = self.prefill(sequence, prompt_ids)
-            while True:
-                token = sampler(logits if constraint is None else constraint.constrain(logits))
-                first_token_at = first_token_at or time.perf_counter()
-                generated.append(token)
-                if token in stop_ids:
-                    finish = "stop"
-                    break
-                text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                cut = _find_stop(text, params.stop, max(0, emitted - holdback))
-                if cut is not None:
-                    text, finish = text[:cut], "stop"
-                    break
-                if constraint is not None:
-                    constraint.advance(token)
-                    if constraint.finished:
-                        finish = "stop"
-                        break
-                if len(generated) >= params.max_tokens:
-                    break
-                safe = len(text) - holdback
-                while safe > emitted and text[safe - 1] == REPLACEMENT_CHAR:
-                    safe -= 1
-                if safe > emitted:
-                    yield StreamEvent(text[emitted:safe])
-                    emitted = safe
-                logits = self.decode(sequence, token)
-        finally:
-            self.close(sequence)
-        end = time.perf_counter()
-        completion = Completion(
-            text=text,
-            finish_reason=finish,  # type: ignore[arg-type]
-            usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=len(generated),
-                        cached_tokens=sequence.cached_tokens),
-            timings=Timings(time_to_first_token_s=(first_token_at or end) - start,
-                            total_s=end - start, completion_tokens=len(generated)),
-            model=self.name,
-            backend="embedded",
-        )
-        yield StreamEvent(text[emitted:], completion)
-
-
-def _with_tool_calls(events: Iterator[StreamEvent], context: str) -> Iterator[StreamEvent]:
-    """The reply of a tool-calling request as its answer text or its tool calls."""
-    *_, last = events
-    completion = last.completion
-    assert completion is not None
-    text, calls = parse_reply(completion.text, context)
-    finish = "tool_calls" if calls else completion.finish_reason
-    yield StreamEvent(text, replace(completion, text=text, tool_calls=calls, finish_reason=finish))
-
-
-def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
-    hits = [i for s in stops if (i := text.find(s, start)) >= 0]
-    return min(hits) if hits else None
+        ticket = Ticket(loop)
+        decoder = Decoder(self.name, self.tokenizer, prompt_ids, request, stop_ids, constraint)
+        self.scheduler.submit(Job(prompt_ids, decoder, ticket,
+                                  self.kv_reservation(len(prompt_ids), max_tokens)))
+        return ticket

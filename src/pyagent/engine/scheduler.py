@@ -1,0 +1,290 @@
+"""Continuous batching: one thread runs the model for every request the engine serves.
+
+Requests wait in a bounded queue. Between two forward passes the scheduler admits waiting requests
+while the batch has room (`max_batch`) and the KV they may need fits the engine's KV budget, then
+runs one pass over everything in flight: one token for each decoding sequence and prompt chunks
+of the sequences still in prefill, up to `step_tokens`. Prompts are cut into chunks of a fixed size
+counted from their first uncached token, so a prompt is computed the same way alone or in a
+batch, and a long prompt never stalls the decoding ones for more than a chunk.
+
+Each request's events go to its `Ticket`, which a thread or an asyncio task reads. Cancelling a
+ticket (a client went away) frees its sequence before the next pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from pyagent.engine.decoding import Decoder
+from pyagent.engine.kvcache import Sequence
+from pyagent.errors import ConfigError, OverloadedError, PyAgentError
+from pyagent.types import StreamEvent
+
+if TYPE_CHECKING:
+    from pyagent.engine.generate import Engine
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """How many requests run together, how many may wait, and how many tokens one pass computes
+    (decode tokens first, then whole prompt chunks; at least one chunk always goes in)."""
+
+    max_batch: int = 8
+    max_queue: int = 64
+    step_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "step_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise ConfigError(f"max_queue must be >= 0, got {self.max_queue}")
+
+
+class Ticket:
+    """A submitted request's events, in order; the last carries the `Completion`. Iterate it from
+    a thread, or with `async for` when it was made for an event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
+        self._loop = loop
+        self._events: asyncio.Queue | queue.SimpleQueue = (
+            asyncio.Queue() if loop is not None else queue.SimpleQueue())
+        self.cancelled = False
+        self.finished = False
+
+    def put(self, item: StreamEvent | BaseException) -> None:
+        """Deliver an event or an error (called by the scheduler's thread)."""
+        if self._loop is None:
+            self._events.put(item)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, item)
+        except RuntimeError:  # the loop is gone: nobody is listening any more
+            self.cancelled = True
+
+    def cancel(self) -> None:
+        """Stop generating for this request and free its KV (no effect once finished)."""
+        self.cancelled = True
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        assert isinstance(self._events, queue.SimpleQueue), "this ticket belongs to an event loop"
+        try:
+            while not self.finished:
+                yield self._take(self._events.get())
+        finally:
+            self.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[StreamEvent]:
+        assert isinstance(self._events, asyncio.Queue), "this ticket has no event loop"
+        try:
+            while not self.finished:
+                yield self._take(await self._events.get())
+        finally:
+            self.cancel()
+
+    def _take(self, item: StreamEvent | BaseException) -> StreamEvent:
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        self.finished = item.completion is not None
+        return item
+
+
+@dataclass
+class Job:
+    """A request inside the scheduler: its prompt, decoding state, KV reservation and sequence."""
+
+    prompt_ids: list[int]
+    decoder: Decoder
+    ticket: Ticket
+    reserve: dict[str, int]  # KV tokens reserved per layer group
+    sequence: Sequence | None = None
+    todo: list[int] = field(default_factory=list)  # prompt tokens still to compute
+
+
+class Scheduler:
+    """Admits, batches and steps the requests of one `Engine` on a thread of its own."""
+
+    def __init__(self, engine: Engine, settings: SchedulerSettings | None = None):
+        self.engine = engine
+        self.settings = settings or SchedulerSettings()
+        self.budget = engine.kv_token_budget()  # group -> KV tokens all admitted requests may use
+        self._waiting: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._reserved = dict.fromkeys(self.budget, 0)
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._service_s = 1.0  # moving average of a request's time in the engine
+        self.steps = 0
+
+    # --- the caller's side ---------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Queue `job`, or raise `OverloadedError` when the queue is full or the engine closed."""
+        with self._cond:
+            if self._closed:
+                raise OverloadedError("the engine is shutting down", retry_after=5,
+                                      code="engine_closed")
+            free = max(0, self.settings.max_batch - len(self._running))
+            if len(self._waiting) >= self.settings.max_queue + free:
+                raise OverloadedError(
+                    f"the engine is busy: {len(self._running)} requests running and "
+                    f"{len(self._waiting)} waiting (max_queue {self.settings.max_queue})",
+                    retry_after=self.retry_after())
+            self._waiting.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="pyagent-scheduler",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely free, from the recent time requests spend running."""
+        batches_ahead = (len(self._waiting) + 1) / self.settings.max_batch
+        return max(1, math.ceil(self._service_s * batches_ahead))
+
+    def load(self) -> dict[str, int]:
+        """Requests running and waiting, and the KV tokens reserved per layer group."""
+        with self._cond:
+            return {"running": len(self._running), "waiting": len(self._waiting),
+                    **{f"reserved_{g}": n for g, n in self._reserved.items()}}
+
+    def close(self) -> None:
+        """Refuse new requests, fail the waiting and running ones, and stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    # --- the scheduler's thread ----------------------------------------------------------------
+
+    def _has_room(self, job: Job) -> bool:
+        return len(self._running) < self.settings.max_batch and all(
+            self._reserved[g] + job.reserve[g] <= self.budget[g] for g in self.budget)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._running or self._waiting or self._closed):
+                    self._cond.wait()
+                if self._closed:
+                    break
+                admitted = self._admit()
+            for job in admitted:
+                self._open(job)
+            self._drop_cancelled()
+            if self._running:
+                self._step()
+        closed = OverloadedError("the engine shut down", retry_after=5, code="engine_closed")
+        for job in [*self._running, *self._waiting]:
+            self._finish(job, closed)
+
+    def _admit(self) -> list[Job]:
+        admitted = []
+        while self._waiting and self._has_room(self._waiting[0]):
+            job = self._waiting.popleft()
+            if job.ticket.cancelled:
+                continue
+            for group, tokens in job.reserve.items():
+                self._reserved[group] += tokens
+            self._running.append(job)
+            admitted.append(job)
+        return admitted
+
+    def _open(self, job: Job) -> None:
+        engine = self.engine
+        with engine.exclusive():
+            job.sequence = engine.open(job.prompt_ids)
+        job.todo = job.prompt_ids[job.sequence.length:]
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self._running if j.ticket.cancelled]:
+            self._release(job)
+
+    def _plan(self) -> list[tuple[Job, list[int]]]:
+        """This pass's work: a token per decoding job, then prompt chunks within `step_tokens`."""
+        items = [(job, [job.decoder.last_token]) for job in self._running if not job.todo]
+        room = self.settings.step_tokens - len(items)
+        chunk_size = self.engine.kv.prefill_chunk
+        chunks = 0
+        for job in self._running:
+            chunk = job.todo[:chunk_size]
+            if not chunk or (chunks and len(chunk) > room):
+                continue
+            items.append((job, chunk))
+            room -= len(chunk)
+            chunks += 1
+        return items
+
+    def _step(self) -> None:
+        items = self._plan()
+        engine = self.engine
+        try:
+            with engine.exclusive():
+                hidden = engine.forward_batch([(job.sequence, tokens) for job, tokens in items])
+                ready = [(job, h[-1]) for (job, tokens), h in zip(items, hidden, strict=True)
+                         if not job.todo or len(tokens) == len(job.todo)]
+                logits = engine.logits(torch.stack([row for _, row in ready])) if ready else None
+                for job, tokens in items:
+                    self._after_forward(job, len(tokens))
+        except Exception as exc:  # a failed pass fails the requests in it, never the others
+            error = exc if isinstance(exc, PyAgentError) else PyAgentError(
+                f"generation failed: {exc}")
+            for job, _ in items:
+                self._finish(job, error)
+            return
+        self.steps += 1
+        for (job, _), row in zip(ready, logits if logits is not None else [], strict=True):
+            delta = job.decoder.advance(row)
+            if job.decoder.done:
+                self._finish(job)
+            elif delta:
+                job.ticket.put(StreamEvent(delta))
+
+    def _after_forward(self, job: Job, count: int) -> None:
+        """Bookkeeping after a pass: the prompt left to compute, and the KV budget."""
+        engine = self.engine
+        sequence = job.sequence
+        assert sequence is not None
+        if job.todo:
+            job.todo = job.todo[count:]
+            if not job.todo:
+                engine.enforce_budget(sequence)
+        elif (sequence.length - sequence.prompt_length) % engine.kv.evict_every == 0:
+            engine.enforce_budget(sequence)
+
+    def _finish(self, job: Job, error: BaseException | None = None) -> None:
+        if error is None:
+            assert job.sequence is not None
+            text, completion = job.decoder.completion(job.sequence.cached_tokens)
+            job.ticket.put(StreamEvent(text, completion))
+            elapsed = time.perf_counter() - job.decoder.started
+            self._service_s = 0.8 * self._service_s + 0.2 * elapsed
+        else:
+            job.ticket.put(error)
+        self._release(job)
+
+    def _release(self, job: Job) -> None:
+        if job.sequence is not None:
+            with self.engine.exclusive():
+                self.engine.close(job.sequence)
+            job.sequence = None
+        with self._cond:
+            if job in self._running:
+                self._running.remove(job)
+                for group, tokens in job.reserve.items():
+                    self._reserved[group] -= tokens
+            elif job in self._waiting:
+                self._waiting.remove(job)
