@@ -101,17 +101,19 @@ class PagedForward:
 
 @dataclass
 class BatchForward:
-    """Several sequences' new tokens in one forward pass: `parts[i]` owns the next `sizes[i]`."""
+    """Several sequences' new tokens in one forward pass: `parts[i]` owns the next `sizes[i]`;
+    a part that is None pads the pass (its rows touch no cache and attend to nothing)."""
 
-    parts: list[PagedForward]
+    parts: list[PagedForward | None]
     sizes: list[int]
 
     def attend(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float) -> torch.Tensor:
-        if len(self.parts) == 1:
+        if len(self.parts) == 1 and self.parts[0] is not None:
             return self.parts[0].attend(module, query, key, value, scaling)
         queries, keys, values = (t.split(self.sizes, dim=2) for t in (query, key, value))
-        return torch.cat([part.attend(module, q, k, v, scaling)
+        return torch.cat([q.new_zeros(q.shape).transpose(1, 2) if part is None
+                          else part.attend(module, q, k, v, scaling)
                           for part, q, k, v in zip(self.parts, queries, keys, values,
                                                    strict=True)], dim=1)
 

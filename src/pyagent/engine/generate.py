@@ -158,18 +158,24 @@ class Engine:
         engine's eviction policy needs."""
         return self.forward_batch([(sequence, tokens)], collect, window)[0]
 
-    def forward_batch(self, items: list[tuple[Sequence, list[int]]], collect: bool | None = None,
-                      window: int | None = None) -> list[torch.Tensor]:
-        """One forward pass over the new tokens of several sequences; each one's hidden states."""
+    def forward_batch(self, items: list[tuple[Sequence | None, list[int]]],
+                      collect: bool | None = None, window: int | None = None
+                      ) -> list[torch.Tensor]:
+        """One forward pass over the new tokens of several sequences; each one's hidden states.
+        An item without a sequence pads the pass: its tokens touch no cache."""
         if collect is None:
             collect = bool(self.policy and self.policy.collects)
         if window is None:
             window = self.policy.window if self.policy else 0
         parts, positions, tokens = [], [], []
         for sequence, new in items:
-            plan = self.cache.plan(sequence, new)
-            parts.append(attention.PagedForward(self.cache, sequence, plan, collect, window))
-            positions.append(plan.query_positions)
+            if sequence is None:
+                parts.append(None)
+                positions.append(torch.zeros(len(new), dtype=torch.long))
+            else:
+                plan = self.cache.plan(sequence, new)
+                parts.append(attention.PagedForward(self.cache, sequence, plan, collect, window))
+                positions.append(plan.query_positions)
             tokens.extend(new)
         sizes = [len(new) for _, new in items]
         paged = attention.BatchForward(parts, sizes)
@@ -178,7 +184,8 @@ class Engine:
                                    position_ids=torch.cat(positions)[None],
                                    attention_mask=self._no_masks, use_cache=False, paged=paged)
         for sequence, _ in items:
-            self.cache.finish(sequence)
+            if sequence is not None:
+                self.cache.finish(sequence)
         return list(out.last_hidden_state[0].split(sizes))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from pyagent.errors import ModelError
 MANIFEST = "pyagent-cache.json"
 CACHE_FORMAT = 1
 DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZE = ("int8",)  # weight-only schemes (engine/quantize.py)
+QUANTIZE = ("int8", "bf16")  # weight-only schemes (engine/quantize.py)
 
 Report = Callable[[str], None]
 
@@ -213,5 +213,5 @@ def load(spec: ModelSpec, dtype: str = "float32", report: Report = lambda _msg: 
     if quantize is not None:
         from pyagent.engine.quantize import quantize as quantize_model
 
-        report(f"int8: {quantize_model(model, quantize):,} weights")
+        report(f"{quantize}: {quantize_model(model, quantize):,} weights")
     return LoadedModel(spec, directory, model, tokenizer, time.perf_counter() - start)

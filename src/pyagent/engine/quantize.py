@@ -1,4 +1,4 @@
-"""Weight-only int8 for the large matrices, on PyTorch's own CPU kernel.
+"""Weight-only precisions for the large matrices: int8 on PyTorch's own CPU kernel, or bfloat16.
 
 Decoding one token reads every weight once, so on a CPU it is bound by memory bandwidth; Gemma 3
 270M's LM head alone (262,144 x 640) is 671 MB in float32. Weight-only int8 keeps one byte per
@@ -6,6 +6,12 @@ weight with a float scale per output row (symmetric, per channel), and multiplie
 `torch._weight_int8pack_mm`, which takes bfloat16 activations and dequantizes inside the kernel.
 Activations, the KV cache, norms and embeddings stay in the model's dtype. The input embedding
 stays in float even when it shares its weights with the LM head: a lookup reads one row.
+
+`_weight_int8pack_mm` computes each row of a batch on its own, so its cost grows with the batch
+and a row's result never depends on the others. Weight-only bfloat16 keeps two bytes per weight
+and multiplies through oneDNN (AMX on recent Xeons), whose cost barely grows up to 16 rows: the
+precision for batched decoding. Its kernels depend on the batch's shape, which the scheduler
+keeps fixed (see engine/scheduler.py).
 """
 
 from __future__ import annotations
@@ -47,14 +53,43 @@ class Int8Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
+class BF16Linear(nn.Module):
+    """A linear layer holding bfloat16 weights; it multiplies in bfloat16, returns the input's
+    dtype."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
+                                                                   requires_grad=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+        return out if self.bias is None else out + self.bias
+
+
+SCHEMES = {"int8": Int8Linear, "bf16": BF16Linear}
+
+
+def weight_precision(model: Any) -> str:
+    """What the model's linear layers multiply in: 'int8', 'bf16', or the model's dtype."""
+    for module in model.modules():
+        for scheme, kind in SCHEMES.items():
+            if isinstance(module, kind):
+                return scheme
+    return str(model.dtype).removeprefix("torch.")
+
+
 def quantize(model: Any, scheme: str) -> int:
-    """Replace the model's linear layers (decoder projections and the LM head) by int8 ones in
-    place; the number of weights now held in int8."""
+    """Replace the model's linear layers (decoder projections and the LM head) by weight-only
+    `scheme` ones in place; the number of weights converted."""
     if scheme not in QUANTIZE:
         raise ModelError(f"quantize must be one of {', '.join(QUANTIZE)}, got {scheme!r}")
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear)]
     for name, module in targets:
         parent, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attribute, Int8Linear(module))
+        setattr(model.get_submodule(parent) if parent else model, attribute,
+                SCHEMES[scheme](module))
     return sum(module.weight.numel() for _, module in targets)

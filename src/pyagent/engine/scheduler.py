@@ -1,11 +1,18 @@
 """Continuous batching: one thread runs the model for every request the engine serves.
 
-Requests wait in a bounded queue. Between two forward passes the scheduler admits waiting requests
-while the batch has room (`max_batch`) and the KV they may need fits the engine's KV budget, then
-runs one pass over everything in flight: one token for each decoding sequence and prompt chunks
-of the sequences still in prefill, up to `step_tokens`. Prompts are cut into chunks of a fixed size
-counted from their first uncached token, so a prompt is computed the same way alone or in a
-batch, and a long prompt never stalls the decoding ones for more than a chunk.
+Requests wait in a bounded queue. Between two steps the scheduler admits waiting requests while the
+batch has room (`max_batch`) and the KV they may need fits the engine's KV budget. A step is one
+forward pass that decodes a token for every decoding sequence, then passes over prompt chunks of
+the sequences still in prefill, up to `step_tokens`; a long prompt never stalls the decoding ones
+for more than a chunk.
+
+Batch invariance: a request's tokens do not depend on what else runs. Prompts are cut into chunks
+of a fixed size counted from their first uncached token, and each chunk has a pass of its own. The
+decode pass always has `max_batch` rows (padding rows touch no cache), because matrix kernels
+choose their blocking by shape, and at a fixed shape every row comes out the same wherever it sits.
+int8 weights need no padding: their kernel computes each row on its own. Padding is cheap where
+the weights' memory traffic dominates (int8, bfloat16); with float32 weights MKL's small-batch
+kernels cost ~2.8x at 8 rows, so float32 engines leave it off unless `batch_invariant` is set.
 
 Each request's events go to its `Ticket`, which a thread or an asyncio task reads. Cancelling a
 ticket (a client went away) frees its sequence before the next pass.
@@ -27,6 +34,7 @@ import torch
 
 from pyagent.engine.decoding import Decoder
 from pyagent.engine.kvcache import Sequence
+from pyagent.engine.quantize import weight_precision
 from pyagent.errors import ConfigError, OverloadedError, PyAgentError
 from pyagent.types import StreamEvent
 
@@ -42,6 +50,7 @@ class SchedulerSettings:
     max_batch: int = 8
     max_queue: int = 64
     step_tokens: int = 512
+    batch_invariant: bool | None = None  # None: on, except with float32 weights
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "step_tokens"):
@@ -127,6 +136,15 @@ class Scheduler:
         self._closed = False
         self._service_s = 1.0  # moving average of a request's time in the engine
         self.steps = 0
+        self.pad_rows = self._pad_rows()
+
+    def _pad_rows(self) -> int:
+        """Rows of every decode pass (0: as many as decode)."""
+        precision = weight_precision(self.engine.model)
+        invariant = self.settings.batch_invariant
+        if invariant is None:
+            invariant = precision != "float32"
+        return self.settings.max_batch if invariant and precision != "int8" else 0
 
     # --- the caller's side ---------------------------------------------------------------------
 
@@ -213,41 +231,50 @@ class Scheduler:
         for job in [j for j in self._running if j.ticket.cancelled]:
             self._release(job)
 
-    def _plan(self) -> list[tuple[Job, list[int]]]:
-        """This pass's work: a token per decoding job, then prompt chunks within `step_tokens`."""
-        items = [(job, [job.decoder.last_token]) for job in self._running if not job.todo]
-        room = self.settings.step_tokens - len(items)
+    def _step(self) -> None:
+        """A decode pass over every decoding job, then prompt chunks within `step_tokens`."""
+        decoding = [job for job in self._running if not job.todo]
+        if decoding:
+            items: list[tuple[Job | None, list[int]]] = [
+                (job, [job.decoder.last_token]) for job in decoding]
+            items += [(None, [0])] * (self.pad_rows - len(items))
+            self._pass(items)
+        room = self.settings.step_tokens - len(decoding)
         chunk_size = self.engine.kv.prefill_chunk
         chunks = 0
-        for job in self._running:
+        for job in [j for j in self._running if j.todo]:
             chunk = job.todo[:chunk_size]
-            if not chunk or (chunks and len(chunk) > room):
-                continue
-            items.append((job, chunk))
+            if chunks and len(chunk) > room:
+                break
+            self._pass([(job, chunk)])
             room -= len(chunk)
             chunks += 1
-        return items
+        self.steps += 1
 
-    def _step(self) -> None:
-        items = self._plan()
+    def _pass(self, items: list[tuple[Job | None, list[int]]]) -> None:
+        """One forward pass; then sample for the rows that end a prompt or decode a token."""
         engine = self.engine
+        jobs = [job for job, _ in items if job is not None]
         try:
             with engine.exclusive():
-                hidden = engine.forward_batch([(job.sequence, tokens) for job, tokens in items])
-                ready = [(job, h[-1]) for (job, tokens), h in zip(items, hidden, strict=True)
-                         if not job.todo or len(tokens) == len(job.todo)]
-                logits = engine.logits(torch.stack([row for _, row in ready])) if ready else None
+                hidden = engine.forward_batch(
+                    [(job and job.sequence, tokens) for job, tokens in items])
+                ready = [(job, i) for i, (job, tokens) in enumerate(items) if job is not None
+                         and (not job.todo or len(tokens) == len(job.todo))]
+                # a decode pass samples every row, a prompt's pass only its last chunk's last row
+                logits = engine.logits(torch.stack([h[-1] for h in hidden])) if ready else None
                 for job, tokens in items:
-                    self._after_forward(job, len(tokens))
+                    if job is not None:
+                        self._after_forward(job, len(tokens))
         except Exception as exc:  # a failed pass fails the requests in it, never the others
             error = exc if isinstance(exc, PyAgentError) else PyAgentError(
                 f"generation failed: {exc}")
-            for job, _ in items:
+            for job in jobs:
                 self._finish(job, error)
             return
-        self.steps += 1
-        for (job, _), row in zip(ready, logits if logits is not None else [], strict=True):
-            delta = job.decoder.advance(row)
+        for job, i in ready:
+            assert logits is not None
+            delta = job.decoder.advance(logits[i])
             if job.decoder.done:
                 self._finish(job)
             elif delta:
