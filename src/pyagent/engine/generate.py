@@ -283,7 +283,7 @@ class Engine:
             stop_ids = set()
         schema = request.sampling.json_schema or reply_schema(request)
         constraint = self.json_constraint(schema) if schema is not None else None
-        ticket = Ticket(loop)
+        ticket = Ticket(self.scheduler, loop)
         decoder = Decoder(self.name, self.tokenizer, prompt_ids, request, stop_ids, constraint)
         self.scheduler.submit(Job(prompt_ids, decoder, ticket,
                                   self.kv_reservation(len(prompt_ids), max_tokens)))

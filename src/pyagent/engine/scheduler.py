@@ -16,6 +16,13 @@ kernels cost ~2.8x at 8 rows, so float32 engines leave it off unless `batch_inva
 
 Each request's events go to its `Ticket`, which a thread or an asyncio task reads. Cancelling a
 ticket (a client went away) frees its sequence before the next pass.
+
+Who runs the passes: a thread that waits for its own events drives the scheduler while nobody else
+does, so a program that generates from its main thread computes there. Tickets read by an event
+loop are driven by `run()`, on the thread that calls it (`pyagent serve` gives it the main
+thread), or else by a background thread started on demand. This matters on CPUs: OpenMP
+(libgomp) wakes its workers quickly for the main thread only, once the process has more threads
+than cores, and a forward pass starts a hundred parallel regions.
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ if TYPE_CHECKING:
     from pyagent.engine.generate import Engine
 
 
+HANDOVER_S = 0.02  # how often a waiting thread checks whether the driver left
+
+
 @dataclass(frozen=True)
 class SchedulerSettings:
     """How many requests run together, how many may wait, and how many tokens one pass computes
@@ -64,7 +74,8 @@ class Ticket:
     """A submitted request's events, in order; the last carries the `Completion`. Iterate it from
     a thread, or with `async for` when it was made for an event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
+    def __init__(self, scheduler: Scheduler, loop: asyncio.AbstractEventLoop | None = None):
+        self._scheduler = scheduler
         self._loop = loop
         self._events: asyncio.Queue | queue.SimpleQueue = (
             asyncio.Queue() if loop is not None else queue.SimpleQueue())
@@ -83,13 +94,29 @@ class Ticket:
 
     def cancel(self) -> None:
         """Stop generating for this request and free its KV (no effect once finished)."""
-        self.cancelled = True
+        if not self.cancelled and not self.finished:
+            self.cancelled = True
+            self._scheduler.poke()
 
-    def __iter__(self) -> Iterator[StreamEvent]:
+    def poll(self) -> StreamEvent | BaseException | None:
+        """The next item if one has arrived (threads only)."""
         assert isinstance(self._events, queue.SimpleQueue), "this ticket belongs to an event loop"
         try:
+            return self._events.get_nowait()
+        except queue.Empty:
+            return None
+
+    def wait(self, timeout: float) -> StreamEvent | BaseException | None:
+        """The next item, waiting up to `timeout` seconds for it (threads only)."""
+        try:
+            return self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        try:
             while not self.finished:
-                yield self._take(self._events.get())
+                yield self._take(self._scheduler.next_event(self))
         finally:
             self.cancel()
 
@@ -108,6 +135,10 @@ class Ticket:
         self.finished = item.completion is not None
         return item
 
+    @property
+    def asynchronous(self) -> bool:
+        return self._loop is not None
+
 
 @dataclass
 class Job:
@@ -122,7 +153,7 @@ class Job:
 
 
 class Scheduler:
-    """Admits, batches and steps the requests of one `Engine` on a thread of its own."""
+    """Admits, batches and steps the requests of one `Engine`."""
 
     def __init__(self, engine: Engine, settings: SchedulerSettings | None = None):
         self.engine = engine
@@ -132,7 +163,8 @@ class Scheduler:
         self._running: list[Job] = []
         self._reserved = dict.fromkeys(self.budget, 0)
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._driver: threading.Thread | None = None  # the thread running a pass now
+        self._runners = 0  # threads inside run()
         self._closed = False
         self._service_s = 1.0  # moving average of a request's time in the engine
         self.steps = 0
@@ -161,11 +193,11 @@ class Scheduler:
                     f"{len(self._waiting)} waiting (max_queue {self.settings.max_queue})",
                     retry_after=self.retry_after())
             self._waiting.append(job)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="pyagent-scheduler",
-                                                daemon=True)
-                self._thread.start()
-            self._cond.notify()
+            self._cond.notify_all()
+            if job.ticket.asynchronous and not self._runners:
+                self._runners += 1  # counted now, so concurrent submits start one thread
+                threading.Thread(target=self.run, kwargs={"counted": True}, daemon=True,
+                                 name="pyagent-scheduler").start()
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely free, from the recent time requests spend running."""
@@ -179,35 +211,85 @@ class Scheduler:
                     **{f"reserved_{g}": n for g, n in self._reserved.items()}}
 
     def close(self) -> None:
-        """Refuse new requests, fail the waiting and running ones, and stop the thread."""
+        """Refuse new requests, fail the waiting and running ones, and stop `run()` loops."""
         with self._cond:
             self._closed = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join()
+            self._cond.notify_all()
+            while self._driver is not None or self._runners:
+                self._cond.wait()
+            jobs = [*self._running, *self._waiting]
+        closed = OverloadedError("the engine shut down", retry_after=5, code="engine_closed")
+        for job in jobs:
+            self._finish(job, closed)
 
-    # --- the scheduler's thread ----------------------------------------------------------------
+    # --- driving -------------------------------------------------------------------------------
 
-    def _has_room(self, job: Job) -> bool:
-        return len(self._running) < self.settings.max_batch and all(
-            self._reserved[g] + job.reserve[g] <= self.budget[g] for g in self.budget)
+    def next_event(self, ticket: Ticket) -> StreamEvent | BaseException:
+        """Wait for `ticket`'s next item, running passes meanwhile if no other thread is. Only
+        this ticket's own items wake the thread: a batch's waiters don't crowd the driver."""
+        while (item := ticket.poll()) is None:
+            if not self._runners and self._lead():
+                self._work()
+                continue
+            item = ticket.wait(HANDOVER_S)
+            if item is not None:
+                return item
+        return item
 
-    def _loop(self) -> None:
-        while True:
+    def run(self, stop=lambda: False, counted: bool = False) -> None:
+        """Run passes on this thread until `stop()` is true or the scheduler closes."""
+        with self._cond:
+            self._runners += 0 if counted else 1
+        try:
+            while not stop():
+                if self._lead():
+                    self._work()
+                    continue
+                with self._cond:
+                    if self._closed:
+                        return
+                    self._cond.wait(0.1)
+        finally:
             with self._cond:
-                while not (self._running or self._waiting or self._closed):
-                    self._cond.wait()
-                if self._closed:
-                    break
+                self._runners -= 1
+                self._cond.notify_all()
+
+    def poke(self) -> None:
+        """Let a driver see a change (a cancelled ticket); drive once if nobody does."""
+        with self._cond:
+            self._cond.notify_all()
+        if self._lead():
+            self._work()
+
+    def _lead(self) -> bool:
+        """Become the driver if there is work and no driver (`run()` loops take precedence
+        over waiting threads)."""
+        with self._cond:
+            if self._driver is None and not self._closed and (self._running or self._waiting):
+                self._driver = threading.current_thread()
+                return True
+            return False
+
+    def _work(self) -> None:
+        """One round as the driver: admit, drop cancelled requests, step; then let go."""
+        try:
+            with self._cond:
                 admitted = self._admit()
             for job in admitted:
                 self._open(job)
             self._drop_cancelled()
             if self._running:
                 self._step()
-        closed = OverloadedError("the engine shut down", retry_after=5, code="engine_closed")
-        for job in [*self._running, *self._waiting]:
-            self._finish(job, closed)
+        finally:
+            with self._cond:
+                self._driver = None
+                self._cond.notify_all()
+
+    # --- the driver's side ---------------------------------------------------------------------
+
+    def _has_room(self, job: Job) -> bool:
+        return len(self._running) < self.settings.max_batch and all(
+            self._reserved[g] + job.reserve[g] <= self.budget[g] for g in self.budget)
 
     def _admit(self) -> list[Job]:
         admitted = []
