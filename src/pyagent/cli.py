@@ -56,11 +56,13 @@ def _status(message: str):
 
 
 def _load_engine(model: str, dtype: str, context_length: int | None = None,
-                 policy: str = "full", budget: str | None = None, share_prefix: bool = True):
+                 policy: str = "full", budget: str | None = None, share_prefix: bool = True,
+                 max_batch: int = 8, max_queue: int = 64):
     from transformers.utils import logging as hf_logging
 
     from pyagent.engine.eviction import Budget
     from pyagent.engine.generate import Engine, KVSettings
+    from pyagent.engine.scheduler import SchedulerSettings
 
     kv = KVSettings(policy=policy, budget=Budget.parse(budget) if budget else None,
                     share_prefix=share_prefix)
@@ -69,7 +71,9 @@ def _load_engine(model: str, dtype: str, context_length: int | None = None,
     with _status(f"preparing {model}") as report:
         engine = Engine.load(model, dtype="float32" if quantize else dtype,
                              context_length=context_length, kv=kv, report=report,
-                             quantize=quantize)
+                             quantize=quantize,
+                             scheduling=SchedulerSettings(max_batch=max_batch,
+                                                          max_queue=max_queue))
     err.print(f"[green]loaded[/] {engine.name} in {engine.loaded.load_s:.1f} s "
               f"(context {engine.context_length} tokens)")
     return engine
@@ -199,15 +203,31 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
     context_length: Annotated[int | None, typer.Option(help="Cap the context (tokens).")] = None,
+    max_batch: Annotated[int, typer.Option(help="Requests decoded together.")] = 8,
+    max_queue: Annotated[int, typer.Option(
+        help="Requests that may wait beyond the batch; more get HTTP 429.")] = 64,
 ) -> None:
     """Serve the embedded engine over an OpenAI-compatible HTTP API."""
+    import threading
+
     import uvicorn
 
     from pyagent.engine.server import create_app
 
-    engine = _load_engine(model, dtype, context_length, kv_policy, kv_budget, prefix_sharing)
-    err.print(f"serving {engine.name} at http://{host}:{port}/v1")
-    uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")
+    engine = _load_engine(model, dtype, context_length, kv_policy, kv_budget, prefix_sharing,
+                          max_batch, max_queue)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), host=host, port=port,
+                                           log_level="warning"))
+    http = threading.Thread(target=server.run, name="pyagent-http", daemon=True)
+    http.start()
+    err.print(f"serving {engine.name} at http://{host}:{port}/v1 (Ctrl-C stops)")
+    try:  # the model runs on the main thread, where OpenMP's workers wake fastest
+        engine.scheduler.run(stop=lambda: not http.is_alive())
+    except KeyboardInterrupt:
+        server.should_exit = True
+        http.join()
+    finally:
+        engine.shutdown()
 
 
 DEMO_REQUESTS = (

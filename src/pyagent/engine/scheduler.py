@@ -96,7 +96,7 @@ class Ticket:
         """Stop generating for this request and free its KV (no effect once finished)."""
         if not self.cancelled and not self.finished:
             self.cancelled = True
-            self._scheduler.poke()
+            self._scheduler.poke(drive=not self.asynchronous)
 
     def poll(self) -> StreamEvent | BaseException | None:
         """The next item if one has arrived (threads only)."""
@@ -254,11 +254,12 @@ class Scheduler:
                 self._runners -= 1
                 self._cond.notify_all()
 
-    def poke(self) -> None:
-        """Let a driver see a change (a cancelled ticket); drive once if nobody does."""
+    def poke(self, drive: bool) -> None:
+        """Let a driver see a change (a cancelled ticket); with `drive`, run a round on this
+        thread if nobody else does."""
         with self._cond:
             self._cond.notify_all()
-        if self._lead():
+        if drive and not self._runners and self._lead():
             self._work()
 
     def _lead(self) -> bool:
@@ -323,14 +324,12 @@ class Scheduler:
             self._pass(items)
         room = self.settings.step_tokens - len(decoding)
         chunk_size = self.engine.kv.prefill_chunk
-        chunks = 0
-        for job in [j for j in self._running if j.todo]:
+        for done, job in enumerate([j for j in self._running if j.todo]):
             chunk = job.todo[:chunk_size]
-            if chunks and len(chunk) > room:
+            if done and len(chunk) > room:  # the first chunk always goes in
                 break
             self._pass([(job, chunk)])
             room -= len(chunk)
-            chunks += 1
         self.steps += 1
 
     def _pass(self, items: list[tuple[Job | None, list[int]]]) -> None:

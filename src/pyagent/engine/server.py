@@ -1,19 +1,22 @@
 """An OpenAI-compatible HTTP server for the embedded engine.
 
 `/v1/models`, `/v1/completions` and `/v1/chat/completions`, streaming over SSE, errors in OpenAI's
-error shape. Requests queue on the engine (one runs at a time), so outputs never interleave.
+error shape. Requests run on the engine's scheduler, batched together; when its queue is full the
+answer is 429 (503 while it shuts down) with a `Retry-After` header, and a client that goes away
+mid-request has its sequence cancelled and its KV freed.
 Structured outputs (`response_format` json_schema / json_object) and tool calls (`tools`,
 `tool_choice`) are grammar-constrained, so a call always parses and matches its tool's schema.
 Extensions beyond OpenAI: `top_k` and `ignore_eos` in requests, `timings` (seconds) in every final
-response, and `GET /v1/kv` for the KV cache's memory.
+response, and `GET /v1/kv` for the KV cache's memory and the scheduler's load.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import anyio
@@ -27,16 +30,18 @@ from starlette.exceptions import HTTPException
 from pyagent import __version__
 from pyagent.engine.generate import Engine
 from pyagent.engine.registry import ALIASES
-from pyagent.errors import RequestError
+from pyagent.engine.scheduler import Ticket
+from pyagent.errors import OverloadedError, RequestError
 from pyagent.types import (
     Completion,
     CompletionRequest,
     Message,
     SamplingParams,
-    StreamEvent,
     ToolCall,
     ToolSpec,
 )
+
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is there
 
 
 class StreamOptions(BaseModel):
@@ -170,10 +175,12 @@ class APIError(Exception):
     """An error answered in OpenAI's shape."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, kind: str = "invalid_request_error"):
+                 code: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = (
             status, message, param, code, kind)
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param,
@@ -188,7 +195,7 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -231,10 +238,10 @@ def create_app(engine: Engine) -> FastAPI:
                 "per_layer": {str(k): v for k, v in memory.per_layer.items()},
                 "block_size": settings.block_size, "policy": settings.policy,
                 "budget": None if settings.budget is None else vars(settings.budget),
-                "prefix_sharing": settings.share_prefix}
+                "prefix_sharing": settings.share_prefix, "scheduler": engine.scheduler.load()}
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionBody) -> Any:
+    async def completions(body: CompletionBody, http: Request) -> Any:
         prompt = body.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
@@ -242,10 +249,10 @@ def create_app(engine: Engine) -> FastAPI:
                                "prompt")
             prompt = prompt[0]
         request = _request(engine, served, body, prompt=prompt, max_tokens=body.max_tokens)
-        return await _respond(engine, body, request, "text_completion")
+        return await _respond(engine, body, request, "text_completion", http)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(body: ChatBody) -> Any:
+    async def chat(body: ChatBody, http: Request) -> Any:
         try:
             messages = tuple(m.to_message() for m in body.messages)
         except RequestError as exc:
@@ -253,7 +260,7 @@ def create_app(engine: Engine) -> FastAPI:
         max_tokens = body.max_completion_tokens or body.max_tokens
         request = _request(engine, served, body, messages=messages, max_tokens=max_tokens,
                            **body.tool_request())
-        return await _respond(engine, body, request, "chat.completion")
+        return await _respond(engine, body, request, "chat.completion", http)
 
     return app
 
@@ -295,19 +302,27 @@ def _request(engine: Engine, served: set[str], body: _Body, *, max_tokens: int |
         raise APIError(400, str(exc), exc.param, exc.code) from exc
 
 
-async def _respond(engine: Engine, body: _Body, request: CompletionRequest, kind: str) -> Any:
+async def _respond(engine: Engine, body: _Body, request: CompletionRequest, kind: str,
+                   http: Request) -> Any:
     try:
-        events = await run_in_threadpool(engine.stream, request)
+        ticket = await run_in_threadpool(engine.submit, request, asyncio.get_running_loop())
+    except OverloadedError as exc:
+        status = 503 if exc.code == "engine_closed" else 429
+        raise APIError(status, str(exc), code=exc.code, kind="server_error" if status == 503
+                       else "rate_limit_error", headers={"Retry-After": str(exc.retry_after)}
+                       ) from exc
     except RequestError as exc:
         raise APIError(400, str(exc), exc.param, exc.code) from exc
     response_id = f"{'chatcmpl' if request.is_chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _sse(events, response_id, created, kind, engine.name, include_usage)
+        chunks = _sse(ticket, response_id, created, kind, engine.name, include_usage)
         return StreamingResponse(chunks, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    completion = await _drain(events)
+    completion = await _drain(ticket, http)
+    if completion is None:  # the client went away; nobody reads this
+        return JSONResponse(APIError(499, "client closed the request").body(), status_code=499)
     if request.is_chat:
         message: dict[str, Any] = {"role": "assistant", "content": completion.text}
         if completion.tool_calls:
@@ -322,27 +337,36 @@ async def _respond(engine: Engine, body: _Body, request: CompletionRequest, kind
             "choices": [choice], "usage": _usage(completion), "timings": _timings(completion)}
 
 
-async def _drain(events: Iterator[StreamEvent]) -> Completion:
-    completion = None
-    async for event in _iterate(events):
-        completion = event.completion or completion
-    assert completion is not None
+async def _drain(ticket: Ticket, http: Request) -> Completion | None:
+    """The ticket's completion; None (and the request cancelled) if the client disconnects."""
+    completion: Completion | None = None
+    failure: Exception | None = None
+
+    async def collect() -> None:
+        nonlocal completion, failure
+        try:
+            async for event in ticket:
+                completion = event.completion or completion
+        except Exception as exc:  # re-raised below, outside the task group
+            failure = exc
+        group.cancel_scope.cancel()
+
+    async def watch() -> None:
+        while not await http.is_disconnected():
+            await anyio.sleep(DISCONNECT_POLL_S)
+        ticket.cancel()
+        group.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(collect)
+        group.start_soon(watch)
+    if failure is not None:
+        raise failure
     return completion
 
 
-async def _iterate(events: Iterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
-    """Step a blocking event iterator in worker threads; always close it (freeing the engine)."""
-    done = object()
-    try:
-        while (event := await run_in_threadpool(next, events, done)) is not done:
-            yield event  # type: ignore[misc]
-    finally:
-        with anyio.CancelScope(shield=True):
-            await run_in_threadpool(events.close)  # type: ignore[attr-defined]
-
-
-async def _sse(events: Iterator[StreamEvent], response_id: str, created: int, kind: str,
-               model: str, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(ticket: Ticket, response_id: str, created: int, kind: str, model: str,
+               include_usage: bool) -> AsyncIterator[str]:
     chat = kind == "chat.completion"
     chunk_kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -361,7 +385,7 @@ async def _sse(events: Iterator[StreamEvent], response_id: str, created: int, ki
     try:
         if chat:
             yield chunk([choice("", None, first=True)])
-        async for event in _iterate(events):
+        async for event in ticket:  # a disconnect cancels this generator, and so the ticket
             if event.delta:
                 yield chunk([choice(event.delta, None)])
             if event.completion is not None:
