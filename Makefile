@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast lint bench-engine clean
+.PHONY: demo test test-fast lint bench-engine bench-batching clean
 
 $(BIN)/pyagent: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test-fast: lint
 
 bench-engine: $(BIN)/pyagent
 	$(BIN)/python benchmarks/engine.py
+
+bench-batching: $(BIN)/pyagent
+	$(BIN)/python benchmarks/batching.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

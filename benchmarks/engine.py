@@ -1,5 +1,5 @@
-"""Engine benchmark: PyAgent's embedded engine (float32 and weight-only int8), and llama.cpp on
-the same GGUF when installed.
+"""Engine benchmark: PyAgent's embedded engine (float32, weight-only int8 and weight-only bfloat16),
+and llama.cpp on the same GGUF when installed.
 
     .venv/bin/python benchmarks/engine.py [--quick] [--repeats N] [--threads N]
 
@@ -33,7 +33,9 @@ from pyagent.bench.provenance import command, cpuinfo, git_state, machine, versi
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-ENGINES = {"embedded": "PyAgent", "embedded-int8": "PyAgent int8", "llamacpp": "llama.cpp"}
+ENGINES = {"embedded": "PyAgent", "embedded-int8": "PyAgent int8",
+           "embedded-bf16": "PyAgent bf16-weights", "llamacpp": "llama.cpp"}
+QUANTIZE = {"embedded-int8": "int8", "embedded-bf16": "bf16"}
 LLAMACPP_CONTEXT = 4096
 
 
@@ -169,8 +171,7 @@ def worker(name: str) -> None:
     if name == "llamacpp":
         load_s, run, settings = llamacpp_worker(plan["threads"])
     else:
-        load_s, run, settings = embedded_worker(plan["threads"],
-                                                "int8" if name == "embedded-int8" else None)
+        load_s, run, settings = embedded_worker(plan["threads"], QUANTIZE.get(name))
     rss_after_load = psutil.Process().memory_info().rss / 2**20
     runs = {item["name"]: asdict(run(Request(**item))) for item in plan["requests"]}
     sample = {
@@ -288,7 +289,8 @@ def engine_notes(result: dict[str, Any]) -> list[str]:
     notes = [f"PyAgent: {embedded['dtype'].removeprefix('torch.')} weights, "
              f"{embedded['torch_threads']} torch threads",
              "PyAgent int8: the same, with weight-only int8 linear layers and LM head "
-             "(engine/quantize.py)"]
+             "(engine/quantize.py)",
+             "PyAgent bf16-weights: the same, with bfloat16 linear layers and LM head"]
     if result["llamacpp_skipped"]:
         return [*notes, f"llama.cpp: {result['llamacpp_skipped']}"]
     llama = result["samples"]["llamacpp"][0]["settings"]
@@ -359,7 +361,7 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(prepare(EMBEDDED)))
     plan = {"threads": threads,
             "requests": [asdict(r) for r in with_prompts(requests(args.quick), tokenizer)]}
-    engines = ["embedded", "embedded-int8"]
+    engines = ["embedded", "embedded-int8", "embedded-bf16"]
     skipped = None
     if util.find_spec("llama_cpp"):
         engines.append("llamacpp")

@@ -1,5 +1,5 @@
-"""Weight-only int8: close to the float layer it replaces, the whole model converted, and on the
-real model a perplexity within 1% of float32."""
+"""Weight-only int8 and bfloat16: close to the float layer they replace, the whole model
+converted, and on the real model a perplexity within 1% of float32."""
 
 import math
 
@@ -9,7 +9,7 @@ from torch import nn
 
 from pyagent.engine.generate import Engine
 from pyagent.engine.model import load
-from pyagent.engine.quantize import Int8Linear, quantize
+from pyagent.engine.quantize import BF16Linear, Int8Linear, quantize, weight_precision
 from pyagent.engine.registry import resolve_model
 from pyagent.errors import ModelError
 from pyagent.types import CompletionRequest, SamplingParams
@@ -26,6 +26,22 @@ def test_an_int8_layer_matches_its_float_layer():
     error = (approx - exact).norm() / exact.norm()
     assert error < 0.01  # int8 weights and bfloat16 activations: well under 1% here
     assert not torch.allclose(approx, exact)  # it really is the int8 path
+
+
+def test_a_bf16_layer_matches_its_float_layer():
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 384)
+    layer = BF16Linear(linear)
+    x = torch.randn(3, 5, 256)
+    exact, approx = linear(x), layer(x)
+    assert layer.weight.dtype == torch.bfloat16 and approx.dtype == torch.float32
+    assert (approx - exact).norm() / exact.norm() < 0.01 and not torch.equal(approx, exact)
+
+
+def test_weight_precision_names_what_the_linears_multiply_in(tiny_model_dir):
+    for scheme, expected in ((None, "float32"), ("int8", "int8"), ("bf16", "bf16")):
+        loaded = load(resolve_model(str(tiny_model_dir)), quantize=scheme)
+        assert weight_precision(loaded.model) == expected
 
 
 def test_a_quantized_model_still_generates(tiny_model_dir):
@@ -56,11 +72,12 @@ def continuation_nll(engine: Engine, samples: list[list[int]]) -> float:
 
 
 @pytest.mark.model
-def test_int8_perplexity_is_within_one_percent_of_float32(engine):
+@pytest.mark.parametrize("scheme", ["int8", "bf16"])
+def test_weight_only_perplexity_is_within_one_percent_of_float32(engine, scheme):
     from pyagent.bench.kvtasks import corpus_text
 
     ids = engine.tokenize(corpus_text())
     samples = [ids[start:start + 513] for start in (5_000, 40_000, 90_000, 150_000)]
-    int8 = Engine(load(resolve_model(None), quantize="int8"))
-    ratio = math.exp(continuation_nll(int8, samples) - continuation_nll(engine, samples))
-    assert 1.0 <= ratio < 1.01
+    quantized = Engine(load(resolve_model(None), quantize=scheme))
+    ratio = math.exp(continuation_nll(quantized, samples) - continuation_nll(engine, samples))
+    assert 0.99 < ratio < 1.01 and ratio != 1.0

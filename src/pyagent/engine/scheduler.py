@@ -1,18 +1,19 @@
 """Continuous batching: one thread runs the model for every request the engine serves.
 
 Requests wait in a bounded queue. Between two steps the scheduler admits waiting requests while the
-batch has room (`max_batch`) and the KV they may need fits the engine's KV budget. A step is one
-forward pass that decodes a token for every decoding sequence, then passes over prompt chunks of
-the sequences still in prefill, up to `step_tokens`; a long prompt never stalls the decoding ones
-for more than a chunk.
+batch has room (`max_batch`) and the KV they may need fits the engine's KV budget. A step computes
+prompt chunks of the sequences still in prefill, up to `step_tokens` (new requests first, for a
+short time to first token), and a token for every decoding sequence; a long prompt never stalls
+the decoding ones for more than a chunk.
 
 Batch invariance: a request's tokens do not depend on what else runs. Prompts are cut into chunks
-of a fixed size counted from their first uncached token, and each chunk has a pass of its own. The
-decode pass always has `max_batch` rows (padding rows touch no cache), because matrix kernels
-choose their blocking by shape, and at a fixed shape every row comes out the same wherever it sits.
-int8 weights need no padding: their kernel computes each row on its own. Padding is cheap where
-the weights' memory traffic dominates (int8, bfloat16); with float32 weights MKL's small-batch
-kernels cost ~2.8x at 8 rows, so float32 engines leave it off unless `batch_invariant` is set.
+of a fixed size counted from their first uncached token. With int8 weights that is all it takes,
+and a step is one pass: their kernel computes each row on its own. Other matrix kernels choose
+their blocking by the batch's shape, though at a fixed shape every row comes out the same wherever
+it sits; so each chunk gets a pass of its own and the decode pass always has `max_batch` rows
+(padding rows touch no cache). Padding is cheap with bfloat16 weights (oneDNN, AMX); float32's
+MKL kernels cost ~2.8x at 8 rows, so float32 engines leave it off unless `batch_invariant` is set,
+and share one pass per step.
 
 Each request's events go to its `Ticket`, which a thread or an asyncio task reads. Cancelling a
 ticket (a client went away) frees its sequence before the next pass.
@@ -315,21 +316,28 @@ class Scheduler:
             self._release(job)
 
     def _step(self) -> None:
-        """A decode pass over every decoding job, then prompt chunks within `step_tokens`."""
+        """Prompt chunks within `step_tokens` (the first always goes in), then a decode token for
+        every other job. Without padding, all of it is one pass; with it, each chunk has a pass
+        of its own and the decode pass has `pad_rows` rows."""
         decoding = [job for job in self._running if not job.todo]
-        if decoding:
-            items: list[tuple[Job | None, list[int]]] = [
-                (job, [job.decoder.last_token]) for job in decoding]
-            items += [(None, [0])] * (self.pad_rows - len(items))
-            self._pass(items)
         room = self.settings.step_tokens - len(decoding)
         chunk_size = self.engine.kv.prefill_chunk
-        for done, job in enumerate([j for j in self._running if j.todo]):
+        chunks: list[tuple[Job | None, list[int]]] = []
+        for job in [j for j in self._running if j.todo]:
             chunk = job.todo[:chunk_size]
-            if done and len(chunk) > room:  # the first chunk always goes in
+            if chunks and len(chunk) > room:
                 break
-            self._pass([(job, chunk)])
+            chunks.append((job, chunk))
             room -= len(chunk)
+        decodes: list[tuple[Job | None, list[int]]] = [
+            (job, [job.decoder.last_token]) for job in decoding]
+        if not self.pad_rows:
+            self._pass(chunks + decodes)
+        else:
+            for item in chunks:
+                self._pass([item])
+            if decodes:
+                self._pass(decodes + [(None, [0])] * (self.pad_rows - len(decodes)))
         self.steps += 1
 
     def _pass(self, items: list[tuple[Job | None, list[int]]]) -> None:

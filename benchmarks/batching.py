@@ -1,0 +1,189 @@
+"""Continuous batching: one stream against 8 concurrent agents, through the HTTP server.
+
+    .venv/bin/python benchmarks/batching.py [--precisions float32,int8,bf16] [--clients 8]
+
+For each weight precision, in a fresh process: `pyagent serve`'s arrangement (uvicorn on a thread,
+the model on the main thread), driven over loopback by streaming OpenAI-style clients.
+- unloaded: requests one at a time; time to first token (TTFT, at the client) and throughput;
+- loaded: `--clients` clients in a closed loop, each sending `--requests` requests back to back
+  (the first ones staggered over one unloaded request's time, as agents' calls are).
+Every prompt is distinct (~60 tokens, no shared prefix), greedy, `--max-tokens` tokens each.
+The loaded outputs are checked against the unloaded outputs of the same prompts (batch invariance).
+Results: benchmarks/results/batching.json and batching.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from pyagent.bench.provenance import provenance, write_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+TOPICS = ["a cache", "a queue", "a tree", "a graph", "a lock", "a stack", "a heap", "a trie",
+          "a bloom filter", "a ring buffer", "a skip list", "a hash map"]
+
+
+def prompt(i: int) -> str:
+    """A distinct agent-style prompt of about 60 tokens."""
+    topic = TOPICS[i % len(TOPICS)]
+    return (f"Task {i}: you are the reviewer agent of a code team. Read the plan below and write "
+            f"one paragraph on the risks of {topic} in a service under heavy load, with one "
+            f"concrete test the coder should add before the audit step.\nPlan {i}: add {topic} "
+            f"in front of the storage layer.\nReview:")
+
+
+async def one(http: httpx.AsyncClient, base: str, model: str, text: str,
+              max_tokens: int) -> dict[str, Any]:
+    body = {"model": model, "prompt": text, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first = None
+    pieces: list[str] = []
+    usage: dict[str, Any] = {}
+    async with http.stream("POST", f"{base}/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk["choices"]:
+                if choice["text"]:
+                    first = first or time.perf_counter()
+                    pieces.append(choice["text"])
+    end = time.perf_counter()
+    return {"ttft_s": (first or end) - start, "total_s": end - start, "text": "".join(pieces),
+            "completion_tokens": usage["completion_tokens"]}
+
+
+async def unloaded(base: str, model: str, count: int, max_tokens: int) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient(timeout=600) as http:
+        await one(http, base, model, "Warm up.", 8)
+        return [await one(http, base, model, prompt(i), max_tokens) for i in range(count)]
+
+
+async def loaded(base: str, model: str, clients: int, requests: int, max_tokens: int,
+                 stagger_s: float) -> tuple[list[dict[str, Any]], float]:
+    async def client(c: int, http: httpx.AsyncClient) -> list[dict[str, Any]]:
+        await asyncio.sleep(stagger_s * c / clients)
+        return [await one(http, base, model, prompt(c * requests + r), max_tokens) | {
+            "index": c * requests + r} for r in range(requests)]
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        start = time.perf_counter()
+        done = await asyncio.gather(*(client(c, http) for c in range(clients)))
+        wall = time.perf_counter() - start
+    return [r for rs in done for r in rs], wall
+
+
+def p95(values: list[float]) -> float:
+    return statistics.quantiles(values, n=20, method="inclusive")[-1]
+
+
+def precision(name: str, clients: int, requests: int, max_tokens: int) -> dict[str, Any]:
+    """Serve the embedded model at `name` precision and measure it (in this process)."""
+    import uvicorn
+
+    from pyagent.engine.generate import Engine
+    from pyagent.engine.scheduler import SchedulerSettings
+    from pyagent.engine.server import create_app
+
+    quantize = None if name == "float32" else name
+    engine = Engine.load(quantize=quantize, scheduling=SchedulerSettings(max_batch=clients))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=0,
+                                           log_level="warning"))
+    http = threading.Thread(target=server.run, daemon=True)
+    http.start()
+    while not server.started:
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    base = f"http://127.0.0.1:{port}/v1"
+    out: dict[str, Any] = {}
+
+    def drive() -> None:  # the clients run on their own thread; the model runs on this one
+        alone = asyncio.run(unloaded(base, engine.name, clients * requests, max_tokens))
+        stagger = statistics.median(r["total_s"] for r in alone)
+        batch, wall = asyncio.run(loaded(base, engine.name, clients, requests, max_tokens,
+                                         stagger))
+        out.update(alone=alone, batch=batch, wall=wall)
+
+    clients_thread = threading.Thread(target=drive)
+    clients_thread.start()
+    engine.scheduler.run(stop=lambda: not clients_thread.is_alive())
+    server.should_exit = True
+    http.join()
+    alone, batch, wall = out["alone"], out["batch"], out["wall"]
+    single_tok_s = sum(r["completion_tokens"] for r in alone) / sum(r["total_s"] for r in alone)
+    aggregate = sum(r["completion_tokens"] for r in batch) / wall
+    ttft_alone = [r["ttft_s"] for r in alone]
+    ttft_batch = [r["ttft_s"] for r in batch]
+    same = sum(r["text"] == alone[r["index"]]["text"] for r in batch)
+    return {
+        "pad_rows": engine.scheduler.pad_rows,
+        "single_stream_tok_s": single_tok_s,
+        "aggregate_tok_s": aggregate,
+        "throughput_ratio": aggregate / single_tok_s,
+        "ttft_unloaded_median_s": statistics.median(ttft_alone),
+        "ttft_unloaded_p95_s": p95(ttft_alone),
+        "ttft_loaded_median_s": statistics.median(ttft_batch),
+        "ttft_loaded_p95_s": p95(ttft_batch),
+        "ttft_p95_ratio": p95(ttft_batch) / p95(ttft_alone),
+        "identical_outputs": f"{same}/{len(batch)}",
+        "requests": len(batch),
+        "prompt_tokens": len(engine.tokenize(prompt(0))),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--precisions", default="float32,int8,bf16")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=3, help="requests per client")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # one precision, in a child process
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(precision(args.one, args.clients, args.requests, args.max_tokens)))
+        return
+    results: dict[str, Any] = {}
+    for name in args.precisions.split(","):
+        child = subprocess.run(
+            [sys.executable, __file__, "--one", name, "--clients", str(args.clients),
+             "--requests", str(args.requests), "--max-tokens", str(args.max_tokens)],
+            capture_output=True, text=True)
+        if child.returncode:
+            sys.exit(f"{name} failed:\n{child.stderr[-3000:]}")
+        results[name] = json.loads(child.stdout.splitlines()[-1])
+        print(name, json.dumps(results[name]), flush=True)
+    out = {"benchmark": "batching", "meta": provenance(ROOT),
+           "settings": {"clients": args.clients, "requests_per_client": args.requests,
+                        "max_tokens": args.max_tokens}, "results": results}
+    lines = ["| weights | single stream | 8 concurrent, aggregate | ratio | TTFT unloaded "
+             "(median / p95) | TTFT loaded (median / p95) | p95 ratio | same output |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {k} | {v['single_stream_tok_s']:.1f} tok/s | {v['aggregate_tok_s']:.1f} tok/s "
+              f"| {v['throughput_ratio']:.2f}x | {v['ttft_unloaded_median_s'] * 1e3:.0f} / "
+              f"{v['ttft_unloaded_p95_s'] * 1e3:.0f} ms | {v['ttft_loaded_median_s'] * 1e3:.0f} / "
+              f"{v['ttft_loaded_p95_s'] * 1e3:.0f} ms | {v['ttft_p95_ratio']:.2f}x "
+              f"| {v['identical_outputs']} |" for k, v in results.items()]
+    write_atomic(RESULTS / "batching.json", json.dumps(out, indent=1) + "\n")
+    write_atomic(RESULTS / "batching.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
