@@ -9,6 +9,8 @@ the model on the main thread), driven over loopback by streaming OpenAI-style cl
   (the first ones staggered over one unloaded request's time, as agents' calls are).
 Every prompt is distinct (~60 tokens, no shared prefix), greedy, `--max-tokens` tokens each.
 The loaded outputs are checked against the unloaded outputs of the same prompts (batch invariance).
+Before that, in its own process, it times the LM head's matrix product (262,144 x 640) at 1 and 8
+rows in each precision: why some precisions batch better than others.
 Results: benchmarks/results/batching.json and batching.md.
 """
 
@@ -94,6 +96,32 @@ def p95(values: list[float]) -> float:
     return statistics.quantiles(values, n=20, method="inclusive")[-1]
 
 
+def kernels(rows: tuple[int, ...] = (1, 8), repeats: int = 10) -> dict[str, dict[str, float]]:
+    """Milliseconds of the LM head's product per precision and row count (median of repeats)."""
+    import torch
+
+    from pyagent.engine.quantize import BF16Linear, Int8Linear
+
+    torch.manual_seed(0)
+    float_head = torch.nn.Linear(640, 262_144, bias=False)
+    heads = {"float32": float_head, "int8": Int8Linear(float_head),
+             "bf16": BF16Linear(float_head)}
+    out: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        for name, head in heads.items():
+            out[name] = {}
+            for n in rows:
+                x = torch.randn(n, 640)
+                head(x)
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    head(x)
+                    times.append(time.perf_counter() - start)
+                out[name][f"{n}_rows_ms"] = statistics.median(times) * 1e3
+    return out
+
+
 def precision(name: str, clients: int, requests: int, max_tokens: int) -> dict[str, Any]:
     """Serve the embedded model at `name` precision and measure it (in this process)."""
     import uvicorn
@@ -156,9 +184,16 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # one precision, in a child process
     args = parser.parse_args()
+    if args.one == "kernels":
+        print(json.dumps(kernels()))
+        return
     if args.one:
         print(json.dumps(precision(args.one, args.clients, args.requests, args.max_tokens)))
         return
+    child = subprocess.run([sys.executable, __file__, "--one", "kernels"], capture_output=True,
+                           text=True, check=True)
+    lm_head = json.loads(child.stdout.splitlines()[-1])
+    print("LM head", json.dumps(lm_head), flush=True)
     results: dict[str, Any] = {}
     for name in args.precisions.split(","):
         child = subprocess.run(
@@ -171,7 +206,8 @@ def main() -> None:
         print(name, json.dumps(results[name]), flush=True)
     out = {"benchmark": "batching", "meta": provenance(ROOT),
            "settings": {"clients": args.clients, "requests_per_client": args.requests,
-                        "max_tokens": args.max_tokens}, "results": results}
+                        "max_tokens": args.max_tokens}, "lm_head_ms": lm_head,
+           "results": results}
     lines = ["| weights | single stream | 8 concurrent, aggregate | ratio | TTFT unloaded "
              "(median / p95) | TTFT loaded (median / p95) | p95 ratio | same output |",
              "|---|---|---|---|---|---|---|---|"]
@@ -180,6 +216,10 @@ def main() -> None:
               f"{v['ttft_unloaded_p95_s'] * 1e3:.0f} ms | {v['ttft_loaded_median_s'] * 1e3:.0f} / "
               f"{v['ttft_loaded_p95_s'] * 1e3:.0f} ms | {v['ttft_p95_ratio']:.2f}x "
               f"| {v['identical_outputs']} |" for k, v in results.items()]
+    lines += ["", "| LM head (262,144 x 640) | 1 row | 8 rows | 8 rows / 1 row |",
+              "|---|---|---|---|"]
+    lines += [f"| {k} | {v['1_rows_ms']:.1f} ms | {v['8_rows_ms']:.1f} ms "
+              f"| {v['8_rows_ms'] / v['1_rows_ms']:.2f}x |" for k, v in lm_head.items()]
     write_atomic(RESULTS / "batching.json", json.dumps(out, indent=1) + "\n")
     write_atomic(RESULTS / "batching.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -65,6 +65,16 @@ def test_outputs_are_identical_alone_and_in_a_batch(tiny_model_dir, quantize, in
     assert engine.cache.memory().bytes == 0  # every sequence let go of its blocks
 
 
+def test_concurrent_requests_share_a_cached_prefix(tiny_model_dir):
+    engine = Engine(load(resolve_model(str(tiny_model_dir))), kv=KVSettings(block_size=16))
+    system = "You are the reviewer agent of a small code team. " * 2
+    first = engine.generate(greedy(system + "Go.", tokens=4))
+    assert first.usage.cached_tokens == 0
+    others = concurrently(engine, [greedy(system + f"Task {i}.", tokens=4) for i in range(4)])
+    shared = len(engine.tokenize(system)) // 16 * 16
+    assert shared >= 32 and all(c.usage.cached_tokens >= shared - 16 for c in others)
+
+
 def test_float32_pads_decode_passes_only_when_asked(tiny_model_dir):
     assert tiny(tiny_model_dir).scheduler.pad_rows == 0
     assert tiny(tiny_model_dir, batch_invariant=True, max_batch=4).scheduler.pad_rows == 4

@@ -11,9 +11,9 @@ of a fixed size counted from their first uncached token. With int8 weights that 
 and a step is one pass: their kernel computes each row on its own. Other matrix kernels choose
 their blocking by the batch's shape, though at a fixed shape every row comes out the same wherever
 it sits; so each chunk gets a pass of its own and the decode pass always has `max_batch` rows
-(padding rows touch no cache). Padding is cheap with bfloat16 weights (oneDNN, AMX); float32's
-MKL kernels cost ~2.8x at 8 rows, so float32 engines leave it off unless `batch_invariant` is set,
-and share one pass per step.
+(padding rows touch no cache). Padding is cheap with bfloat16 weights (oneDNN, AMX); MKL's float32
+kernels cost about three times as much at 8 rows as at 1 (benchmarks/batching.py times them), so
+float32 engines leave it off unless `batch_invariant` is set, and share one pass per step.
 
 Each request's events go to its `Ticket`, which a thread or an asyncio task reads. Cancelling a
 ticket (a client went away) frees its sequence before the next pass.
