@@ -9,7 +9,13 @@ from torch import nn
 
 from pyagent.engine.generate import Engine
 from pyagent.engine.model import load
-from pyagent.engine.quantize import BF16Linear, Int8Linear, quantize, weight_precision
+from pyagent.engine.quantize import (
+    BF16Linear,
+    Int8Linear,
+    dense_prompt,
+    quantize,
+    weight_precision,
+)
 from pyagent.engine.registry import resolve_model
 from pyagent.errors import ModelError
 from pyagent.types import CompletionRequest, SamplingParams
@@ -26,6 +32,18 @@ def test_an_int8_layer_matches_its_float_layer():
     error = (approx - exact).norm() / exact.norm()
     assert error < 0.01  # int8 weights and bfloat16 activations: well under 1% here
     assert not torch.allclose(approx, exact)  # it really is the int8 path
+
+
+def test_int8_prompts_take_the_dense_path_to_the_same_product():
+    torch.manual_seed(0)
+    layer = Int8Linear(nn.Linear(256, 384))
+    x = torch.randn(64, 256)
+    rowwise = layer(x)
+    with dense_prompt():
+        dense = layer(x)
+    assert not torch.equal(dense, rowwise)  # another kernel...
+    assert (dense - rowwise).norm() / rowwise.norm() < 0.005  # ...for the same product
+    assert torch.equal(layer(x), rowwise)  # and only inside the block
 
 
 def test_a_bf16_layer_matches_its_float_layer():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +27,7 @@ from pyagent.engine.eviction import Budget, evict, make_policy
 from pyagent.engine.grammar import JsonConstraint, grammar_tokenizer
 from pyagent.engine.kvcache import DEFAULT_BLOCK_SIZE, PagedKVCache, Sequence
 from pyagent.engine.model import LoadedModel, load
+from pyagent.engine.quantize import DENSE_ROWS, dense_prompt
 from pyagent.engine.registry import resolve_model
 from pyagent.engine.scheduler import Job, Scheduler, SchedulerSettings, Ticket
 from pyagent.engine.toolcalls import as_text_messages, reply_schema
@@ -162,7 +163,9 @@ class Engine:
                       collect: bool | None = None, window: int | None = None
                       ) -> list[torch.Tensor]:
         """One forward pass over the new tokens of several sequences; each one's hidden states.
-        An item without a sequence pads the pass: its tokens touch no cache."""
+        An item without a sequence pads the pass: its tokens touch no cache. A pass of prompt
+        tokens only (no item of one token) from `DENSE_ROWS` rows multiplies int8 weights
+        through bfloat16 GEMM (engine/quantize.py)."""
         if collect is None:
             collect = bool(self.policy and self.policy.collects)
         if window is None:
@@ -179,7 +182,8 @@ class Engine:
             tokens.extend(new)
         sizes = [len(new) for _, new in items]
         paged = attention.BatchForward(parts, sizes)
-        with torch.inference_mode():
+        dense = min(sizes) > 1 and sum(sizes) >= DENSE_ROWS
+        with torch.inference_mode(), dense_prompt() if dense else nullcontext():
             out = self.model.model(input_ids=torch.tensor([tokens]),
                                    position_ids=torch.cat(positions)[None],
                                    attention_mask=self._no_masks, use_cache=False, paged=paged)

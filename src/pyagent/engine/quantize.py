@@ -8,14 +8,20 @@ Activations, the KV cache, norms and embeddings stay in the model's dtype. The i
 stays in float even when it shares its weights with the LM head: a lookup reads one row.
 
 `_weight_int8pack_mm` computes each row of a batch on its own, so its cost grows with the batch
-and a row's result never depends on the others. Weight-only bfloat16 keeps two bytes per weight
-and multiplies through oneDNN (AMX on recent Xeons), whose cost barely grows up to 16 rows: the
-precision for batched decoding. Its kernels depend on the batch's shape, which the scheduler
-keeps fixed (see engine/scheduler.py).
+and a row's result never depends on the others. Inside `dense_prompt()`, int8 layers instead
+multiply through their weights converted to bfloat16 (exactly: int8 values fit its mantissa), with
+the row scales applied to the product: for a prompt chunk of many rows that GEMM is far faster.
+
+Weight-only bfloat16 keeps two bytes per weight and multiplies through oneDNN (AMX on recent
+Xeons), whose cost barely grows up to 16 rows: the precision for batched decoding. Its kernels
+depend on the batch's shape, which the scheduler keeps fixed (see engine/scheduler.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -26,6 +32,18 @@ from pyagent.errors import ModelError
 
 ACTIVATIONS = torch.bfloat16  # what the CPU int8 kernel multiplies with
 ROWS_PER_CHUNK = 8192  # rows quantized at a time: a few MB of float temporaries, not the matrix
+DENSE_ROWS = 16  # prompt chunks from this many tokens take the dense path (see dense_prompt)
+_DENSE: ContextVar[bool] = ContextVar("pyagent_dense_int8", default=False)
+
+
+@contextmanager
+def dense_prompt() -> Iterator[None]:
+    """Within this block (on this thread), int8 layers multiply through bfloat16 GEMM."""
+    token = _DENSE.set(True)
+    try:
+        yield
+    finally:
+        _DENSE.reset(token)
 
 
 class Int8Linear(nn.Module):
@@ -47,7 +65,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(ACTIVATIONS)
-        out = torch._weight_int8pack_mm(flat, self.weight, self.scales).to(x.dtype)
+        if _DENSE.get():
+            out = (nn.functional.linear(flat, self.weight.to(ACTIVATIONS)) * self.scales
+                   ).to(x.dtype)
+        else:
+            out = torch._weight_int8pack_mm(flat, self.weight, self.scales).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)

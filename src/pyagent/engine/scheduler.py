@@ -7,13 +7,14 @@ short time to first token), and a token for every decoding sequence; a long prom
 the decoding ones for more than a chunk.
 
 Batch invariance: a request's tokens do not depend on what else runs. Prompts are cut into chunks
-of a fixed size counted from their first uncached token. With int8 weights that is all it takes,
-and a step is one pass: their kernel computes each row on its own. Other matrix kernels choose
-their blocking by the batch's shape, though at a fixed shape every row comes out the same wherever
-it sits; so each chunk gets a pass of its own and the decode pass always has `max_batch` rows
-(padding rows touch no cache). Padding is cheap with bfloat16 weights (oneDNN, AMX); MKL's float32
-kernels cost about three times as much at 8 rows as at 1 (benchmarks/batching.py times them), so
-float32 engines leave it off unless `batch_invariant` is set, and share one pass per step.
+of a fixed size counted from their first uncached token, and each chunk gets a pass of its own, so
+its shape (and the kernels chosen for it) never depends on the batch. Decode passes: int8 weights
+multiply row by row, so any number of rows gives every row the same result. Other matrix kernels
+choose their blocking by the batch's shape, though at a fixed shape every row comes out the same
+wherever it sits; so their decode pass always has `max_batch` rows (padding rows touch no cache).
+Padding is cheap with bfloat16 weights (oneDNN, AMX); MKL's float32 kernels cost about three times
+as much at 8 rows as at 1 (benchmarks/batching.py times them), so float32 engines leave it off
+unless `batch_invariant` is set; without it, each step is one fused pass.
 
 Each request's events go to its `Ticket`, which a thread or an asyncio task reads. Cancelling a
 ticket (a client went away) frees its sequence before the next pass.
@@ -169,15 +170,13 @@ class Scheduler:
         self._closed = False
         self._service_s = 1.0  # moving average of a request's time in the engine
         self.steps = 0
-        self.pad_rows = self._pad_rows()
-
-    def _pad_rows(self) -> int:
-        """Rows of every decode pass (0: as many as decode)."""
-        precision = weight_precision(self.engine.model)
+        precision = weight_precision(engine.model)
         invariant = self.settings.batch_invariant
         if invariant is None:
             invariant = precision != "float32"
-        return self.settings.max_batch if invariant and precision != "int8" else 0
+        # rows of every decode pass (0: as many as decode), and whether a step is one pass
+        self.pad_rows = self.settings.max_batch if invariant and precision != "int8" else 0
+        self.fused = not invariant and precision != "int8"
 
     # --- the caller's side ---------------------------------------------------------------------
 
@@ -317,8 +316,8 @@ class Scheduler:
 
     def _step(self) -> None:
         """Prompt chunks within `step_tokens` (the first always goes in), then a decode token for
-        every other job. Without padding, all of it is one pass; with it, each chunk has a pass
-        of its own and the decode pass has `pad_rows` rows."""
+        every other job: in one pass when `fused`; otherwise a pass per chunk, then the decode
+        pass (of `pad_rows` rows when padding)."""
         decoding = [job for job in self._running if not job.todo]
         room = self.settings.step_tokens - len(decoding)
         chunk_size = self.engine.kv.prefill_chunk
@@ -331,13 +330,13 @@ class Scheduler:
             room -= len(chunk)
         decodes: list[tuple[Job | None, list[int]]] = [
             (job, [job.decoder.last_token]) for job in decoding]
-        if not self.pad_rows:
+        if self.fused:
             self._pass(chunks + decodes)
         else:
             for item in chunks:
                 self._pass([item])
             if decodes:
-                self._pass(decodes + [(None, [0])] * (self.pad_rows - len(decodes)))
+                self._pass(decodes + [(None, [0])] * max(0, self.pad_rows - len(decodes)))
         self.steps += 1
 
     def _pass(self, items: list[tuple[Job | None, list[int]]]) -> None:
