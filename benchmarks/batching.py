@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from pyagent.bench.provenance import provenance, write_atomic
+from pyagent.bench.provenance import provenance, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -220,9 +220,7 @@ def main() -> None:
               "|---|---|---|---|"]
     lines += [f"| {k} | {v['1_rows_ms']:.1f} ms | {v['8_rows_ms']:.1f} ms "
               f"| {v['8_rows_ms'] / v['1_rows_ms']:.2f}x |" for k, v in lm_head.items()]
-    write_atomic(RESULTS / "batching.json", json.dumps(out, indent=1) + "\n")
-    write_atomic(RESULTS / "batching.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_result(RESULTS, "batching", out, lines)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ the fewest iterations with which a fresh `find_leak` run says "leaking".
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -30,7 +29,7 @@ from pyagent.bench.memory import (
     ProcessTree,
     find_leak,
 )
-from pyagent.bench.provenance import provenance, write_atomic
+from pyagent.bench.provenance import provenance, write_result
 from pyagent.bench.stats import bootstrap_ci
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,9 +193,7 @@ def main() -> None:
                                                                      "statsmodels")),
            "results": results}
     lines = table(results)
-    write_atomic(RESULTS / "memory-profiler.json", json.dumps(out, indent=1) + "\n")
-    write_atomic(RESULTS / "memory-profiler.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_result(RESULTS, "memory-profiler", out, lines)
 
 
 if __name__ == "__main__":

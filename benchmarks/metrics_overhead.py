@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from ddsketch import LogCollapsingLowestDenseDDSketch
 from prometheus_client import CollectorRegistry
 from prometheus_client import Histogram as PrometheusHistogram
 
-from pyagent.bench.provenance import provenance, write_atomic
+from pyagent.bench.provenance import provenance, write_result
 from pyagent.observe.metrics import MetricsRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,9 +165,7 @@ def main() -> None:
               "| quantile | exact | PyAgent | relative error |", "|---|---|---|---|"]
     lines += [f"| {stat} | {e['exact']:.4f} | {e['pyagent']:.4f} | {e['relative_error']:.3%} |"
               for stat, e in errors.items()]
-    write_atomic(RESULTS / "metrics-overhead.json", json.dumps(out, indent=1) + "\n")
-    write_atomic(RESULTS / "metrics-overhead.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_result(RESULTS, "metrics-overhead", out, lines)
 
 
 if __name__ == "__main__":

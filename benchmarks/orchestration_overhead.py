@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TypedDict
 
-from pyagent.bench.provenance import provenance, write_atomic
+from pyagent.bench.provenance import provenance, write_result
 from pyagent.fleet.manifest import load_manifest
 from pyagent.fleet.orchestrator import Orchestrator
 from pyagent.llm.replay import ReplayBackend
@@ -179,9 +179,7 @@ def main() -> None:
     lines = ["| variant | us per step (median) | p90 | peak RSS (MB) |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['us_per_step_median']:.0f} | {v['us_per_step_p90']:.0f} "
               f"| {v['peak_rss_mb']:.0f} |" for k, v in results.items()]
-    write_atomic(RESULTS / "orchestration-overhead.json", json.dumps(out, indent=1) + "\n")
-    write_atomic(RESULTS / "orchestration-overhead.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_result(RESULTS, "orchestration-overhead", out, lines)
 
 
 if __name__ == "__main__":

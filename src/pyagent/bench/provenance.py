@@ -80,3 +80,12 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_result(folder: Path, stem: str, result: dict[str, Any], table: list[str]) -> None:
+    """Write `stem`.json (the result) and `stem`.md (its table) atomically; print the table."""
+    import json
+
+    write_atomic(folder / f"{stem}.json", json.dumps(result, indent=1) + "\n")
+    write_atomic(folder / f"{stem}.md", "\n".join(table) + "\n")
+    print("\n".join(table))
