@@ -166,6 +166,22 @@ def test_shutdown_ends_queued_requests_and_refuses_new_ones(tiny_model_dir):
     assert caught.value.code == "engine_closed"
 
 
+def test_a_background_driver_serves_event_loops_and_ends_when_idle(tiny_model_dir):
+    engine = tiny(tiny_model_dir)
+
+    async def ask() -> str:
+        ticket = engine.submit(greedy("fox"), loop=asyncio.get_running_loop())
+        return "".join([event.delta async for event in ticket])
+
+    assert len(asyncio.run(ask())) > 0
+    drivers = [t for t in threading.enumerate() if t.name == "pyagent-scheduler"]
+    assert drivers
+    for thread in drivers:
+        thread.join(timeout=10)
+    assert not any(t.is_alive() for t in drivers)
+    assert engine.scheduler.load()["running"] == 0
+
+
 def test_requests_are_validated_before_they_queue(tiny_model_dir):
     engine = tiny(tiny_model_dir)
     with pytest.raises(RequestError, match="context"):

@@ -22,9 +22,9 @@ ticket (a client went away) frees its sequence before the next pass.
 Who runs the passes: a thread that waits for its own events drives the scheduler while nobody else
 does, so a program that generates from its main thread computes there. Tickets read by an event
 loop are driven by `run()`, on the thread that calls it (`pyagent serve` gives it the main
-thread), or else by a background thread started on demand. This matters on CPUs: OpenMP
-(libgomp) wakes its workers quickly for the main thread only, once the process has more threads
-than cores, and a forward pass starts a hundred parallel regions.
+thread), or else by a background thread started on demand, which ends once idle. This matters on
+CPUs: OpenMP (libgomp) wakes its workers quickly for the main thread only, once the process has
+more threads than cores, and a forward pass starts a hundred parallel regions.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
 
 HANDOVER_S = 0.02  # how often a waiting thread checks whether the driver left
+BACKGROUND_IDLE_S = 2.0  # a background driver with nothing to do for this long ends
 
 
 @dataclass(frozen=True)
@@ -196,8 +197,8 @@ class Scheduler:
             self._cond.notify_all()
             if job.ticket.asynchronous and not self._runners:
                 self._runners += 1  # counted now, so concurrent submits start one thread
-                threading.Thread(target=self.run, kwargs={"counted": True}, daemon=True,
-                                 name="pyagent-scheduler").start()
+                threading.Thread(target=self._run, args=(lambda: False, BACKGROUND_IDLE_S),
+                                 daemon=True, name="pyagent-scheduler").start()
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely free, from the recent time requests spend running."""
@@ -236,18 +237,29 @@ class Scheduler:
                 return item
         return item
 
-    def run(self, stop=lambda: False, counted: bool = False) -> None:
+    def run(self, stop: Callable[[], bool] = lambda: False) -> None:
         """Run passes on this thread until `stop()` is true or the scheduler closes."""
         with self._cond:
-            self._runners += 0 if counted else 1
+            self._runners += 1
+        self._run(stop)
+
+    def _run(self, stop: Callable[[], bool], idle_exit: float | None = None) -> None:
+        """The driving loop of a counted runner; with `idle_exit`, it ends after that many
+        seconds without work (a background thread then lets go of its OpenMP pool)."""
+        idle_since = None
         try:
             while not stop():
                 if self._lead():
                     self._work()
+                    idle_since = None
                     continue
                 with self._cond:
                     if self._closed:
                         return
+                    if idle_exit is not None and not (self._running or self._waiting):
+                        idle_since = idle_since or time.monotonic()
+                        if time.monotonic() - idle_since > idle_exit:
+                            return
                     self._cond.wait(0.1)
         finally:
             with self._cond:
