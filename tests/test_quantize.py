@@ -76,32 +76,12 @@ def test_a_quantized_model_still_generates(tiny_model_dir):
         quantize(loaded.model, "fp8")
 
 
-def continuation_nll(engine: Engine, samples: list[list[int]], decode: bool = False) -> float:
-    """Mean next-token loss over `samples`, each in one prompt pass, or with `decode` token by
-    token as decoding computes them (int8: the row-wise kernel instead of the dense one)."""
-    total = 0.0
-    for ids in samples:
-        engine.cache.clear_prefix_cache()
-        sequence = engine.open(ids)
-        try:
-            if decode:
-                hidden = torch.cat([engine.forward(sequence, [t]) for t in ids[:-1]])
-            else:
-                hidden = engine.forward(sequence, ids)[:-1]
-            logits = engine.logits(hidden)
-        finally:
-            engine.close(sequence)
-        total += torch.nn.functional.cross_entropy(logits.float(), torch.tensor(ids[1:])).item()
-    return total / len(samples)
-
-
 @pytest.mark.model
 @pytest.mark.parametrize("scheme", ["int8", "bf16"])
 def test_weight_only_perplexity_is_within_one_percent_of_float32(engine, scheme):
-    from pyagent.bench.kvtasks import corpus_text
+    from pyagent.bench.perplexity import continuation_nll, corpus_samples
 
-    ids = engine.tokenize(corpus_text())
-    samples = [ids[start:start + 513] for start in (5_000, 40_000, 90_000, 150_000)]
+    samples = corpus_samples(engine)
     quantized = Engine(load(resolve_model(None), quantize=scheme))
     ratio = math.exp(continuation_nll(quantized, samples) - continuation_nll(engine, samples))
     assert 0.99 < ratio < 1.01 and ratio != 1.0
