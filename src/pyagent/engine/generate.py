@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -134,12 +134,10 @@ class Engine:
 
     # --- sequences on the paged cache ----------------------------------------------------------
 
-    @contextmanager
-    def exclusive(self):
-        """Hold the cache alone: the low-level sequence methods below need it while the engine
-        may be serving requests."""
-        with self._lock:
-            yield
+    def exclusive(self) -> AbstractContextManager:
+        """The cache's lock, to hold as `with engine.exclusive():`: the low-level sequence
+        methods below need it while the engine may be serving requests."""
+        return self._lock
 
     def open(self, prompt_ids: list[int]) -> Sequence:
         """A sequence for `prompt_ids`, starting from the longest cached prefix."""
