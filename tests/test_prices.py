@@ -13,6 +13,7 @@ import pytest
 from pyagent.bench.prices import (
     BATCH_DISCOUNT_UNKNOWN,
     NO_CACHE_READ_PRICE,
+    NO_CACHE_WRITE_PRICE,
     PriceTable,
     UsageError,
 )
@@ -29,6 +30,7 @@ def reference(usage: Usage, model: str, provider: str | None = None, batch: bool
     """genai-prices' own calculation of the same call."""
     return genai_prices.calc_price(
         genai_prices.Usage(input_tokens=usage.prompt_tokens, cache_read_tokens=usage.cached_tokens,
+                           cache_write_tokens=usage.cache_write_tokens,
                            output_tokens=usage.completion_tokens),
         model, provider_id=provider, genai_request_timestamp=at,
         price_context={"processing": "batch"} if batch else None)
@@ -37,14 +39,15 @@ def reference(usage: Usage, model: str, provider: str | None = None, batch: bool
 @pytest.mark.parametrize("model", ["gpt-4o", "claude-sonnet-4-5", "gemini-2.5-pro",
                                    "gemini-2.5-flash", "claude-2"])
 @pytest.mark.parametrize("usage", [Usage(10_000, 500, 8_000), Usage(1_234_567, 89, 0),
-                                   Usage(250_000, 3_000, 200_000), Usage(200_000, 1, 7)])
+                                   Usage(250_000, 3_000, 200_000), Usage(200_000, 1, 7),
+                                   Usage(10_000, 500, 4_000, 3_000)])
 @pytest.mark.parametrize("batch", [False, True])
 def test_costs_match_genai_prices_own_calculation(model: str, usage: Usage, batch: bool) -> None:
     cost = PriceTable().cost(usage, model, batch=batch, at=WHEN)
     expected = reference(usage, model, batch=batch)
     assert cost is not None
     assert cost.total == expected.total_price
-    assert cost.input + cost.cached == expected.input_price
+    assert cost.input + cost.cached + cost.cache_write == expected.input_price
     assert cost.output == expected.output_price
 
 
@@ -133,10 +136,36 @@ def test_cached_tokens_cost_the_input_rate_only_without_a_cache_price() -> None:
     assert no_cache is not None and no_cache.notes == ()
 
 
+def test_cache_writes_cost_the_cache_write_rate() -> None:
+    usage = Usage(10_000, 500, 4_000, 3_000)
+    claude = PriceTable().cost(usage, "claude-sonnet-4-5", at=WHEN)
+    assert claude is not None and claude.notes == ()
+    # 3,000 uncached at $3, 4,000 read at $0.30, 3,000 written at $3.75 per million
+    assert (claude.input, claude.cached, claude.cache_write) == (
+        Decimal("0.009"), Decimal("0.0012"), Decimal("0.01125"))
+    assert claude.to_dict()["cache_write"] == "0.01125"
+    gpt = PriceTable().cost(usage, "gpt-4o", at=WHEN)  # OpenAI charges no cache-write fee
+    assert gpt is not None and gpt.notes == (NO_CACHE_WRITE_PRICE,)
+    assert gpt.cache_write == Decimal("2.5") * 3_000 / 1_000_000
+
+
+def test_a_price_files_cache_write_rate_is_used(tmp_path: Path) -> None:
+    path = tmp_path / "prices.yaml"
+    path.write_text("prices:\n  - model: m\n    input_per_mtok: 1\n    output_per_mtok: 2\n"
+                    "    cache_read_per_mtok: 0.1\n    cache_write_per_mtok: 1.25\n")
+    cost = PriceTable(path).cost(Usage(1_000_000, 0, 200_000, 400_000), "m")
+    assert cost is not None and cost.notes == ()
+    assert (cost.input, cost.cached, cost.cache_write) == (Decimal("0.4"), Decimal("0.02"),
+                                                           Decimal("0.5"))
+
+
 @pytest.mark.parametrize(("usage", "message"), [
     (Usage(-1, 5), "prompt_tokens must be an integer >= 0"),
     (Usage(10, -5), "completion_tokens must be an integer >= 0"),
-    (Usage(10, 5, 11), r"cached_tokens \(11\) cannot exceed prompt_tokens \(10\)"),
+    (Usage(10, 5, 11), r"cached_tokens \(11\) and cache_write_tokens \(0\) cannot exceed "
+                       r"prompt_tokens \(10\)"),
+    (Usage(10, 5, 6, 5), r"cache_write_tokens \(5\) cannot exceed prompt_tokens \(10\)"),
+    (Usage(10, 5, 0, -1), "cache_write_tokens must be an integer >= 0"),
     (Usage(10.0, 5), "prompt_tokens must be an integer"),  # type: ignore[arg-type]
     (Usage(10, True), "completion_tokens must be an integer"),  # type: ignore[arg-type]
 ])

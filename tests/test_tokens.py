@@ -66,12 +66,26 @@ def test_groups_keep_unknown_costs_unknown() -> None:
     assert agents["planner"].unknown_calls == 0
     models = tracker.by("model")
     assert models["gpt-4o"].prompt_tokens == 10_777
-    assert models["gemma-3-270m"].cost == 0 and models["gemma-3-270m"].unknown_calls == 1
+    # a group of unknown-price calls only has an unknown cost, not $0
+    assert models["gemma-3-270m"].cost is None and models["gemma-3-270m"].unknown_calls == 1
     assert {run: t.calls for run, t in tracker.by("run").items()} == {"r1": 3, "r2": 2}
     assert tracker.by("step")["code"].completion_tokens == 678 + 120 + 77
     assert tracker.by("provider") == {None: tracker.totals()}
     with pytest.raises(PyAgentError, match="cannot group by 'color'"):
         tracker.by("color")
+
+
+def test_a_run_of_unknown_prices_only_costs_unknown() -> None:
+    from pyagent.cli import _cost
+
+    tracker = TokenTracker()
+    tracker.record(Usage(10, 1), model="private-model")
+    totals = tracker.totals()
+    assert totals.cost is None and totals.to_dict()["cost"] is None
+    assert _cost(totals) == "unknown"
+    tracker.record(Usage(10_000, 500, 8_000), model="gpt-4o", at=WHEN)
+    assert _cost(tracker.totals()) == "$0.020 + 1 calls unknown"
+    assert TokenTracker().totals().cost == 0  # no calls: nothing spent
 
 
 def test_user_prices_fill_in_what_genai_prices_lacks() -> None:
@@ -169,7 +183,8 @@ def llm_call(parent: Span, model: str, usage: Usage | None) -> None:
         if usage is not None:
             call.update({"gen_ai.usage.input_tokens": usage.prompt_tokens,
                          "gen_ai.usage.output_tokens": usage.completion_tokens,
-                         "pyagent.usage.cached_tokens": usage.cached_tokens})
+                         "pyagent.usage.cached_tokens": usage.cached_tokens,
+                         "gen_ai.usage.cache_creation.input_tokens": usage.cache_write_tokens})
 
 
 def agent_span(parent: Span, name: str) -> Span:
@@ -184,7 +199,7 @@ def fleet_run(bus: EventBus, run_id: str = "run-1") -> None:
             llm_call(planner, "gpt-4o", Usage(10_000, 500, 8_000))
         with run.child("step", "step code", **{"pyagent.step.id": "code"}) as step, \
                 agent_span(step, "coder") as coder:
-            llm_call(coder, "claude-sonnet-4-5", Usage(2_000, 100, 1_024))
+            llm_call(coder, "claude-sonnet-4-5", Usage(2_000, 100, 0, 1_024))
             with coder.child("tool_call", "execute_tool delegate") as tool, \
                     agent_span(tool, "tester") as tester:
                 llm_call(tester, "gemini-2.5-flash", Usage(900, 40, 0))
@@ -221,6 +236,10 @@ def test_from_traces_places_calls_under_their_step_and_nearest_agent(tmp_path: P
             stored.input_tokens, stored.output_tokens, stored.cached_tokens)
         assert stored.llm_calls == totals.calls + 1  # the failed call reported no usage
         assert tracker.records[0].provider == "openai"
+        written = tracker.records[1]  # its cache writes cost the cache-write rate
+        assert written.usage.cache_write_tokens == totals.cache_write_tokens == 1_024
+        assert written.cost is not None
+        assert written.cost.cache_write == Decimal("3.75") * 1_024 / 1_000_000
         assert tracker.by("agent")["tester"].unknown_calls == 1
         assert tracker.by("step")["code"].calls == 4
         assert TokenTracker.from_traces(store, "no-such-run").totals() == Totals()
@@ -298,6 +317,8 @@ def test_to_dict_is_json_with_exact_money_and_price_sources() -> None:
     assert len(data["records"]) == len(CALLS)
     assert Decimal(data["totals"]["cost"]) == tracker.totals().cost
     assert data["records"][2]["cost"] is None
+    gemma = next(g for g in data["by"]["model"] if g["name"] == "gemma-3-270m")
+    assert gemma["cost"] is None and gemma["unknown_calls"] == 1
     coder = next(g for g in data["by"]["agent"] if g["name"] == "coder")
     assert coder["unknown_calls"] == 1
     assert data["strategies"]["batching"]["throughput"] == {"batch_sizes": [1, 8]}

@@ -450,7 +450,7 @@ def _totals_line(totals) -> str:
 
 
 def _cost(totals) -> str:
-    if totals.calls and totals.unknown_calls == totals.calls:
+    if totals.cost is None:
         return "unknown"
     known = f"${totals.cost}"
     return f"{known} + {totals.unknown_calls} calls unknown" if totals.unknown_calls else known

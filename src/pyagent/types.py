@@ -17,6 +17,8 @@ ToolChoice = Literal["auto", "required", "none"]
 ROLES = ("system", "user", "assistant", "tool")
 TOOL_CHOICES = ("auto", "required", "none")
 MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20  # most alternatives a token's log probabilities list
+SEED_RANGE = (-2**63, 2**64 - 1)  # what the sampler's generator accepts
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,8 @@ class SamplingParams:
 
     `top_k == 0` and `top_p == 1` disable those filters; `seed` makes sampled decoding repeatable.
     `ignore_eos` keeps generating past end-of-sequence tokens (for benchmarks of fixed length);
-    `json_schema` constrains the output to JSON valid for that schema.
+    `json_schema` constrains the output to JSON valid for that schema. `logprobs` asks for each
+    generated token's log probability and that many most likely alternatives (None: none).
     """
 
     max_tokens: int = 256
@@ -36,6 +39,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     json_schema: dict[str, Any] | None = None  # constrain the output to JSON matching it
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -50,14 +54,18 @@ class SamplingParams:
                f"top_p must be a number in (0, 1], got {self.top_p!r}")
         _check(_is_int(self.top_k) and self.top_k >= 0, "top_k",
                f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        _check(self.seed is None or _is_int(self.seed), "seed",
-               f"seed must be an integer, got {self.seed!r}")
+        _check(self.seed is None or (_is_int(self.seed) and
+                                     SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]), "seed",
+               f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
         _check(len(self.stop) <= MAX_STOP_STRINGS, "stop",
                f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop",
                "stop strings must be non-empty strings")
         _check(self.json_schema is None or isinstance(self.json_schema, dict), "json_schema",
                "json_schema must be a JSON schema object")
+        _check(self.logprobs is None or (_is_int(self.logprobs) and
+                                         0 <= self.logprobs <= MAX_LOGPROBS), "logprobs",
+               f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -113,22 +121,30 @@ class Message:
 
 @dataclass(frozen=True)
 class CompletionRequest:
-    """A text completion (`prompt`) or a chat completion (`messages`): exactly one of the two.
+    """A text completion (`prompt`: text or token ids) or a chat completion (`messages`): exactly
+    one of the two.
 
     A chat request may offer `tools`; `tool_choice` says whether the model may (`auto`), must
     (`required`) or must not (`none`) call one, and `allowed_tools` narrows which of them it may
     call without changing what it is told about (so a prompt cache over the tools survives).
+    Text in the prompt and in messages is plain text: special-token text such as
+    `<start_of_turn>` is not a control token unless `parse_special_tokens` is set.
     """
 
-    prompt: str | None = None
+    prompt: str | tuple[int, ...] | None = None
     messages: tuple[Message, ...] | None = None
     model: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     tools: tuple[ToolSpec, ...] = ()
     tool_choice: ToolChoice = "auto"
     allowed_tools: tuple[str, ...] | None = None
+    parse_special_tokens: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.prompt, list | tuple):
+            object.__setattr__(self, "prompt", tuple(self.prompt))
+            _check(bool(self.prompt) and all(_is_int(t) and t >= 0 for t in self.prompt),
+                   "prompt", "a prompt of token ids needs at least one id, each an integer >= 0")
         if self.messages is not None:
             object.__setattr__(self, "messages", tuple(
                 m if isinstance(m, Message) else Message(**m) for m in self.messages))
@@ -175,12 +191,15 @@ class CompletionRequest:
 class Usage:
     """Token counts as the model's own tokenizer (or the provider's usage fields) report them.
 
-    `cached_tokens` counts prompt tokens served from a cache instead of being prefilled.
+    `cached_tokens` counts prompt tokens served from a cache instead of being prefilled;
+    `cache_write_tokens` counts prompt tokens written to a provider's prompt cache (billed at a
+    cache-write rate). Both are part of `prompt_tokens`.
     """
 
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    cache_write_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -205,6 +224,17 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log probability under the model (before temperature and filters),
+    where its text starts in the completion's text, and the most likely alternatives."""
+
+    token: str
+    logprob: float
+    offset: int = 0
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Completion:
     """The result of one request, whatever the backend."""
 
@@ -215,6 +245,7 @@ class Completion:
     model: str
     backend: str
     tool_calls: tuple[ToolCall, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] | None = None  # when the request asked for them
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -229,6 +260,9 @@ class Completion:
             model=data["model"],
             backend=data["backend"],
             tool_calls=tuple(ToolCall(**c) for c in data.get("tool_calls", ())),
+            logprobs=None if data.get("logprobs") is None else tuple(
+                TokenLogprob(t["token"], t["logprob"], t["offset"],
+                             tuple(map(tuple, t["top"]))) for t in data["logprobs"]),
         )
 
 

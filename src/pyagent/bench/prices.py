@@ -5,8 +5,9 @@ where model names match as genai-prices matches them (aliases, dated snapshots, 
 prefixes). A model neither source knows has no price: its cost is unknown, never guessed. Money
 is `Decimal` throughout.
 
-`Usage` reports prompt, completion and cached prompt tokens but not cache writes, so a cost bills
-the tokens written to a cache (1.25x or 2x on Anthropic) at the plain input rate.
+A call's prompt tokens split three ways: read from a prompt cache (the cache-read rate), written
+to one (the cache-write rate: 1.25x the input rate on Anthropic's 5-minute cache) and the rest
+(the input rate). `Usage` has one cache-write count, billed at the 5-minute cache's rate.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ BATCH_CONTEXT = {"processing": "batch"}  # genai-prices' price variant for batch
 GENAI_KEYS = ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok",
               "cache_write_1h_mtok")  # in the order of `Rates`' fields
 NO_CACHE_READ_PRICE = "no_cache_read_price"  # cached tokens billed at the input rate
+NO_CACHE_WRITE_PRICE = "no_cache_write_price"  # cache writes billed at the input rate
+USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens")
 BATCH_DISCOUNT_UNKNOWN = "batch_discount_unknown"  # batch asked, none known: standard rates
 
 
@@ -43,13 +46,15 @@ class UsageError(PyAgentError):
 
 
 def check_usage(usage: Usage) -> None:
-    """Raise UsageError unless `usage` holds non-negative integer counts, cached <= prompt."""
-    for name in ("prompt_tokens", "completion_tokens", "cached_tokens"):
+    """Raise UsageError unless `usage` holds non-negative integer counts and its cache reads and
+    writes fit in its prompt."""
+    for name in USAGE_COUNTS:
         value = getattr(usage, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise UsageError(f"{name} must be an integer >= 0, got {value!r}")
-    if usage.cached_tokens > usage.prompt_tokens:
-        raise UsageError(f"cached_tokens ({usage.cached_tokens}) cannot exceed prompt_tokens "
+    if usage.cached_tokens + usage.cache_write_tokens > usage.prompt_tokens:
+        raise UsageError(f"cached_tokens ({usage.cached_tokens}) and cache_write_tokens "
+                         f"({usage.cache_write_tokens}) cannot exceed prompt_tokens "
                          f"({usage.prompt_tokens})")
 
 
@@ -104,10 +109,12 @@ class Schedule:
 
 @dataclass(frozen=True)
 class Cost:
-    """The USD cost of one call: uncached prompt tokens, cached prompt tokens and output.
+    """The USD cost of one call: uncached prompt tokens, cached prompt tokens, prompt tokens
+    written to a cache, and output.
 
     `notes` flag where the table lacked a rate: `no_cache_read_price` (cached tokens billed at the
-    input rate), `batch_discount_unknown` (batch asked for, billed at standard rates)."""
+    input rate), `no_cache_write_price` (cache writes billed at the input rate),
+    `batch_discount_unknown` (batch asked for, billed at standard rates)."""
 
     input: Decimal
     cached: Decimal
@@ -115,13 +122,15 @@ class Cost:
     batch: bool  # batch rates applied
     source: str
     notes: tuple[str, ...] = ()
+    cache_write: Decimal = Decimal(0)
 
     @property
     def total(self) -> Decimal:
-        return self.input + self.cached + self.output
+        return self.input + self.cached + self.cache_write + self.output
 
     def to_dict(self) -> dict[str, Any]:
-        return {"input": str(self.input), "cached": str(self.cached), "output": str(self.output),
+        return {"input": str(self.input), "cached": str(self.cached),
+                "cache_write": str(self.cache_write), "output": str(self.output),
                 "total": str(self.total), "batch": self.batch, "source": self.source,
                 "notes": list(self.notes)}
 
@@ -149,14 +158,16 @@ class ModelPrice:
         schedule = self.batch if batch and self.batch is not None else self.standard
         notes = [BATCH_DISCOUNT_UNKNOWN] if batch and self.batch is None else []
         rates = schedule.rates_for(usage.prompt_tokens)
-        cache_rate = rates.cache_read_per_mtok
-        if cache_rate is None:
-            cache_rate = rates.input_per_mtok
-            if usage.cached_tokens:
-                notes.append(NO_CACHE_READ_PRICE)
-        uncached = usage.prompt_tokens - usage.cached_tokens
+        read_rate, write_rate = rates.cache_read_per_mtok, rates.cache_write_per_mtok
+        for rate, count, note in ((read_rate, usage.cached_tokens, NO_CACHE_READ_PRICE),
+                                  (write_rate, usage.cache_write_tokens, NO_CACHE_WRITE_PRICE)):
+            if rate is None and count:
+                notes.append(note)
+        uncached = usage.prompt_tokens - usage.cached_tokens - usage.cache_write_tokens
         return Cost(input=rates.input_per_mtok * uncached / MTOK,
-                    cached=cache_rate * usage.cached_tokens / MTOK,
+                    cached=_or(read_rate, rates.input_per_mtok) * usage.cached_tokens / MTOK,
+                    cache_write=_or(write_rate, rates.input_per_mtok) * usage.cache_write_tokens
+                    / MTOK,
                     output=rates.output_per_mtok * usage.completion_tokens / MTOK,
                     batch=schedule is self.batch, source=self.source, notes=tuple(notes))
 
@@ -222,6 +233,10 @@ class PriceTable:
                 if entry.provider is None or wanted_provider is None:
                     return entry
         return None
+
+
+def _or(rate: Decimal | None, fallback: Decimal) -> Decimal:
+    return fallback if rate is None else rate
 
 
 def _number(value: Any) -> Decimal:

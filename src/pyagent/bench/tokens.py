@@ -2,8 +2,8 @@
 of prompt caching and batch pricing measured from the recorded calls.
 
 Counts come only from reported usage: the engine's tokenizer or a provider's usage fields, cached
-prompt tokens included. A call whose model has no price keeps its tokens and counts as an unknown
-cost, never a guessed one.
+prompt tokens and cache writes included. A call whose model has no price keeps its tokens and
+counts as an unknown cost, never a guessed one.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ GROUP_KEYS = ("run", "step", "agent", "model", "provider")
 MAX_OPEN_SPANS = 10_000  # spans `attach` remembers while they are open; the oldest go first
 LABELS = {"step": "pyagent.step.id", "agent": "gen_ai.agent.name"}  # what names a step, an agent
 USAGE_KEYS = ("gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens",
-              "pyagent.usage.cached_tokens")
+              "pyagent.usage.cached_tokens", "gen_ai.usage.cache_creation.input_tokens")
 
 
 @dataclass(frozen=True)
@@ -62,29 +62,34 @@ class CallRecord:
                 "prompt_tokens": self.usage.prompt_tokens,
                 "completion_tokens": self.usage.completion_tokens,
                 "cached_tokens": self.usage.cached_tokens,
+                "cache_write_tokens": self.usage.cache_write_tokens,
                 "cost": None if self.cost is None else self.cost.to_dict()}
 
 
 @dataclass(frozen=True)
 class Totals:
-    """Summed usage of some calls; `cost` covers the calls with a known price only."""
+    """Summed usage of some calls; `cost` covers the calls with a known price only, and is None
+    when there are calls and none has a known price."""
 
     calls: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
-    cost: Decimal = Decimal(0)
+    cost: Decimal | None = Decimal(0)
     unknown_calls: int = 0  # calls whose cost is unknown
+    cache_write_tokens: int = 0
 
     @classmethod
     def of(cls, records: Iterable[CallRecord]) -> Totals:
         records = list(records)
+        priced = [r.cost.total for r in records if r.cost is not None]
         return cls(calls=len(records),
                    prompt_tokens=sum(r.usage.prompt_tokens for r in records),
                    cached_tokens=sum(r.usage.cached_tokens for r in records),
                    completion_tokens=sum(r.usage.completion_tokens for r in records),
-                   cost=sum((r.cost.total for r in records if r.cost), Decimal(0)),
-                   unknown_calls=sum(r.cost is None for r in records))
+                   cost=sum(priced, Decimal(0)) if priced or not records else None,
+                   unknown_calls=len(records) - len(priced),
+                   cache_write_tokens=sum(r.usage.cache_write_tokens for r in records))
 
     @property
     def total_tokens(self) -> int:
@@ -92,18 +97,20 @@ class Totals:
 
     def to_dict(self) -> dict[str, Any]:
         return {"calls": self.calls, "prompt_tokens": self.prompt_tokens,
-                "cached_tokens": self.cached_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.total_tokens, "cost": str(self.cost),
-                "unknown_calls": self.unknown_calls}
+                "cached_tokens": self.cached_tokens, "cache_write_tokens": self.cache_write_tokens,
+                "completion_tokens": self.completion_tokens, "total_tokens": self.total_tokens,
+                "cost": decimal_text(self.cost), "unknown_calls": self.unknown_calls}
 
 
 @dataclass(frozen=True)
 class CachingReport:
-    """Prompt caching as recorded: cached tokens, their share, and the money saved against the
-    same calls with no cache discount (over priced calls; None when no call has a price)."""
+    """Prompt caching as recorded: cached tokens, their share, cache writes, and the money saved
+    against the same calls with no prompt cache, every prompt token at the input rate (over priced
+    calls; None when no call has a price). Writes that are never read make `saved` negative."""
 
     prompt_tokens: int
     cached_tokens: int
+    cache_write_tokens: int
     cached_share: float | None  # None without prompt tokens
     cost: Decimal | None
     cost_without_cache: Decimal | None
@@ -112,7 +119,8 @@ class CachingReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
-                "cached_share": self.cached_share, "cost": decimal_text(self.cost),
+                "cache_write_tokens": self.cache_write_tokens, "cached_share": self.cached_share,
+                "cost": decimal_text(self.cost),
                 "cost_without_cache": decimal_text(self.cost_without_cache),
                 "saved": decimal_text(self.saved),
                 "unknown_calls": self.unknown_calls}
@@ -385,10 +393,10 @@ def _totals(run: TokenTracker | Totals) -> Totals:
 
 def _usage(attributes: Mapping[str, Any], span_id: str) -> Usage | None:
     """The usage an LLM-call span reports; None when it reports none (a failed call)."""
-    prompt, completion, cached = (attributes.get(key) for key in USAGE_KEYS)
+    prompt, completion, cached, written = (attributes.get(key) for key in USAGE_KEYS)
     if prompt is None or completion is None:
         return None
-    usage = Usage(prompt, completion, 0 if cached is None else cached)
+    usage = Usage(prompt, completion, cached or 0, written or 0)
     try:
         check_usage(usage)
     except UsageError as exc:
@@ -411,7 +419,8 @@ def _caching(records: list[CallRecord]) -> CachingReport:
     prompt = sum(r.usage.prompt_tokens for r in records)
     cached = sum(r.usage.cached_tokens for r in records)
     known = bool(priced) or not records
-    return CachingReport(prompt, cached, cached / prompt if prompt else None,
+    return CachingReport(prompt, cached, sum(r.usage.cache_write_tokens for r in records),
+                         cached / prompt if prompt else None,
                          cost if known else None, uncached if known else None,
                          uncached - cost if known else None, len(records) - len(priced))
 

@@ -112,6 +112,8 @@ def run_turn(agent: AgentSpec, transcript: list[Message], team: Team, span: Span
                          "gen_ai.usage.input_tokens": completion.usage.prompt_tokens,
                          "gen_ai.usage.output_tokens": completion.usage.completion_tokens,
                          "pyagent.usage.cached_tokens": completion.usage.cached_tokens,
+                         "gen_ai.usage.cache_creation.input_tokens":
+                             completion.usage.cache_write_tokens,
                          "pyagent.time_to_first_token_s":
                              completion.timings.time_to_first_token_s,
                          "gen_ai.response.finish_reasons": [completion.finish_reason]})

@@ -1,7 +1,8 @@
 """The `openai` backend: any OpenAI-compatible server (vLLM, llama.cpp, Ollama, OpenAI, PyAgent).
 
 Requests always stream (with `stream_options.include_usage`), so time to first token is measured
-here, at the caller, and usage comes from the server's own fields, cached prompt tokens included.
+here, at the caller, and usage comes from the server's own fields, cache reads and writes included
+(`usage_from` reads OpenAI's and Anthropic's shapes with genai-prices' extractors).
 Tools use the server's native tool calling. `allowed_tools` is not sent (few servers know it):
 callers check that a call names an allowed tool.
 """
@@ -10,9 +11,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+import genai_prices
 import openai
 
 from pyagent.errors import BackendError, BackendUnavailableError, PyAgentError, RequestError
@@ -28,6 +30,7 @@ from pyagent.types import (
 )
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
+ANTHROPIC_CACHE_KEYS = ("cache_creation_input_tokens", "cache_read_input_tokens")
 
 
 class OpenAIBackend:
@@ -135,20 +138,39 @@ class OpenAIBackend:
         if usage is None:
             raise BackendError(f"the server at {self.base_url} sent no usage for model {model!r} "
                                "(it must support stream_options.include_usage)")
-        details = getattr(usage, "prompt_tokens_details", None)
-        cached = (getattr(details, "cached_tokens", None) or 0) if details else 0
+        counts = usage_from(usage.model_dump())
         completion = Completion(
             text="".join(parts),
             finish_reason=finish,  # type: ignore[arg-type]
-            usage=Usage(usage.prompt_tokens, usage.completion_tokens, cached),
+            usage=counts,
             timings=Timings(time_to_first_token_s=(first_at or end) - start, total_s=end - start,
-                            completion_tokens=usage.completion_tokens),
+                            completion_tokens=counts.completion_tokens),
             model=model,
             backend=self.name,
             tool_calls=tuple(ToolCall(c.get("id", f"call_{i}"), c.get("name", ""),
                                       c.get("arguments", "")) for i, c in sorted(calls.items())),
         )
         yield StreamEvent("", completion)
+
+
+def usage_from(data: Mapping[str, Any]) -> Usage:
+    """A provider's usage object as Usage, read by genai-prices' extractors: Anthropic's shape
+    (`input_tokens` without the cache, `cache_creation_input_tokens`, `cache_read_input_tokens`),
+    OpenAI's Responses shape (`input_tokens`, `input_tokens_details`) or, otherwise, OpenAI's Chat
+    Completions shape (`prompt_tokens`, `prompt_tokens_details.cached_tokens` and
+    `cache_write_tokens`)."""
+    if any(data.get(key) is not None for key in ANTHROPIC_CACHE_KEYS):
+        provider, flavor = "anthropic", "default"
+    else:
+        provider, flavor = "openai", "responses" if "input_tokens" in data else "chat"
+    try:
+        found = genai_prices.extract_usage({"usage": dict(data)}, provider_id=provider,
+                                           api_flavor=flavor).usage
+    except (ValueError, TypeError) as exc:
+        raise BackendError(f"unreadable usage from the server: {exc} (got {dict(data)!r})"
+                           ) from None
+    return Usage(*(int(getattr(found, key) or 0) for key in (
+        "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")))
 
 
 def _message(message: Message) -> dict[str, Any]:

@@ -51,7 +51,7 @@ def tokens_section(name: str, data: Data) -> list[Section]:
     section.notes.append(
         f"{totals['calls']} LLM calls, {totals['prompt_tokens']} prompt tokens "
         f"({totals['cached_tokens']} cached), {totals['completion_tokens']} output tokens; "
-        f"cost ${cost if cost is not None else 'unknown'}"
+        f"cost {'unknown' if cost is None else f'${cost}'}"
         + (f" ({unknown} calls of unknown price not included)" if unknown else ""))
     for key in ("agent", "model"):
         groups = data["by"].get(key, [])
