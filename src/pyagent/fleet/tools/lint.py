@@ -15,8 +15,8 @@ from pyagent.fleet.tools.base import (
     ToolError,
     ToolInput,
     ToolResult,
-    run_command,
 )
+from pyagent.fleet.tools.process import run_command
 
 
 class LintInput(ToolInput):
@@ -33,7 +33,7 @@ class Lint(BaseTool[LintInput]):
         target = workspace.resolve(args.path)
         result = run_command(
             [sys.executable, "-m", "ruff", "check", "--output-format", "json", "--no-cache",
-             "--exit-zero", str(target)], workspace, context.limits)
+             "--exit-zero", str(target)], context)
         if result.timed_out or result.returncode != 0:
             raise ToolError(f"ruff failed on {args.path!r}:\n{result.transcript()}")
         if result.truncated:
@@ -46,7 +46,8 @@ class Lint(BaseTool[LintInput]):
         lines = [f"{f['path']}:{f['line']}:{f['column']}: {f['code']} {f['message']}"
                  for f in findings]
         return ToolResult("\n".join([f"{len(findings)} findings", *lines]),
-                          {"count": len(findings), "findings": findings})
+                          {"count": len(findings), "findings": findings,
+                           "sandbox": result.sandbox})
 
 
 def _finding(item: dict[str, Any], root: str) -> dict[str, Any]:

@@ -12,8 +12,8 @@ from pyagent.fleet.tools.base import (
     ToolError,
     ToolInput,
     ToolResult,
-    run_command,
 )
+from pyagent.fleet.tools.process import run_command
 
 
 class ShellInput(ToolInput):
@@ -32,5 +32,5 @@ class Shell(BaseTool[ShellInput]):
         if command not in context.allowed_commands:
             allowed = ", ".join(sorted(context.allowed_commands)) or "none"
             raise ToolError(f"command {command!r} is not allowed; allowed commands: {allowed}")
-        result = run_command(args.argv, context.workspace, context.limits)
+        result = run_command(args.argv, context)
         return ToolResult(result.transcript(), dataclasses.asdict(result))

@@ -1,4 +1,4 @@
-"""The `run_tests` tool: pytest on the workspace in a limited subprocess, counts parsed."""
+"""The `run_tests` tool: pytest on the workspace in the sandbox, counts parsed."""
 
 from __future__ import annotations
 
@@ -10,14 +10,16 @@ from pydantic import Field
 from pyagent.fleet.tools.base import (
     BaseTool,
     ToolContext,
+    ToolError,
     ToolInput,
     ToolResult,
-    run_command,
 )
+from pyagent.fleet.tools.process import run_command
 
 _SUMMARY_LINE = re.compile(r"\bin \d+(?:\.\d+)?s\b")
 _COUNT = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|deselected|warnings?)")
 _PLURAL = {"error": "errors", "warning": "warnings"}
+_NOTHING_RAN = {4: "pytest usage error", 5: "no tests collected"}  # pytest's exit codes
 
 
 def parse_summary(output: str) -> dict[str, int]:
@@ -49,6 +51,8 @@ class RunTests(BaseTool[RunTestsInput]):
     input_model = RunTestsInput
 
     def run(self, args: RunTestsInput, context: ToolContext) -> ToolResult:
+        """Counts, failures and `ran` (tests that passed or failed); a ToolError when pytest
+        ran no test at all (nothing collected, a path that does not exist, a bad option)."""
         root = str(context.workspace.root)
         argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                 "--rootdir", root, "--confcutdir", root]
@@ -56,8 +60,13 @@ class RunTests(BaseTool[RunTestsInput]):
             argv += ["-k", args.keyword]
         if args.path is not None:
             argv.append(str(context.workspace.resolve(args.path)))
-        result = run_command(argv, context.workspace, context.limits)
+        result = run_command(argv, context)
+        if result.returncode in _NOTHING_RAN and not result.timed_out:
+            raise ToolError(f"no tests ran ({_NOTHING_RAN[result.returncode]}):\n"
+                            f"{result.transcript()}")
+        counts = parse_summary(result.stdout)
         return ToolResult(result.transcript(), {
-            **parse_summary(result.stdout), "failures": failed_tests(result.stdout),
-            "returncode": result.returncode, "timed_out": result.timed_out,
-            "duration_s": result.duration_s})
+            **counts, "ran": counts["passed"] + counts["failed"],
+            "failures": failed_tests(result.stdout), "returncode": result.returncode,
+            "timed_out": result.timed_out, "duration_s": result.duration_s,
+            "sandbox": result.sandbox})
