@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import mmap
+import subprocess
 import sys
 import threading
 import time
@@ -15,6 +16,7 @@ import pytest
 
 from pyagent.bench.memory import (
     LEAK_THRESHOLD,
+    MIN_LEAK_ITERATIONS,
     MemoryProfileError,
     MemoryProfiler,
     find_leak,
@@ -48,6 +50,28 @@ def test_a_leak_of_1_mib_per_iteration_is_found_within_20_iterations():
     assert gc.get_freeze_count() == 0  # the heap frozen for the iterations is thawed
 
 
+def test_a_leak_is_flagged_at_the_fewest_iterations_allowed():
+    kept: list[mmap.mmap] = []
+    verdict = find_leak(lambda: kept.append(resident(MIB)), iterations=MIN_LEAK_ITERATIONS)
+    assert MIN_LEAK_ITERATIONS == 5
+    assert verdict.leaking and verdict.detected_at == MIN_LEAK_ITERATIONS, verdict.reason
+    with MemoryProfiler(FAST) as prof:
+        for _ in range(MIN_LEAK_ITERATIONS - 1):
+            kept.append(resident(MIB))
+            prof.end_iteration()
+    assert prof.report.leak is None  # too few iterations for a verdict
+    with pytest.raises(MemoryProfileError, match="a leak verdict needs 5 iterations, got 4"):
+        prof.leak_verdict()
+
+
+def test_importing_the_profiler_leaves_scipy_and_statsmodels_unloaded():
+    code = ("import sys, pyagent.bench.memory; "
+            "print(sorted(m for m in ('scipy', 'statsmodels') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert run.stdout.strip() == "[]"
+
+
 def test_a_stable_workload_is_not_leaking():
     def work() -> None:
         data = [{"i": i, "s": str(i)} for i in range(50_000)]
@@ -72,7 +96,7 @@ def test_a_sawtooth_workload_is_not_leaking():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"iterations": 3}, "iterations must be at least 4, got 3"),
+    ({"iterations": 4}, "iterations must be at least 5, got 4"),
     ({"warmup": -1}, "warmup must not be negative, got -1"),
 ])
 def test_find_leak_rejects_bad_counts(kwargs, message):
@@ -233,3 +257,21 @@ def test_a_missing_command_is_named():
         profile_command(["no-such-command-xyz", "--flag"])
     with pytest.raises(MemoryProfileError, match="no command"):
         profile_command([])
+
+
+SAWTOOTH = ("import time\n"
+            "for cycle in range(4):\n"
+            "    held = []\n"
+            "    for block in range(4):\n"
+            "        held.append(b'x' * (16 << 20))\n"
+            "        time.sleep(0.15)\n"
+            "    del held\n"
+            "    time.sleep(0.15)\n")
+
+
+def test_bench_memory_names_a_command_s_sawtooth():
+    run = subprocess.run([sys.executable, "-m", "pyagent", "bench", "memory", "--interval",
+                          "0.05", "--", sys.executable, "-c", SAWTOOTH],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "growth pattern sawtooth" in run.stdout, run.stdout

@@ -140,3 +140,49 @@ def test_resolution_makes_page_jitter_stable():
     rng = np.random.default_rng(0)
     rss = 100_000_000 + 4096 * rng.integers(0, 3, 100)
     assert classify(rss, resolution=65536).kind == "stable"
+
+
+MIB = 1 << 20
+
+
+def sampled_sawtooth(rng: np.random.Generator, trend: float = 0.0) -> np.ndarray:
+    """RSS of a process that allocates 20 MiB blocks with pauses between them and frees them
+    all every few blocks, sampled a few times per block: a sawtooth whose climbs are steps."""
+    rss, level = [], 100 * MIB
+    for _ in range(8):
+        for _ in range(rng.integers(3, 7)):
+            level += 20 * MIB
+            rss += [level] * int(rng.integers(1, 4))
+        level = 100 * MIB + trend * len(rss)
+        rss.append(level)
+    return np.asarray(rss) + rng.integers(0, 16, len(rss)) * 4096
+
+
+def test_a_sawtooth_that_climbs_in_steps_is_a_sawtooth():
+    for seed in SEEDS:
+        rng = np.random.default_rng(seed)
+        pattern = classify(sampled_sawtooth(rng), resolution=65536)
+        assert pattern.kind == "sawtooth", (seed, pattern.reason)
+        assert len(pattern.drops) == 8
+        leaky = classify(sampled_sawtooth(rng, trend=MIB), resolution=65536)
+        assert leaky.kind == "sawtooth", (seed, leaky.reason)
+
+
+@pytest.mark.parametrize("shape", ["square", "spikes"])
+def test_jumps_up_and_back_are_no_sawtooth(shape):
+    t = np.arange(160)
+    base = {"square": np.where((t // 20) % 2 == 1, 130.0, 100.0),
+            "spikes": np.where(np.isin(t, [40, 90, 130]), 160.0, 100.0)}[shape]
+    for seed in SEEDS:
+        values = base + np.random.default_rng(seed).normal(0, 0.5, t.size)
+        assert classify(values).kind != "sawtooth"
+
+
+def test_stable_linear_and_step_series_of_rss_keep_their_names():
+    rng = np.random.default_rng(3)
+    jitter = rng.integers(0, 16, 120) * 4096
+    flat = 200 * MIB + jitter
+    assert classify(flat, resolution=65536).kind == "stable"
+    assert classify(flat + np.arange(120) * MIB, resolution=65536).kind == "linear"
+    step = flat + np.where(np.arange(120) < 50, 0, 64 * MIB)
+    assert classify(step, resolution=65536).kind == "step"

@@ -32,10 +32,11 @@ from typing import Any, ParamSpec, TypeVar
 import psutil
 
 from pyagent.errors import PyAgentError
-from pyagent.observe.metrics.trend import MIN_TREND_POINTS, Pattern, Trend, classify, mann_kendall
+from pyagent.observe.metrics.trend import Pattern, Trend, classify, fewest_points, mann_kendall
 
 LEAK_THRESHOLD = 64 * 1024  # bytes per iteration the Sen slope's lower bound must exceed
 LEAK_ALPHA = 0.05
+MIN_LEAK_ITERATIONS = fewest_points(LEAK_ALPHA)  # 5: fewer cannot reach p < 0.05
 RSS_RESOLUTION = 64 * 1024  # RSS changes smaller than this are noise to `classify`
 GENERATIONS = 3
 HIDDEN_FRAMES = (tracemalloc.__file__, __file__, str(Path(psutil.__file__).parent / "*"),
@@ -218,7 +219,7 @@ def _leaking(trend: Trend) -> bool:
 def _verdict(rss: list[int], blocks: list[int]) -> LeakVerdict:
     trend = mann_kendall(rss, alpha=LEAK_ALPHA)
     leaking = _leaking(trend)
-    detected_at = next((k for k in range(MIN_TREND_POINTS, len(rss) + 1)
+    detected_at = next((k for k in range(MIN_LEAK_ITERATIONS, len(rss) + 1)
                         if _leaking(mann_kendall(rss[:k], alpha=LEAK_ALPHA))), None)
     if leaking:
         reason = (f"RSS grows {trend.slope / 1024:.0f} KiB per iteration "
@@ -349,9 +350,10 @@ class MemoryProfiler:
         self._iterations.append((rss, sys.getallocatedblocks()))
 
     def leak_verdict(self) -> LeakVerdict:
-        """The leak verdict over the iterations marked since `start()` (at least 4)."""
-        if len(self._iterations) < MIN_TREND_POINTS:
-            raise MemoryProfileError(f"a leak verdict needs {MIN_TREND_POINTS} iterations, "
+        """The leak verdict over the iterations marked since `start()` (at least
+        MIN_LEAK_ITERATIONS)."""
+        if len(self._iterations) < MIN_LEAK_ITERATIONS:
+            raise MemoryProfileError(f"a leak verdict needs {MIN_LEAK_ITERATIONS} iterations, "
                                      f"got {len(self._iterations)}")
         rss, blocks = (list(column) for column in zip(*self._iterations, strict=True))
         return _verdict(rss, blocks)
@@ -376,7 +378,7 @@ class MemoryProfiler:
         samples = sampler.samples
         rss = [s.rss for s in samples]
         kv = [s.kv for s in samples if s.kv is not None]
-        leak = self.leak_verdict() if len(self._iterations) >= MIN_TREND_POINTS else None
+        leak = self.leak_verdict() if len(self._iterations) >= MIN_LEAK_ITERATIONS else None
         return MemoryReport(
             self.interval_s, time.perf_counter() - sampler.t0, samples,
             rss[0] if rss else 0, rss[-1] if rss else 0, max(rss, default=0),
@@ -436,8 +438,8 @@ def find_leak(fn: Callable[[], object], iterations: int = 20, warmup: int = 2) -
     iterations made: a full collection takes ~0.2 s once torch and transformers are imported.
     Frozen objects are still freed by reference counting; only their cycles wait for the
     unfreeze, and since they predate the iterations they cannot make RSS grow per iteration."""
-    if iterations < MIN_TREND_POINTS:
-        raise MemoryProfileError(f"iterations must be at least {MIN_TREND_POINTS}, "
+    if iterations < MIN_LEAK_ITERATIONS:
+        raise MemoryProfileError(f"iterations must be at least {MIN_LEAK_ITERATIONS}, "
                                  f"got {iterations}")
     if warmup < 0:
         raise MemoryProfileError(f"warmup must not be negative, got {warmup}")

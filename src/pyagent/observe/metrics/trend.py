@@ -3,6 +3,9 @@
 `mann_kendall` answers "is this series trending, and by how much per unit of time?" without
 assuming normal noise; `classify` names the shape of a series: stable, linear, exponential,
 seasonal, step or sawtooth, with the evidence behind the name.
+
+scipy and statsmodels load on first use, not at import: importing them takes seconds, and the
+memory profiler imports this module.
 """
 
 from __future__ import annotations
@@ -13,18 +16,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from scipy import optimize, signal, stats
-from statsmodels.tsa.seasonal import STL
-from statsmodels.tsa.stattools import acf
 
 from pyagent.errors import PyAgentError
 
-MIN_TREND_POINTS = 4  # below this the Mann-Kendall test cannot reach significance
+MIN_TREND_POINTS = 4  # below this the Mann-Kendall test cannot reach p < 0.1 (see fewest_points)
 MIN_CLASSIFY_POINTS = 8
 MAX_POINTS = 2000  # Sen's slope is O(n^2) in memory: longer series are thinned evenly
 CLASSIFY_ALPHA = 0.01  # significance a trend needs before `classify` calls it one
 TREND_NOISES = 2.0  # ... and its total change over the series, in noise standard deviations
-JUMP_NOISES = 5.0  # a first difference this far from the median difference is a jump
+MAD_NORMAL = 1.4826  # MAD of a normal sample times this estimates its standard deviation
+LOW_QUARTER_NORMAL = 0.3186  # the 25th percentile of |x| for a standard normal x
+DROP_NOISES = 5.0  # a fall this many noise standard deviations (x sqrt 2) deep is a sharp drop
+TOOTH_RISE = 2 / 3  # a tooth climbs in rises each at most this share of its fall
 STEP_GAIN = 0.5  # a step fit must leave at most this share of the linear fit's squared error
 STEP_NOISES = 5.0  # ... and be at least this many noise standard deviations high
 SEASONAL_STRENGTH = 0.6  # STL seasonal strength from which a series is seasonal
@@ -122,6 +125,8 @@ def mann_kendall(values: Sequence[float], times: Sequence[float] | None = None,
     Series longer than MAX_POINTS are thinned evenly first. With fewer than 4 samples, or
     constant values, the direction is "none" and the note says why.
     """
+    from scipy import stats
+
     y, t = _series(values, times)
     n = y.size
     if n >= 2:
@@ -150,6 +155,20 @@ def mann_kendall(values: Sequence[float], times: Sequence[float] | None = None,
     return Trend(n, s, var_s, float(z), p, tau, slope, low, high, intercept, alpha, direction)
 
 
+def fewest_points(alpha: float) -> int:
+    """The fewest samples on which the Mann-Kendall test can find a trend at `alpha`: a strictly
+    monotone series of n samples has S = n(n-1)/2, and p = erfc(|Z| / sqrt 2)."""
+    if not 0 < alpha < 1:
+        raise TrendError(f"alpha must be in (0, 1), got {alpha!r}")
+    n = MIN_TREND_POINTS
+    while True:
+        s = n * (n - 1) / 2
+        z = (s - 1) / math.sqrt(n * (n - 1) * (2 * n + 5) / 18)
+        if math.erfc(z / math.sqrt(2)) < alpha:
+            return n
+        n += 1
+
+
 def _r2(sse: float, sst: float) -> float:
     return 1.0 - sse / sst if sst > 0 else 1.0
 
@@ -165,6 +184,8 @@ def _exponential_fit(y: np.ndarray, tau: np.ndarray) -> tuple[float, float]:
 
     For a fixed b the model is linear in c and a, so the error is profiled over b alone; the
     basis tends to the linear fit as b -> 0, which makes the two fits nested."""
+    from scipy import optimize
+
     def sse(b: float) -> float:
         return float(np.sum(_residual(y, np.expm1(b * tau) / b) ** 2))
 
@@ -185,20 +206,48 @@ def _step_fit(y: np.ndarray) -> tuple[int, float, float]:
     return index, size, float(left[best] + right[best])
 
 
-def _jumps(d: np.ndarray, limit: float) -> list[Jump]:
-    """Runs of consecutive first differences beyond `limit` from the median, merged."""
-    out: list[Jump] = []
-    median = float(np.median(d))
-    for i in np.flatnonzero(np.abs(d - median) > limit):
-        if out and out[-1].index == i and np.sign(d[i]) == np.sign(out[-1].size):
-            out[-1] = Jump(int(i) + 1, out[-1].size + float(d[i]))
+def _noise(d: np.ndarray) -> float:
+    """The noise's standard deviation from first differences d (whose own is sigma*sqrt(2)):
+    the smaller of 1.4826 * MAD(d), robust to a trend and to jumps in under half the
+    differences, and the 25th percentile of |d| over its normal quantile (0.3186), robust to
+    jumps in up to 3/4 of them when the series is level between them (steps with pauses)."""
+    mad = float(np.median(np.abs(d - np.median(d)))) * MAD_NORMAL
+    low = float(np.quantile(np.abs(d), 0.25)) / LOW_QUARTER_NORMAL
+    return min(mad, low) / math.sqrt(2)
+
+
+def _drops(d: np.ndarray, limit: float) -> list[tuple[int, Jump]]:
+    """Sharp falls: runs of consecutive first differences below -limit, merged; each with the
+    index of the sample it starts from."""
+    out: list[tuple[int, Jump]] = []
+    for i in np.flatnonzero(d < -limit):
+        if out and out[-1][1].index == i:
+            start, jump = out[-1]
+            out[-1] = (start, Jump(int(i) + 1, jump.size + float(d[i])))
         else:
-            out.append(Jump(int(i) + 1, float(d[i])))
+            out.append((int(i), Jump(int(i) + 1, float(d[i]))))
     return out
+
+
+def _teeth(y: np.ndarray, d: np.ndarray, drops: list[tuple[int, Jump]]) -> int:
+    """How many drops end a sawtooth's tooth: since the previous drop the series rose by at least
+    half the fall, and no single rise on the way was above TOOTH_RISE of the fall (a climb, not
+    a jump up and back)."""
+    teeth, since = 0, 0
+    for start, drop in drops:
+        climb = d[since:start]
+        if (climb.size and y[start] - y[since] >= -drop.size / 2
+                and float(climb.max()) <= -TOOTH_RISE * drop.size):
+            teeth += 1
+        since = drop.index
+    return teeth
 
 
 def _period(resid: np.ndarray) -> int | None:
     """The first autocorrelation peak of lag >= 2 above ACF_PEAK (and above noise level)."""
+    from scipy import signal
+    from statsmodels.tsa.stattools import acf
+
     n = resid.size
     r = acf(resid, nlags=n // 2, fft=True)
     peaks, _ = signal.find_peaks(r, height=max(ACF_PEAK, 2.5 / math.sqrt(n)))
@@ -207,6 +256,8 @@ def _period(resid: np.ndarray) -> int | None:
 
 
 def _seasonal_strength(y: np.ndarray, period: int) -> float:
+    from statsmodels.tsa.seasonal import STL
+
     fit = STL(y, period=period, robust=True).fit()
     spread = np.var(fit.seasonal + fit.resid)
     return float(max(0.0, 1.0 - np.var(fit.resid) / spread)) if spread > 0 else 0.0
@@ -217,12 +268,13 @@ def classify(values: Sequence[float], times: Sequence[float] | None = None,
     """Name the shape of a series. `period` (in samples) is detected when not given;
     `resolution` floors the noise estimate (changes smaller than it are noise, e.g. a page).
 
-    Noise: sigma = 1.4826 * MAD(first differences) / sqrt(2), robust to trends and jumps.
+    Noise: sigma from the first differences (see `_noise`), robust to trends, jumps and climbs
+    in steps.
     Rules, first match wins:
     - stable: fewer than 8 samples, or constant;
-    - sawtooth: at least two sharp drops (first differences more than 5 sigma*sqrt(2) below
-      the median difference), fewer sharp rises than half the drops, and gradual rises that
-      win back at least half of what the drops lost;
+    - sawtooth: at least two sharp drops (runs of first differences below -5 sigma*sqrt(2)), at
+      least half of them ending a tooth: a climb since the previous drop that won back at least
+      half the fall, in rises each at most 2/3 of the fall (gradual, or in steps with pauses);
     - seasonal: a period (given, or the first autocorrelation peak of the linearly detrended
       series at lag >= 2 above 0.3) with at least two cycles, and STL (robust) seasonal strength
       1 - Var(remainder)/Var(seasonal + remainder) >= 0.6;
@@ -234,6 +286,8 @@ def classify(values: Sequence[float], times: Sequence[float] | None = None,
       across the series (b >= ln 2), else linear;
     - stable otherwise.
     """
+    from scipy import stats
+
     if period is not None and period < 2:
         raise TrendError(f"period must be at least 2 samples, got {period}")
     y, t = _series(values, times)
@@ -243,11 +297,9 @@ def classify(values: Sequence[float], times: Sequence[float] | None = None,
         why = "constant series" if n and np.ptp(y) == 0 else f"{n} samples: too few to classify"
         return Pattern("stable", why, trend, 0.0)
     d = np.diff(y)
-    mad = float(stats.median_abs_deviation(d, scale="normal"))
-    noise = max(mad / math.sqrt(2), resolution)
-    jumps = _jumps(d, JUMP_NOISES * noise * math.sqrt(2))
-    drops = [j for j in jumps if j.size < 0]
-    rises = len(jumps) - len(drops)
+    noise = max(_noise(d), resolution)
+    drops = _drops(d, DROP_NOISES * noise * math.sqrt(2))
+    teeth = _teeth(y, d, drops)
     span = float(t[-1] - t[0])
     tau = (t - t[0]) / span
     sst = float(np.sum((y - y.mean()) ** 2))
@@ -261,12 +313,10 @@ def classify(values: Sequence[float], times: Sequence[float] | None = None,
     evidence = dict(trend=trend, noise=noise, r2_linear=_r2(sse_lin, sst),
                     r2_exponential=_r2(sse_exp, sst), growth_rate=rate / span,
                     seasonal_period=found, seasonal_strength=strength, step_index=step_index,
-                    step_size=step_size, drops=drops)
+                    step_size=step_size, drops=[jump for _, jump in drops])
 
-    lost = -sum(j.size for j in drops)
-    regained = float(np.sum(d)) + lost - sum(j.size for j in jumps if j.size > 0)
-    if len(drops) >= 2 and rises < len(drops) / 2 and regained >= lost / 2:
-        return Pattern("sawtooth", f"{len(drops)} sharp drops after gradual rises", **evidence)
+    if teeth >= 2 and teeth >= len(drops) / 2:
+        return Pattern("sawtooth", f"{teeth} sharp drops after climbs", **evidence)
     if strength is not None and strength >= SEASONAL_STRENGTH:
         return Pattern("seasonal", f"period {found} samples, STL strength {strength:.2f}",
                        **evidence)
