@@ -10,7 +10,8 @@ import pytest
 
 from pyagent.errors import ConfigError
 from pyagent.fleet.agent import load_agents
-from pyagent.fleet.manifest import LoopSpec, environment, load_manifest
+from pyagent.fleet.manifest import LoopSpec, load_manifest
+from pyagent.fleet.templates import TemplateEnvironment, Templates
 
 AGENTS = """\
 agents:
@@ -48,6 +49,11 @@ steps:
     when: "steps.test.data.failed == 0"
     instruction: "Review. Tests said: {{ steps.test.output }}"
     timeout_s: 120
+goal:
+  description: The tests pass.
+  checks:
+    - tool: run_tests
+      expect: "data.failed == 0"
 """
 EXAMPLES = Path(__file__).parents[1] / "examples"
 TOOLS = {"read_file", "write_file", "list_files", "run_tests", "lint", "shell"}
@@ -70,9 +76,9 @@ def test_a_valid_manifest_loads(tmp_path):
 
 
 def test_templates_render_strictly():
-    env = environment()
-    text = env.from_string("Fix {{ task }} after {{ steps.code.output }}").render(
-        task="bug", steps={"code": {"output": "done"}})
+    env = TemplateEnvironment()
+    text = env.render("Fix {{ task }} after {{ steps.code.output }}",
+                      task="bug", steps={"code": {"output": "done"}})
     assert text == "Fix bug after done"
     assert env.compile_expression("steps.test.data.failed == 0")(
         steps={"test": {"data": {"failed": 0}}}) is True
@@ -162,3 +168,69 @@ def test_each_example_is_valid_and_starts_unsolved(example, steps, tmp_path):
     check = subprocess.run([sys.executable, str(folder / "check.py"), str(tmp_path / "project")],
                            capture_output=True, text=True, timeout=120)
     assert check.returncode != 0  # the task is real: its own check fails before any agent runs
+
+
+def test_the_goal_is_required_and_checked(tmp_path):
+    no_goal = MANIFEST[:MANIFEST.index("goal:")]
+    assert "goal: Field required" in error_for(tmp_path, no_goal)
+    message = error_for(tmp_path, MANIFEST.replace("- tool: run_tests", "- tool: run_testz"))
+    assert "manifest.yaml:24: goal.checks.0.tool: unknown tool 'run_testz'" in message
+    message = error_for(tmp_path, MANIFEST.replace('expect: "data.failed == 0"',
+                                                   'expect: "steps.test.data.failed == 0"'))
+    assert "manifest.yaml:25: goal.checks.0.expect: unknown names ['steps']" in message
+    goal = load_manifest(write(tmp_path), TOOLS).goal
+    assert goal.description == "The tests pass." and goal.checks[0].tool == "run_tests"
+
+
+@pytest.mark.parametrize(("yaml_text", "expected"), [
+    ("a: &x\n  b: *x\n", "broken.yaml:1: an alias refers to a node that contains it"),
+    ("name: a\nagents: b\nname: c\n", "broken.yaml:3: duplicate key 'name' (first at line 1)"),
+    ('name: x\nagents: "a.yaml\nsteps: []\n', "broken.yaml:2: not valid YAML"),
+    ("? [a, b]\n: 1\n", "broken.yaml:1: a key must be a plain value"),
+    ("x: \"\\ud800\"\nname: [\n", "broken.yaml:2: not valid YAML"),
+])
+def test_hostile_yaml_is_one_clear_error(tmp_path, yaml_text, expected):
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as info:
+        load_manifest(path, TOOLS)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_billion_laughs_is_refused_quickly(tmp_path):
+    rows = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        rows.append(f"{name}: &{name} [{', '.join(['*' + prev] * 9)}]")
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ConfigError, match="laughs.yaml:.*expands to more than 100000 values"):
+        load_manifest(path, TOOLS)
+
+
+def test_templates_cannot_reach_internals_at_load_time(tmp_path):
+    message = error_for(tmp_path, MANIFEST.replace("{{ task }}", "{{ ''.__class__.__mro__ }}"))
+    assert "manifest.yaml:11: steps.0.loop.steps.0.instruction: refers to '__mro__'" in message
+    message = error_for(tmp_path, MANIFEST.replace("{{ task }}", "{{ task['_x'] }}"))
+    assert "refers to '_x'" in message
+
+
+@pytest.mark.parametrize("template", [
+    "{{ 'a' * 10**10 }}", "{{ [1] * 10**9 }}", "{{ 'x'.center(10**9) }}",
+    "{{ 'x'|center(10**9) }}", "{{ '%09999999999d' % 1 }}", "{{ '{:>9999999999}'.format(1) }}",
+    "{{ '%*d' % (999999999, 1) }}", "{{ 9 ** 999999999 }}",
+    "{% for i in range(99999) %}{{ 'abcdefghijklmnopqrstuvwxyz' }}{% endfor %}"])
+def test_template_sizes_are_bounded(template):
+    with pytest.raises(ConfigError, match=r"^m.yaml:3: steps.0.instruction: cannot render: "
+                                          r"SecurityError"):
+        Templates().render(template, "m.yaml:3: steps.0.instruction", task="t")
+
+
+def test_render_failures_name_the_field():
+    templates = Templates()
+    with pytest.raises(ConfigError, match=r"m.yaml:9: goal: cannot render: UndefinedError: "
+                                          r"'dict object' has no attribute 'nokey'"):
+        templates.render("{{ steps.code.data.nokey }}", "m.yaml:9: goal",
+                         steps={"code": {"data": {}}})
+    with pytest.raises(ConfigError, match="m.yaml:4: until: cannot evaluate"):
+        templates.holds("steps.x.data.failed == 0", "m.yaml:4: until", steps={})
+    assert templates.render("{{ 'ab' * 3 }} {{ '%d' % 4 }} {{ 2 ** 10 }}", "w") == "ababab 4 1024"

@@ -28,8 +28,15 @@ app.add_typer(bench_app, name="bench")
 runs_app = typer.Typer(help="Runs recorded in a data folder.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 DataOpt = Annotated[Path, typer.Option(help="Folder of the checkpoint and trace stores.")]
-err = Console(stderr=True)
-out = Console()
+def _console(stderr: bool = False) -> Console:
+    """Output that never wraps a line: in a terminal, tables fit its width; piped or captured,
+    they get room (160 columns) instead of rich's 80, and plain lines are never cut."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, soft_wrap=True, width=None if stream.isatty() else 160)
+
+
+err = _console(stderr=True)
+out = _console()
 
 PricesOpt = Annotated[Path | None, typer.Option(
     help="A price file for models genai-prices does not know (default: <data>/prices.yaml).")]
@@ -275,8 +282,8 @@ def demo(model: ModelOpt = DEFAULT_MODEL, dtype: DtypeOpt = "float32",
                             options={"model": model})
     finally:
         runtime.close()
-    out.print(f"run {result.run_id}: {result.status}; see it with: pyagent runs show "
-              f"{result.run_id} --data {data}")
+    _outcome(result, data)
+    out.print(f"see it with: pyagent runs show {result.run_id} --data {data}", highlight=False)
 
 
 
@@ -408,11 +415,14 @@ def run_manifest(
 
 @app.command()
 def resume(run_id: Annotated[str, typer.Argument(help="The run to continue.")],
-           data: DataOpt = Path(".pyagent")) -> None:
+           data: DataOpt = Path(".pyagent"),
+           force: Annotated[bool, typer.Option(
+               help="Resume even though the manifest changed since the run started.")] = False,
+           ) -> None:
     """Continue a run from its latest checkpoint; completed steps do not run again."""
     from pyagent.runtime import Runtime, backend_factory, orchestrator
 
-    runtime = Runtime.open(data)
+    runtime = Runtime.open(data, create=False)
     try:
         state = runtime.state(run_id)
         options = state["options"]
@@ -420,7 +430,7 @@ def resume(run_id: Annotated[str, typer.Argument(help="The run to continue.")],
                               runtime, backend_factory(options, _embedded_loader(options["model"])),
                               options.get("compact_keep"))
         _report_steps(runtime)
-        result = runner.resume(run_id)
+        result = runner.resume(run_id, force=force)
     finally:
         runtime.close()
     _finish(result, data)
@@ -435,7 +445,8 @@ def _report_steps(runtime) -> None:
     def show(event) -> None:
         if event.kind == "step":
             label = {"start": "[cyan]start[/]", "end": "[green]done[/]",
-                     "error": "[red]failed[/]"}[event.phase]
+                     "error": "[red]failed[/]",
+                     "interrupted": "[yellow]interrupted earlier[/]"}[event.phase]
             took = event.attributes.get("duration_s")
             err.print(f"{label} {event.name}" + (f" ({took:.1f} s)" if took else ""))
 
@@ -456,10 +467,25 @@ def _cost(totals) -> str:
     return f"{known} + {totals.unknown_calls} calls unknown" if totals.unknown_calls else known
 
 
+OUTCOMES = {"succeeded": ("[green]succeeded[/]", 0), "goal_not_met": ("[red]goal not met[/]", 3),
+            "error": ("[red]error[/]", 1)}
+
+
+def _outcome(result, data: Path) -> int:
+    """Print how a run ended (and why, unless it succeeded); returns its exit status."""
+    label, code = OUTCOMES[result.status]
+    out.print(f"run {result.run_id}: {label} ({result.checkpoints} checkpoints in {data})",
+              highlight=False)
+    if result.error:
+        out.print(f"  {escape(result.error)}", highlight=False)
+    return code
+
+
 def _finish(result, data: Path) -> None:
-    out.print(f"run {result.run_id}: {result.status} ({result.checkpoints} checkpoints in {data})")
-    if result.status != "ok":
-        raise PyAgentError(f"run {result.run_id} failed: {result.error}")
+    """Report a run's outcome; exit status 0 succeeded, 3 goal not met, 1 error."""
+    code = _outcome(result, data)
+    if code:
+        raise typer.Exit(code)
 
 
 @runs_app.command("list")
@@ -467,7 +493,7 @@ def runs_list(data: DataOpt = Path(".pyagent")) -> None:
     """Every recorded run, newest first."""
     from pyagent.runtime import Runtime
 
-    runtime = Runtime.open(data)
+    runtime = Runtime.open(data, create=False)
     try:
         table = Table(title=f"runs in {data}")
         for column in ("run", "status", "steps done", "manifest"):
@@ -492,7 +518,7 @@ def runs_compare(
     from pyagent.bench.tokens import compare_runs
     from pyagent.runtime import Runtime
 
-    runtime = Runtime.open(data, prices)
+    runtime = Runtime.open(data, prices, create=False)
     try:
         sides = [_by_task(runtime, runs, side) for runs, side in ((baseline, "baseline"),
                                                                   (candidate, "candidate"))]
@@ -534,7 +560,7 @@ def runs_report(run_id: Annotated[str, typer.Argument(help="The run to report on
     from pyagent.bench.report.run import write_run_report
     from pyagent.runtime import Runtime
 
-    runtime = Runtime.open(data, prices)
+    runtime = Runtime.open(data, prices, create=False)
     try:
         runtime.state(run_id)  # an unknown run is one clear error
         for path in write_run_report(runtime.traces, run_id, runtime.prices, output):
@@ -549,34 +575,39 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="The run to show.")],
     """A run's steps: agent, status, tokens, cost, tool calls, time and output."""
     from pyagent.runtime import Runtime
 
-    runtime = Runtime.open(data, prices)
+    runtime = Runtime.open(data, prices, create=False)
     try:
         state = runtime.state(run_id)
-        tokens = runtime.run_tokens(run_id)
-        by_step = tokens.by("step")
-        seconds = {}
-        for span in runtime.traces.spans(run_id):
-            if span.kind == "step" and span.duration_s:
-                step = span.attributes.get("pyagent.step.id")
-                seconds[step] = seconds.get(step, 0.0) + span.duration_s
-        table = Table(title=f"run {run_id} ({state['status']}, {state['mode']}): {state['task']}")
-        for column in ("step", "agent", "status", "in tok", "out tok", "cached", "cost", "tools",
-                       "s"):
-            table.add_column(column, no_wrap=True)
-        for step, o in state["outputs"].items():
-            usage = o.get("usage", [0, 0, 0])
-            cost = _cost(by_step[step]) if step in by_step else ""
-            table.add_row(step, o.get("agent", ""), o["status"], *map(str, usage), cost,
-                          str(o.get("tool_calls", 0)), f"{seconds.get(step, 0.0):.1f}")
-        out.print(table)
-        for step, o in state["outputs"].items():
-            if o["output"]:
-                out.print(f"[bold]{escape(step)}[/]: {escape(o['output'][:300])}")
-        out.print(_totals_line(tokens.totals()))
-        if state["error"]:
-            out.print(f"[red]error:[/] {state['error']}")
+        rows = runtime.step_rows(run_id)
+        totals = runtime.run_tokens(run_id).totals()
     finally:
         runtime.close()
+    status = OUTCOMES.get(state["status"], (state["status"],))[0]
+    table = Table(title=f"run {run_id} ({status}, {state['mode']}): {escape(state['task'])}")
+    for column in ("step", "round", "agent", "status", "in tok", "out tok", "cached", "cost",
+                   "tools", "s"):
+        table.add_column(column, no_wrap=True,
+                         justify="left" if column in ("step", "agent", "status") else "right")
+    for row in rows:
+        t = row.tokens
+        table.add_row(row.step, str(row.round), row.agent, row.status, str(t.prompt_tokens),
+                      str(t.completion_tokens), str(t.cached_tokens),
+                      _cost(t) if t.calls else "", str(row.tool_calls), f"{row.seconds:.1f}")
+    out.print(table)
+    skipped = [step for step, o in state["outputs"].items() if o["status"] == "skipped"]
+    if skipped:
+        out.print(f"skipped (condition false): {', '.join(skipped)}", highlight=False)
+    for step, o in state["outputs"].items():
+        if o["output"]:
+            out.print(f"[bold]{escape(step)}[/]: {escape(o['output'][:300])}")
+    out.print(_totals_line(totals), highlight=False)
+    goal = state.get("goal")
+    if goal:
+        verdict = "[green]met[/]" if goal["met"] else "[red]not met[/]"
+        out.print(f"goal ({escape(goal['description'])}): {verdict}", highlight=False)
+    if state["error"]:
+        out.print(f"[red]{'error' if state['status'] == 'error' else 'why'}:[/] "
+                  f"{escape(state['error'])}", highlight=False)
 
 
 def main() -> None:

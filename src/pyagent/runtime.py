@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pyagent.bench.prices import PriceTable
-from pyagent.bench.tokens import TokenTracker
+from pyagent.bench.tokens import TokenTracker, Totals
 from pyagent.errors import ConfigError
 from pyagent.fleet.agent import AgentSpec
 from pyagent.fleet.compaction import Compaction
@@ -21,6 +21,21 @@ from pyagent.observe.events import EventBus
 from pyagent.observe.metrics import MetricsFeed, MetricsRegistry
 from pyagent.observe.traces import TraceStore
 from pyagent.resilience.sqlite_store import SQLiteCheckpointStore
+
+CHECKPOINTS = "checkpoints.db"
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """One attempt at a step as the trace recorded it."""
+
+    step: str
+    round: int
+    agent: str
+    status: str  # ok, error, interrupted (the process died), running
+    tokens: Totals
+    tool_calls: int
+    seconds: float
 
 
 @dataclass
@@ -39,7 +54,11 @@ class Runtime:
     tokens: TokenTracker
 
     @classmethod
-    def open(cls, data_dir: Path, prices: Path | None = None) -> Runtime:
+    def open(cls, data_dir: Path, prices: Path | None = None, create: bool = True) -> Runtime:
+        """The runtime of `data_dir`; without `create`, a folder that holds no runs is an error
+        and nothing is created (for commands that only read)."""
+        if not create and not (data_dir / CHECKPOINTS).is_file():
+            raise ConfigError(f"no runs in {data_dir}: it has no {CHECKPOINTS} (give --data)")
         default = data_dir / "prices.yaml"
         table = PriceTable(prices or (default if default.is_file() else None))
         bus = EventBus()
@@ -49,12 +68,38 @@ class Runtime:
         MetricsFeed(metrics).attach(bus)
         tokens = TokenTracker(table)
         tokens.attach(bus)
-        return cls(bus, traces, SQLiteCheckpointStore(data_dir / "checkpoints.db"), table,
+        return cls(bus, traces, SQLiteCheckpointStore(data_dir / CHECKPOINTS), table,
                    metrics, tokens)
 
     def run_tokens(self, run_id: str) -> TokenTracker:
         """Tokens and cost of a stored run, call by call, rebuilt from its trace."""
         return TokenTracker.from_traces(self.traces, run_id, prices=self.prices)
+
+    def step_rows(self, run_id: str) -> list[StepRow]:
+        """Every step attempt of a stored run in the order it ran (loop rounds, retries and a
+        killed attempt each their own row), with its tokens and cost from the trace; the rows'
+        tokens and cost add up to `run_tokens(run_id).totals()`."""
+        spans = self.traces.spans(run_id)
+        children: dict[str | None, list[Any]] = {}
+        for span in spans:
+            children.setdefault(span.parent_id, []).append(span)
+
+        def below(span_id: str) -> list[Any]:
+            found = children.get(span_id, [])
+            return [*found, *(s for c in found for s in below(c.span_id))]
+
+        rows = []
+        for span in (s for s in spans if s.kind == "step"):
+            inner = below(span.span_id)
+            agent = next((s.attributes.get("gen_ai.agent.name") for s in inner
+                          if s.kind == "agent"), "")
+            tokens = TokenTracker.from_traces(self.traces, run_id, prices=self.prices,
+                                              within=span.span_id).totals()
+            rows.append(StepRow(span.attributes.get("pyagent.step.id", span.name),
+                                span.attributes.get("pyagent.loop.iteration", 1), agent,
+                                span.status, tokens, sum(s.kind == "tool_call" for s in inner),
+                                span.duration_s or 0.0))
+        return rows
 
     def state(self, run_id: str) -> dict[str, Any]:
         """The latest checkpointed state of `run_id`."""
@@ -103,4 +148,4 @@ def orchestrator(manifest_path: Path, workspace: Path, mode: str, runtime: Runti
     manifest = load_manifest(manifest_path, set(TOOLS))
     compaction = None if compact_keep is None else Compaction(keep_recent=compact_keep)
     return Orchestrator(manifest, backend_for, workspace, runtime.bus, runtime.checkpoints,
-                        mode, compaction)  # type: ignore[arg-type]
+                        mode, compaction, runtime.traces)  # type: ignore[arg-type]

@@ -14,36 +14,92 @@ Model = TypeVar("Model", bound=BaseModel)
 Lines = dict[tuple[Any, ...], int]
 
 
+MAX_VALUES = 100_000  # values one file may expand to, aliases included ("billion laughs")
+
+
 def load_yaml(path: Path) -> tuple[Any, Lines]:
-    """Parse `path`; return the data and the 1-based line of every mapping key and list item."""
+    """Parse `path`; return the data and the 1-based line of every mapping key and list item.
+
+    A duplicate key, an alias that contains itself, or aliases expanding to more than
+    MAX_VALUES values are errors naming the line, as are syntax errors.
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+        raise ConfigError(_syntax_error(path, text, exc)) from None
     if node is None:
         raise ConfigError(f"{path}: the file is empty")
     lines: Lines = {}
-    return _build(node, (), lines, yaml.SafeLoader("")), lines
+    builder = _Builder(path, lines)
+    return builder.build(node, ()), lines
 
 
-def _build(node: yaml.Node, at: tuple[Any, ...], lines: Lines, loader: yaml.SafeLoader) -> Any:
-    lines[at] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        out = {}
-        for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
-            out[key] = _build(value_node, (*at, key), lines, loader)
-            lines[(*at, key)] = key_node.start_mark.line + 1
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_build(item, (*at, i), lines, loader) for i, item in enumerate(node.value)]
-    return loader.construct_object(node, deep=True)
+def _syntax_error(path: Path, text: str, exc: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error, at the line where the faulty construct is.
+
+    A construct left open (a quote, a bracket) is reported where it starts, not at the end of
+    the file where the parser gave up; with no start known, at the file's last line of text."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark, context = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+    if mark is None:
+        return f"{path}: not valid YAML: {problem}"
+    line = min(mark.line + 1, len(text.rstrip().splitlines()) or 1)
+    detail = ""
+    if context is not None and context.line != mark.line:
+        what = (getattr(exc, "context", None) or "a construct").removeprefix(
+            "while scanning ").removeprefix("while parsing ")
+        if "end of stream" in problem or "<stream end>" in problem:
+            line, detail = context.line + 1, f": {what} that starts here is not closed"
+        else:
+            detail = f" (in {what} that starts at line {context.line + 1})"
+    return f"{path}:{line}: not valid YAML: {problem}{detail}"
+
+
+class _Builder:
+    """Turns a composed YAML node graph into Python data, recording lines, refusing duplicate
+    keys, self-containing aliases and runaway alias expansion."""
+
+    def __init__(self, path: Path, lines: Lines) -> None:
+        self.path, self.lines = path, lines
+        self.loader = yaml.SafeLoader("")
+        self.values = 0
+        self.open: set[int] = set()  # nodes being built: meeting one again is a cycle
+
+    def build(self, node: yaml.Node, at: tuple[Any, ...]) -> Any:
+        line = node.start_mark.line + 1
+        self.lines[at] = line
+        self.values += 1
+        if self.values > MAX_VALUES:
+            raise ConfigError(f"{self.path}:{line}: the file expands to more than {MAX_VALUES} "
+                              "values (aliases repeating aliases?)")
+        if not isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+            return self.loader.construct_object(node, deep=True)
+        if id(node) in self.open:
+            raise ConfigError(f"{self.path}:{line}: an alias refers to a node that contains it")
+        self.open.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                return [self.build(item, (*at, i)) for i, item in enumerate(node.value)]
+            out: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise ConfigError(f"{self.path}:{key_node.start_mark.line + 1}: a key must "
+                                      "be a plain value, not a list or mapping")
+                key = self.loader.construct_object(key_node)
+                if key in out:
+                    raise ConfigError(f"{self.path}:{key_node.start_mark.line + 1}: duplicate "
+                                      f"key {key!r} (first at line {self.lines[(*at, key)]})")
+                out[key] = self.build(value_node, (*at, key))
+                self.lines[(*at, key)] = key_node.start_mark.line + 1
+            return out
+        finally:
+            self.open.discard(id(node))
 
 
 def line_of(lines: Lines, location: tuple[Any, ...]) -> int | None:

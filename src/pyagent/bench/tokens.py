@@ -211,8 +211,9 @@ class TokenTracker:
     @classmethod
     def from_traces(cls, trace_store: TraceStore, run_id: str,
                     model_provider: Mapping[str, str] | None = None, *,
-                    prices: PriceTable | None = None) -> TokenTracker:
-        """The calls of one stored run, from its `llm_call` spans that carry usage.
+                    prices: PriceTable | None = None, within: str | None = None) -> TokenTracker:
+        """The calls of one stored run, from its `llm_call` spans that carry usage (only those
+        under span `within`, when given).
 
         Each call belongs to the nearest agent above it (a sub-agent's calls to the sub-agent) and
         to the step it ran in; `model_provider` names the provider of each model (by its name in
@@ -223,6 +224,8 @@ class TokenTracker:
             if usage is None:
                 continue
             lineage = trace_store.lineage(span.span_id)[:-1]
+            if within is not None and all(s.span_id != within for s in lineage):
+                continue
             above = [(s.kind, _label(s.kind, s.attributes)) for s in reversed(lineage)]
             model = _model(span.name, span.attributes)
             at = datetime.fromtimestamp(span.end, UTC) if span.end is not None else None

@@ -1,41 +1,54 @@
-"""Logic manifests: the steps of a multi-agent task, validated before anything runs.
+"""Logic manifests: the steps of a multi-agent task and the goal it must reach, validated before
+anything runs.
 
 ```yaml
 name: code-test-audit
 agents: agents.yaml                    # relative to this file
+goal:                                  # checked by the runtime on the workspace after the last step
+  description: The project's tests pass.
+  checks:                              # all must pass; each is a tool call and what must hold
+    - tool: run_tests                  # any tool; `shell` may run its own argv[0]
+      expect: "data.failed == 0 and data.passed > 0"   # over the call's `data` and `output`
 steps:
   - id: fix                            # a bounded loop: Code -> Test until the tests pass
     loop:
       max_iterations: 3
-      until: "steps.test.data.failed == 0"
+      until: "steps.test.data.get('returncode') == 0"
       steps:
         - {id: code, agent: coder, instruction: "Fix this bug: {{ task }}"}
         - {id: test, agent: tester, instruction: "Run the tests.", retries: 1}
   - id: audit
     agent: auditor
-    when: "steps.test.data.failed == 0"
+    when: "steps.test.data.get('returncode') == 0"
     instruction: "Review the change. Test report: {{ steps.test.output }}"
     timeout_s: 120
 ```
 Instructions are Jinja templates over `task`, `steps.<id>` (`output`, `data`, `status`) and
 `loop.iteration`; `when` and `until` are Jinja expressions over the same names. A template may
-only name steps that run before it (or, inside a loop, any step of that loop).
+only name steps that run before it (or, inside a loop, any step of that loop). A step's `data` is
+that of its last successful tool call; a test step whose pytest ran no test has none, so a
+condition on `returncode` never mistakes "nothing ran" for "nothing failed".
+
+The goal is what decides a run's outcome: `succeeded` when its check passes, `goal_not_met`
+otherwise (with the check's output, and any loop that ran out of rounds), `error` when a step
+failed. The model's own words never decide it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 from jinja2 import TemplateSyntaxError, meta, nodes
-from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from pyagent.fleet.agent import NAME_PATTERN, AgentSpec, load_agents
+from pyagent.fleet.templates import TemplateEnvironment
 from pyagent.yamlfile import Lines, config_error, load_yaml, validate
 
-NAMES = {"task", "steps", "loop"}
+STEP_NAMES = frozenset({"task", "steps", "loop"})
+GOAL_NAMES = frozenset({"data", "output"})
 
 
 class StepSpec(BaseModel):
@@ -77,12 +90,35 @@ def _kind(value: Any) -> str:
     return LOOP if is_loop else STEP
 
 
+class CheckSpec(BaseModel):
+    """A tool the runtime calls on the workspace, and an expression over the call's `data` and
+    `output` that must hold (default: the call succeeds and, where it reports one, its
+    `returncode` is 0)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tool: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    expect: str = "data.get('returncode', 0) == 0"
+    timeout_s: float = Field(300.0, gt=0)
+
+
+class GoalSpec(BaseModel):
+    """What a run must achieve, as checks of the workspace's state after the last step."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = Field(min_length=1)
+    checks: list[CheckSpec] = Field(min_length=1)
+
+
 class ManifestFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
     agents: str
+    goal: GoalSpec
     steps: list[Annotated[Annotated[StepSpec, Tag(STEP)] | Annotated[LoopSpec, Tag(LOOP)],
                           Discriminator(_kind)]] = Field(min_length=1)
 
@@ -94,19 +130,19 @@ class Manifest:
     path: Path
     name: str
     description: str
+    goal: GoalSpec
     steps: tuple[StepSpec | LoopSpec, ...]
     agents: dict[str, AgentSpec]
+    sources: dict[tuple[str, str], str] = field(default_factory=dict)
+    files: tuple[Path, ...] = ()  # the manifest and its agents file
 
     def step_ids(self) -> list[str]:
         return [s.id for item in self.steps for s in _flatten(item)]
 
-
-def environment() -> SandboxedEnvironment:
-    """The Jinja environment for instructions and conditions: sandboxed, strict about names."""
-    from jinja2 import StrictUndefined
-
-    return SandboxedEnvironment(undefined=StrictUndefined, autoescape=False,
-                                keep_trailing_newline=True)
+    def where(self, item: str, name: str) -> str:
+        """`file:line: field` of field `name` (instruction, when, until; `checks.N.expect` of
+        `goal`) of step, loop or `goal` `item`, for error messages."""
+        return self.sources.get((item, name), f"{self.path}: {item}.{name}")
 
 
 def load_manifest(path: Path, known_tools: set[str] | None = None) -> Manifest:
@@ -118,70 +154,92 @@ def load_manifest(path: Path, known_tools: set[str] | None = None) -> Manifest:
     if not agents_path.is_file():
         raise config_error(path, lines, ("agents",), f"agents: no agents file at {agents_path}")
     agents = load_agents(agents_path, known_tools)
-    _check(spec, lines, path, agents)
-    return Manifest(path, spec.name, spec.description, tuple(spec.steps), agents)
+    checker = _Checker(path, lines)
+    checker.steps(spec, agents)
+    checker.goal(spec.goal, known_tools)
+    return Manifest(path.resolve(), spec.name, spec.description, spec.goal, tuple(spec.steps),
+                    agents, checker.sources, (path.resolve(), agents_path))
 
 
 def _flatten(item: StepSpec | LoopSpec) -> list[StepSpec]:
     return list(item.loop.steps) if isinstance(item, LoopSpec) else [item]
 
 
-def _check(spec: ManifestFile, lines: Lines, path: Path, agents: dict[str, AgentSpec]) -> None:
-    env = environment()
-    seen: set[str] = set()
-    for index, item in enumerate(spec.steps):
-        where: tuple[Any, ...] = ("steps", index)
-        if item.id in seen:
-            raise config_error(path, lines, (*where, "id"), f"step id {item.id!r} is used twice")
-        seen.add(item.id)
-        if isinstance(item, LoopSpec):
-            ids = [s.id for s in item.loop.steps]
-            inner = set(ids)
-            repeated = {i for i in ids if ids.count(i) > 1} | (inner & seen)
-            if repeated:
-                raise config_error(path, lines, (*where, "loop", "steps"),
-                                   f"step ids {sorted(repeated)} are used twice")
-            visible = seen | inner
-            for j, step in enumerate(item.loop.steps):
-                _check_step(env, step, (*where, "loop", "steps", j), visible, lines, path, agents)
-            _check_text(env, item.loop.until, (*where, "loop", "until"), visible, lines, path,
-                        expression=True)
-            seen |= inner
-        else:
-            _check_step(env, item, where, seen - {item.id}, lines, path, agents)
+class _Checker:
+    """Checks a manifest's references and templates, and records where each template is."""
 
+    def __init__(self, path: Path, lines: Lines) -> None:
+        self.path, self.lines = path, lines
+        self.env = TemplateEnvironment()
+        self.sources: dict[tuple[str, str], str] = {}
 
-def _check_step(env: SandboxedEnvironment, step: StepSpec, where: tuple[Any, ...],
-                visible: set[str], lines: Lines, path: Path,
-                agents: dict[str, AgentSpec]) -> None:
-    if step.agent not in agents:
-        raise config_error(path, lines, (*where, "agent"),
-                           f"unknown agent {step.agent!r}; the agents file defines "
-                           f"{', '.join(sorted(agents))}")
-    _check_text(env, step.instruction, (*where, "instruction"), visible, lines, path)
-    if step.when is not None:
-        _check_text(env, step.when, (*where, "when"), visible, lines, path, expression=True)
+    def error(self, where: tuple[Any, ...], message: str) -> Exception:
+        return config_error(self.path, self.lines, where, message)
 
+    def steps(self, spec: ManifestFile, agents: dict[str, AgentSpec]) -> None:
+        seen: set[str] = set()
+        for index, item in enumerate(spec.steps):
+            where: tuple[Any, ...] = ("steps", index)
+            if item.id in seen:
+                raise self.error((*where, "id"), f"step id {item.id!r} is used twice")
+            seen.add(item.id)
+            if isinstance(item, LoopSpec):
+                ids = [s.id for s in item.loop.steps]
+                inner = set(ids)
+                repeated = {i for i in ids if ids.count(i) > 1} | (inner & seen)
+                if repeated:
+                    raise self.error((*where, "loop", "steps"),
+                                     f"step ids {sorted(repeated)} are used twice")
+                visible = seen | inner
+                for j, step in enumerate(item.loop.steps):
+                    self.step(step, (*where, "loop", "steps", j), visible, agents)
+                self.text(item.id, "until", item.loop.until, (*where, "loop", "until"), visible,
+                          expression=True)
+                seen |= inner
+            else:
+                self.step(item, where, seen - {item.id}, agents)
 
-def _check_text(env: SandboxedEnvironment, text: str, where: tuple[Any, ...], visible: set[str],
-                lines: Lines, path: Path, expression: bool = False) -> None:
-    """Parse a template or expression and check every name and step it refers to."""
-    field = ".".join(str(part) for part in where)
-    try:
-        tree = env.parse("{{ " + text + " }}" if expression else text)
-    except TemplateSyntaxError as exc:
-        raise config_error(path, lines, where, f"{field}: invalid template: {exc.message}") \
-            from None
-    unknown = meta.find_undeclared_variables(tree) - NAMES
-    if unknown:
-        raise config_error(path, lines, where, f"{field}: unknown names {sorted(unknown)}; "
-                           f"use {', '.join(sorted(NAMES))}")
-    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
-        target = node.node
-        if isinstance(target, nodes.Name) and target.name == "steps":
-            step = node.attr if isinstance(node, nodes.Getattr) else getattr(node.arg, "value",
-                                                                             None)
-            if step not in visible:
-                raise config_error(path, lines, where,
-                                   f"{field}: refers to step {step!r}, which does not run before "
-                                   "it")
+    def step(self, step: StepSpec, where: tuple[Any, ...], visible: set[str],
+             agents: dict[str, AgentSpec]) -> None:
+        if step.agent not in agents:
+            raise self.error((*where, "agent"), f"unknown agent {step.agent!r}; the agents file "
+                             f"defines {', '.join(sorted(agents))}")
+        self.text(step.id, "instruction", step.instruction, (*where, "instruction"), visible)
+        if step.when is not None:
+            self.text(step.id, "when", step.when, (*where, "when"), visible, expression=True)
+
+    def goal(self, goal: GoalSpec, known_tools: set[str] | None) -> None:
+        for index, check in enumerate(goal.checks):
+            where = ("goal", "checks", index)
+            if known_tools is not None and check.tool not in known_tools:
+                raise self.error((*where, "tool"), f"goal.checks.{index}.tool: unknown tool "
+                                 f"{check.tool!r}; known tools: {', '.join(sorted(known_tools))}")
+            self.text("goal", f"checks.{index}.expect", check.expect, (*where, "expect"), set(),
+                      expression=True, names=GOAL_NAMES)
+
+    def text(self, item: str, name: str, text: str, where: tuple[Any, ...], visible: set[str],
+             expression: bool = False, names: frozenset[str] = STEP_NAMES) -> None:
+        """Parse a template or expression, check every name and step it refers to, and record
+        where it is."""
+        field = ".".join(str(part) for part in where)
+        line = self.lines.get(where)
+        self.sources[(item, name)] = f"{self.path}:{line}: {field}" if line else \
+            f"{self.path}: {field}"
+        try:
+            tree = self.env.parse("{{ " + text + " }}" if expression else text)
+        except TemplateSyntaxError as exc:
+            raise self.error(where, f"{field}: invalid template: {exc.message}") from None
+        unknown = meta.find_undeclared_variables(tree) - names
+        if unknown:
+            raise self.error(where, f"{field}: unknown names {sorted(unknown)}; use "
+                             f"{', '.join(sorted(names))}")
+        for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+            key = node.attr if isinstance(node, nodes.Getattr) else getattr(node.arg, "value",
+                                                                            None)
+            if isinstance(key, str) and key.startswith("_"):
+                raise self.error(where, f"{field}: refers to {key!r}; names starting with _ "
+                                 "are internal and not available to templates")
+            target = node.node
+            if isinstance(target, nodes.Name) and target.name == "steps" and key not in visible:
+                raise self.error(where, f"{field}: refers to step {key!r}, which does not run "
+                                 "before it")

@@ -1,5 +1,6 @@
 """Run a manifest: steps in order, bounded loops, conditions, retries; a checkpoint after every
-step, so a run killed at any point resumes without repeating a completed step.
+step, so a run killed at any point resumes without repeating a completed step; and at the end the
+manifest's goal, checked on the workspace, decides the outcome.
 
 Two modes for the same manifest:
 - `sequenced`: the steps continue one shared conversation, offered one list of tools (every
@@ -9,11 +10,16 @@ Two modes for the same manifest:
   as frameworks that hand work from agent to agent do.
 
 With a `Compaction`, old tool results in the run's transcript shrink before each step.
+
+A run ends `succeeded` (the goal's check passed), `goal_not_met` (it did not: the reason names the
+check's output and any loop that ran out of rounds) or `error` (a step failed). Resume is exact or
+refuses: the manifest must be unchanged (its SHA-256 is kept with the run), and a checkpoint store
+that lost checkpoints the trace saw written is detected, never silently repeated.
 """
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,33 +29,53 @@ from typing import Any, Literal
 from pyagent.errors import ConfigError, PyAgentError
 from pyagent.fleet.agent import AgentSpec
 from pyagent.fleet.compaction import Compaction
-from pyagent.fleet.manifest import LoopSpec, Manifest, StepSpec, environment
-from pyagent.fleet.tools.base import Workspace
+from pyagent.fleet.manifest import CheckSpec, LoopSpec, Manifest, StepSpec
+from pyagent.fleet.templates import Templates
+from pyagent.fleet.tools.base import Limits, ToolContext, ToolError, Workspace
+from pyagent.fleet.tools.registry import make_tool
 from pyagent.fleet.turn import Team, offered_tools, run_turn, system_prompt
 from pyagent.llm.base import Backend
 from pyagent.observe.events import EventBus, Span
+from pyagent.observe.traces import TraceStore
 from pyagent.resilience.checkpoint import CheckpointStore
 from pyagent.types import Message
 
 Mode = Literal["sequenced", "handover"]
 MODES = ("sequenced", "handover")
+SUCCEEDED, GOAL_NOT_MET, ERROR, RUNNING = "succeeded", "goal_not_met", "error", "running"
+GOAL_OUTPUT_CHARS = 2000  # the tail of the goal check's output kept with the run
 
 
 @dataclass(frozen=True)
 class RunResult:
     run_id: str
-    status: str  # "ok" or "error"
+    status: str  # succeeded, goal_not_met or error
     outputs: dict[str, dict[str, Any]]
-    error: str | None
+    error: str | None  # why the run did not succeed
     checkpoints: int
 
 
+def manifest_hash(manifest: Manifest) -> str:
+    """SHA-256 of a manifest's files (it and its agents file) as they are on disk now."""
+    digest = hashlib.sha256()
+    for path in manifest.files:
+        try:
+            digest.update(path.read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return digest.hexdigest()
+
+
 class Orchestrator:
-    """Executes one manifest with backends chosen per agent, on one workspace."""
+    """Executes one manifest with backends chosen per agent, on one workspace.
+
+    With `traces` (the store the bus feeds), `resume` closes the killed attempt's spans as
+    interrupted and refuses when the checkpoint store lost checkpoints the trace saw written."""
 
     def __init__(self, manifest: Manifest, backend_for: Callable[[AgentSpec], Backend],
                  workspace: Path, bus: EventBus, store: CheckpointStore,
-                 mode: Mode = "sequenced", compaction: Compaction | None = None):
+                 mode: Mode = "sequenced", compaction: Compaction | None = None,
+                 traces: TraceStore | None = None):
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.manifest = manifest
@@ -60,9 +86,8 @@ class Orchestrator:
         self.store = store
         self.mode = mode
         self.compaction = compaction
-        self.env = environment()
-        self._template = functools.lru_cache(maxsize=None)(self.env.from_string)
-        self._expression = functools.lru_cache(maxsize=None)(self.env.compile_expression)
+        self.traces = traces
+        self.templates = Templates()
 
     # --- entry points ------------------------------------------------------------------------
 
@@ -73,23 +98,48 @@ class Orchestrator:
         if self.store.get(run_id) is not None:
             raise ConfigError(f"run {run_id!r} already exists; resume it instead")
         state = {"run_id": run_id, "task": task, "mode": self.mode,
-                 "manifest": str(self.manifest.path), "workspace": str(self.workspace.root),
+                 "manifest": str(self.manifest.path),
+                 "manifest_sha256": manifest_hash(self.manifest),
+                 "workspace": str(self.workspace.root),
                  "options": options or {}, "cursor": {"item": 0, "iteration": 1, "inner": 0},
-                 "outputs": {}, "transcript": [], "status": "running", "error": None, "seq": -1}
+                 "outputs": {}, "transcript": [], "exhausted": [], "goal": None,
+                 "status": RUNNING, "error": None, "seq": -1}
         self._save(state)
         return self._execute(state)
 
-    def resume(self, run_id: str) -> RunResult:
-        """Continue `run_id` from its latest checkpoint (a finished run is returned as is)."""
+    def resume(self, run_id: str, force: bool = False) -> RunResult:
+        """Continue `run_id` from its latest checkpoint (a finished run is returned as is).
+
+        Refuses a manifest edited since the run started (unless `force`) and a checkpoint store
+        that lost checkpoints the trace recorded as written."""
         checkpoint = self.store.get(run_id)
         if checkpoint is None:
             raise ConfigError(f"no checkpoints for run {run_id!r}")
         state = checkpoint.state
         if state["manifest"] != str(self.manifest.path):
             raise ConfigError(f"run {run_id!r} ran {state['manifest']}, not {self.manifest.path}")
-        if state["status"] != "running":
+        if state["status"] != RUNNING:
             return self._result(state)
+        if not force and state.get("manifest_sha256") != manifest_hash(self.manifest):
+            raise ConfigError(f"{self.manifest.path} (or its agents file) changed since run "
+                              f"{run_id!r} started; resuming would mix two workflows "
+                              "(--force resumes anyway)")
+        if self.traces is not None:
+            self._check_store(state)
+            self.traces.interrupt(run_id, self.bus)
         return self._execute(state)
+
+    def _check_store(self, state: dict[str, Any]) -> None:
+        """Refuse when the trace saw a checkpoint written that the store no longer has."""
+        assert self.traces is not None
+        seen = [s.attributes.get("pyagent.checkpoint.seq") for s in
+                self.traces.spans(state["run_id"]) if s.kind == "step"]
+        newest = max((seq for seq in seen if isinstance(seq, int)), default=-1)
+        if newest > state["seq"]:
+            raise PyAgentError(
+                f"run {state['run_id']!r}: the trace records checkpoint {newest} as written, but "
+                f"the checkpoint store's newest is {state['seq']}: the store lost checkpoints "
+                f"(a damaged file?). Resuming would repeat completed steps; refusing.")
 
     # --- execution -----------------------------------------------------------------------------
 
@@ -100,10 +150,15 @@ class Orchestrator:
                            ) as span:
             try:
                 self._walk(state, span)
-                state["status"] = "ok"
+                self._check_goal(state, span)
             except PyAgentError as exc:
-                state["status"], state["error"] = "error", str(exc)
+                state["status"], state["error"] = ERROR, str(exc)
                 span.set("error.type", type(exc).__name__)
+            except Exception as exc:  # a defect: the run still ends as failed, never running
+                state["status"], state["error"] = ERROR, f"internal error: {exc!r}"
+                self._save(state)
+                raise
+            span.set("pyagent.run.status", state["status"])
             self._save(state)
         return self._result(state)
 
@@ -115,30 +170,36 @@ class Orchestrator:
             if isinstance(item, LoopSpec):
                 body = item.loop.steps
                 while cursor["inner"] < len(body):
-                    self._step(body[cursor["inner"]], state, span, cursor["iteration"])
-                    cursor["inner"] += 1
-                    self._save(state)
-                done = self._holds(item.loop.until, state, cursor["iteration"])
-                if done or cursor["iteration"] >= item.loop.max_iterations:
+                    self._step(body[cursor["inner"]], state, span, cursor["iteration"],
+                               lambda: cursor.update(inner=cursor["inner"] + 1))
+                done = self._holds(item.id, "until", item.loop.until, state, cursor["iteration"])
+                if done:
+                    cursor.update(item=cursor["item"] + 1, iteration=1, inner=0)
+                elif cursor["iteration"] >= item.loop.max_iterations:
+                    state["exhausted"].append(item.id)
                     cursor.update(item=cursor["item"] + 1, iteration=1, inner=0)
                 else:
                     cursor.update(iteration=cursor["iteration"] + 1, inner=0)
+                self._save(state)
+            elif item.when is None or self._holds(item.id, "when", item.when, state, 1):
+                self._step(item, state, span, 1, lambda: cursor.update(item=cursor["item"] + 1))
             else:
-                if item.when is None or self._holds(item.when, state, 1):
-                    self._step(item, state, span, 1)
-                else:
-                    state["outputs"][item.id] = {"output": "", "data": {}, "status": "skipped"}
+                state["outputs"][item.id] = {"output": "", "data": {}, "status": "skipped"}
                 cursor["item"] += 1
-            self._save(state)
+                self._save(state)
 
-    def _step(self, step: StepSpec, state: dict[str, Any], run_span: Span,
-              iteration: int) -> None:
+    def _step(self, step: StepSpec, state: dict[str, Any], run_span: Span, iteration: int,
+              advance: Callable[[], None]) -> None:
+        """One step's turn; its output, the cursor's `advance` and the checkpoint are saved
+        before the step's span closes, so a span the trace shows complete is always in a
+        checkpoint."""
         agent = self.manifest.agents[step.agent]
         if step.timeout_s is not None:
             agent = agent.model_copy(update={"limits": agent.limits.model_copy(
                 update={"wall_time_s": min(agent.limits.wall_time_s, step.timeout_s)})})
-        instruction = self._template(step.instruction).render(
-            task=state["task"], steps=state["outputs"], loop={"iteration": iteration})
+        instruction = self.templates.render(
+            step.instruction, self.manifest.where(step.id, "instruction"), task=state["task"],
+            steps=state["outputs"], loop={"iteration": iteration})
         elided = self.compaction.apply(state["transcript"]) if self.compaction else 0
         transcript, logged = self._transcript(agent, instruction, state)
         tools = self.shared_tools if self.mode == "sequenced" else None
@@ -158,14 +219,53 @@ class Orchestrator:
                 except PyAgentError:
                     if attempt == attempts:
                         raise
-        earlier = state["outputs"].get(step.id, {}).get("usage", [0, 0, 0])  # loop iterations
-        usage = [result.usage.prompt_tokens, result.usage.completion_tokens,
-                 result.usage.cached_tokens]
-        state["outputs"][step.id] = {
-            "output": result.output, "data": result.data, "status": "ok", "agent": agent.name,
-            "tool_calls": result.tool_calls, "iteration": iteration,
-            "usage": [a + b for a, b in zip(earlier, usage, strict=True)]}
-        state["transcript"] += [_record(m) for m in [logged, *result.messages]]
+            earlier = state["outputs"].get(step.id, {}).get("usage", [0, 0, 0])  # loop rounds
+            usage = [result.usage.prompt_tokens, result.usage.completion_tokens,
+                     result.usage.cached_tokens]
+            state["outputs"][step.id] = {
+                "output": result.output, "data": result.data, "status": "ok",
+                "agent": agent.name, "tool_calls": result.tool_calls, "iteration": iteration,
+                "usage": [a + b for a, b in zip(earlier, usage, strict=True)]}
+            state["transcript"] += [_record(m) for m in [logged, *result.messages]]
+            advance()
+            self._save(state)
+            span.set("pyagent.checkpoint.seq", state["seq"])
+
+    def _check_goal(self, state: dict[str, Any], run_span: Span) -> None:
+        """Run the goal's checks on the workspace and set the run's final status from them."""
+        goal = self.manifest.goal
+        with run_span.child("goal", "check_goal",
+                            **{"pyagent.goal.description": goal.description}) as span:
+            results = [self._check(index, check) for index, check in enumerate(goal.checks)]
+            met = all(passed for passed, _ in results)
+            span.set("pyagent.goal.met", met)
+        failed = [f"{goal.checks[i].tool}: {_tail(output, 300)}"
+                  for i, (passed, output) in enumerate(results) if not passed]
+        reasons = [f"goal check failed ({goal.description}): {'; '.join(failed)}"] if failed \
+            else []
+        reasons += [f"loop {loop!r} ran out of rounds without its condition holding"
+                    for loop in state["exhausted"]]
+        state["goal"] = {"description": goal.description, "met": met,
+                         "checks": [{"tool": c.tool, "passed": passed,
+                                     "output": output[-GOAL_OUTPUT_CHARS:]}
+                                    for c, (passed, output) in zip(goal.checks, results,
+                                                                   strict=True)]}
+        state["status"] = SUCCEEDED if met else GOAL_NOT_MET
+        state["error"] = None if met else "; ".join(reasons)
+
+    def _check(self, index: int, check: CheckSpec) -> tuple[bool, str]:
+        """Whether one goal check passes, and the output of its tool call."""
+        context = ToolContext(self.workspace, limits=Limits(timeout_s=check.timeout_s),
+                              allowed_commands=frozenset(_goal_commands(check.arguments)),
+                              writable=())
+        try:
+            outcome = make_tool(check.tool).call(check.arguments, context)
+        except ToolError as exc:
+            return False, f"failed: {exc}"
+        where = self.manifest.where("goal", f"checks.{index}.expect")
+        passed = self.templates.holds(check.expect, where, data=dict(outcome.data),
+                                      output=outcome.output)
+        return passed, outcome.output
 
     def _transcript(self, agent: AgentSpec, instruction: str,
                     state: dict[str, Any]) -> tuple[list[Message], Message]:
@@ -180,12 +280,11 @@ class Orchestrator:
         return ([Message("system", system_prompt(agent)), Message("user", handed)],
                 Message("user", f"[{agent.name}] {instruction}"))
 
-    def _holds(self, expression: str, state: dict[str, Any], iteration: int) -> bool:
-        try:
-            return bool(self._expression(expression)(
-                task=state["task"], steps=state["outputs"], loop={"iteration": iteration}))
-        except Exception as exc:  # a condition over a step that failed or returned no data
-            raise PyAgentError(f"condition {expression!r} could not be evaluated: {exc}") from exc
+    def _holds(self, item: str, name: str, expression: str, state: dict[str, Any],
+               iteration: int) -> bool:
+        return self.templates.holds(expression, self.manifest.where(item, name),
+                                    task=state["task"], steps=state["outputs"],
+                                    loop={"iteration": iteration})
 
     def _save(self, state: dict[str, Any]) -> None:
         state["seq"] += 1
@@ -196,6 +295,16 @@ class Orchestrator:
         return RunResult(state["run_id"], state["status"], state["outputs"], state["error"],
                          state["seq"] + 1)
 
+
+def _goal_commands(arguments: dict[str, Any]) -> list[str]:
+    """The command a `shell` goal runs: its own check may run it without an allow-list."""
+    argv = arguments.get("argv")
+    return [argv[0]] if isinstance(argv, list) and argv and isinstance(argv[0], str) else []
+
+
+def _tail(text: str, chars: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= chars else "..." + text[-chars:]
 
 
 def _record(message: Message) -> dict[str, Any]:
@@ -212,3 +321,4 @@ def _as_text(message: Message) -> str:
     """A transcript message as a hand-over writes it for the next agent."""
     calls = "".join(f"\n[called {c.name} with {c.arguments}]" for c in message.tool_calls)
     return f"{message.role}: {message.content}{calls}"
+

@@ -25,7 +25,15 @@ from pyagent.fleet.tools.base import ToolContext, ToolError, ToolResult, Workspa
 from pyagent.fleet.tools.registry import make_tool, tool_specs
 from pyagent.llm.base import Backend
 from pyagent.observe.events import Span
-from pyagent.types import CompletionRequest, Message, SamplingParams, ToolCall, ToolSpec, Usage
+from pyagent.types import (
+    Completion,
+    CompletionRequest,
+    Message,
+    SamplingParams,
+    ToolCall,
+    ToolSpec,
+    Usage,
+)
 
 TOOL_OUTPUT_CHARS = 4000  # what an agent sees of one tool result
 DELEGATE = "delegate"
@@ -107,7 +115,7 @@ def run_turn(agent: AgentSpec, transcript: list[Message], team: Team, span: Span
         with span.child("llm_call", f"chat {agent.model or backend.name}",
                         **{"gen_ai.operation.name": "chat",
                            "gen_ai.request.model": agent.model or ""}) as call:
-            completion = backend.complete(request)
+            completion = _complete(backend, request, deadline, agent)
             call.update({"gen_ai.response.model": completion.model,
                          "gen_ai.usage.input_tokens": completion.usage.prompt_tokens,
                          "gen_ai.usage.output_tokens": completion.usage.completion_tokens,
@@ -125,8 +133,7 @@ def run_turn(agent: AgentSpec, transcript: list[Message], team: Team, span: Span
             return result
         for tool_call in completion.tool_calls:
             if time.monotonic() > deadline:
-                raise LimitExceeded(f"agent {agent.name!r} ran past its wall time of "
-                                    f"{agent.limits.wall_time_s:g} s")
+                raise _past_wall_time(agent)
             if result.tool_calls < agent.limits.max_tool_calls:
                 result.tool_calls += 1
                 output = _call_tool(tool_call, agent, allowed, team, span, depth, result)
@@ -134,6 +141,31 @@ def run_turn(agent: AgentSpec, transcript: list[Message], team: Team, span: Span
                 output = (f"not run: agent {agent.name!r} has used all "
                           f"{agent.limits.max_tool_calls} of its tool calls")
             result.messages.append(Message("tool", output, tool_call_id=tool_call.id))
+
+
+def _complete(backend: Backend, request: CompletionRequest, deadline: float,
+              agent: AgentSpec) -> Completion:
+    """The backend's completion of `request`, streamed so that the agent's wall time interrupts
+    a generation in progress: past `deadline` the stream is closed, which cancels the request."""
+    if time.monotonic() > deadline:
+        raise _past_wall_time(agent)
+    stream = backend.stream(request)
+    try:
+        for event in stream:
+            if event.completion is not None:
+                return event.completion
+            if time.monotonic() > deadline:
+                raise _past_wall_time(agent)
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+    raise PyAgentError(f"{backend.name}: the stream ended without a completion")
+
+
+def _past_wall_time(agent: AgentSpec) -> LimitExceeded:
+    return LimitExceeded(f"agent {agent.name!r} ran past its wall time of "
+                         f"{agent.limits.wall_time_s:g} s")
 
 
 def _call_tool(tool_call: ToolCall, agent: AgentSpec, allowed: list[str], team: Team,

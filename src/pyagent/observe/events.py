@@ -18,8 +18,8 @@ from typing import Any, Literal, get_args
 
 from pyagent.errors import PyAgentError
 
-EventKind = Literal["run", "step", "agent", "llm_call", "tool_call"]
-Phase = Literal["start", "end", "error"]
+EventKind = Literal["run", "step", "agent", "llm_call", "tool_call", "goal"]
+Phase = Literal["start", "end", "error", "interrupted"]
 KINDS: tuple[str, ...] = get_args(EventKind)
 PHASES: tuple[str, ...] = get_args(Phase)
 
@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Event:
-    """One point in a span's life: its `start`, its `end`, or its `error` (an end that failed)."""
+    """One point in a span's life: its `start`, its `end`, its `error` (an end that failed), or
+    `interrupted` (closed after its process died, when the run resumed)."""
 
     kind: EventKind
     phase: Phase

@@ -37,10 +37,22 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX spans_run ON spans (run_id, start_time)",
         "CREATE INDEX spans_parent ON spans (parent_id)",
     ),
+    (  # spans of a killed attempt are closed as 'interrupted' when the run resumes
+        """CREATE TABLE spans_v2 (
+            span_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, parent_id TEXT,
+            kind TEXT NOT NULL, name TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('running', 'ok', 'error', 'interrupted')),
+            start_time REAL, end_time REAL, duration_s REAL, attributes TEXT NOT NULL)""",
+        "INSERT INTO spans_v2 SELECT * FROM spans",
+        "DROP TABLE spans",
+        "ALTER TABLE spans_v2 RENAME TO spans",
+        "CREATE INDEX spans_run ON spans (run_id, start_time)",
+        "CREATE INDEX spans_parent ON spans (parent_id)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 MAX_DEPTH = 1000  # bound on lineage walks, so a damaged parent chain cannot loop forever
-STATUS = {"start": "running", "end": "ok", "error": "error"}
+STATUS = {"start": "running", "end": "ok", "error": "error", "interrupted": "interrupted"}
 SPAN_COLUMNS = ("span_id, run_id, parent_id, kind, name, status, start_time, end_time, duration_s, "
                 "attributes")
 
@@ -178,6 +190,22 @@ class TraceStore:
                 "duration_s = excluded.duration_s, attributes = excluded.attributes",
                 (event.span_id, event.run_id, event.parent_id, event.kind, event.name,
                  STATUS[event.phase], start, end, duration, attributes))
+
+    def interrupt(self, run_id: str, bus: EventBus) -> int:
+        """Close the spans of `run_id` still open (their process died) as `interrupted`,
+        through `bus`, at the last moment the run was seen alive; returns how many."""
+        with self._lock:
+            last = self._conn.execute("SELECT MAX(timestamp) FROM events WHERE run_id = ?",
+                                      (run_id,)).fetchone()[0]
+        open_spans = [s for s in self.spans(run_id) if s.status == "running"]
+        for span in reversed(open_spans):  # innermost first, as a live run would close them
+            seen = max(last or span.start or 0.0, span.start or 0.0)
+            bus.publish(Event(span.kind, "interrupted", span.name, run_id, span.span_id,
+                              span.parent_id, seen,
+                              {"duration_s": seen - (span.start or seen),
+                               "error.type": "Interrupted",
+                               "exception.message": "the process running it died"}))
+        return len(open_spans)
 
     def runs(self) -> list[RunRecord]:
         """Every run that has a `run` span, newest first."""
