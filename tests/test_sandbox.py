@@ -188,6 +188,27 @@ def test_descendants_that_start_their_own_session_die_at_the_time_limit(root):
     assert wait_until_gone(tag, seconds=0.5) == []
 
 
+def test_a_command_cannot_signal_or_see_host_processes(root):
+    witness = subprocess.Popen(["sleep", "30"])
+    try:
+        context = ToolContext(Workspace(root), Limits(timeout_s=5), sandbox=Bubblewrap())
+        seen = run_command(["ls", "/proc"], context).stdout.split()
+        assert str(witness.pid) not in seen and len([p for p in seen if p.isdigit()]) < 10
+        run_command(["kill", "-9", "-1"], context)
+        run_command(["kill", "-9", str(witness.pid)], context)
+        assert witness.poll() is None
+    finally:
+        witness.kill()
+        witness.wait()
+
+
+def test_a_command_cannot_create_user_namespaces_or_keep_capabilities(root):
+    context = ToolContext(Workspace(root), sandbox=Bubblewrap())
+    assert run_command(["unshare", "--user", "true"], context).returncode != 0
+    status = run_command(["cat", "/proc/self/status"], context).stdout
+    assert "CapEff:\t0000000000000000" in status and "NoNewPrivs:\t1" in status
+
+
 RUNTIME = """
 import sys, threading
 from pyagent.fleet.tools.base import Limits, ToolContext, Workspace
