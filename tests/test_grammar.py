@@ -50,7 +50,8 @@ def test_the_server_honours_response_format(tiny_server, tiny_engine):
         assert json.loads(reply["choices"][0]["message"]["content"])["answer"] in ("yes", "no")
         bad = http.post("/chat/completions", json={**body, "response_format": {
             "type": "json_schema"}})
-        assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
+        assert bad.status_code == 400
+        assert bad.json()["error"]["param"].startswith("response_format")
 
 
 @pytest.mark.model

@@ -169,6 +169,8 @@ class CompletionRequest:
                "tool_choice 'required' needs at least one tool")
         _check(not self.tools or self.sampling.json_schema is None, "response_format",
                "a request cannot combine tools with a JSON schema for the reply")
+        _check(not self.tools or self.sampling.logprobs is None, "logprobs",
+               "log probabilities are not available for a request that offers tools")
 
     @property
     def callable_tools(self) -> tuple[ToolSpec, ...]:
@@ -268,10 +270,12 @@ class Completion:
 
 @dataclass(frozen=True)
 class StreamEvent:
-    """One item of a stream: a piece of text, and on the last item the whole `Completion`."""
+    """One item of a stream: a piece of text, and on the last item the whole `Completion`; with
+    the log probabilities of the tokens of that text when the request asked for them."""
 
     delta: str
     completion: Completion | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 def _is_int(value: object) -> bool:

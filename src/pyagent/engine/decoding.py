@@ -3,7 +3,8 @@ release text as it becomes final.
 
 Stop strings are honoured across token boundaries, and streamed text holds back anything that
 could still turn into a stop string or an incomplete UTF-8 character. A request that offers tools
-streams nothing: its answer or tool call arrives whole, with the `Completion`.
+streams nothing: its answer or tool call arrives whole, with the `Completion`. A request that
+asks for log probabilities gets them for each token of its text, from the model's raw logits.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from pyagent.engine.grammar import JsonConstraint
 from pyagent.engine.sampling import Sampler
 from pyagent.engine.toolcalls import parse_reply
-from pyagent.types import Completion, CompletionRequest, Timings, Usage
+from pyagent.types import Completion, CompletionRequest, Timings, TokenLogprob, Usage
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -35,6 +36,8 @@ class Decoder:
         self.sampler = Sampler(request.sampling)
         self.holdback = max((len(s) for s in request.sampling.stop), default=1) - 1
         self.generated: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.logprobs_released = 0
         self.text = ""
         self.emitted = 0
         self.finish = "length"
@@ -52,6 +55,8 @@ class Decoder:
         self.generated.append(token)
         if token in self.stop_ids:
             return self._stop("stop")
+        if params.logprobs is not None:
+            self.logprobs.append(self._logprob(logits, token, params.logprobs))
         self.text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
         cut = _find_stop(self.text, params.stop, max(0, self.emitted - self.holdback))
         if cut is not None:
@@ -73,6 +78,23 @@ class Decoder:
         delta, self.emitted = self.text[self.emitted:safe], safe
         return delta
 
+    def _logprob(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+        """`token`'s log probability, where its text starts, and the `top` likeliest tokens."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        values, ids = torch.topk(logprobs, top)
+        alternatives = zip(ids.tolist(), values.tolist(), strict=True)
+        return TokenLogprob(self._piece(token), float(logprobs[token]), len(self.text),
+                            tuple((self._piece(i), v) for i, v in alternatives))
+
+    def _piece(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def released_logprobs(self) -> tuple[TokenLogprob, ...]:
+        """Log probabilities of the tokens whose text has been released since the last call."""
+        fresh = [t for t in self.logprobs[self.logprobs_released:] if t.offset < self.emitted]
+        self.logprobs_released += len(fresh)
+        return tuple(fresh)
+
     @property
     def last_token(self) -> int:
         return self.generated[-1]
@@ -93,9 +115,12 @@ class Decoder:
                             total_s=end - self.started, completion_tokens=len(self.generated)),
             model=self.model,
             backend="embedded",
+            logprobs=None if self.request.sampling.logprobs is None else tuple(
+                t for t in self.logprobs if t.offset < len(self.text)),
         )
         if not self.request.tools:
-            return self.text[self.emitted:], completion
+            rest, self.emitted = self.text[self.emitted:], len(self.text)
+            return rest, completion
         text, calls = parse_reply(self.text, str(self.prompt_ids))
         finish = "tool_calls" if calls else completion.finish_reason
         return text, replace(completion, text=text, tool_calls=calls, finish_reason=finish)

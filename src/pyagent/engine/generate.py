@@ -17,11 +17,12 @@ import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from pyagent.engine import attention
-from pyagent.engine.chat import chat_stop_token_ids, render_chat
+from pyagent.engine.chat import Piece, chat_stop_token_ids, render_chat
 from pyagent.engine.decoding import Decoder
 from pyagent.engine.eviction import Budget, evict, make_policy
 from pyagent.engine.grammar import JsonConstraint, grammar_tokenizer
@@ -221,27 +222,72 @@ class Engine:
         keep = self.kv.budget.global_tokens(self.cache, sequence)
         return evict(self.cache, sequence, self.policy, keep)
 
-    def json_constraint(self, schema: dict) -> JsonConstraint:
-        """A fresh constraint for one generation against `schema`."""
+    def json_constraint(self, schema: dict, param: str = "response_format") -> JsonConstraint:
+        """A fresh constraint for one generation against `schema` (`param`: whose schema)."""
         if self._grammar_tokenizer is None:
             self._grammar_tokenizer = grammar_tokenizer(self.tokenizer, self.chat_stop_ids)
-        return JsonConstraint(self._grammar_tokenizer, schema, self.model.config.vocab_size)
+        return JsonConstraint(self._grammar_tokenizer, schema, self.model.config.vocab_size, param)
 
     # --- requests ------------------------------------------------------------------------------
 
     def encode(self, request: CompletionRequest) -> list[int]:
-        """The prompt's token ids (chat requests through the chat template)."""
+        """The prompt's token ids (chat requests through the chat template). Prompt text and
+        message content are plain text unless the request sets `parse_special_tokens`; the chat
+        template's own markup holds control tokens."""
+        if isinstance(request.prompt, tuple):
+            return self._check_ids(request.prompt)
         if request.messages is not None:
             messages = as_text_messages(request.messages, request.tools)
-            text = render_chat(self.tokenizer, self.model.config.model_type, messages)
-            return self.tokenize(text, add_special_tokens=False)
-        assert request.prompt is not None
-        return self.tokenize(request.prompt)
+            pieces = render_chat(self.tokenizer, self.model.config.model_type, messages)
+        else:
+            assert request.prompt is not None
+            pieces = [Piece(request.prompt, False)]
+        if request.parse_special_tokens:
+            pieces = [Piece("".join(p.text for p in pieces), True)]
+        param = "messages" if request.is_chat else "prompt"
+        self._check_text(pieces, param)
+        ids: list[int] = []
+        for piece in pieces:  # a text prompt gets the tokenizer's BOS, a chat its template's
+            ids += self.tokenize(piece.text, add_special_tokens=not (request.is_chat or ids),
+                                 plain=not piece.markup)
+        return ids
 
-    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; safe to call from many threads."""
+    def tokenize(self, text: str, add_special_tokens: bool = True, plain: bool = False
+                 ) -> list[int]:
+        """Token ids of `text`; `plain` reads special-token text as plain text. Safe to call
+        from many threads."""
         with self._tokenizer_lock:
-            return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+            return list(self.tokenizer(text, add_special_tokens=add_special_tokens,
+                                       split_special_tokens=plain)["input_ids"])
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for: bounds a text's token count from below."""
+        return max(map(len, self.tokenizer.get_vocab()))
+
+    def _check_text(self, pieces: list[Piece], param: str) -> None:
+        """Refuse text that cannot be tokenized, or that holds more tokens than the context
+        for sure (counted without tokenizing it)."""
+        for piece in pieces:
+            try:
+                piece.text.encode()
+            except UnicodeEncodeError as exc:
+                raise RequestError(f"{param} is not valid Unicode: {exc.reason} at character "
+                                   f"{exc.start}", param=param, code="invalid_value") from None
+        chars = sum(len(p.text) for p in pieces)
+        if chars // self.max_token_chars >= self.context_length:
+            raise RequestError(
+                f"this request's prompt holds at least {chars // self.max_token_chars} tokens "
+                f"({chars} characters), but {self.name}'s context is {self.context_length} "
+                f"tokens", param=param, code="context_length_exceeded")
+
+    def _check_ids(self, ids: tuple[int, ...]) -> list[int]:
+        vocab = self.model.config.vocab_size
+        bad = [i for i in ids if i >= vocab]
+        if bad:
+            raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary "
+                               f"(0..{vocab - 1})", param="prompt", code="invalid_value")
+        return list(ids)
 
     def check_fits(self, prompt_tokens: int, max_tokens: int, param: str) -> None:
         if prompt_tokens + max_tokens > self.context_length:
@@ -273,18 +319,23 @@ class Engine:
         """
         return iter(self.submit(request))
 
-    def submit(self, request: CompletionRequest,
-               loop: asyncio.AbstractEventLoop | None = None) -> Ticket:
+    def submit(self, request: CompletionRequest, loop: asyncio.AbstractEventLoop | None = None,
+               prompt_ids: list[int] | None = None) -> Ticket:
         """Validate and queue `request`; its events arrive on the returned ticket (readable with
-        `async for` on `loop` when one is given)."""
-        prompt_ids = self.encode(request)
+        `async for` on `loop` when one is given). `prompt_ids`: `encode(request)`, when the
+        caller has it already."""
+        if prompt_ids is None:
+            prompt_ids = self.encode(request)
         max_tokens = request.sampling.max_tokens
         self.check_fits(len(prompt_ids), max_tokens, "messages" if request.is_chat else "prompt")
         stop_ids = self.chat_stop_ids if request.is_chat else self.eos_ids
         if request.sampling.ignore_eos:
             stop_ids = set()
-        schema = request.sampling.json_schema or reply_schema(request)
-        constraint = self.json_constraint(schema) if schema is not None else None
+        constraint = None
+        if request.sampling.json_schema is not None:
+            constraint = self.json_constraint(request.sampling.json_schema)
+        elif (schema := reply_schema(request)) is not None:
+            constraint = self.json_constraint(schema, param="tools")
         ticket = Ticket(self.scheduler, loop)
         decoder = Decoder(self.name, self.tokenizer, prompt_ids, request, stop_ids, constraint)
         self.scheduler.submit(Job(prompt_ids, decoder, ticket,

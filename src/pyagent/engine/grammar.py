@@ -20,21 +20,30 @@ def grammar_tokenizer(tokenizer: Any, eos_ids: set[int]) -> llguidance.LLTokeniz
     return llguidance.hf.from_tokenizer(tokenizer, eos_token=sorted(eos_ids) or None)
 
 
+def schema_grammar(schema: dict[str, Any], param: str) -> str:
+    """The grammar of JSON valid for `schema`; a `RequestError` naming `param` if the schema is
+    not one llguidance can use."""
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(
+            schema, overrides={"whitespace_flexible": False})  # compact: always terminates
+        problem = llguidance.LLMatcher.validate_grammar(grammar)
+    except (ValueError, TypeError) as exc:
+        problem = str(exc)
+    if problem:
+        raise RequestError(f"{param} is not a usable JSON schema: {problem}", param=param,
+                           code="invalid_value")
+    return grammar
+
+
 class JsonConstraint:
-    """Tracks one generation against a JSON schema."""
+    """Tracks one generation against a JSON schema (`param` names the schema in errors)."""
 
     def __init__(self, tokenizer: llguidance.LLTokenizer, schema: dict[str, Any],
-                 vocab_size: int):
-        try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                schema, overrides={"whitespace_flexible": False})  # compact: always terminates
-        except ValueError as exc:
-            raise RequestError(f"json_schema is not a usable JSON schema: {exc}",
-                               param="response_format") from None
-        self.matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+                 vocab_size: int, param: str = "response_format"):
+        self.matcher = llguidance.LLMatcher(tokenizer, schema_grammar(schema, param), log_level=0)
         if self.matcher.is_error():
-            raise RequestError(f"json_schema is not a usable JSON schema: "
-                               f"{self.matcher.get_error()}", param="response_format")
+            raise RequestError(f"{param} is not a usable JSON schema: "
+                               f"{self.matcher.get_error()}", param=param)
         self.vocab_size = vocab_size
 
     def allowed(self) -> torch.Tensor:

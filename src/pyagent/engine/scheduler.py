@@ -378,7 +378,7 @@ class Scheduler:
             if job.decoder.done:
                 self._finish(job)
             elif delta:
-                job.ticket.put(StreamEvent(delta))
+                job.ticket.put(StreamEvent(delta, logprobs=job.decoder.released_logprobs()))
 
     def _after_forward(self, job: Job, count: int) -> None:
         """Bookkeeping after a pass: the prompt left to compute, and the KV budget."""
@@ -396,7 +396,7 @@ class Scheduler:
         if error is None:
             assert job.sequence is not None
             text, completion = job.decoder.completion(job.sequence.cached_tokens)
-            job.ticket.put(StreamEvent(text, completion))
+            job.ticket.put(StreamEvent(text, completion, job.decoder.released_logprobs()))
             elapsed = time.perf_counter() - job.decoder.started
             self._service_s = 0.8 * self._service_s + 0.2 * elapsed
         else:

@@ -6,6 +6,10 @@ arguments validate against that tool's schema, or `{"final": "..."}` for an answ
 becomes OpenAI-shaped: a `ToolCall`, or plain text. Earlier calls and their results are written
 back into the conversation in the same format, so a conversation that continues re-renders to the
 very tokens the model produced and its KV prefix is reused.
+
+A tool's object schemas are closed while decoding (no properties beyond those listed) unless they
+say otherwise, so a small model cannot wander off into made-up arguments; and the reply format
+itself never reaches the caller: a reply cut short yields only the answer written so far.
 """
 
 from __future__ import annotations
@@ -27,11 +31,44 @@ def reply_schema(request: CompletionRequest) -> dict[str, Any] | None:
     if not request.tools:
         return None
     calls = [{"type": "object", "required": ["tool", "arguments"], "additionalProperties": False,
-              "properties": {"tool": {"const": tool.name}, "arguments": tool.parameters}}
+              "properties": {"tool": {"const": tool.name},
+                             "arguments": closed_schema(tool.parameters)}}
              for tool in request.callable_tools]
     if request.tool_choice != "required":
         calls.append(_FINAL)
     return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+
+_SCHEMA_KEYS = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")  # allOf's parts are left open: they combine
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_OPEN_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+
+
+def closed_schema(schema: Any, close: bool = True) -> Any:
+    """`schema` with `additionalProperties: false` on every object schema that does not say
+    what other properties it allows (the parts of an `allOf` stay open at their top: they
+    combine)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_KEYS:
+        if key in out:
+            out[key] = closed_schema(out[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_schema(part) for part in out[key]]
+    if isinstance(out.get("allOf"), list):
+        out["allOf"] = [closed_schema(part, close=False) for part in out["allOf"]]
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed_schema(part) for name, part in out[key].items()}
+    kind = out.get("type")
+    is_object = kind == "object" or (isinstance(kind, list) and "object" in kind) or (
+        kind is None and "properties" in out)
+    if close and is_object and not any(key in out for key in _OPEN_KEYS):
+        out["additionalProperties"] = False
+    return out
 
 
 def tools_prompt(tools: Sequence[ToolSpec]) -> str:
@@ -89,10 +126,11 @@ def parse_reply(text: str, context: str) -> tuple[str, tuple[ToolCall, ...]]:
     ids unique per conversation and repeatable: the same prompt and reply give the same id."""
     try:
         action = json.loads(text)
-    except ValueError:  # cut short by max_tokens: the answer so far, or the text as written
+    except ValueError:  # cut short by max_tokens: the answer so far, if any
         return _cut_answer(text), ()
     if not isinstance(action, dict) or "tool" not in action:
-        return (action.get("final", text) if isinstance(action, dict) else text), ()
+        final = action.get("final") if isinstance(action, dict) else None
+        return (final if isinstance(final, str) else ""), ()
     name = action["tool"]
     head = f'{{"tool":{json.dumps(name, ensure_ascii=False)},"arguments":'
     if text.startswith(head) and text.endswith("}"):
@@ -104,11 +142,11 @@ def parse_reply(text: str, context: str) -> tuple[str, tuple[ToolCall, ...]]:
 
 
 def _cut_answer(text: str) -> str:
-    """The answer in a `{"final": "...` reply cut short; other text as it is."""
+    """The answer in a `{"final": "...` reply cut short; "" for a call cut short."""
     if text.startswith('{"final":"'):
         for ending in ('"}', '\\"}'):  # a cut may fall right after a backslash
             try:
                 return json.loads(text + ending)["final"].rstrip("\\")
             except ValueError:
                 continue
-    return text
+    return ""
