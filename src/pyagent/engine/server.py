@@ -3,172 +3,59 @@
 `/v1/models`, `/v1/completions` and `/v1/chat/completions`, streaming over SSE, errors in OpenAI's
 error shape. Requests run on the engine's scheduler, batched together; when its queue is full the
 answer is 429 (503 while it shuts down) with a `Retry-After` header, and a client that goes away
-mid-request has its sequence cancelled and its KV freed.
+mid-request has its sequences cancelled and their KV freed. A body larger than `max_body_bytes`
+is refused with 413 before it is read whole, and an unexpected error is a 500 in the same shape
+that leaves a kept-alive connection open.
+Several choices (`n`), several prompts, `echo` and log probabilities are supported; the choices
+of one request run side by side on the scheduler.
 Structured outputs (`response_format` json_schema / json_object) and tool calls (`tools`,
 `tool_choice`) are grammar-constrained, so a call always parses and matches its tool's schema.
-Extensions beyond OpenAI: `top_k` and `ignore_eos` in requests, `timings` (seconds) in every final
-response, and `GET /v1/kv` for the KV cache's memory and the scheduler's load.
+Extensions beyond OpenAI: `top_k`, `ignore_eos` and `parse_special_tokens` in requests, `timings`
+(seconds) in every final response, and `GET /v1/kv` for the KV cache's memory and the scheduler's
+load.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pyagent import __version__
+from pyagent.engine.api import (
+    Body,
+    ChatBody,
+    ChatCompletionResponse,
+    CompletionBody,
+    CompletionResponse,
+    ErrorResponse,
+    Health,
+    KVResponse,
+    Model,
+    ModelList,
+)
 from pyagent.engine.generate import Engine
 from pyagent.engine.registry import ALIASES
 from pyagent.engine.scheduler import Ticket
 from pyagent.errors import OverloadedError, RequestError
-from pyagent.types import (
-    Completion,
-    CompletionRequest,
-    Message,
-    SamplingParams,
-    ToolCall,
-    ToolSpec,
-)
+from pyagent.types import Completion, CompletionRequest, StreamEvent, TokenLogprob
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is there
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ResponseFormat(BaseModel):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
-
-
-class _Body(BaseModel):
-    """Fields shared by both endpoints. Unknown fields are ignored, as OpenAI's API does."""
-
-    model_config = ConfigDict(extra="allow")
-
-    model: str
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    ignore_eos: bool = False
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = 1
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    response_format: ResponseFormat | None = None
-
-    def unsupported(self) -> tuple[str, str] | None:
-        """(param, message) for a requested feature this engine does not offer."""
-        if self.n != 1:
-            return "n", "only n=1 is supported"
-        if self.presence_penalty or self.frequency_penalty:
-            return "presence_penalty", "presence and frequency penalties are not supported"
-        for field in ("logprobs", "top_logprobs", "logit_bias", "functions", "echo", "suffix"):
-            if (self.model_extra or {}).get(field) not in (None, False, {}, []):
-                return field, f"{field} is not supported by this server"
-        return None
-
-    def json_schema(self) -> dict[str, Any] | None:
-        """The JSON schema `response_format` asks for (None: free text)."""
-        fmt = self.response_format
-        if fmt is None or fmt.type == "text":
-            return None
-        if fmt.type == "json_object":
-            return {"type": "object"}
-        if fmt.json_schema is None or not isinstance(fmt.json_schema.get("schema"), dict):
-            raise APIError(400, "response_format of type json_schema needs json_schema.schema",
-                           "response_format")
-        return fmt.json_schema["schema"]
-
-
-class CompletionBody(_Body):
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)
-
-
-class ContentPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class FunctionCall(BaseModel):
-    name: str
-    arguments: str
-
-
-class ToolCallBody(BaseModel):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    tool_calls: list[ToolCallBody] | None = None
-    tool_call_id: str | None = None
-
-    def to_message(self) -> Message:
-        content = self.content if isinstance(self.content, str) else "".join(
-            part.text for part in self.content or [])
-        calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments)
-                      for c in self.tool_calls or [])
-        return Message("system" if self.role == "developer" else self.role, content,
-                       tool_calls=calls, tool_call_id=self.tool_call_id)
-
-
-class FunctionBody(BaseModel):
-    name: str = Field(min_length=1)
-    description: str = ""
-    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
-
-
-class ToolBody(BaseModel):
-    type: Literal["function"]
-    function: FunctionBody
-
-
-class FunctionName(BaseModel):
-    name: str
-
-
-class NamedToolChoice(BaseModel):
-    type: Literal["function"]
-    function: FunctionName
-
-
-class ChatBody(_Body):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    tools: list[ToolBody] | None = None
-    tool_choice: Literal["auto", "required", "none"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None  # replies hold at most one call either way
-
-    def tool_request(self) -> dict[str, Any]:
-        """The request's tools, tool_choice and allowed_tools as `CompletionRequest` fields."""
-        tools = tuple(ToolSpec(t.function.name, t.function.description, t.function.parameters)
-                      for t in self.tools or [])
-        choice = self.tool_choice or "auto"
-        if isinstance(choice, NamedToolChoice):
-            return {"tools": tools, "tool_choice": "required",
-                    "allowed_tools": (choice.function.name,)}
-        return {"tools": tools, "tool_choice": choice}
+MAX_BODY_BYTES = 4 * 2**20  # a full 32k-token context of text is ~130 KB; prompt lists need more
+log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -182,20 +69,107 @@ class APIError(Exception):
             status, message, param, code, kind)
         self.headers = headers
 
+    @classmethod
+    def of(cls, exc: RequestError) -> APIError:
+        """The answer to an engine's `RequestError`: 400, or 429/503 when it is overloaded."""
+        if isinstance(exc, OverloadedError):
+            status = 503 if exc.code == "engine_closed" else 429
+            return cls(status, str(exc), code=exc.code,
+                       kind="server_error" if status == 503 else "rate_limit_error",
+                       headers={"Retry-After": str(exc.retry_after)})
+        return cls(400, str(exc), exc.param, exc.code)
+
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param,
                           "code": self.code}}
 
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
-def create_app(engine: Engine) -> FastAPI:
+
+class Guard:
+    """ASGI middleware: refuses bodies over `max_bytes` (413, counted as they arrive, so a huge
+    body is never read whole), and answers an unexpected error with a 500 in OpenAI's shape
+    without letting it reach the server, which would drop the connection."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = APIError(413, f"the request body is larger than {self.max_bytes} bytes",
+                             code="request_too_large")
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await too_large.response()(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, too_large.message)
+            return message
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, sending)
+        except Exception as exc:
+            if started:  # the answer is under way: only closing the connection can end it
+                raise
+            log.exception("unexpected error in %s %s", scope["method"], scope["path"])
+            error = APIError(500, f"internal error: {type(exc).__name__}", kind="server_error")
+            await error.response()(scope, receive, send)
+
+
+_ERRORS = {
+    400: "The request is invalid; `param` names the field.",
+    404: "The model (or route) does not exist.",
+    413: "The request body is too large.",
+    429: "The engine's queue is full; retry after `Retry-After` seconds.",
+    503: "The engine is shutting down; retry after `Retry-After` seconds.",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.",
+                                "schema": {"type": "integer"}}}
+
+
+def _documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI descriptions of the errors an operation may answer."""
+    return {status: {"model": ErrorResponse, "description": _ERRORS[status],
+                     **({"headers": _RETRY_AFTER} if status in (429, 503) else {})}
+            for status in statuses}
+
+
+def _generation(model: type) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses of a generation endpoint: JSON, or server-sent events when streaming."""
+    return {200: {"model": model, "description": "The completion; with `stream`, server-sent "
+                  "events (`data: {chunk}` lines, then `data: [DONE]`).",
+                  "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            **_documented(400, 404, 413, 429, 503)}
+
+
+def create_app(engine: Engine, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI application serving `engine` under its model name (and that name's aliases)."""
     app = FastAPI(title="PyAgent engine", version=__version__)
+    app.add_middleware(Guard, max_bytes=max_body_bytes)
     served = {engine.name} | {alias for alias, name in ALIASES.items() if name == engine.name}
     created = int(time.time())
+    model_card = {"id": engine.name, "object": "model", "created": created,
+                  "owned_by": "pyagent", "context_length": engine.context_length}
 
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -203,31 +177,29 @@ def create_app(engine: Engine) -> FastAPI:
         param = _param_path(first.get("loc", ()))
         message = first.get("msg", "invalid request")
         where = f" at '{param}'" if param else ""
-        return JSONResponse(APIError(400, f"invalid request{where}: {message}", param).body(),
-                            status_code=400)
+        return APIError(400, f"invalid request{where}: {message}", param).response()
 
     @app.exception_handler(HTTPException)
     async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
-        code = "not_found" if exc.status_code == 404 else None
-        return JSONResponse(APIError(exc.status_code, str(exc.detail), code=code).body(),
-                            status_code=exc.status_code)
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
+            exc.status_code)
+        return APIError(exc.status_code, str(exc.detail), code=code,
+                        headers=exc.headers).response()
 
-    @app.exception_handler(Exception)
-    async def _crash(_request: Request, exc: Exception) -> JSONResponse:
-        error = APIError(500, f"internal error: {exc}", kind="server_error")
-        return JSONResponse(error.body(), status_code=500)
-
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList)
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [
-            {"id": engine.name, "object": "model", "created": created, "owned_by": "pyagent",
-             "context_length": engine.context_length}]}
+        return {"object": "list", "data": [model_card]}
 
-    @app.get("/health")
+    @app.get("/v1/models/{model_id:path}", response_model=Model, responses=_documented(404))
+    async def model(model_id: str) -> dict[str, Any]:
+        _check_model(engine, served, model_id)
+        return {**model_card, "id": model_id}
+
+    @app.get("/health", response_model=Health)
     async def health() -> dict[str, str]:
         return {"status": "ok", "model": engine.name}
 
-    @app.get("/v1/kv")
+    @app.get("/v1/kv", response_model=KVResponse)
     async def kv() -> dict[str, Any]:
         """PyAgent extension: KV bytes the engine holds now and at its peak, per layer."""
         memory = engine.cache.memory()
@@ -240,29 +212,47 @@ def create_app(engine: Engine) -> FastAPI:
                 "budget": None if settings.budget is None else vars(settings.budget),
                 "prefix_sharing": settings.share_prefix, "scheduler": engine.scheduler.load()}
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post("/v1/completions", response_model=None,
+              responses=_generation(CompletionResponse))
     async def completions(body: CompletionBody, http: Request) -> Any:
-        prompt = body.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise APIError(400, "prompt must be a string or a list of exactly one string",
-                               "prompt")
-            prompt = prompt[0]
-        request = _request(engine, served, body, prompt=prompt, max_tokens=body.max_tokens)
-        return await _respond(engine, body, request, "text_completion", http)
+        _check(engine, served, body)
+        requests = [CompletionRequest(prompt=prompt, model=engine.name,
+                                      parse_special_tokens=body.parse_special_tokens)
+                    for prompt in body.prompts()]
+        reply = Reply("text_completion", engine.name, body.n, body.echo)
+        return await _serve(engine, body, requests, body.max_tokens, body.logprobs, reply, http)
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None,
+              responses=_generation(ChatCompletionResponse))
     async def chat(body: ChatBody, http: Request) -> Any:
+        _check(engine, served, body)
         try:
-            messages = tuple(m.to_message() for m in body.messages)
+            request = CompletionRequest(
+                messages=tuple(m.to_message() for m in body.messages), model=engine.name,
+                parse_special_tokens=body.parse_special_tokens, **body.tool_request())
         except RequestError as exc:
-            raise APIError(400, str(exc), exc.param, exc.code) from exc
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        request = _request(engine, served, body, messages=messages, max_tokens=max_tokens,
-                           **body.tool_request())
-        return await _respond(engine, body, request, "chat.completion", http)
+            raise APIError.of(exc) from exc
+        reply = Reply("chat.completion", engine.name, body.n)
+        return await _serve(engine, body, [request],
+                            body.max_completion_tokens or body.max_tokens,
+                            body.logprob_count(), reply, http)
 
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's OpenAPI document, less the 422 it adds by default: invalid requests are 400s."""
+    if app.openapi_schema is None:
+        FastAPI.openapi(app)
+        schema = app.openapi_schema
+        assert schema is not None
+        for path in schema["paths"].values():
+            for operation in path.values():
+                operation["responses"].pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema["components"]["schemas"].pop(name, None)
+    return app.openapi_schema
 
 
 def _param_path(loc: tuple[Any, ...]) -> str | None:
@@ -278,144 +268,266 @@ def _param_path(loc: tuple[Any, ...]) -> str | None:
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
-def _request(engine: Engine, served: set[str], body: _Body, *, max_tokens: int | None,
-             prompt: str | None = None, messages: tuple[Message, ...] | None = None,
-             **tools: Any) -> CompletionRequest:
-    if body.model not in served:
-        raise APIError(404, f"the model {body.model!r} does not exist; this server serves "
+def _check_model(engine: Engine, served: set[str], model: str) -> None:
+    if model not in served:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves "
                             f"{engine.name!r}", "model", "model_not_found")
-    problem = body.unsupported()
+
+
+def _check(engine: Engine, served: set[str], body: Body) -> None:
+    """Refuse an unknown model (404) or a request this server does not support (400)."""
+    _check_model(engine, served, body.model)
+    problem = body.problem()
     if problem:
         raise APIError(400, problem[1], problem[0], "unsupported_parameter")
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    try:
-        if max_tokens is None:  # OpenAI's default: whatever the context leaves
-            probe = CompletionRequest(prompt=prompt, messages=messages, model=engine.name,
-                                      **tools)
-            max_tokens = max(1, engine.context_length - len(engine.encode(probe)))
-        sampling = SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
-                                  top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=stop,
-                                  ignore_eos=body.ignore_eos, json_schema=body.json_schema())
-        return CompletionRequest(prompt=prompt, messages=messages, model=engine.name,
-                                 sampling=sampling, **tools)
-    except RequestError as exc:
-        raise APIError(400, str(exc), exc.param, exc.code) from exc
 
 
-async def _respond(engine: Engine, body: _Body, request: CompletionRequest, kind: str,
-                   http: Request) -> Any:
+def _prompt_text(engine: Engine, request: CompletionRequest) -> str:
+    """A prompt as text (token ids decoded), for `echo`."""
+    if isinstance(request.prompt, tuple):
+        return engine.tokenizer.decode(list(request.prompt))
+    assert request.prompt is not None
+    return request.prompt
+
+
+@dataclass(frozen=True)
+class Reply:
+    """How to answer: the object kind, the model name, choices per prompt, whether to echo the
+    prompts (`prompts`: their text), the response's id and time."""
+
+    kind: str
+    model: str
+    n: int
+    echo: bool = False
+    prompts: tuple[str, ...] = ()
+    id: str = ""
+    created: int = 0
+
+    @property
+    def chat(self) -> bool:
+        return self.kind == "chat.completion"
+
+    def echoed(self, index: int) -> str:
+        """The text before choice `index`'s own: its prompt when echoing."""
+        return self.prompts[index // self.n] if self.echo else ""
+
+
+def _start(engine: Engine, loop: asyncio.AbstractEventLoop, body: Body,
+           requests: Sequence[CompletionRequest], max_tokens: int | None,
+           logprobs: int | None) -> list[Ticket]:
+    """Queue `n` choices of each request; choice `i * n + j` is the j-th of prompt i. Each prompt
+    is tokenized once; without `max_tokens`, its choices may fill the context."""
+    tickets: list[Ticket] = []
     try:
-        ticket = await run_in_threadpool(engine.submit, request, asyncio.get_running_loop())
-    except OverloadedError as exc:
-        status = 503 if exc.code == "engine_closed" else 429
-        raise APIError(status, str(exc), code=exc.code, kind="server_error" if status == 503
-                       else "rate_limit_error", headers={"Retry-After": str(exc.retry_after)}
-                       ) from exc
+        sampling = body.sampling(max_tokens or 1, logprobs)
+        for request in requests:
+            prompt_ids = engine.encode(request)
+            room = max(1, engine.context_length - len(prompt_ids))
+            for j in range(body.n):
+                choice = replace(sampling, max_tokens=max_tokens or room,
+                                 seed=_nth_seed(body.seed, j))
+                tickets.append(engine.submit(replace(request, sampling=choice), loop, prompt_ids))
+    except BaseException:
+        for ticket in tickets:
+            ticket.cancel()
+        raise
+    return tickets
+
+
+def _nth_seed(seed: int | None, j: int) -> int | None:
+    """The seed of a request's j-th choice: its own for the first, the next ones after."""
+    return seed if seed is None or j == 0 else (seed + j) % 2**64
+
+
+async def _serve(engine: Engine, body: Body, requests: Sequence[CompletionRequest],
+                 max_tokens: int | None, logprobs: int | None, reply: Reply,
+                 http: Request) -> Any:
+    """Run the request's choices and answer with JSON, or with server-sent events."""
+    try:
+        tickets = await run_in_threadpool(_start, engine, asyncio.get_running_loop(), body,
+                                          requests, max_tokens, logprobs)
     except RequestError as exc:
-        raise APIError(400, str(exc), exc.param, exc.code) from exc
-    response_id = f"{'chatcmpl' if request.is_chat else 'cmpl'}-{uuid.uuid4().hex}"
-    created = int(time.time())
+        raise APIError.of(exc) from exc
+    prefix = "chatcmpl" if reply.chat else "cmpl"
+    reply = replace(reply, id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()),
+                    prompts=tuple(_prompt_text(engine, r) for r in requests) if reply.echo
+                    else ())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _sse(ticket, response_id, created, kind, engine.name, include_usage)
-        return StreamingResponse(chunks, media_type="text/event-stream",
+        return StreamingResponse(_sse(tickets, reply, include_usage),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    completion = await _drain(ticket, http)
-    if completion is None:  # the client went away; nobody reads this
-        return JSONResponse(APIError(499, "client closed the request").body(), status_code=499)
-    if request.is_chat:
-        message: dict[str, Any] = {"role": "assistant", "content": completion.text}
-        if completion.tool_calls:
-            message.update(content=completion.text or None,
-                           tool_calls=_tool_calls(completion.tool_calls))
-        choice = {"index": 0, "message": message, "finish_reason": completion.finish_reason,
-                  "logprobs": None}
-    else:
-        choice = {"index": 0, "text": completion.text, "finish_reason": completion.finish_reason,
-                  "logprobs": None}
-    return {"id": response_id, "object": kind, "created": created, "model": engine.name,
-            "choices": [choice], "usage": _usage(completion), "timings": _timings(completion)}
+    try:
+        completions = await _drain(tickets, http)
+    except RequestError as exc:  # the engine shut down meanwhile
+        raise APIError.of(exc) from exc
+    if completions is None:  # the client went away; nobody reads this
+        return APIError(499, "client closed the request").response()
+    choices = [_choice(reply, i, c) for i, c in enumerate(completions)]
+    return {"id": reply.id, "object": reply.kind, "created": reply.created,
+            "model": reply.model, "choices": choices, "usage": _usage(completions, reply.n),
+            "timings": _timings(completions)}
 
 
-async def _drain(ticket: Ticket, http: Request) -> Completion | None:
-    """The ticket's completion; None (and the request cancelled) if the client disconnects."""
-    completion: Completion | None = None
+async def _drain(tickets: list[Ticket], http: Request) -> list[Completion] | None:
+    """Every ticket's completion; None (and the requests cancelled) if the client disconnects."""
+    completions: list[Completion | None] = [None] * len(tickets)
     failure: Exception | None = None
 
-    async def collect() -> None:
-        nonlocal completion, failure
+    async def collect(index: int, ticket: Ticket) -> None:
+        nonlocal failure
         try:
             async for event in ticket:
-                completion = event.completion or completion
+                completions[index] = event.completion or completions[index]
         except Exception as exc:  # re-raised below, outside the task group
-            failure = exc
-        group.cancel_scope.cancel()
+            failure = failure or exc
+            group.cancel_scope.cancel()
 
     async def watch() -> None:
         while not await http.is_disconnected():
             await anyio.sleep(DISCONNECT_POLL_S)
-        ticket.cancel()
         group.cancel_scope.cancel()
 
     async with anyio.create_task_group() as group:
-        group.start_soon(collect)
-        group.start_soon(watch)
+        async with anyio.create_task_group() as collecting:
+            for i, ticket in enumerate(tickets):
+                collecting.start_soon(collect, i, ticket)
+            group.start_soon(watch)
+        group.cancel_scope.cancel()  # all collected: stop watching
+    for ticket in tickets:
+        ticket.cancel()
     if failure is not None:
         raise failure
-    return completion
+    if any(c is None for c in completions):
+        return None
+    return completions  # type: ignore[return-value]
 
 
-async def _sse(ticket: Ticket, response_id: str, created: int, kind: str, model: str,
-               include_usage: bool) -> AsyncIterator[str]:
-    chat = kind == "chat.completion"
-    chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+async def _events(tickets: list[Ticket]) -> AsyncIterator[tuple[int, StreamEvent]]:
+    """The events of all tickets as they come, with the index of each one's ticket."""
+    queue: asyncio.Queue[tuple[int, StreamEvent | BaseException | None]] = asyncio.Queue()
+
+    async def forward(index: int, ticket: Ticket) -> None:
+        try:
+            async for event in ticket:
+                queue.put_nowait((index, event))
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+        queue.put_nowait((index, None))
+
+    tasks = [asyncio.create_task(forward(i, t)) for i, t in enumerate(tickets)]
+    running = len(tasks)
+    try:
+        while running:
+            index, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                running -= 1
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for ticket in tickets:
+            ticket.cancel()
+
+
+async def _sse(tickets: list[Ticket], reply: Reply, include_usage: bool) -> AsyncIterator[str]:
+    """The server-sent events of a streamed reply; a disconnect cancels every choice."""
+    chunk_kind = "chat.completion.chunk" if reply.chat else "text_completion"
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        payload = {"id": response_id, "object": chunk_kind, "created": created, "model": model,
-                   "choices": choices, **extra}
+        payload = {"id": reply.id, "object": chunk_kind, "created": reply.created,
+                   "model": reply.model, "choices": choices, **extra}
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-    def choice(text: str, finish: str | None, first: bool = False) -> dict[str, Any]:
-        if chat:
-            delta = {"role": "assistant", "content": text} if first else {"content": text}
-            return {"index": 0, "delta": delta if text or first else {}, "finish_reason": finish,
-                    "logprobs": None}
-        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-
+    done: dict[int, Completion] = {}
     try:
-        if chat:
-            yield chunk([choice("", None, first=True)])
-        async for event in ticket:  # a disconnect cancels this generator, and so the ticket
+        for index in range(len(tickets)):
+            opening = {"role": "assistant", "content": ""} if reply.chat else reply.echoed(index)
+            if opening:
+                yield chunk([_delta(reply, index, opening)])
+        async for index, event in _events(tickets):
             if event.delta:
-                yield chunk([choice(event.delta, None)])
+                yield chunk([_delta(reply, index, event.delta, event.logprobs)])
             if event.completion is not None:
-                done = event.completion
-                if done.tool_calls:
-                    yield chunk([{"index": 0, "delta": {"tool_calls": _tool_calls(
-                        done.tool_calls)}, "finish_reason": None, "logprobs": None}])
-                yield chunk([choice("", done.finish_reason)], timings=_timings(done))
-                if include_usage:
-                    yield chunk([], usage=_usage(done))
+                done[index] = event.completion
+                if event.completion.tool_calls:
+                    calls = {"tool_calls": _tool_calls(event.completion)}
+                    yield chunk([_delta(reply, index, calls)])
+                yield chunk([_delta(reply, index, {} if reply.chat else "", (),
+                                    event.completion.finish_reason)],
+                            timings=_timings([event.completion]))
+        if include_usage:
+            yield chunk([], usage=_usage([done[i] for i in sorted(done)], reply.n))
     except Exception as exc:  # the status line is already sent: report in the stream
         error = APIError(500, f"generation failed: {exc}", kind="server_error")
         yield f"data: {json.dumps(error.body())}\n\n"
     yield "data: [DONE]\n\n"
 
 
-def _tool_calls(calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
+def _delta(reply: Reply, index: int, content: str | dict[str, Any],
+           logprobs: Sequence[TokenLogprob] = (), finish: str | None = None) -> dict[str, Any]:
+    """One choice of a chunk: text (or, in a chat, a delta or the message part given)."""
+    choice: dict[str, Any] = {"index": index, "finish_reason": finish,
+                              "logprobs": _logprobs(reply, logprobs, index) if logprobs
+                              else None}
+    if not reply.chat:
+        return {**choice, "text": content}
+    return {**choice, "delta": {"content": content} if isinstance(content, str) else content}
+
+
+def _choice(reply: Reply, index: int, completion: Completion) -> dict[str, Any]:
+    logprobs = None if completion.logprobs is None else _logprobs(
+        reply, completion.logprobs, index)
+    if not reply.chat:
+        return {"index": index, "text": reply.echoed(index) + completion.text,
+                "finish_reason": completion.finish_reason, "logprobs": logprobs}
+    message: dict[str, Any] = {"role": "assistant", "content": completion.text}
+    if completion.tool_calls:
+        message.update(content=completion.text or None, tool_calls=_tool_calls(completion))
+    return {"index": index, "message": message, "finish_reason": completion.finish_reason,
+            "logprobs": logprobs}
+
+
+def _logprobs(reply: Reply, tokens: Sequence[TokenLogprob], index: int) -> dict[str, Any]:
+    """Log probabilities in the shape of the endpoint: chat's `content` list, or the legacy
+    completions' parallel lists (offsets count from the start of the choice's text)."""
+    if reply.chat:
+        return {"content": [{**_top(t.token, t.logprob),
+                             "top_logprobs": [_top(token, lp) for token, lp in t.top]}
+                            for t in tokens], "refusal": None}
+    start = len(reply.echoed(index))
+    return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [dict(t.top) for t in tokens],
+            "text_offset": [start + t.offset for t in tokens]}
+
+
+def _top(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+
+def _tool_calls(completion: Completion) -> list[dict[str, Any]]:
     return [{"index": i, "id": c.id, "type": "function",
              "function": {"name": c.name, "arguments": c.arguments}}
-            for i, c in enumerate(calls)]
+            for i, c in enumerate(completion.tool_calls)]
 
 
-def _usage(completion: Completion) -> dict[str, Any]:
-    u = completion.usage
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.total_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+def _usage(completions: Sequence[Completion], n: int) -> dict[str, Any]:
+    """Usage of all choices: each prompt counts once (from its first choice)."""
+    firsts = [c.usage for c in completions[::n]]
+    prompt = sum(u.prompt_tokens for u in firsts)
+    generated = sum(c.usage.completion_tokens for c in completions)
+    return {"prompt_tokens": prompt, "completion_tokens": generated,
+            "total_tokens": prompt + generated,
+            "prompt_tokens_details": {"cached_tokens": sum(u.cached_tokens for u in firsts)}}
 
 
-def _timings(completion: Completion) -> dict[str, float]:
-    t = completion.timings
-    return {"time_to_first_token_s": round(t.time_to_first_token_s, 6),
-            "total_s": round(t.total_s, 6), "tokens_per_s": round(t.tokens_per_s, 3)}
+def _timings(completions: Sequence[Completion]) -> dict[str, float]:
+    """Timings of a choice; of several, the first token's earliest time, the longest total and
+    the summed decode speed."""
+    timings = [c.timings for c in completions]
+    return {"time_to_first_token_s": round(min(t.time_to_first_token_s for t in timings), 6),
+            "total_s": round(max(t.total_s for t in timings), 6),
+            "tokens_per_s": round(sum(t.tokens_per_s for t in timings), 3)}
