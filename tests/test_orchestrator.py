@@ -1,12 +1,14 @@
 """The orchestrator on a real (tiny, random-weight) model, real tools, a real trace store and
 real checkpoints: both modes, conditions and loops, crash and resume."""
 
+import dataclasses
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
 
-from pyagent.errors import ConfigError
+from pyagent.errors import ConfigError, PyAgentError
 from pyagent.fleet.manifest import load_manifest
 from pyagent.fleet.orchestrator import Orchestrator
 from pyagent.fleet.tools.registry import TOOLS
@@ -18,8 +20,8 @@ from pyagent.resilience.sqlite_store import SQLiteCheckpointStore
 EXAMPLE = Path(__file__).parents[1] / "examples" / "bugfix"
 
 
-class Crash(Exception):
-    """Stands for the process dying: not a PyAgentError, so nothing catches it."""
+class Crash(BaseException):
+    """Stands for the process dying: nothing in the runtime catches it."""
 
 
 class CountingBackend:
@@ -33,12 +35,12 @@ class CountingBackend:
         self.crash_on = crash_on
 
     def complete(self, request):
+        raise AssertionError("agent turns stream, so that a timeout interrupts a generation")
+
+    def stream(self, request):
         self.calls += 1
         if self.calls == self.crash_on:
             raise Crash
-        return self.inner.complete(request)
-
-    def stream(self, request):
         return self.inner.stream(request)
 
 
@@ -50,8 +52,7 @@ def setup(tmp_path, agent_engine):
     small = {name: agent.model_copy(update={"limits": agent.limits.model_copy(
         update={"max_tokens": 48, "max_tool_calls": 1})}) for name, agent in
         manifest.agents.items()}
-    manifest = manifest.__class__(manifest.path, manifest.name, manifest.description,
-                                  manifest.steps, small)
+    manifest = dataclasses.replace(manifest, agents=small)
     bus = EventBus()
     traces = TraceStore(tmp_path / "traces.db")
     traces.attach(bus)
@@ -69,11 +70,17 @@ def orchestrator(setup, backend, mode="sequenced"):
 def test_a_run_completes_and_is_traced_and_checkpointed(setup, agent_engine):
     backend = CountingBackend(agent_engine)
     result = orchestrator(setup, backend).run("Fix remove() in src/inventory/stock.py")
-    assert result.status == "ok", result.error
+    # random weights fix nothing: the run says so, and why
+    assert result.status == "goal_not_met"
+    assert result.error.startswith("goal check failed (The project's tests pass.): run_tests: ")
+    assert "loop 'fix' ran out of rounds without its condition holding" in result.error
     assert {"code", "test", "audit"} <= set(result.outputs)
+    assert result.outputs["audit"]["status"] == "skipped"
     _, _, _, traces, store = setup
     checkpoints = store.list(result.run_id)
-    assert len(checkpoints) == result.checkpoints and checkpoints[-1].state["status"] == "ok"
+    final = checkpoints[-1].state
+    assert len(checkpoints) == result.checkpoints and final["status"] == "goal_not_met"
+    assert final["exhausted"] == ["fix"] and final["goal"]["met"] is False
     spans = traces.spans(result.run_id)
     kinds = {s.kind for s in spans}
     assert {"run", "step", "agent", "llm_call"} <= kinds
@@ -102,12 +109,13 @@ def test_a_crashed_run_resumes_without_repeating_completed_steps(setup, agent_en
     before = store.get("crashy").state
     assert before["status"] == "running" and before["outputs"]
     resumed = orchestrator(setup, CountingBackend(agent_engine)).resume("crashy")
-    assert resumed.status == "ok", resumed.error
+    assert resumed.status == "goal_not_met", resumed.error
     completed = [(s.attributes["pyagent.step.id"], s.attributes["pyagent.loop.iteration"])
                  for s in traces.spans("crashy") if s.kind == "step" and s.status == "ok"]
     assert len(completed) == len(set(completed))  # no completed step ran twice
     crashed = [s for s in traces.spans("crashy") if s.kind == "step" and s.status == "error"]
     assert len(crashed) == 1  # the step in flight at the crash, run again on resume
+    assert crashed[0].attributes["error.type"] == "Crash"
     seqs = [c.seq for c in store.list("crashy")]
     assert seqs == list(range(len(seqs)))
     again = orchestrator(setup, CountingBackend(agent_engine)).resume("crashy")
@@ -144,8 +152,75 @@ def test_a_compacted_run_sends_fewer_prompt_tokens(setup, agent_engine):
     compact = Orchestrator(manifest, lambda agent: CountingBackend(agent_engine), workspace, bus,
                            store, "sequenced", Compaction(keep_recent=0, min_chars=40)
                            ).run("Fix remove()")
-    assert compact.status == "ok", compact.error
+    assert compact.status == "goal_not_met", compact.error
     elided = sum(s.attributes["pyagent.compaction.elided_chars"]
                  for s in traces.spans(compact.run_id) if s.kind == "step")
     assert elided > 0
-    assert traces.totals(compact.run_id).input_tokens < traces.totals(plain.run_id).input_tokens
+    per_call = {run: traces.totals(run).input_tokens / traces.totals(run).llm_calls
+                for run in (plain.run_id, compact.run_id)}  # the runs may differ in calls
+    assert per_call[compact.run_id] < per_call[plain.run_id]
+
+
+def test_a_run_whose_goal_holds_succeeds(setup, agent_engine):
+    _, workspace, _, _, store = setup
+    stock = workspace / "src" / "inventory" / "stock.py"
+    stock.write_text(stock.read_text().replace("updated[item] + count", "updated[item] - count"))
+    result = orchestrator(setup, CountingBackend(agent_engine)).run("Fix remove()")
+    assert result.status == "succeeded" and result.error is None
+    assert store.get(result.run_id).state["goal"]["checks"][0]["passed"] is True
+
+
+def test_a_goal_whose_tests_did_not_run_is_not_met(setup, agent_engine):
+    _, workspace, _, _, _ = setup
+    shutil.rmtree(workspace / "tests")
+    result = orchestrator(setup, CountingBackend(agent_engine)).run("Fix remove()")
+    assert result.status == "goal_not_met"
+    assert "run_tests: failed: no tests ran" in result.error
+
+
+def test_a_template_failing_at_run_time_ends_the_run_as_error(tmp_path, setup, agent_engine):
+    _, workspace, bus, traces, store = setup
+    folder = tmp_path / "broken"
+    shutil.copytree(EXAMPLE, folder, ignore=shutil.ignore_patterns("project"))
+    path = folder / "manifest.yaml"  # round 1 of the loop names the test step's output
+    path.write_text(path.read_text().replace("Task: {{ task }}", "{{ steps.test.output }}"))
+    broken = load_manifest(path, set(TOOLS))
+    result = Orchestrator(broken, lambda agent: CountingBackend(agent_engine), workspace, bus,
+                          store).run("Fix remove()", run_id="broken")
+    assert result.status == "error"
+    assert result.error == (f"{path}:17: steps.0.loop.steps.0.instruction: cannot render: "
+                            "UndefinedError: 'dict object' has no attribute 'test'")
+    assert store.get("broken").state["status"] == "error"
+    assert [r.status for r in traces.runs() if r.run_id == "broken"] == ["ok"]  # span closed
+
+
+def test_resume_refuses_an_edited_manifest_unless_forced(tmp_path, setup, agent_engine):
+    _, workspace, bus, traces, store = setup
+    folder = tmp_path / "copy"
+    shutil.copytree(EXAMPLE, folder, ignore=shutil.ignore_patterns("project"))
+    copied = load_manifest(folder / "manifest.yaml", set(TOOLS))
+    crashing = CountingBackend(agent_engine, crash_on=2)
+    with pytest.raises(Crash):
+        Orchestrator(copied, lambda agent: crashing, workspace, bus, store).run("x", "edited")
+    (folder / "agents.yaml").write_text((folder / "agents.yaml").read_text() + "\n# edited\n")
+    again = Orchestrator(copied, lambda agent: CountingBackend(agent_engine), workspace, bus,
+                         store, traces=traces)
+    with pytest.raises(ConfigError, match=r"changed since run 'edited' started.*--force"):
+        again.resume("edited")
+    assert again.resume("edited", force=True).status == "goal_not_met"
+
+
+def test_resume_refuses_when_the_store_lost_checkpoints_the_trace_saw(setup, agent_engine):
+    manifest, workspace, bus, traces, store = setup
+    crashing = CountingBackend(agent_engine, crash_on=4)
+    with pytest.raises(Crash):
+        orchestrator(setup, crashing).run("Fix remove()", run_id="lossy")
+    newest = store.get("lossy").seq
+    with sqlite3.connect(store.path) as db:  # what a damaged write-ahead log does
+        db.execute("DELETE FROM checkpoints WHERE run_id = 'lossy' AND seq >= ?", (newest - 1,))
+    resuming = Orchestrator(manifest, lambda agent: CountingBackend(agent_engine), workspace,
+                            bus, store, traces=traces)
+    with pytest.raises(PyAgentError, match=r"trace records checkpoint \d+ as written, but the "
+                                           f"checkpoint store's newest is {newest - 2}: the store "
+                                           "lost checkpoints"):
+        resuming.resume("lossy")

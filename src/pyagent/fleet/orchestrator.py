@@ -239,7 +239,7 @@ class Orchestrator:
             results = [self._check(index, check) for index, check in enumerate(goal.checks)]
             met = all(passed for passed, _ in results)
             span.set("pyagent.goal.met", met)
-        failed = [f"{goal.checks[i].tool}: {_tail(output, 300)}"
+        failed = [f"{goal.checks[i].tool}: {_gist(output)}"
                   for i, (passed, output) in enumerate(results) if not passed]
         reasons = [f"goal check failed ({goal.description}): {'; '.join(failed)}"] if failed \
             else []
@@ -302,9 +302,11 @@ def _goal_commands(arguments: dict[str, Any]) -> list[str]:
     return [argv[0]] if isinstance(argv, list) and argv and isinstance(argv[0], str) else []
 
 
-def _tail(text: str, chars: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= chars else "..." + text[-chars:]
+def _gist(text: str, chars: int = 200) -> str:
+    """A tool output in one line: its first line and its last (a status and a summary)."""
+    lines = [" ".join(line.split()) for line in text.strip().splitlines() if line.strip()]
+    cut = [line if len(line) <= chars else line[:chars] + "..." for line in lines]
+    return " | ".join(cut[:1] + cut[-1:]) if len(cut) > 1 else "".join(cut)
 
 
 def _record(message: Message) -> dict[str, Any]:
