@@ -111,15 +111,15 @@ def test_a_report_shows_every_kind_of_result_in_one_offline_page(tmp_path):
                                 tables=tmp_path / "tables")
     page = parse(out)
     assert page.headings == [
-        "Tokens and cost: tokens.json", "Distribution: pyagent_llm_latency_seconds",
+        "Summary", "Tokens and cost: tokens.json", "Distribution: pyagent_llm_latency_seconds",
         "Counters and gauges: metrics.json", "Alerts: alerts.json", "Health: health.json",
         "Memory: memory.json", "Benchmark: orchestration_overhead"]
     assert page.svgs == 6  # tokens and cost by agent and model, latency, memory
     assert page.external == [] and page.scripts == 0
     text = out.read_text()
     assert "&lt;tester&gt;" in text and "<tester>" not in text  # names are escaped
-    assert "cost $0.020" in text and "10900 prompt tokens (8000 cached)" in text
-    assert "cached_share" in text and "genai-prices" in text  # strategies and price sources
+    assert "cost $0.02" in text and "10,900 prompt tokens (8,000 cached" in text
+    assert "cached share" in text and "genai-prices" in text  # strategies and price sources
     assert tables[-1].name == "report.sqlite" and len(tables) > 8
     first = tables[0]
     assert first.name == "t01_tokens_and_cost_tokens_json_1.csv"
@@ -156,8 +156,59 @@ def test_the_cli_profiles_a_command_and_reports_it(tmp_path):
         [sys.executable, "-m", "pyagent", "bench", "report", str(profile), "--out",
          str(tmp_path / "r.html")], capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr
-    assert parse(tmp_path / "r.html").headings == ["Memory: memory.json"]
+    assert parse(tmp_path / "r.html").headings == ["Summary", "Memory: memory.json"]
     failing = subprocess.run([sys.executable, "-m", "pyagent", "bench", "memory", "--",
                               sys.executable, "-c", "raise SystemExit(3)"],
                              capture_output=True, text=True, timeout=120)
     assert failing.returncode == 3 and "exit code 3" in failing.stdout
+
+
+def memory_profile() -> dict:
+    with MemoryProfiler(interval_s=0.02) as profiler:
+        blocks = [bytearray(1 << 20) for _ in range(8)]
+    del blocks
+    return json.loads(json.dumps(profiler.report.to_dict()))
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda d: d.pop("peak_rss"), "not a valid memory profile: field peak_rss: Field required"),
+    (lambda d: d.update(samples="many"), "field samples: Input should be a valid list"),
+    (lambda d: d["samples"][0].update(rss="big"), "field samples.0.rss: Input should be a valid"),
+    (lambda d: d.update(pattern={"kind": "stable"}), "field pattern.reason: Field required"),
+])
+def test_a_near_miss_memory_profile_names_the_file_and_field(tmp_path, edit, message):
+    data = memory_profile()
+    edit(data)
+    path = tmp_path / "mem.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=f"^mem.json: .*{message}"):
+        build_report([path], tmp_path / "r.html")
+    run = subprocess.run([sys.executable, "-m", "pyagent", "bench", "report", str(path), "--out",
+                          str(tmp_path / "r.html")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and "mem.json" in run.stderr
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"benchmark": "engine", "meta": {}, "summary": {"embedded": {"decode_tok_s": {}}}},
+     r"engine.json: field summary.embedded.decode_tok_s.median: missing"),
+    ({"benchmark": "batching", "meta": {}, "results": {"int8": {"aggregate_tok_s": "fast"}}},
+     r"engine.json: field results.int8.aggregate_tok_s: expected a number, got 'fast'"),
+    ({"totals": {"calls": 1}, "by": {}, "records": []},
+     r"engine.json: not a valid token accounting: field totals.prompt_tokens: Field required"),
+])
+def test_a_near_miss_benchmark_or_token_result_names_the_file_and_field(tmp_path, data, message):
+    path = tmp_path / "engine.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=message):
+        build_report([path], tmp_path / "r.html")
+
+
+def test_every_committed_result_renders_without_raw_json(tmp_path):
+    paths = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+    out = build_report(paths, tmp_path / "r.html")[0]
+    page = parse(out)
+    assert page.headings[0] == "Summary" and len(page.headings) == len(paths) + 1
+    text = out.read_text()
+    assert '<td>{"' not in text and '<td class="num">[' not in text
+    assert "Benchmark: engine" in text and "Benchmark: kv" in text

@@ -66,3 +66,17 @@ def quantile_ranges(names: Sequence[str], quantiles: Sequence[Mapping[str, float
     axes.set_title(title)
     axes.legend(loc="lower right", fontsize="small")
     return svg(figure)
+
+
+def indexed(series: Mapping[str, Sequence[float]], title: str, ylabel: str) -> str:
+    """Each series as a line over its own index (repeat, iteration, sample)."""
+    figure, axes = plt.subplots(figsize=(WIDTH, HEIGHT))
+    for label, values in series.items():
+        axes.plot(range(1, len(values) + 1), values, marker="." if len(values) < 60 else None,
+                  label=label)
+    axes.set_title(title)
+    axes.set_xlabel("index")
+    axes.set_ylabel(ylabel)
+    if 1 < len(series) <= 12:
+        axes.legend(fontsize="small")
+    return svg(figure)
