@@ -12,6 +12,7 @@ import pytest
 
 from pyagent.bench.memory import MemoryProfiler
 from pyagent.bench.prices import PriceTable
+from pyagent.bench.report.fmt import quantity, unit_of
 from pyagent.bench.report.html import build_report
 from pyagent.bench.report.records import flatten, write_records
 from pyagent.bench.tokens import TokenTracker
@@ -202,6 +203,20 @@ def test_a_near_miss_benchmark_or_token_result_names_the_file_and_field(tmp_path
     path.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match=message):
         build_report([path], tmp_path / "r.html")
+
+
+@pytest.mark.parametrize(("key", "value", "shown"), [
+    ("prefix_sharing.shared.prompt_tokens", 1036, "1,036"),
+    ("summary.cached_share", 0.4242, "42.4%"),
+    ("kv_saving", 0.3077, "30.8%"),
+    ("summary.embedded.load_s.median", 4.0844, "4.08 s"),
+    ("ratios_over_llamacpp.embedded.load_s", 9.1558, "9.16\u00d7"),
+    ("peak_rss", 113_246_208, "108 MiB"),
+    ("money.gpt.baseline_cost", "0.00569085", "$0.005691"),
+    ("p_value", 8.7e-10, "8.7e-10"),
+])
+def test_figures_get_their_unit_from_their_name(key, value, shown):
+    assert quantity(value, unit_of(key)) == (shown, True)
 
 
 def test_every_committed_result_renders_without_raw_json(tmp_path):

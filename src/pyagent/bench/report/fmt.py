@@ -19,7 +19,7 @@ UNITS: tuple[tuple[str, str], ...] = (
     (r"(^|_)mib$", "MiB"), (r"(^|_)mb$", "MB"), (r"(^|_)gib$", "GiB"),
     (r"(^|_)(bytes|rss|kv)$", "bytes"),
     (r"(^|_)pct$", "%"),
-    (r"(share|saving|success_rate|relative_error)", "fraction"),
+    (r"(^|_)(share|saving|success_rate|relative_error)$", "fraction"),
     (r"(^|_)cost$", "USD"),
 )
 RATIO = re.compile(r"ratio|speedup|_over_")

@@ -91,7 +91,7 @@ def pairs(values: Mapping[str, Any], path: str = "", title: str = "") -> Table:
     """A two-column table, figure and value, of a mapping's scalars."""
     rows = [{"figure": key, "value": value} for key, value in values.items()]
     out = table(rows, ["figure", "value"], title=title)
-    out.cells = [[Cell(text(key)), _list_cell(value, f"{path}.{key}")
+    out.cells = [[Cell(label(key)), _list_cell(value, f"{path}.{key}")
                   if isinstance(value, list) else Cell(*quantity(value, unit_of(f"{path}.{key}")))]
                  for key, value in values.items()]
     return out
