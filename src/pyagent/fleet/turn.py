@@ -226,4 +226,4 @@ def _delegate(agent: AgentSpec, arguments: dict[str, Any], team: Team, span: Spa
 
 def _add(a: Usage, b: Usage) -> Usage:
     return Usage(a.prompt_tokens + b.prompt_tokens, a.completion_tokens + b.completion_tokens,
-                 a.cached_tokens + b.cached_tokens)
+                 a.cached_tokens + b.cached_tokens, a.cache_write_tokens + b.cache_write_tokens)
