@@ -91,7 +91,7 @@ def test_malformed_json_is_a_400_in_openai_shape(http):
     ({"seed": 2**64}, "seed"),
     ({"seed": -2**63 - 1}, "seed"),
     ({"max_tokens": True}, "max_tokens"),
-    ({"max_tokens": 1.0}, "max_tokens"),
+    ({"max_tokens": 1.5}, "max_tokens"),
     ({"stream": "yes"}, "stream"),
     ({"temperature": "1"}, "temperature"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),

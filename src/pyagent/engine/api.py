@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from pyagent.engine.grammar import schema_grammar
 from pyagent.errors import RequestError
@@ -58,10 +58,26 @@ def _object_schema(schema: dict[str, Any]) -> dict[str, Any]:
     return _usable_schema(schema)
 
 
+def _integral(value: Any) -> Any:
+    """JSON Schema's integers include numbers like 2.0; other types stay as they are (refused)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _int(**bounds: int) -> Any:
+    """An integer type within `bounds` (`ge`, `le`) that takes integral numbers like 2.0."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]  # this order: see schema
+
+
+NonNegative = _int(ge=0)
+Positive = _int(ge=1)
+Seed = _int(ge=SEED_RANGE[0], le=SEED_RANGE[1])
+Choices = _int(ge=1, le=MAX_CHOICES)
+LogprobCount = _int(ge=0, le=MAX_COMPLETION_LOGPROBS)
+TopLogprobs = _int(ge=0, le=MAX_LOGPROBS)
 Text = Annotated[str, AfterValidator(_unicode)]
 Json = Annotated[dict[str, Any], AfterValidator(_unicode_tree)]
 Schema = Annotated[Json, AfterValidator(_usable_schema)]
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+TokenIds = Annotated[list[NonNegative], Field(min_length=1)]
 
 
 class Strict(BaseModel):
@@ -94,16 +110,16 @@ class Body(Strict):
     model: Text
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0, description="PyAgent extension: sample among the k likeliest")
+    top_k: NonNegative = Field(0, description="PyAgent extension: sample among the k likeliest")
     ignore_eos: bool = Field(False, description="PyAgent extension: generate past end tokens")
     parse_special_tokens: bool = Field(
         False, description="PyAgent extension: read special-token text in the prompt or in "
         "messages (such as <start_of_turn>) as control tokens instead of plain text")
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    seed: Seed | None = None
     stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    n: Choices = 1
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
@@ -149,10 +165,10 @@ class Body(Strict):
 class CompletionBody(Body):
     prompt: Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | Annotated[
         list[TokenIds], Field(min_length=1)]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: Positive | None = 16
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
-    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    logprobs: LogprobCount | None = None
+    best_of: Choices | None = None
 
     def problem(self) -> tuple[str, str] | None:
         if self.best_of not in (None, self.n):
@@ -207,7 +223,8 @@ class FunctionBody(Strict):
     name: Text = Field(min_length=1, max_length=64, pattern="^[a-zA-Z0-9_-]+$")
     description: Text = ""
     parameters: Annotated[Json, AfterValidator(_object_schema)] = Field(
-        default_factory=lambda: {"type": "object", "properties": {}})
+        default_factory=lambda: {"type": "object", "properties": {}},
+        json_schema_extra={"required": ["type"], "properties": {"type": {"const": "object"}}})
     strict: bool | None = None
 
 
@@ -227,13 +244,13 @@ class NamedToolChoice(Strict):
 
 class ChatBody(Body):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: Positive | None = None
+    max_completion_tokens: Positive | None = None
     tools: list[ToolBody] | None = None
     tool_choice: Literal["auto", "required", "none"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # replies hold at most one call either way
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: TopLogprobs | None = None
 
     def problem(self) -> tuple[str, str] | None:
         if self.top_logprobs is not None and not self.logprobs:
