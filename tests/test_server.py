@@ -100,6 +100,7 @@ def test_malformed_json_is_a_400_in_openai_shape(http):
     ({"best_of": 2}, "best_of"),
     ({"logit_bias": {"5": 1.0}}, "logit_bias"),
     ({"suffix": "x"}, "suffix"),
+    ({"prompt": ["a"] * 3, "n": 50}, "n"),
 ])
 def test_invalid_fields_are_named(http, change, param):
     body = {"model": model_name(http), "prompt": "x", **change}

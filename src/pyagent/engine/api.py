@@ -175,6 +175,8 @@ class CompletionBody(Body):
             return "best_of", "best_of is not supported (only best_of equal to n)"
         if self.echo and self.logprobs is not None:
             return "echo", "echo with logprobs (the prompt's log probabilities) is not supported"
+        if len(self.prompts()) * self.n > MAX_CHOICES:
+            return "n", f"n times the number of prompts must be at most {MAX_CHOICES}"
         return super().problem()
 
     def prompts(self) -> list[str | tuple[int, ...]]:
