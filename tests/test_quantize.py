@@ -62,6 +62,18 @@ def test_weight_precision_names_what_the_linears_multiply_in(tiny_model_dir):
         assert weight_precision(loaded.model) == expected
 
 
+@pytest.mark.parametrize(("dtype", "expected"), [("int8", "int8"), ("bf16-weights", "bf16"),
+                                                 ("float32", "float32")])
+def test_one_set_of_precision_names_for_cli_api_and_server(tiny_model_dir, dtype, expected):
+    from pyagent.llm.registry import make_backend
+
+    backend = make_backend("embedded", model=str(tiny_model_dir), dtype=dtype)
+    assert weight_precision(backend.engine.model) == expected
+    with pytest.raises(ModelError, match="dtype must be one of float32, bfloat16, float16, int8, "
+                                         "bf16-weights, got 'int4'"):
+        make_backend("embedded", model=str(tiny_model_dir), dtype="int4")
+
+
 def test_a_quantized_model_still_generates(tiny_model_dir):
     loaded = load(resolve_model(str(tiny_model_dir)), quantize="int8")
     linears = [m for m in loaded.model.modules() if isinstance(m, nn.Linear)]

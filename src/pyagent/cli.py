@@ -46,7 +46,6 @@ DtypeOpt = Annotated[str, typer.Option(
     help="Weights of the embedded engine: float32, bfloat16, float16, int8 or bf16-weights "
          "(int8 or bfloat16 linear layers and LM head, float32 elsewhere; int8 decodes one "
          "stream fastest, bf16-weights batches best on CPUs with AMX).")]
-WEIGHT_ONLY = {"int8": "int8", "bf16-weights": "bf16"}
 PolicyOpt = Annotated[str, typer.Option(
     "--kv-policy", help="KV eviction: full, pyagent, streaming_llm, h2o, tova, snapkv, random.")]
 BudgetOpt = Annotated[str | None, typer.Option(
@@ -74,11 +73,9 @@ def _load_engine(model: str, dtype: str, context_length: int | None = None,
     kv = KVSettings(policy=policy, budget=Budget.parse(budget) if budget else None,
                     share_prefix=share_prefix)
     hf_logging.set_verbosity_error()
-    quantize = WEIGHT_ONLY.get(dtype)
     with _status(f"preparing {model}") as report:
-        engine = Engine.load(model, dtype="float32" if quantize else dtype,
-                             context_length=context_length, kv=kv, report=report,
-                             quantize=quantize,
+        engine = Engine.load(model, dtype=dtype, context_length=context_length, kv=kv,
+                             report=report,
                              scheduling=SchedulerSettings(max_batch=max_batch,
                                                           max_queue=max_queue))
     err.print(f"[green]loaded[/] {engine.name} in {engine.loaded.load_s:.1f} s "
@@ -213,6 +210,8 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Requests decoded together.")] = 8,
     max_queue: Annotated[int, typer.Option(
         help="Requests that may wait beyond the batch; more get HTTP 429.")] = 64,
+    max_body_bytes: Annotated[int, typer.Option(
+        help="Largest request body; larger ones get HTTP 413.", min=1)] = 4 * 1024 * 1024,
 ) -> None:
     """Serve the embedded engine over an OpenAI-compatible HTTP API."""
     import threading
@@ -223,7 +222,7 @@ def serve(
 
     engine = _load_engine(model, dtype, context_length, kv_policy, kv_budget, prefix_sharing,
                           max_batch, max_queue)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host=host, port=port,
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, max_body_bytes), host=host, port=port,
                                            log_level="warning"))
     http = threading.Thread(target=server.run, name="pyagent-http", daemon=True)
     http.start()

@@ -95,7 +95,8 @@ class Engine:
              context_length: int | None = None, kv: KVSettings | None = None,
              report=lambda _msg: None, quantize: str | None = None,
              scheduling: SchedulerSettings | None = None) -> Engine:
-        """Load `model` (default: the embedded one); `quantize="int8"` for weight-only int8."""
+        """Load `model` (default: the embedded one) in precision `dtype` (one of PRECISIONS in
+        engine/model.py: float32, bfloat16, float16, int8, bf16-weights)."""
         return cls(load(resolve_model(model), dtype=dtype, report=report, quantize=quantize),
                    context_length, kv, scheduling)
 

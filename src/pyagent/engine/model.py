@@ -29,6 +29,8 @@ MANIFEST = "pyagent-cache.json"
 CACHE_FORMAT = 1
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE = ("int8", "bf16")  # weight-only schemes (engine/quantize.py)
+WEIGHT_ONLY = {"int8": "int8", "bf16-weights": "bf16"}  # precisions that convert linear layers
+PRECISIONS = (*DTYPES, *WEIGHT_ONLY)  # the names the CLI, the Python API and the server take
 
 Report = Callable[[str], None]
 
@@ -192,10 +194,14 @@ class LoadedModel:
 
 def load(spec: ModelSpec, dtype: str = "float32", report: Report = lambda _msg: None,
          quantize: str | None = None) -> LoadedModel:
-    """Prepare (if needed) and load `spec` for inference on the CPU; `quantize` ("int8") turns
-    its linear layers into weight-only int8 ones (see engine/quantize.py)."""
+    """Prepare (if needed) and load `spec` for inference on the CPU.
+
+    `dtype` is one of PRECISIONS: `int8` and `bf16-weights` load float32 and convert the linear
+    layers and the LM head (the same as `quantize="int8"` or `"bf16"`, see engine/quantize.py)."""
+    if dtype in WEIGHT_ONLY and quantize in (None, WEIGHT_ONLY[dtype]):
+        dtype, quantize = "float32", WEIGHT_ONLY[dtype]
     if dtype not in DTYPES:
-        raise ModelError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise ModelError(f"dtype must be one of {', '.join(PRECISIONS)}, got {dtype!r}")
     if quantize is not None and quantize not in QUANTIZE:
         raise ModelError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
     start = time.perf_counter()
