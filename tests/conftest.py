@@ -135,3 +135,20 @@ class DictSource:
               window_s: float | None = None) -> float | None:
         self.calls.append((name, stat, None if labels is None else dict(labels), window_s))
         return self.values.get(name)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """An empty workspace folder for tools."""
+    directory = tmp_path / "workspace"
+    directory.mkdir()
+    return directory
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A folder beside the workspace holding a secret no tool may read."""
+    directory = tmp_path / "outside"
+    directory.mkdir()
+    (directory / "secret.txt").write_text("secret")
+    return directory

@@ -223,7 +223,7 @@ def test_a_user_entry_overrides_genai_prices_for_its_provider_only(tmp_path: Pat
     ("prices:\n  - model: m\n    input_per_mtok: 1\n    output_per_mtok: 2\n"
      "  - model: M\n    input_per_mtok: 3\n    output_per_mtok: 4\n", 5,
      "model 'M' is priced twice (first on line 2)"),
-    ("prices:\n  - model: [unclosed\n", 3, "not valid YAML"),
+    ("prices:\n  - model: [unclosed\n", 2, "not valid YAML"),
 ])
 def test_a_bad_price_file_names_file_and_line(tmp_path: Path, body: str, where: int,
                                               message: str) -> None:

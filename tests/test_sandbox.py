@@ -22,21 +22,6 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 @pytest.fixture
-def outside(tmp_path: Path) -> Path:
-    directory = tmp_path / "outside"
-    directory.mkdir()
-    (directory / "secret.txt").write_text("secret")
-    return directory
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    directory = tmp_path / "workspace"
-    directory.mkdir()
-    return directory
-
-
-@pytest.fixture
 def context(root: Path) -> ToolContext:
     return ToolContext(Workspace(root), Limits(timeout_s=20),
                        frozenset({"python3", "cat", "sh", "ls"}))

@@ -19,21 +19,6 @@ from pyagent.fleet.tools.registry import TOOLS, make_tool, tool_specs
 
 
 @pytest.fixture
-def outside(tmp_path: Path) -> Path:
-    directory = tmp_path / "outside"
-    directory.mkdir()
-    (directory / "secret.txt").write_text("secret")
-    return directory
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    directory = tmp_path / "workspace"
-    directory.mkdir()
-    return directory
-
-
-@pytest.fixture
 def context(root: Path) -> ToolContext:
     return ToolContext(Workspace(root), Limits(timeout_s=60), frozenset({"echo"}))
 

@@ -3,6 +3,7 @@ grammar never lets a model make them): delegation to sub-agents and its lineage,
 agent does not hold, arguments that are not JSON, more parallel calls than the agent may make."""
 
 import json
+import time
 
 import pytest
 
@@ -11,7 +12,7 @@ from pyagent.fleet.tools.base import Workspace
 from pyagent.fleet.turn import DELEGATE, Team, offered_tools, run_turn
 from pyagent.observe.events import EventBus
 from pyagent.observe.traces import TraceStore
-from pyagent.types import Completion, Message, Timings, ToolCall, Usage
+from pyagent.types import Completion, Message, StreamEvent, Timings, ToolCall, Usage
 
 
 class ScriptedModel:
@@ -30,7 +31,7 @@ class ScriptedModel:
                           Timings(0.01, 0.02, 2), "scripted", self.name, tuple(calls))
 
     def stream(self, request):
-        raise NotImplementedError
+        yield StreamEvent("", self.complete(request))
 
 
 def call(name, arguments, id_="c1"):
@@ -124,3 +125,21 @@ def test_one_tool_list_for_many_agents_keeps_the_prompt_stable():
     assert [t.name for t in shared] == ["list_files", "read_file", DELEGATE]
     assert shared[-1].parameters["properties"]["agent"]["enum"] == ["reader"]
     assert offered_tools([team_agents["reader"]]) == shared[1:2]
+
+
+def test_the_wall_time_interrupts_a_generation_in_progress(world, agent_engine):
+    from pyagent.fleet.turn import LimitExceeded
+    from pyagent.llm.embedded import EmbeddedBackend
+
+    root, bus, traces = world
+    writer = AgentSpec(name="writer", role="You write at length.", tools=[],
+                       limits=Limits(max_tokens=6000, wall_time_s=0.5))
+    team = Team({"writer": writer}, lambda _: EmbeddedBackend(agent_engine), Workspace(root))
+    start = time.monotonic()
+    with pytest.raises(LimitExceeded, match="ran past its wall time of 0.5 s"), \
+            bus.span("run", "run test", "slow") as span:
+        run_turn(writer, [Message("user", "Write a long story.")], team, span)
+    assert time.monotonic() - start < 3  # 6000 tokens take far longer: the generation was cut
+    assert agent_engine.scheduler.load()["running"] == 0  # and its request cancelled
+    [call] = [s for s in traces.spans("slow") if s.kind == "llm_call"]
+    assert call.status == "error" and call.attributes["error.type"] == "LimitExceeded"

@@ -19,7 +19,7 @@ from pyagent.fleet.turn import Team, run_turn
 from pyagent.llm.openai import usage_from
 from pyagent.observe.events import EventBus
 from pyagent.observe.traces import TraceStore
-from pyagent.types import Completion, Message, Timings, Usage
+from pyagent.types import Completion, Message, StreamEvent, Timings, Usage
 
 WHEN = datetime(2026, 11, 1, tzinfo=UTC)
 ANTHROPIC = {"input_tokens": 100, "cache_creation_input_tokens": 2_000,
@@ -73,7 +73,7 @@ class CachingModel:
                           "claude-sonnet-4-5", self.name)
 
     def stream(self, request):
-        raise NotImplementedError
+        yield StreamEvent("", self.complete(request))
 
 
 def test_a_turns_cache_writes_reach_the_trace_and_the_tracker(tmp_path):
