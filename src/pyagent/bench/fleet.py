@@ -3,6 +3,7 @@ served from the cache, calls, and task success as judged by the example's own `c
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -36,8 +37,7 @@ def run_example(engine: Engine, example: Path, mode: str, folder: Path, *,
     if max_tokens is not None:
         agents = {name: agent.model_copy(update={"limits": agent.limits.model_copy(
             update={"max_tokens": max_tokens})}) for name, agent in manifest.agents.items()}
-        manifest = manifest.__class__(manifest.path, manifest.name, manifest.description,
-                                      manifest.steps, agents)
+        manifest = dataclasses.replace(manifest, agents=agents)
     engine.cache.clear_prefix_cache()
     bus = EventBus()
     traces = TraceStore(run_dir / "traces.db")
