@@ -185,6 +185,8 @@ def test_a_run_killed_with_sigkill_resumes(tiny_long, workspace, tmp_path):
     before = store.get("killed").state
     store.close()
     assert before["status"] == "running"
+    listed = pyagent("runs", "list", "--data", str(data))
+    assert "│ killed │ interrupted " in listed.stdout  # its process is gone
     elsewhere = tmp_path / "elsewhere"  # the manifest was given by a relative path
     elsewhere.mkdir()
     resumed = pyagent("resume", "killed", "--data", str(data), cwd=elsewhere)

@@ -467,7 +467,8 @@ def _cost(totals) -> str:
 
 
 OUTCOMES = {"succeeded": ("[green]succeeded[/]", 0), "goal_not_met": ("[red]goal not met[/]", 3),
-            "error": ("[red]error[/]", 1)}
+            "error": ("[red]error[/]", 1),
+            "interrupted": ("[yellow]interrupted (its process died; resume it)[/]", 1)}
 
 
 def _outcome(result, data: Path) -> int:
@@ -500,7 +501,7 @@ def runs_list(data: DataOpt = Path(".pyagent")) -> None:
         for run_id in runtime.checkpoints.runs():
             state = runtime.state(run_id)
             done = sum(1 for o in state["outputs"].values() if o["status"] == "ok")
-            table.add_row(run_id, state["status"], str(done), state["manifest"])
+            table.add_row(run_id, runtime.status(run_id), str(done), state["manifest"])
         out.print(table)
     finally:
         runtime.close()
@@ -577,6 +578,7 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="The run to show.")],
     runtime = Runtime.open(data, prices, create=False)
     try:
         state = runtime.state(run_id)
+        state["status"] = runtime.status(run_id)
         rows = runtime.step_rows(run_id)
         totals = runtime.run_tokens(run_id).totals()
     finally:

@@ -14,7 +14,7 @@ from pyagent.errors import ConfigError
 from pyagent.fleet.agent import AgentSpec
 from pyagent.fleet.compaction import Compaction
 from pyagent.fleet.manifest import load_manifest
-from pyagent.fleet.orchestrator import Orchestrator
+from pyagent.fleet.orchestrator import Orchestrator, owner_alive
 from pyagent.fleet.tools.registry import TOOLS
 from pyagent.llm.base import Backend
 from pyagent.observe.events import EventBus
@@ -100,6 +100,14 @@ class Runtime:
                                 span.status, tokens, sum(s.kind == "tool_call" for s in inner),
                                 span.duration_s or 0.0))
         return rows
+
+    def status(self, run_id: str) -> str:
+        """The run's status as stored, except that a `running` run whose process died (this
+        host can tell) is `interrupted`: `resume` continues it."""
+        state = self.state(run_id)
+        if state["status"] == "running" and owner_alive(state) is False:
+            return "interrupted"
+        return state["status"]
 
     def state(self, run_id: str) -> dict[str, Any]:
         """The latest checkpointed state of `run_id`."""

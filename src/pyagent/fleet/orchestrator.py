@@ -20,6 +20,8 @@ that lost checkpoints the trace saw written is detected, never silently repeated
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -145,6 +147,7 @@ class Orchestrator:
 
     def _execute(self, state: dict[str, Any]) -> RunResult:
         run_id = state["run_id"]
+        state["owner"] = process_identity()
         with self.bus.span("run", f"run {self.manifest.name}", run_id,
                            **{"pyagent.mode": self.mode, "pyagent.resumed": state["seq"] > 0}
                            ) as span:
@@ -294,6 +297,28 @@ class Orchestrator:
     def _result(state: dict[str, Any]) -> RunResult:
         return RunResult(state["run_id"], state["status"], state["outputs"], state["error"],
                          state["seq"] + 1)
+
+
+def process_identity() -> dict[str, Any]:
+    """This process, as a run records its owner: host, pid and start time (pids are reused)."""
+    import psutil
+
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "started": psutil.Process().create_time()}
+
+
+def owner_alive(state: dict[str, Any]) -> bool | None:
+    """Whether the process that last ran a `running` run still lives (None: it ran on another
+    host, or the run predates owner records, so this host cannot tell)."""
+    import psutil
+
+    owner = state.get("owner")
+    if not owner or owner.get("host") != socket.gethostname():
+        return None
+    try:
+        return psutil.Process(owner["pid"]).create_time() == owner["started"]
+    except psutil.Error:
+        return False
 
 
 def _goal_commands(arguments: dict[str, Any]) -> list[str]:
