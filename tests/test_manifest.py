@@ -218,11 +218,18 @@ def test_templates_cannot_reach_internals_at_load_time(tmp_path):
     "{{ 'a' * 10**10 }}", "{{ [1] * 10**9 }}", "{{ 'x'.center(10**9) }}",
     "{{ 'x'|center(10**9) }}", "{{ '%09999999999d' % 1 }}", "{{ '{:>9999999999}'.format(1) }}",
     "{{ '%*d' % (999999999, 1) }}", "{{ 9 ** 999999999 }}",
-    "{% for i in range(99999) %}{{ 'abcdefghijklmnopqrstuvwxyz' }}{% endfor %}"])
+    "{% for i in range(99999) %}{{ 'abcdefghijklmnopqrstuvwxyz' }}{% endfor %}",
+    "{% set a = 'x' * 999999 %}{{ (a + a)|length }}", "{% set a = 'x' * 999999 %}{{ a ~ a }}",
+    "{% set a = 'x' * 999999 %}{{ [a, a]|join }}", "{{ ('x' * 999999)|replace('x', 'xx') }}",
+    "{{ ''.join(['x' * 999999] * 3) }}", "{{ ('x' * 999999).replace('x', 'xx') }}",
+    "{{ (range(99999)|map('center', 999999)|list)|length }}",
+    "{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}{% endfor %}",
+    "{{ steps.code.update({'status': 'ok'}) }}"])
 def test_template_sizes_are_bounded(template):
     with pytest.raises(ConfigError, match=r"^m.yaml:3: steps.0.instruction: cannot render: "
                                           r"SecurityError"):
-        Templates().render(template, "m.yaml:3: steps.0.instruction", task="t")
+        Templates().render(template, "m.yaml:3: steps.0.instruction", task="t",
+                           steps={"code": {"status": "error"}})
 
 
 def test_render_failures_name_the_field():

@@ -1,33 +1,61 @@
-"""Templates and conditions of manifests: Jinja's sandbox with bounded sizes, and rendering that
-turns any failure into one error naming the manifest's file, line and field."""
+"""Templates and conditions of manifests: Jinja's sandbox with bounded sizes and time, and
+rendering that turns any failure into one error naming the manifest's file, line and field."""
 
 from __future__ import annotations
 
 import functools
+import os
 import re
-from collections.abc import Callable
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from jinja2 import StrictUndefined
+from jinja2 import StrictUndefined, nodes
+from jinja2.compiler import CodeGenerator, Frame
 from jinja2.exceptions import SecurityError
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from pyagent.errors import ConfigError
 
 MAX_TEMPLATE_CHARS = 1_000_000  # bound on a rendered template and on sizes a template asks for
+MAX_TEMPLATE_SECONDS = 2.0  # bound on rendering one template or evaluating one condition
+MAX_TEMPLATE_GROWTH = 256 * 2**20  # bound on the memory (RSS) a render may add while it runs
 
 
-class TemplateEnvironment(SandboxedEnvironment):
-    """Jinja's sandbox, strict about names, with bounded sizes: a repetition (`'a' * n`), a
-    width or count passed to a call or filter, a power and the rendered text stay under
-    MAX_TEMPLATE_CHARS, so no template can exhaust memory or time."""
+class _BoundedJoins(CodeGenerator):
+    """Compiles `a ~ b` to a join that checks its size first."""
 
-    intercepted_binops = frozenset({"*", "**", "%"})
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        self.write("environment.concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
+class TemplateEnvironment(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox (a template cannot change the run's state it reads), strict
+    about names, with bounds: every string or list a template builds (`'a' * n`, `a + b`,
+    `a ~ b`, a call's or a filter's result, widths and counts asked of them) and the rendered
+    text stay under MAX_TEMPLATE_CHARS, powers stay small, and rendering stops after
+    MAX_TEMPLATE_SECONDS or MAX_TEMPLATE_GROWTH bytes of added memory, so no template can
+    exhaust memory or time."""
+
+    intercepted_binops = frozenset({"*", "**", "%", "+"})
+    code_generator_class = _BoundedJoins
 
     def __init__(self) -> None:
         super().__init__(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
-        self.filters = {name: _bounded(f) for name, f in self.filters.items()}
-        self.filters["format"] = _bounded(self.filters["format"], check_format=True)
+        self.filters = {name: _bounded(name, f) for name, f in self.filters.items()}
+        self.globals.pop("lipsum", None)  # generates text by the megabyte, of no use here
+
+    def concat(self, parts: tuple[Any, ...]) -> str:
+        """`a ~ b ~ ...`, refused before it is built when it would be too large."""
+        texts = [str(part) for part in parts]
+        _check_size(sum(map(len, texts)))
+        return "".join(texts)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "**" and isinstance(left, int) and isinstance(right, int) \
@@ -40,6 +68,9 @@ class TemplateEnvironment(SandboxedEnvironment):
             for sized, count in ((left, right), (right, left)):
                 if isinstance(sized, str | list | tuple) and isinstance(count, int):
                     _check_size(len(sized) * count)
+        if operator == "+" and isinstance(left, str | list | tuple) \
+                and isinstance(right, str | list | tuple):
+            _check_size(len(left) + len(right))
         return super().call_binop(context, operator, left, right)
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
@@ -47,22 +78,83 @@ class TemplateEnvironment(SandboxedEnvironment):
         target = getattr(getattr(__obj, "__wrapped__", None), "__self__", None)
         if isinstance(target, str):  # str.format / str.format_map
             _check_format(target)
-        return super().call(__context, __obj, *args, **kwargs)
+        elif isinstance(getattr(__obj, "__self__", None), str):
+            _check_str_method(__obj.__self__, __obj.__name__, args)
+        return _checked(super().call(__context, __obj, *args, **kwargs))
 
     def render(self, text: str, **names: Any) -> str:
-        """Render template `text`; raises SecurityError past MAX_TEMPLATE_CHARS of output."""
+        """Render template `text`; raises SecurityError past MAX_TEMPLATE_CHARS of output or
+        MAX_TEMPLATE_SECONDS of time."""
         parts, size = [], 0
-        for part in self.from_string(text).generate(**names):
-            size += len(part)
-            _check_size(size)
-            parts.append(part)
+        with limits():
+            for part in self.from_string(text).generate(**names):
+                size += len(part)
+                _check_size(size)
+                parts.append(part)
         return "".join(parts)
+
+
+@contextmanager
+def limits(seconds: float = MAX_TEMPLATE_SECONDS,
+           growth: int = MAX_TEMPLATE_GROWTH) -> Iterator[None]:
+    """Raise SecurityError in this thread's Python code once it has run `seconds`, or once the
+    process's resident memory has grown by `growth` bytes; a trace function checks the clock
+    at every line and the memory every 32 (templates are small, so this costs little)."""
+    end = time.monotonic() + seconds
+    ceiling = _resident() + growth
+    previous = sys.gettrace()
+    events = 0
+
+    def trace(_frame: Any, _event: str, _arg: Any) -> Any:
+        nonlocal events
+        events += 1
+        if time.monotonic() > end:
+            raise SecurityError(f"the template ran longer than {seconds:g} s")
+        if events % 32 == 0 and _resident() > ceiling:
+            raise SecurityError(f"the template used more than {growth // 2**20} MiB of memory")
+        return trace
+
+    sys.settrace(trace)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
 
 
 def _check_size(size: int) -> None:
     if size > MAX_TEMPLATE_CHARS:
         raise SecurityError(f"the template asks for {size:,} characters, more than the "
                             f"{MAX_TEMPLATE_CHARS:,} allowed")
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _resident() -> int:
+    """This process's resident memory in bytes (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE
+    except OSError:
+        return 0
+
+
+def _checked(result: Any) -> Any:
+    """`result`, unless it is a string or list above MAX_TEMPLATE_CHARS."""
+    if isinstance(result, str | list | tuple):
+        _check_size(len(result))
+    return result
+
+
+def _check_str_method(text: str, name: str, args: tuple[Any, ...]) -> None:
+    """Refuse `str.join` and `str.replace` calls whose result would be too large."""
+    if name == "join" and args and isinstance(args[0], list | tuple):
+        items = [len(str(item)) for item in args[0]]
+        _check_size(sum(items) + len(text) * max(len(items) - 1, 0))
+    if name == "replace" and len(args) >= 2 and isinstance(args[0], str) \
+            and isinstance(args[1], str):
+        _check_size(len(text) + text.count(args[0]) * max(len(args[1]) - len(args[0]), 0)
+                    + (len(text) + 1) * len(args[1]) * (args[0] == ""))
 
 
 def _check_sizes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -81,16 +173,29 @@ def _check_format(text: str) -> None:
 _LONG_NUMBER = re.compile(r"\d{7,}")
 
 
-def _bounded(fn: Callable[..., Any], check_format: bool = False) -> Callable[..., Any]:
-    """A filter that refuses number arguments above MAX_TEMPLATE_CHARS (and, for `format`,
-    a format string asking for such a width)."""
+def _bounded(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Filter `name`, refusing number arguments above MAX_TEMPLATE_CHARS and a result above it
+    (`format`: also a format string asking for such a width; `join` and `replace`: a result
+    that would be too large, before it is built)."""
     @functools.wraps(fn)
     def bounded(*args: Any, **kwargs: Any) -> Any:
-        if check_format:
+        if name == "format":
             _check_format(str(args[0]))
         _check_sizes(args[1:], kwargs)
-        return fn(*args, **kwargs)
+        if name in ("join", "replace"):
+            _check_filter(name, args, kwargs)
+        return _checked(fn(*args, **kwargs))
     return bounded
+
+
+def _check_filter(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """`join` and `replace` filters, checked as the string methods are."""
+    if name == "join" and len(args) >= 2:  # (eval_ctx, value, d="", attribute=None)
+        value, separator = args[1], (args[2] if len(args) > 2 else kwargs.get("d", ""))
+        if isinstance(value, list | tuple) and isinstance(separator, str):
+            _check_str_method(separator, "join", (value,))
+    elif len(args) >= 4 and all(isinstance(a, str) for a in args[1:4]):  # (eval_ctx, s, old, new)
+        _check_str_method(args[1], "replace", (args[2], args[3]))
 
 
 class Templates:
@@ -111,7 +216,8 @@ class Templates:
     def holds(self, expression: str, where: str, **names: Any) -> bool:
         """Evaluate a condition; any failure is a ConfigError naming `where`."""
         try:
-            return bool(self._expression(expression)(**names))
+            with limits():
+                return bool(self._expression(expression)(**names))
         except Exception as exc:
             raise ConfigError(f"{where}: cannot evaluate {expression!r}: {_reason(exc)}") \
                 from None
