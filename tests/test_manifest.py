@@ -188,6 +188,9 @@ def test_the_goal_is_required_and_checked(tmp_path):
     ('name: x\nagents: "a.yaml\nsteps: []\n', "broken.yaml:2: not valid YAML"),
     ("? [a, b]\n: 1\n", "broken.yaml:1: a key must be a plain value"),
     ("x: \"\\ud800\"\nname: [\n", "broken.yaml:2: not valid YAML"),
+    ("a: &a [1]\nb: {<<: *a}\n", "broken.yaml:2: `<<` merges mappings (or a list of them) only"),
+    ("a: 1\nb:\n  c: " + "[" * 400 + "]" * 400 + "\n", "broken.yaml:3: nested too deeply"),
+    ("a: " + "{b: " * 150 + "1" + "}" * 150 + "\n", "broken.yaml:1: nested too deeply"),
 ])
 def test_hostile_yaml_is_one_clear_error(tmp_path, yaml_text, expected):
     path = tmp_path / "broken.yaml"
@@ -241,3 +244,23 @@ def test_render_failures_name_the_field():
     with pytest.raises(ConfigError, match="m.yaml:4: until: cannot evaluate"):
         templates.holds("steps.x.data.failed == 0", "m.yaml:4: until", steps={})
     assert templates.render("{{ 'ab' * 3 }} {{ '%d' % 4 }} {{ 2 ** 10 }}", "w") == "ababab 4 1024"
+
+
+def test_merge_keys_merge_and_written_keys_win(tmp_path):
+    agents = tmp_path / "agents.yaml"
+    agents.write_text("agents:\n  - &base {name: coder, role: You fix bugs., tools: [read_file]}\n"
+                      "  - {<<: *base, name: tester, tools: [run_tests]}\n")
+    loaded = load_agents(agents, TOOLS)
+    assert loaded["tester"].role == "You fix bugs." and loaded["tester"].tools == ["run_tests"]
+
+
+def test_files_that_are_too_big_or_not_utf8_are_one_line(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_bytes(b"name: x\nagents: a.yaml\ndescription: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"m.yaml:3: not UTF-8 text: invalid start byte "
+                                          r"\(byte 0xff\)"):
+        load_manifest(path, TOOLS)
+    path.write_text("name: x\ndescription: " + "x" * 5_000_000 + "\n")
+    with pytest.raises(ConfigError, match=r"m.yaml: 5,000,022 bytes; a definition file may have "
+                                          r"at most 4,194,304"):
+        load_manifest(path, TOOLS)

@@ -15,29 +15,59 @@ Lines = dict[tuple[Any, ...], int]
 
 
 MAX_VALUES = 100_000  # values one file may expand to, aliases included ("billion laughs")
+MAX_DEPTH = 100  # lists and mappings nested in each other
+MAX_BYTES = 4 * 2**20  # size of one definition file
+MERGE = "tag:yaml.org,2002:merge"
 
 
 def load_yaml(path: Path) -> tuple[Any, Lines]:
     """Parse `path`; return the data and the 1-based line of every mapping key and list item.
 
-    A duplicate key, an alias that contains itself, or aliases expanding to more than
-    MAX_VALUES values are errors naming the line, as are syntax errors.
+    Merge keys (`<<: *defaults`) merge as YAML 1.1 says. A duplicate key, an alias that contains
+    itself, aliases expanding to more than MAX_VALUES values, nesting deeper than MAX_DEPTH and
+    files over MAX_BYTES are errors naming the line, as are syntax errors and bytes that are not
+    UTF-8.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            raise ConfigError(f"{path}: {size:,} bytes; a definition file may have at most "
+                              f"{MAX_BYTES:,}")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text: {exc.reason} "
+                          f"(byte {raw[exc.start]:#04x})") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(_syntax_error(path, text, exc)) from None
+    except RecursionError:
+        raise ConfigError(f"{path}:{_too_deep(text)}: nested too deeply (at most {MAX_DEPTH} "
+                          "levels)") from None
     if node is None:
         raise ConfigError(f"{path}: the file is empty")
     lines: Lines = {}
     builder = _Builder(path, lines)
     return builder.build(node, ()), lines
+
+
+def _too_deep(text: str) -> int:
+    """The line where nesting first goes past MAX_DEPTH (from the parser's events, which,
+    unlike composing, do not recurse)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return event.start_mark.line + 1
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    return 1
 
 
 def _syntax_error(path: Path, text: str, exc: yaml.YAMLError) -> str:
@@ -82,24 +112,50 @@ class _Builder:
             return self.loader.construct_object(node, deep=True)
         if id(node) in self.open:
             raise ConfigError(f"{self.path}:{line}: an alias refers to a node that contains it")
+        if len(self.open) >= MAX_DEPTH:
+            raise ConfigError(f"{self.path}:{line}: nested too deeply (at most {MAX_DEPTH} "
+                              "levels)")
         self.open.add(id(node))
         try:
             if isinstance(node, yaml.SequenceNode):
                 return [self.build(item, (*at, i)) for i, item in enumerate(node.value)]
-            out: dict[Any, Any] = {}
-            for key_node, value_node in node.value:
-                if not isinstance(key_node, yaml.ScalarNode):
-                    raise ConfigError(f"{self.path}:{key_node.start_mark.line + 1}: a key must "
-                                      "be a plain value, not a list or mapping")
-                key = self.loader.construct_object(key_node)
-                if key in out:
-                    raise ConfigError(f"{self.path}:{key_node.start_mark.line + 1}: duplicate "
-                                      f"key {key!r} (first at line {self.lines[(*at, key)]})")
-                out[key] = self.build(value_node, (*at, key))
-                self.lines[(*at, key)] = key_node.start_mark.line + 1
-            return out
+            return self.mapping(node, at)
         finally:
             self.open.discard(id(node))
+
+    def mapping(self, node: yaml.MappingNode, at: tuple[Any, ...]) -> dict[Any, Any]:
+        out: dict[Any, Any] = {}
+        merged: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1
+            if key_node.tag == MERGE:
+                merged = {**self.merge(value_node, at, line), **merged}
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise ConfigError(f"{self.path}:{line}: a key must be a plain value, not a list "
+                                  "or mapping")
+            key = self.loader.construct_object(key_node)
+            if key in out:
+                raise ConfigError(f"{self.path}:{line}: duplicate key {key!r} (first at line "
+                                  f"{self.lines[(*at, key)]})")
+            out[key] = self.build(value_node, (*at, key))
+            self.lines[(*at, key)] = line
+        for key, value in merged.items():  # keys written in the mapping win
+            if key not in out:
+                out[key] = value
+                self.lines[(*at, key)] = self.lines.get((*at, key), node.start_mark.line + 1)
+        return out
+
+    def merge(self, node: yaml.Node, at: tuple[Any, ...], line: int) -> dict[Any, Any]:
+        """What `<<:` merges: a mapping, or a list of them (earlier ones win)."""
+        sources = node.value if isinstance(node, yaml.SequenceNode) else [node]
+        merged: dict[Any, Any] = {}
+        for source in reversed(sources):
+            if not isinstance(source, yaml.MappingNode):
+                raise ConfigError(f"{self.path}:{line}: `<<` merges mappings (or a list of "
+                                  "them) only")
+            merged.update(self.build(source, (*at, "<<")))
+        return merged
 
 
 def line_of(lines: Lines, location: tuple[Any, ...]) -> int | None:
