@@ -152,11 +152,20 @@ def test_run_tests_parses_passed_and_failed_counts(context, root):
     assert (only_ok.data["passed"], only_ok.data["failed"], only_ok.data["returncode"]) == (1, 0, 0)
 
 
-def test_run_tests_counts_collection_errors(context, root):
+def test_run_tests_that_only_errored_or_exited_early_ran_nothing(context, root):
     (root / "test_broken_import.py").write_text("import no_such_module\n")
-    result = call(context, "run_tests")
-    assert (result.data["passed"], result.data["errors"]) == (0, 1)
-    assert result.data["failures"] == ["test_broken_import.py"]
+    with pytest.raises(ToolError, match=r"(?s)no tests ran \(pytest reported none passed or "
+                                        r"failed; exit code 2\).*no_such_module"):
+        call(context, "run_tests")
+    (root / "test_broken_import.py").unlink()
+    (root / "test_real.py").write_text("def test_fails():\n    assert False\n")
+    for conftest in ("import os\nos._exit(0)\n",
+                     "import pytest\n\ndef pytest_sessionstart(session):\n"
+                     "    pytest.exit('bye', returncode=0)\n"):
+        (root / "conftest.py").write_text(conftest)
+        with pytest.raises(ToolError, match=r"no tests ran \(pytest reported none passed or "
+                                            r"failed; exit code 0\)"):
+            call(context, "run_tests")
 
 
 def test_a_test_that_sleeps_past_the_timeout_is_killed(root):

@@ -52,7 +52,8 @@ class RunTests(BaseTool[RunTestsInput]):
 
     def run(self, args: RunTestsInput, context: ToolContext) -> ToolResult:
         """Counts, failures and `ran` (tests that passed or failed); a ToolError when pytest
-        ran no test at all (nothing collected, a path that does not exist, a bad option)."""
+        ran no test at all (nothing collected, a path that does not exist, a bad option, only
+        collection errors, a conftest that exits early)."""
         root = str(context.workspace.root)
         argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                 "--rootdir", root, "--confcutdir", root]
@@ -65,6 +66,9 @@ class RunTests(BaseTool[RunTestsInput]):
             raise ToolError(f"no tests ran ({_NOTHING_RAN[result.returncode]}):\n"
                             f"{result.transcript()}")
         counts = parse_summary(result.stdout)
+        if counts["passed"] + counts["failed"] == 0 and not result.timed_out:
+            raise ToolError(f"no tests ran (pytest reported none passed or failed; exit code "
+                            f"{result.returncode}):\n{result.transcript()}")
         return ToolResult(result.transcript(), {
             **counts, "ran": counts["passed"] + counts["failed"],
             "failures": failed_tests(result.stdout), "returncode": result.returncode,
