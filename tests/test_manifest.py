@@ -178,6 +178,14 @@ def test_the_goal_is_required_and_checked(tmp_path):
     message = error_for(tmp_path, MANIFEST.replace('expect: "data.failed == 0"',
                                                    'expect: "steps.test.data.failed == 0"'))
     assert "manifest.yaml:25: goal.checks.0.expect: unknown names ['steps']" in message
+    check = '- tool: run_tests\n      expect: "data.failed == 0"'
+    message = error_for(tmp_path, MANIFEST.replace(check,
+                                                   "- {tool: read_file, arguments: {bogus: 1}}"))
+    assert "manifest.yaml:24: goal.checks.0.arguments.path: Field required" in message
+    message = error_for(tmp_path, MANIFEST.replace(
+        check, "- {tool: shell, arguments: {argv: [no-such-program-x]}}"))
+    assert ("manifest.yaml:24: goal.checks.0.arguments.argv.0: program 'no-such-program-x' is "
+            "not on PATH") in message
     goal = load_manifest(write(tmp_path), TOOLS).goal
     assert goal.description == "The tests pass." and goal.checks[0].tool == "run_tests"
 

@@ -36,15 +36,17 @@ failed. The model's own words never decide it.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 from jinja2 import TemplateSyntaxError, meta, nodes
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from pyagent.fleet.agent import NAME_PATTERN, AgentSpec, load_agents
 from pyagent.fleet.templates import TemplateEnvironment
+from pyagent.fleet.tools.registry import TOOLS
 from pyagent.yamlfile import Lines, config_error, load_yaml, validate
 
 STEP_NAMES = frozenset({"task", "steps", "loop"})
@@ -216,6 +218,23 @@ class _Checker:
                                  f"{check.tool!r}; known tools: {', '.join(sorted(known_tools))}")
             self.text("goal", f"checks.{index}.expect", check.expect, (*where, "expect"), set(),
                       expression=True, names=GOAL_NAMES)
+            if check.tool in TOOLS:
+                self.arguments(check, (*where, "arguments"))
+
+    def arguments(self, check: CheckSpec, where: tuple[Any, ...]) -> None:
+        """A goal check's arguments must suit its tool, and a `shell` check's program exist,
+        so that a check that can never run fails before the run, not after it."""
+        field = ".".join(str(part) for part in where)
+        try:
+            parsed = TOOLS[check.tool].input_model.model_validate(check.arguments)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            inner = ".".join(str(part) for part in error["loc"])
+            raise self.error(where, f"{field}{'.' + inner if inner else ''}: {error['msg']}") \
+                from None
+        program = getattr(parsed, "argv", [None])[0]
+        if program is not None and shutil.which(program) is None:
+            raise self.error(where, f"{field}.argv.0: program {program!r} is not on PATH")
 
     def text(self, item: str, name: str, text: str, where: tuple[Any, ...], visible: set[str],
              expression: bool = False, names: frozenset[str] = STEP_NAMES) -> None:
