@@ -143,3 +143,38 @@ def test_the_wall_time_interrupts_a_generation_in_progress(world, agent_engine):
     assert agent_engine.scheduler.load()["running"] == 0  # and its request cancelled
     [call] = [s for s in traces.spans("slow") if s.kind == "llm_call"]
     assert call.status == "error" and call.attributes["error.type"] == "LimitExceeded"
+
+
+def test_the_wall_time_interrupts_a_server_that_sends_nothing(world):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pyagent.fleet.turn import LimitExceeded
+    from pyagent.llm.openai import OpenAIBackend
+
+    release = threading.Event()
+
+    class Stalling(BaseHTTPRequestHandler):
+        def do_POST(self):  # reads the request, then answers nothing until released
+            self.rfile.read(int(self.headers["Content-Length"]))
+            release.wait(30)
+
+        def log_message(self, *_args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    root, bus, _ = world
+    agent = AgentSpec(name="waiter", role="You wait.", tools=[], limits=Limits(wall_time_s=1))
+    backend = OpenAIBackend(f"http://127.0.0.1:{server.server_port}/v1", model="m")
+    team = Team({"waiter": agent}, lambda _: backend, Workspace(root))
+    start = time.monotonic()
+    try:
+        with pytest.raises(LimitExceeded, match="ran past its wall time of 1 s"), \
+                bus.span("run", "run test", "stalled") as span:
+            run_turn(agent, [Message("user", "Hello?")], team, span)
+        assert time.monotonic() - start < 5  # not the 30 s the server stalls, nor retries
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()

@@ -129,6 +129,8 @@ class CompletionRequest:
     call without changing what it is told about (so a prompt cache over the tools survives).
     Text in the prompt and in messages is plain text: special-token text such as
     `<start_of_turn>` is not a control token unless `parse_special_tokens` is set.
+    `timeout_s` is how long the caller waits for the reply: a remote backend gives up after that
+    long without a byte from its server (a caller of a stream may stop reading it at any time).
     """
 
     prompt: str | tuple[int, ...] | None = None
@@ -139,6 +141,7 @@ class CompletionRequest:
     tool_choice: ToolChoice = "auto"
     allowed_tools: tuple[str, ...] | None = None
     parse_special_tokens: bool = False
+    timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.prompt, list | tuple):
@@ -171,6 +174,8 @@ class CompletionRequest:
                "a request cannot combine tools with a JSON schema for the reply")
         _check(not self.tools or self.sampling.logprobs is None, "logprobs",
                "log probabilities are not available for a request that offers tools")
+        _check(self.timeout_s is None or self.timeout_s > 0, "timeout_s",
+               f"timeout_s must be > 0, got {self.timeout_s!r}")
 
     @property
     def callable_tools(self) -> tuple[ToolSpec, ...]:

@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pyagent.errors import PyAgentError
+from pyagent.errors import BackendError, PyAgentError
 from pyagent.fleet.agent import AgentSpec
 from pyagent.fleet.tools.base import ToolContext, ToolError, ToolResult, Workspace
 from pyagent.fleet.tools.registry import make_tool, tool_specs
@@ -147,15 +147,21 @@ def _complete(backend: Backend, request: CompletionRequest, deadline: float,
               agent: AgentSpec) -> Completion:
     """The backend's completion of `request`, streamed so that the agent's wall time interrupts
     a generation in progress: past `deadline` the stream is closed, which cancels the request."""
-    if time.monotonic() > deadline:
+    left = deadline - time.monotonic()
+    if left <= 0:
         raise _past_wall_time(agent)
-    stream = backend.stream(request)
+    stream = None
     try:
+        stream = backend.stream(replace(request, timeout_s=left))
         for event in stream:
             if event.completion is not None:
                 return event.completion
             if time.monotonic() > deadline:
                 raise _past_wall_time(agent)
+    except BackendError:
+        if time.monotonic() >= deadline:  # the backend gave up at the time it was given
+            raise _past_wall_time(agent) from None
+        raise
     finally:
         close = getattr(stream, "close", None)
         if close is not None:

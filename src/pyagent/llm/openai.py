@@ -92,10 +92,14 @@ class OpenAIBackend:
                 "name": t.name, "description": t.description, "parameters": t.parameters}}
                 for t in request.tools]
             args["tool_choice"] = request.tool_choice
+        client = self.client
+        if request.timeout_s is not None:  # the caller's own limit: no retries past it
+            client = client.with_options(max_retries=0, timeout=openai.Timeout(
+                request.timeout_s, connect=min(request.timeout_s, 10.0)))
         if request.messages is not None:
             messages = [_message(m) for m in request.messages]
-            return self.client.chat.completions.create(messages=messages, **args)
-        return self.client.completions.create(prompt=request.prompt, **args)
+            return client.chat.completions.create(messages=messages, **args)
+        return client.completions.create(prompt=request.prompt, **args)
 
     def _call(self, fn: Any, *args: Any) -> Any:
         try:
