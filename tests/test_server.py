@@ -118,6 +118,44 @@ def test_missing_messages_and_bad_roles_are_named(http):
         "messages.0.role")
 
 
+CALL = {"id": "c1", "type": "function", "function": {"name": "look", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize(("messages", "param"), [
+    ([{"role": "user"}], "messages.0.content"),
+    ([{"role": "user", "content": None}], "messages.0.content"),
+    ([{"role": "system"}, {"role": "user", "content": "Hi"}], "messages.0.content"),
+    ([{"role": "developer", "content": None}, {"role": "user", "content": "Hi"}],
+     "messages.0.content"),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant"}], "messages.1.content"),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": []}],
+     "messages.1.content"),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": [CALL]},
+      {"role": "tool", "tool_call_id": "c1"}], "messages.2.content"),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": [CALL]},
+      {"role": "tool", "content": "found"}], "messages.2.tool_call_id"),
+    ([{"role": "user", "content": "Hi", "tool_calls": [CALL]}], "messages.0.tool_calls"),
+    ([{"role": "user", "content": "Hi", "tool_call_id": "c1"}], "messages.0.tool_call_id"),
+])
+def test_messages_missing_what_their_role_needs_are_named(http, tiny_engine, messages, param):
+    body = {"model": tiny_engine.name, "messages": messages, "tools": [TOOL], "max_tokens": 2}
+    error = error_of(http.post("/chat/completions", json=body), 400)
+    assert error["param"] == param, error
+    assert error["message"].startswith(f"invalid request at '{param}': "), error
+    assert "Value error" not in error["message"]
+
+
+def test_an_assistant_message_with_tool_calls_may_omit_content(http, tiny_engine):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": [CALL]},
+                {"role": "tool", "tool_call_id": "c1", "content": "found"}]
+    for assistant in ({}, {"content": None}):
+        messages[1] = {"role": "assistant", "tool_calls": [CALL], **assistant}
+        body = {"model": tiny_engine.name, "messages": messages, "tools": [TOOL],
+                "max_tokens": 2}
+        response = http.post("/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+
+
 def test_unknown_model_is_a_404(http):
     error = error_of(http.post("/completions", json={"model": "gpt-9", "prompt": "x"}), 404)
     assert error["code"] == "model_not_found" and "gpt-9" in error["message"]
@@ -284,18 +322,77 @@ def test_405_names_the_allowed_methods(http):
 
 # --- tools: object schemas only, closed while decoding, no internal format in replies ----------
 
-@pytest.mark.parametrize("parameters", [
-    {"type": "string"},
-    {"properties": {"q": {"type": "string"}}},
-    {"type": "object", "properties": {"q": {"type": "no-such-type"}}},
-    {"type": "object", "properties": {"q": {"$ref": "#/nowhere"}}},
+@pytest.mark.parametrize(("parameters", "says"), [
+    ({"type": "string"}, "of type 'object'"),
+    ({"properties": {"q": {"type": "string"}}}, "of type 'object'"),
+    ({"type": 42}, "got type 42"),
+    ({"type": "object", "properties": {"q": {"type": "no-such-type"}}}, "no-such-type"),
+    ({"type": "object", "properties": {"q": {"type": 42}}}, "type must be"),
+    ({"type": "object", "properties": ["q"]}, "properties must be an object"),
+    ({"type": "object", "properties": "q"}, "properties must be an object"),
+    ({"type": "object", "properties": {"q": {"$ref": "#/nowhere"}}},
+     "'#/nowhere' at /properties/q points to nothing"),
+    ({"type": "object", "properties": {"q": {"$ref": "#/$defs/q"}}},
+     "'#/$defs/q' at /properties/q points to nothing"),
+    ({"type": "object", "properties": {"q": {"$ref": "#/properties/r/type"},
+                                       "r": {"type": "string"}}},
+     "'#/properties/r/type' at /properties/q points to a string, not a schema"),
+    ({"type": "object", "properties": {"q": {"$ref": 7}}}, "$ref must be a string"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/a"}},
+      "$defs": {"a": {"$ref": "#/$defs/a"}}},
+     "reference cycle: /$defs/a -> /$defs/a"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/a"}},
+      "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"allOf": [{"$ref": "#/$defs/a"}]}}},
+     "reference cycle: /$defs/a -> /$defs/b -> /$defs/b/allOf/0 -> /$defs/a"),
+    ({"type": "object", "allOf": [{"$ref": "#"}]}, "reference cycle: (root) -> /allOf/0 -> "
+     "(root)"),
 ])
-def test_tool_parameters_must_be_a_usable_object_schema(http, tiny_engine, parameters):
+def test_tool_parameters_must_be_a_usable_object_schema(http, tiny_engine, parameters, says):
     body = {"model": tiny_engine.name, "messages": [{"role": "user", "content": "Hi"}],
             "tools": [TOOL, {**TOOL, "function": {**TOOL["function"], "name": "other",
                                                   "parameters": parameters}}]}
     error = error_of(http.post("/chat/completions", json=body), 400)
     assert error["param"] == "tools.1.function.parameters", error
+    assert says in error["message"], error
+    assert "Value error" not in error["message"] and "Pointer" not in error["message"]
+
+
+def test_a_response_format_schema_with_a_reference_cycle_is_named(http, tiny_engine):
+    schema = {"type": "object", "properties": {"a": {"$ref": "#/$defs/a"}},
+              "$defs": {"a": {"$ref": "#/$defs/a"}}}
+    body = {"model": tiny_engine.name, "messages": [{"role": "user", "content": "Hi"}],
+            "response_format": {"type": "json_schema", "json_schema": {"schema": schema}}}
+    error = error_of(http.post("/chat/completions", json=body), 400)
+    assert error["param"] == "response_format.json_schema.schema", error
+    assert "reference cycle: /$defs/a -> /$defs/a" in error["message"], error
+
+
+@pytest.mark.parametrize("parameters", [
+    {"type": "object", "required": ["unit"], "properties": {"unit": {"$ref": "#/$defs/unit"}},
+     "$defs": {"unit": {"enum": ["c", "f"]}}},
+    {"type": "object", "required": ["unit"], "properties": {"unit": {"$ref": "#/$defs/unit"}},
+     "$defs": {"unit": {"$ref": "#/definitions/unit"}},
+     "definitions": {"unit": {"enum": ["c", "f"]}}},
+    {"type": "object", "required": ["unit"]},
+])
+def test_tool_schemas_keep_their_references_and_requirements(agent_server, agent_engine,
+                                                             parameters):
+    """A tool's `$ref`s point into its own schema though the reply format nests it, and a
+    property it requires but does not describe may still be written."""
+    tool = {"type": "function", "function": {"name": "temp", "parameters": parameters}}
+    body = {"model": agent_engine.name, "messages": [{"role": "user", "content": "Go"}],
+            "tools": [TOOL, tool], "tool_choice": {"type": "function",
+                                                   "function": {"name": "temp"}},
+            "max_tokens": 60, "seed": 1}
+    with httpx.Client(base_url=agent_server.base_url, timeout=120) as http:
+        response = http.post("/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    arguments = json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"])
+    assert set(arguments) == {"unit"}
+    if "$defs" in parameters:
+        assert arguments["unit"] in ("c", "f")
 
 
 def test_open_tool_schemas_are_closed_while_decoding(agent_server, agent_engine):

@@ -10,10 +10,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
-from pyagent.engine.grammar import schema_grammar
-from pyagent.errors import RequestError
+from pyagent.engine.grammar import schema_problem
+from pyagent.engine.toolcalls import arguments_schema
 from pyagent.types import MAX_LOGPROBS, SEED_RANGE, Message, SamplingParams, ToolCall, ToolSpec
 
 MAX_CHOICES = 128  # n times the number of prompts
@@ -44,18 +53,19 @@ def _unicode_tree(value: Any) -> Any:
 
 
 def _usable_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    try:
-        schema_grammar(schema, "schema")
-    except RequestError as exc:
-        raise ValueError(str(exc)) from None
+    problem = schema_problem(schema)
+    if problem:
+        raise ValueError(f"not a usable JSON schema: {problem}")
     return schema
 
 
 def _object_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """Function parameters: an object schema, usable as the reply format holds it."""
     if schema.get("type") != "object":
         raise ValueError(f"function parameters must be a JSON schema of type 'object', got "
                          f"type {schema.get('type')!r}")
-    return _usable_schema(schema)
+    _usable_schema(arguments_schema(schema))
+    return schema
 
 
 def _integral(value: Any) -> Any:
@@ -206,11 +216,46 @@ class ToolCallBody(Strict):
 
 
 class ChatMessage(Strict):
+    """A message; what it needs depends on its role, as in OpenAI's API: content, unless it is an
+    assistant's message with tool calls; a tool message also the id of the call it answers."""
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Text | list[ContentPart] | None = None
-    name: Text | None = None
     tool_calls: list[ToolCallBody] | None = None
-    tool_call_id: Text | None = None
+    content: Text | list[ContentPart] | None = Field(None, validate_default=True)
+    name: Text | None = None
+    tool_call_id: Text | None = Field(None, validate_default=True)
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_need_an_assistant(cls, calls: Any, info: ValidationInfo) -> Any:
+        role = info.data.get("role")
+        if calls is not None and role not in (None, "assistant"):
+            raise PydanticCustomError("extra_forbidden", "only assistant messages carry "
+                                      "tool_calls, not {role} messages", {"role": role})
+        return calls
+
+    @field_validator("content")
+    @classmethod
+    def _content_unless_calls(cls, content: Any, info: ValidationInfo) -> Any:
+        role = info.data.get("role")
+        if content is None and role is not None and not (
+                role == "assistant" and info.data.get("tool_calls")):
+            needs = "content or tool_calls" if role == "assistant" else "content"
+            raise PydanticCustomError("missing", "{role} messages need {needs}",
+                                      {"role": role, "needs": needs})
+        return content
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _id_for_tool_messages(cls, call_id: Any, info: ValidationInfo) -> Any:
+        role = info.data.get("role")
+        if role == "tool" and call_id is None:
+            raise PydanticCustomError("missing", "a tool message needs the tool_call_id of "
+                                      "the call it answers", {})
+        if role not in (None, "tool") and call_id is not None:
+            raise PydanticCustomError("extra_forbidden", "only tool messages carry a "
+                                      "tool_call_id, not {role} messages", {"role": role})
+        return call_id
 
     def to_message(self) -> Message:
         content = self.content if isinstance(self.content, str) else "".join(

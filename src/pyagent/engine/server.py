@@ -137,10 +137,18 @@ _ERRORS = {
     404: "The model (or route) does not exist.",
     413: "The request body is too large.",
     429: "The engine's queue is full; retry after `Retry-After` seconds.",
+    500: "An unexpected error (`server_error`); the connection stays open.",
     503: "The engine is shutting down; retry after `Retry-After` seconds.",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.",
                                 "schema": {"type": "integer"}}}
+_METHOD_NOT_ALLOWED = {
+    "description": "The path does not take this method (`method_not_allowed`); `Allow` lists "
+                   "the methods it takes.",
+    "headers": {"Allow": {"description": "The path's methods, comma-separated.",
+                          "schema": {"type": "string"}}},
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+_HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
 
 def _documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -160,7 +168,7 @@ def _generation(model: type) -> dict[int | str, dict[str, Any]]:
 
 def create_app(engine: Engine, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI application serving `engine` under its model name (and that name's aliases)."""
-    app = FastAPI(title="PyAgent engine", version=__version__)
+    app = FastAPI(title="PyAgent engine", version=__version__, responses=_documented(500))
     app.add_middleware(Guard, max_bytes=max_body_bytes)
     served = {engine.name} | {alias for alias, name in ALIASES.items() if name == engine.name}
     created = int(time.time())
@@ -175,7 +183,9 @@ def create_app(engine: Engine, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
         param = _param_path(first.get("loc", ()))
-        message = first.get("msg", "invalid request")
+        cause = first.get("ctx", {}).get("error")
+        message = str(cause) if first.get("type") == "value_error" and cause else first.get(
+            "msg", "invalid request")  # without pydantic's "Value error, "
         where = f" at '{param}'" if param else ""
         return APIError(400, f"invalid request{where}: {message}", param).response()
 
@@ -242,7 +252,9 @@ def create_app(engine: Engine, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's OpenAPI document, less the 422 it adds by default: invalid requests are 400s."""
+    """FastAPI's OpenAPI document, less the 422 it adds by default (invalid requests are 400s),
+    and with the 405 a path answers to methods it does not take: operations cannot document
+    it (it answers no operation), so each path describes it and the response is a component."""
     if app.openapi_schema is None:
         FastAPI.openapi(app)
         schema = app.openapi_schema
@@ -250,8 +262,14 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         for path in schema["paths"].values():
             for operation in path.values():
                 operation["responses"].pop("422", None)
+            allowed = ", ".join(method.upper() for method in path if method in _HTTP_METHODS)
+            path["description"] = (
+                f"Other methods are answered 405 with `Allow: {allowed}` (the response "
+                "#/components/responses/MethodNotAllowed).")
         for name in ("HTTPValidationError", "ValidationError"):
             schema["components"]["schemas"].pop(name, None)
+        schema["components"].setdefault("responses", {})["MethodNotAllowed"] = (
+            _METHOD_NOT_ALLOWED)
     return app.openapi_schema
 
 

@@ -7,9 +7,10 @@ becomes OpenAI-shaped: a `ToolCall`, or plain text. Earlier calls and their resu
 back into the conversation in the same format, so a conversation that continues re-renders to the
 very tokens the model produced and its KV prefix is reused.
 
-A tool's object schemas are closed while decoding (no properties beyond those listed) unless they
-say otherwise, so a small model cannot wander off into made-up arguments; and the reply format
-itself never reaches the caller: a reply cut short yields only the answer written so far.
+A tool's object schemas are closed while decoding (no properties beyond those listed or
+required) unless they say otherwise, so a small model cannot wander off into made-up arguments;
+and the reply format itself never reaches the caller: a reply cut short yields only the answer
+written so far.
 """
 
 from __future__ import annotations
@@ -32,11 +33,19 @@ def reply_schema(request: CompletionRequest) -> dict[str, Any] | None:
         return None
     calls = [{"type": "object", "required": ["tool", "arguments"], "additionalProperties": False,
               "properties": {"tool": {"const": tool.name},
-                             "arguments": closed_schema(tool.parameters)}}
-             for tool in request.callable_tools]
+                             "arguments": arguments_schema(tool.parameters, i)}}
+             for i, tool in enumerate(request.callable_tools)]
     if request.tool_choice != "required":
         calls.append(_FINAL)
     return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+
+def arguments_schema(parameters: dict[str, Any], index: int = 0) -> dict[str, Any]:
+    """A tool's parameters as the reply format holds them: closed, and a resource of their own
+    (`$id`), so that their `$ref`s (`#/$defs/...`, `#`) still point into them though they sit
+    inside the reply's schema."""
+    schema = closed_schema(parameters)
+    return schema if "$id" in schema else {**schema, "$id": f"urn:pyagent:tool-arguments:{index}"}
 
 
 _SCHEMA_KEYS = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
@@ -47,8 +56,8 @@ _OPEN_KEYS = ("additionalProperties", "patternProperties", "unevaluatedPropertie
 
 def closed_schema(schema: Any, close: bool = True) -> Any:
     """`schema` with `additionalProperties: false` on every object schema that does not say
-    what other properties it allows (the parts of an `allOf` stay open at their top: they
-    combine)."""
+    what other properties it allows, its required properties listed (any value where it does
+    not describe them), and the parts of an `allOf` left open at their top (they combine)."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
@@ -68,6 +77,13 @@ def closed_schema(schema: Any, close: bool = True) -> Any:
         kind is None and "properties" in out)
     if close and is_object and not any(key in out for key in _OPEN_KEYS):
         out["additionalProperties"] = False
+        required = out.get("required")
+        properties = out.get("properties", {})
+        if isinstance(required, list) and isinstance(properties, dict):
+            unlisted = [name for name in required if isinstance(name, str)
+                        and name not in properties]
+            if unlisted:  # required, so allowed: any value
+                out["properties"] = {**properties, **{name: {} for name in unlisted}}
     return out
 
 
