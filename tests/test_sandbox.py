@@ -1,5 +1,6 @@
 """The sandbox tool commands run in: files, network, processes, and what happens without it."""
 
+import json
 import os
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pyagent.fleet.tools import bubblewrap
 from pyagent.fleet.tools.base import Limits, ToolContext, ToolError, ToolResult, Workspace
 from pyagent.fleet.tools.bubblewrap import Bubblewrap
 from pyagent.fleet.tools.process import CommandResult, run_command
@@ -196,6 +198,7 @@ def test_a_command_cannot_create_user_namespaces_or_keep_capabilities(root):
 
 RUNTIME = """
 import sys, threading
+from pyagent.fleet.tools import bubblewrap
 from pyagent.fleet.tools.base import Limits, ToolContext, Workspace
 from pyagent.fleet.tools.process import run_command
 
@@ -240,6 +243,108 @@ def test_a_fork_bomb_is_contained_and_ends_at_the_time_limit(root):
     assert results[0].timed_out
     assert 1 < peak <= (64 if os.getuid() else 301)  # root: the PID namespace's pid_max
     assert wait_until_gone(tag, seconds=0.5) == []
+
+
+PROC_SYS_PROBE = """
+import os, signal, sys
+writable = []
+for top, _, files in os.walk("/proc/sys"):
+    for name in files:  # opening for writing, without writing, changes nothing
+        try:
+            os.close(os.open(os.path.join(top, name), os.O_WRONLY))
+            writable.append(os.path.join(top, name))
+        except OSError:
+            pass
+try:
+    with open("/proc/sys/kernel/pid_max", "w") as pid_max:
+        pid_max.write("100000")
+    print("pid_max raised")
+except OSError as exc:
+    print("pid_max kept:", exc.strerror)
+forked = 0
+while forked < 400:
+    try:
+        if os.fork() == 0:
+            signal.pause()
+    except OSError:
+        break
+    forked += 1
+print("writable:", writable)
+print("forked:", forked)
+"""
+
+
+def test_proc_is_read_only_so_no_sysctl_can_be_written_and_the_process_limit_holds(root):
+    # A root runtime's sandbox may write every sysctl root may (capabilities or not): raising
+    # its pid_max lifted the process limit, kernel.core_pattern would run code as host root.
+    result = run(root, ["python3", "-c", PROC_SYS_PROBE], timeout_s=20, max_processes=64)
+    assert not result.timed_out, result.transcript()
+    assert "pid_max kept: Read-only file system" in result.stdout, result.transcript()
+    assert "writable: []" in result.stdout, result.transcript()
+    forked = int(result.stdout.rsplit("forked: ", 1)[1])
+    assert 1 < forked <= (64 if os.getuid() else 301), result.transcript()
+
+
+def test_the_command_cannot_make_proc_writable_again(root):
+    script = ("mount -o remount,bind,rw /proc; umount /proc; mount -t proc proc /tmp; "
+              "grep ' /proc ' /proc/self/mountinfo")
+    result = run(root, ["sh", "-c", script], timeout_s=10)
+    mount = result.stdout.split()
+    assert mount[4] == "/proc" and mount[5].startswith("ro,"), result.transcript()
+    assert result.stderr.count("mount") >= 3, result.transcript()  # each attempt refused
+
+
+TMPFS_PROBE = """
+import ctypes, errno, json, os
+refused = {}
+for path in ["/fill", "/dev/fill", "/etc/fill", "/usr/fill"]:
+    try:
+        open(path, "w").close()
+    except OSError as exc:
+        refused[path] = errno.errorcode[exc.errno]
+tmpfs = {}
+for line in open("/proc/self/mountinfo"):
+    fields = line.split()
+    rest = fields[fields.index("-") + 1:]
+    if rest[0] == "tmpfs" and fields[5].split(",")[0] == "rw":
+        tmpfs[fields[4]] = os.statvfs(fields[4]).f_blocks * os.statvfs(fields[4]).f_frsize
+written = 0
+for index in range(3):
+    try:
+        with open(f"/tmp/fill{index}", "wb") as file:
+            file.write(bytes(3 * 1024**2))
+    except OSError:
+        pass
+    written += os.path.getsize(f"/tmp/fill{index}")
+libc = ctypes.CDLL(None, use_errno=True)
+segment = libc.shmget(0, ctypes.c_size_t(8 * 1024**2), 0o1600)  # IPC_PRIVATE, IPC_CREAT
+print(json.dumps({"refused": refused, "tmpfs": tmpfs, "written": written,
+                  "shm": errno.errorcode.get(ctypes.get_errno()) if segment < 0 else "created"}))
+"""
+
+
+def test_only_the_workspace_and_capped_tmpfs_are_writable(root):
+    # The root is a tmpfs bwrap cannot size: writing to it raised the host's Shmem by gigabytes.
+    result = run(root, ["python3", "-c", TMPFS_PROBE], timeout_s=20, max_file_bytes=4 * 1024**2)
+    probe = json.loads(result.stdout)
+    assert probe["refused"] == dict.fromkeys(["/fill", "/dev/fill", "/etc/fill", "/usr/fill"],
+                                             "EROFS"), probe
+    assert probe["tmpfs"] == {"/tmp": 4 * 1024**2, "/dev/shm": 4 * 1024**2}, probe
+    assert 3 * 1024**2 <= probe["written"] <= 4 * 1024**2, probe
+    assert probe["shm"] == "ENOSPC", probe  # System V shared memory: within the same 4 MiB
+    call = run(root, ["sh", "-c", "echo ok > inside.txt"])
+    assert call.returncode == 0 and (root / "inside.txt").read_text() == "ok\n"
+
+
+@pytest.mark.parametrize(("release", "per_namespace"), [
+    ("6.18.44-fc-v595", True), ("6.14.0-rc1", True), ("7.0.1", True), ("6.13.12", False),
+    ("5.15.0-91-generic", False), ("weird", False)])
+def test_pid_max_is_set_only_where_it_is_per_namespace(release, per_namespace, monkeypatch):
+    # On kernels before 6.14 pid_max is global: a root runtime's sandbox would lower the host's.
+    monkeypatch.setattr(bubblewrap.os, "uname", lambda: os.uname_result(
+        ("Linux", "host", release, "#1", "x86_64")))
+    command = Bubblewrap()._command(["true"], Workspace(Path.cwd()), Limits(max_processes=64))
+    assert command[command.index(bubblewrap.LAUNCHER) + 2] == ("301" if per_namespace else "0")
 
 
 # --- without bubblewrap -------------------------------------------------------------------------

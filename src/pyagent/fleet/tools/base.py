@@ -54,12 +54,18 @@ class Workspace:
 @dataclass(frozen=True)
 class Limits:
     """Bounds on one command: wall time, address space per process (None: unbounded), output
-    kept, processes at once (in the sandbox), size of a file it writes (and of its /tmp)."""
+    kept, processes at once (in the sandbox), size of a file it writes (and of its /tmp).
+
+    In the bubblewrap sandbox one call holds at most `max_processes` processes (a root runtime:
+    the PID namespace's `pid_max`, at least 301), so at most that many times `memory_bytes` of
+    address space, plus `max_file_bytes` in /tmp and 64 MiB each in /dev/shm and System V shared
+    memory (the only memory that outlives its processes); workspace files up to `max_file_bytes`
+    each; `timeout_s` of wall time. See `fleet/tools/bubblewrap.py`."""
 
     timeout_s: float = 60.0
     memory_bytes: int | None = 4 * 1024**3
     max_output_bytes: int = 64 * 1024
-    max_processes: int = 512
+    max_processes: int = 128
     max_file_bytes: int = 1024**3
 
     def __post_init__(self) -> None:
