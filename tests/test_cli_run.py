@@ -47,7 +47,7 @@ def show_rows(stdout):
     """The step rows of `runs show`: step, round, agent, status, in, out, cached."""
     rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in stdout.splitlines()
             if line.startswith("│") and "│ step " not in line]
-    return [(r[0], int(r[1]), r[2], r[3], int(r[4]), int(r[5]), int(r[6])) for r in rows]
+    return [(r[0], int(r[1]), r[3], r[4], int(r[5]), int(r[6]), int(r[7])) for r in rows]
 
 
 def totals_of(stdout):
@@ -170,12 +170,15 @@ def test_a_run_killed_with_sigkill_resumes(tiny_long, workspace, tmp_path):
                                 *run_args(tiny_long, workspace, data, "killed")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # kill it in the middle of a step
         if (data / "checkpoints.db").exists():
             store = SQLiteCheckpointStore(data / "checkpoints.db")
             count = len(store.list("killed"))
             store.close()
-            if count >= 3:
+            with TraceStore(data / "traces.db") as traces:
+                in_step = any(s.kind == "step" and s.status == "running"
+                              for s in traces.spans("killed"))
+            if count >= 3 and in_step:
                 break
         assert process.poll() is None, "the run ended before it could be killed"
         time.sleep(0.05)

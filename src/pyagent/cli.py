@@ -585,14 +585,14 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="The run to show.")],
         runtime.close()
     status = OUTCOMES.get(state["status"], (state["status"],))[0]
     table = Table(title=f"run {run_id} ({status}, {state['mode']}): {escape(state['task'])}")
-    for column in ("step", "round", "agent", "status", "in tok", "out tok", "cached", "cost",
-                   "tools", "s"):
+    for column in ("step", "round", "try", "agent", "status", "in tok", "out tok", "cached",
+                   "cost", "tools", "s"):
         table.add_column(column, no_wrap=True,
                          justify="left" if column in ("step", "agent", "status") else "right")
     for row in rows:
         t = row.tokens
-        table.add_row(row.step, str(row.round), row.agent, row.status, str(t.prompt_tokens),
-                      str(t.completion_tokens), str(t.cached_tokens),
+        table.add_row(row.step, str(row.round), str(row.attempt), row.agent, row.status,
+                      str(t.prompt_tokens), str(t.completion_tokens), str(t.cached_tokens),
                       _cost(t) if t.calls else "", str(row.tool_calls), f"{row.seconds:.1f}")
     out.print(table)
     skipped = [step for step, o in state["outputs"].items() if o["status"] == "skipped"]

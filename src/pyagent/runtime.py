@@ -31,6 +31,7 @@ class StepRow:
 
     step: str
     round: int
+    attempt: int  # retries of a step in one round are attempts 2, 3, ...
     agent: str
     status: str  # ok, error, interrupted (the process died), running
     tokens: Totals
@@ -76,8 +77,8 @@ class Runtime:
         return TokenTracker.from_traces(self.traces, run_id, prices=self.prices)
 
     def step_rows(self, run_id: str) -> list[StepRow]:
-        """Every step attempt of a stored run in the order it ran (loop rounds, retries and a
-        killed attempt each their own row), with its tokens and cost from the trace; the rows'
+        """Every attempt at a step of a stored run in the order it ran (loop rounds, retries and
+        a killed attempt each their own row), with its tokens and cost from the trace; the rows'
         tokens and cost add up to `run_tokens(run_id).totals()`."""
         spans = self.traces.spans(run_id)
         children: dict[str | None, list[Any]] = {}
@@ -89,16 +90,18 @@ class Runtime:
             return [*found, *(s for c in found for s in below(c.span_id))]
 
         rows = []
-        for span in (s for s in spans if s.kind == "step"):
-            inner = below(span.span_id)
-            agent = next((s.attributes.get("gen_ai.agent.name") for s in inner
-                          if s.kind == "agent"), "")
-            tokens = TokenTracker.from_traces(self.traces, run_id, prices=self.prices,
-                                              within=span.span_id).totals()
-            rows.append(StepRow(span.attributes.get("pyagent.step.id", span.name),
-                                span.attributes.get("pyagent.loop.iteration", 1), agent,
-                                span.status, tokens, sum(s.kind == "tool_call" for s in inner),
-                                span.duration_s or 0.0))
+        for step in (s for s in spans if s.kind == "step"):
+            attempts = [s for s in children.get(step.span_id, []) if s.kind == "agent"]
+            for span in attempts or [step]:  # a step killed before its agent started: itself
+                inner = below(span.span_id)
+                tokens = TokenTracker.from_traces(self.traces, run_id, prices=self.prices,
+                                                  within=span.span_id).totals()
+                rows.append(StepRow(
+                    step.attributes.get("pyagent.step.id", step.name),
+                    step.attributes.get("pyagent.loop.iteration", 1),
+                    span.attributes.get("pyagent.attempt", 1),
+                    span.attributes.get("gen_ai.agent.name", ""), span.status, tokens,
+                    sum(s.kind == "tool_call" for s in inner), span.duration_s or 0.0))
         return rows
 
     def status(self, run_id: str) -> str:
