@@ -224,3 +224,39 @@ def test_resume_refuses_when_the_store_lost_checkpoints_the_trace_saw(setup, age
                                            f"checkpoint store's newest is {newest - 2}: the store "
                                            "lost checkpoints"):
         resuming.resume("lossy")
+
+
+def test_runs_show_rows_are_attempts_that_add_up(tmp_path, agent_engine):
+    from pyagent.errors import BackendError
+    from pyagent.runtime import Runtime, backend_factory
+    from pyagent.runtime import orchestrator as make_orchestrator
+
+    class FlakyTester(CountingBackend):
+        """Fails the tester's first call, so its step is retried."""
+
+        def stream(self, request):
+            if not getattr(self, "failed", False) and \
+                    request.messages[-1].content.startswith("[tester]"):
+                self.failed = True
+                raise BackendError("the server went away")
+            return super().stream(request)
+
+    workspace = tmp_path / "workspace"
+    shutil.copytree(EXAMPLE / "project", workspace)
+    runtime = Runtime.open(tmp_path / "data")
+    backend = FlakyTester(agent_engine)
+    try:
+        runner = make_orchestrator(EXAMPLE / "manifest.yaml", workspace, "sequenced", runtime,
+                                   backend_factory({}, lambda: None))
+        runner.team = dataclasses.replace(runner.team, backend_for=lambda agent: backend)
+        result = runner.run("Fix remove()", run_id="flaky")
+        rows = runtime.step_rows("flaky")
+        totals = runtime.run_tokens("flaky").totals()
+    finally:
+        runtime.close()
+    assert result.status == "goal_not_met"
+    assert [(r.step, r.round, r.attempt, r.status) for r in rows][:3] == [
+        ("code", 1, 1, "ok"), ("test", 1, 1, "error"), ("test", 1, 2, "ok")]
+    assert sum(r.tokens.prompt_tokens for r in rows) == totals.prompt_tokens
+    assert sum(r.tokens.completion_tokens for r in rows) == totals.completion_tokens
+    assert sum(r.tokens.calls for r in rows) == totals.calls == backend.calls
