@@ -66,6 +66,7 @@ def test_run_then_list_and_show(tiny_long, workspace, tmp_path):
     assert f"checkpoints in {data})" in result.stdout  # never wrapped, whatever its length
     listed = pyagent("runs", "list", "--data", str(data))
     assert "first" in listed.stdout and "goal_not_met" in listed.stdout
+    assert f"runs in {data}" in listed.stdout and f" {EXAMPLE / 'manifest.yaml'} " in listed.stdout
     shown = pyagent("runs", "show", "first", "--data", str(data))
     assert shown.returncode == 0 and "coder" in shown.stdout and "tester" in shown.stdout
     assert "cost unknown" in shown.stdout and "no price known for model" in shown.stderr

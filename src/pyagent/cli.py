@@ -29,10 +29,11 @@ runs_app = typer.Typer(help="Runs recorded in a data folder.", no_args_is_help=T
 app.add_typer(runs_app, name="runs")
 DataOpt = Annotated[Path, typer.Option(help="Folder of the checkpoint and trace stores.")]
 def _console(stderr: bool = False) -> Console:
-    """Output that never wraps a line: in a terminal, tables fit its width; piped or captured,
-    they get room (160 columns) instead of rich's 80, and plain lines are never cut."""
+    """Output that never wraps or cuts a line: in a terminal, tables fit its width; piped or
+    captured, every table is as wide as its content (no id or path is cut) instead of rich's 80
+    columns."""
     stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, soft_wrap=True, width=None if stream.isatty() else 160)
+    return Console(stderr=stderr, soft_wrap=True, width=None if stream.isatty() else 100_000)
 
 
 err = _console(stderr=True)

@@ -22,7 +22,7 @@ from pyagent.observe.metrics import MetricsFeed, MetricsRegistry
 from pyagent.observe.traces import TraceStore
 from pyagent.resilience.sqlite_store import SQLiteCheckpointStore
 
-CHECKPOINTS = "checkpoints.db"
+CHECKPOINTS, TRACES = "checkpoints.db", "traces.db"
 
 
 @dataclass(frozen=True)
@@ -58,12 +58,14 @@ class Runtime:
     def open(cls, data_dir: Path, prices: Path | None = None, create: bool = True) -> Runtime:
         """The runtime of `data_dir`; without `create`, a folder that holds no runs is an error
         and nothing is created (for commands that only read)."""
-        if not create and not (data_dir / CHECKPOINTS).is_file():
-            raise ConfigError(f"no runs in {data_dir}: it has no {CHECKPOINTS} (give --data)")
+        missing = [name for name in (CHECKPOINTS, TRACES) if not (data_dir / name).is_file()]
+        if not create and missing:
+            raise ConfigError(f"no runs in {data_dir}: it has no {' or '.join(missing)} "
+                              "(give --data)")
         default = data_dir / "prices.yaml"
         table = PriceTable(prices or (default if default.is_file() else None))
         bus = EventBus()
-        traces = TraceStore(data_dir / "traces.db")
+        traces = TraceStore(data_dir / TRACES)
         traces.attach(bus)
         metrics = MetricsRegistry()
         MetricsFeed(metrics).attach(bus)
