@@ -235,7 +235,10 @@ def test_templates_cannot_reach_internals_at_load_time(tmp_path):
     "{{ ''.join(['x' * 999999] * 3) }}", "{{ ('x' * 999999).replace('x', 'xx') }}",
     "{{ (range(99999)|map('center', 999999)|list)|length }}",
     "{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}{% endfor %}",
-    "{{ steps.code.update({'status': 'ok'}) }}"])
+    "{{ steps.code.update({'status': 'ok'}) }}", "{{ [[1] * 999999] * 999999 }}",
+    "{{ ('a' * 999999).translate({97: 'b' * 999999}) }}",
+    "{{ ('%(a)s' * 166666) % {'a': 'x' * 9999} }}",
+    "{{ ('\n' * 99999)|indent('x' * 99999, blank=True) }}"])
 def test_template_sizes_are_bounded(template):
     with pytest.raises(ConfigError, match=r"^m.yaml:3: steps.0.instruction: cannot render: "
                                           r"SecurityError"):

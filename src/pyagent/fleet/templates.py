@@ -4,12 +4,15 @@ rendering that turns any failure into one error naming the manifest's file, line
 from __future__ import annotations
 
 import functools
+import math
 import os
+import pickle
 import re
-import sys
+import resource
+import select
+import signal
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 from jinja2 import StrictUndefined, nodes
@@ -21,7 +24,7 @@ from pyagent.errors import ConfigError
 
 MAX_TEMPLATE_CHARS = 1_000_000  # bound on a rendered template and on sizes a template asks for
 MAX_TEMPLATE_SECONDS = 2.0  # bound on rendering one template or evaluating one condition
-MAX_TEMPLATE_GROWTH = 256 * 2**20  # bound on the memory (RSS) a render may add while it runs
+MAX_TEMPLATE_MEMORY = 512 * 2**20  # bound on the memory one render or condition may add
 
 
 class _BoundedJoins(CodeGenerator):
@@ -39,9 +42,8 @@ class TemplateEnvironment(ImmutableSandboxedEnvironment):
     """Jinja's immutable sandbox (a template cannot change the run's state it reads), strict
     about names, with bounds: every string or list a template builds (`'a' * n`, `a + b`,
     `a ~ b`, a call's or a filter's result, widths and counts asked of them) and the rendered
-    text stay under MAX_TEMPLATE_CHARS, powers stay small, and rendering stops after
-    MAX_TEMPLATE_SECONDS or MAX_TEMPLATE_GROWTH bytes of added memory, so no template can
-    exhaust memory or time."""
+    text stay under MAX_TEMPLATE_CHARS and powers stay small. `Templates` adds bounds on time
+    and memory by rendering in a child process."""
 
     intercepted_binops = frozenset({"*", "**", "%", "+"})
     code_generator_class = _BoundedJoins
@@ -83,60 +85,19 @@ class TemplateEnvironment(ImmutableSandboxedEnvironment):
         return _checked(super().call(__context, __obj, *args, **kwargs))
 
     def render(self, text: str, **names: Any) -> str:
-        """Render template `text`; raises SecurityError past MAX_TEMPLATE_CHARS of output or
-        MAX_TEMPLATE_SECONDS of time."""
+        """Render template `text`; raises SecurityError past MAX_TEMPLATE_CHARS of output."""
         parts, size = [], 0
-        with limits():
-            for part in self.from_string(text).generate(**names):
-                size += len(part)
-                _check_size(size)
-                parts.append(part)
+        for part in self.from_string(text).generate(**names):
+            size += len(part)
+            _check_size(size)
+            parts.append(part)
         return "".join(parts)
-
-
-@contextmanager
-def limits(seconds: float = MAX_TEMPLATE_SECONDS,
-           growth: int = MAX_TEMPLATE_GROWTH) -> Iterator[None]:
-    """Raise SecurityError in this thread's Python code once it has run `seconds`, or once the
-    process's resident memory has grown by `growth` bytes; a trace function checks the clock
-    at every line and the memory every 32 (templates are small, so this costs little)."""
-    end = time.monotonic() + seconds
-    ceiling = _resident() + growth
-    previous = sys.gettrace()
-    events = 0
-
-    def trace(_frame: Any, _event: str, _arg: Any) -> Any:
-        nonlocal events
-        events += 1
-        if time.monotonic() > end:
-            raise SecurityError(f"the template ran longer than {seconds:g} s")
-        if events % 32 == 0 and _resident() > ceiling:
-            raise SecurityError(f"the template used more than {growth // 2**20} MiB of memory")
-        return trace
-
-    sys.settrace(trace)
-    try:
-        yield
-    finally:
-        sys.settrace(previous)
 
 
 def _check_size(size: int) -> None:
     if size > MAX_TEMPLATE_CHARS:
         raise SecurityError(f"the template asks for {size:,} characters, more than the "
                             f"{MAX_TEMPLATE_CHARS:,} allowed")
-
-
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _resident() -> int:
-    """This process's resident memory in bytes (0 where /proc is missing)."""
-    try:
-        with open("/proc/self/statm", "rb") as statm:
-            return int(statm.read().split()[1]) * _PAGE
-    except OSError:
-        return 0
 
 
 def _checked(result: Any) -> Any:
@@ -200,7 +161,12 @@ def _check_filter(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> N
 
 class Templates:
     """Compiled instructions and conditions of one manifest; `where` (`file:line: field`) names
-    the source of each in errors."""
+    the source of each in errors.
+
+    Each render and condition runs in a forked child process with MAX_TEMPLATE_SECONDS of time
+    and MAX_TEMPLATE_MEMORY of added address space (rlimits, and a kill at the deadline), so
+    not even one long operation inside Python's C code can hang the run or exhaust the host's
+    memory; the sizes checked while rendering make most refusals immediate and precise."""
 
     def __init__(self) -> None:
         self.env = TemplateEnvironment()
@@ -208,23 +174,60 @@ class Templates:
 
     def render(self, text: str, where: str, **names: Any) -> str:
         """Render an instruction; any failure is a ConfigError naming `where`."""
-        try:
-            return self.env.render(text, **names)
-        except Exception as exc:  # undefined names, sandbox refusals, sizes, type errors
-            raise ConfigError(f"{where}: cannot render: {_reason(exc)}") from None
+        return isolated(lambda: self.env.render(text, **names), f"{where}: cannot render")
 
     def holds(self, expression: str, where: str, **names: Any) -> bool:
         """Evaluate a condition; any failure is a ConfigError naming `where`."""
+        return isolated(lambda: bool(self._expression(expression)(**names)),
+                        f"{where}: cannot evaluate {expression!r}")
+
+
+def isolated(work: Callable[[], Any], context: str, seconds: float = MAX_TEMPLATE_SECONDS,
+             memory: int = MAX_TEMPLATE_MEMORY) -> Any:
+    """`work()` computed in a forked child limited to `seconds` and `memory` more bytes of
+    address space; its result (picklable) or a ConfigError `context: reason`."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: compute, send, leave without running the parent's exit hooks
+        os.close(read)
         try:
-            with limits():
-                return bool(self._expression(expression)(**names))
-        except Exception as exc:
-            raise ConfigError(f"{where}: cannot evaluate {expression!r}: {_reason(exc)}") \
-                from None
+            with open("/proc/self/statm", "rb") as statm:
+                size = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            resource.setrlimit(resource.RLIMIT_AS, (size + memory, size + memory))
+            resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(seconds), math.ceil(seconds) + 1))
+            try:
+                reply = (True, work())
+            except MemoryError:
+                reply = (False, f"SecurityError: the template needs more than "
+                                f"{memory // 2**20} MiB of memory")
+            except Exception as exc:  # undefined names, sandbox refusals, sizes, type errors
+                reply = (False, _reason(exc))
+            with os.fdopen(write, "wb") as pipe:
+                pickle.dump(reply, pipe)
+        finally:
+            os._exit(0)
+    os.close(write)
+    data = bytearray()
+    deadline = time.monotonic() + seconds + 0.5
+    with os.fdopen(read, "rb", buffering=0) as pipe:
+        while (left := deadline - time.monotonic()) > 0:
+            if select.select([pipe], [], [], left)[0]:
+                chunk = pipe.read(1 << 16)
+                if not chunk:
+                    break
+                data += chunk
+        else:
+            os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    if not data:
+        raise ConfigError(f"{context}: SecurityError: the template ran longer than "
+                          f"{seconds:g} s or needed more than {memory // 2**20} MiB")
+    ok, value = pickle.loads(bytes(data))
+    if not ok:
+        raise ConfigError(f"{context}: {value}")
+    return value
 
 
 def _reason(exc: Exception) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
