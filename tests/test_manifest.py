@@ -186,6 +186,13 @@ def test_the_goal_is_required_and_checked(tmp_path):
         check, "- {tool: shell, arguments: {argv: [no-such-program-x]}}"))
     assert ("manifest.yaml:24: goal.checks.0.arguments.argv.0: program 'no-such-program-x' is "
             "not on PATH") in message
+    for bad, expected in (
+            ("{tool: write_file, arguments: {path: x, content: y}}", "may not write to it"),
+            ("{tool: read_file, arguments: {path: ../../etc/passwd}}",
+             "arguments.path: '../../etc/passwd' must stay inside the workspace")):
+        assert expected in error_for(tmp_path, MANIFEST.replace(check, "- " + bad))
+    scripted = MANIFEST.replace(check, "- {tool: shell, arguments: {argv: [./check.sh]}}")
+    assert load_manifest(write(tmp_path, scripted), TOOLS).goal.checks[0].tool == "shell"
     goal = load_manifest(write(tmp_path), TOOLS).goal
     assert goal.description == "The tests pass." and goal.checks[0].tool == "run_tests"
 
@@ -198,6 +205,10 @@ def test_the_goal_is_required_and_checked(tmp_path):
     ("x: \"\\ud800\"\nname: [\n", "broken.yaml:2: not valid YAML"),
     ("a: &a [1]\nb: {<<: *a}\n", "broken.yaml:2: `<<` merges mappings (or a list of them) only"),
     ("a: 1\nb:\n  c: " + "[" * 400 + "]" * 400 + "\n", "broken.yaml:3: nested too deeply"),
+    ("a: 1\nretries: !!int abc\n", "broken.yaml:2: cannot read tag:yaml.org,2002:int value"),
+    ("i: !!python/name:os.system x\n", "broken.yaml:1: cannot read tag:yaml.org,2002:python"),
+    ("a: 1\nb: \"x\x7fy\"\n", "broken.yaml:2: not valid YAML: special characters are not "
+                              "allowed character 0x7f"),
     ("a: " + "{b: " * 150 + "1" + "}" * 150 + "\n", "broken.yaml:1: nested too deeply"),
 ])
 def test_hostile_yaml_is_one_clear_error(tmp_path, yaml_text, expected):

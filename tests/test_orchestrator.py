@@ -260,3 +260,12 @@ def test_runs_show_rows_are_attempts_that_add_up(tmp_path, agent_engine):
     assert sum(r.tokens.prompt_tokens for r in rows) == totals.prompt_tokens
     assert sum(r.tokens.completion_tokens for r in rows) == totals.completion_tokens
     assert sum(r.tokens.calls for r in rows) == totals.calls == backend.calls
+
+
+def test_a_run_names_its_owner_process_before_its_first_step(setup, agent_engine):
+    import os
+
+    _, _, _, _, store = setup
+    with pytest.raises(Crash):
+        orchestrator(setup, CountingBackend(agent_engine, crash_on=1)).run("x", run_id="owned")
+    assert store.get("owned").state["owner"]["pid"] == os.getpid()

@@ -145,7 +145,8 @@ def test_the_wall_time_interrupts_a_generation_in_progress(world, agent_engine):
     assert call.status == "error" and call.attributes["error.type"] == "LimitExceeded"
 
 
-def test_the_wall_time_interrupts_a_server_that_sends_nothing(world):
+@pytest.mark.parametrize("pings", [False, True])
+def test_the_wall_time_interrupts_a_server_that_sends_no_reply(world, pings):
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -155,8 +156,17 @@ def test_the_wall_time_interrupts_a_server_that_sends_nothing(world):
     release = threading.Event()
 
     class Stalling(BaseHTTPRequestHandler):
-        def do_POST(self):  # reads the request, then answers nothing until released
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):  # reads the request, then sends nothing (or only keep-alive pings)
             self.rfile.read(int(self.headers["Content-Length"]))
+            if pings:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                while not release.wait(0.2):
+                    self.wfile.write(b": ping\n\n")
+                    self.wfile.flush()
             release.wait(30)
 
         def log_message(self, *_args):

@@ -592,7 +592,9 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="The run to show.")],
                          justify="left" if column in ("step", "agent", "status") else "right")
     for row in rows:
         t = row.tokens
-        table.add_row(row.step, str(row.round), str(row.attempt), row.agent, row.status,
+        status = "interrupted" if row.status == "running" and \
+            state["status"] == "interrupted" else row.status
+        table.add_row(row.step, str(row.round), str(row.attempt), row.agent, status,
                       str(t.prompt_tokens), str(t.completion_tokens), str(t.cached_tokens),
                       _cost(t) if t.calls else "", str(row.tool_calls), f"{row.seconds:.1f}")
     out.print(table)

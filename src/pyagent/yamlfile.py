@@ -77,6 +77,10 @@ def _syntax_error(path: Path, text: str, exc: yaml.YAMLError) -> str:
     the file where the parser gave up; with no start known, at the file's last line of text."""
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
     mark, context = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+    if mark is None and isinstance(exc, yaml.reader.ReaderError):  # a character YAML refuses
+        line = text[:exc.position].count("\n") + 1
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return f"{path}:{line}: not valid YAML: {exc.reason} character {code:#x}"
     if mark is None:
         return f"{path}: not valid YAML: {problem}"
     line = min(mark.line + 1, len(text.rstrip().splitlines()) or 1)
@@ -109,7 +113,7 @@ class _Builder:
             raise ConfigError(f"{self.path}:{line}: the file expands to more than {MAX_VALUES} "
                               "values (aliases repeating aliases?)")
         if not isinstance(node, yaml.MappingNode | yaml.SequenceNode):
-            return self.loader.construct_object(node, deep=True)
+            return self.scalar(node)
         if id(node) in self.open:
             raise ConfigError(f"{self.path}:{line}: an alias refers to a node that contains it")
         if len(self.open) >= MAX_DEPTH:
@@ -123,6 +127,16 @@ class _Builder:
         finally:
             self.open.discard(id(node))
 
+    def scalar(self, node: yaml.Node) -> Any:
+        """A scalar's value; a tag whose value does not parse (`!!int abc`) or that names no
+        safe type (`!foo`, `!!python/...`) is an error at its line."""
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{self.path}:{node.start_mark.line + 1}: cannot read "
+                              f"{node.tag} value {node.value!r}: {problem}") from None
+
     def mapping(self, node: yaml.MappingNode, at: tuple[Any, ...]) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
         merged: dict[Any, Any] = {}
@@ -134,7 +148,7 @@ class _Builder:
             if not isinstance(key_node, yaml.ScalarNode):
                 raise ConfigError(f"{self.path}:{line}: a key must be a plain value, not a list "
                                   "or mapping")
-            key = self.loader.construct_object(key_node)
+            key = self.scalar(key_node)
             if key in out:
                 raise ConfigError(f"{self.path}:{line}: duplicate key {key!r} (first at line "
                                   f"{self.lines[(*at, key)]})")

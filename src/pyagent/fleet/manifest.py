@@ -232,8 +232,14 @@ class _Checker:
             inner = ".".join(str(part) for part in error["loc"])
             raise self.error(where, f"{field}{'.' + inner if inner else ''}: {error['msg']}") \
                 from None
+        if check.tool == "write_file":
+            raise self.error(where, f"{field}: a goal check reads the workspace; it may not "
+                             "write to it")
+        path = getattr(parsed, "path", None)
+        if isinstance(path, str) and (path.startswith("/") or ".." in Path(path).parts):
+            raise self.error(where, f"{field}.path: {path!r} must stay inside the workspace")
         program = getattr(parsed, "argv", [None])[0]
-        if program is not None and shutil.which(program) is None:
+        if program is not None and "/" not in program and shutil.which(program) is None:
             raise self.error(where, f"{field}.argv.0: program {program!r} is not on PATH")
 
     def text(self, item: str, name: str, text: str, where: tuple[Any, ...], visible: set[str],

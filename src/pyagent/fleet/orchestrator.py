@@ -147,7 +147,9 @@ class Orchestrator:
 
     def _execute(self, state: dict[str, Any]) -> RunResult:
         run_id = state["run_id"]
-        state["owner"] = process_identity()
+        if state.get("owner") != (owner := process_identity()):
+            state["owner"] = owner
+            self._save(state)  # a run killed before its next checkpoint still names its owner
         with self.bus.span("run", f"run {self.manifest.name}", run_id,
                            **{"pyagent.mode": self.mode, "pyagent.resumed": state["seq"] > 0}
                            ) as span:

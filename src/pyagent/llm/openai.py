@@ -10,6 +10,7 @@ callers check that a call names an allowed tool.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -56,7 +57,7 @@ class OpenAIBackend:
         model = request.model or self.model or self._first_model()
         start = time.perf_counter()
         chunks = self._call(self._create, request, model)
-        return self._events(chunks, model, start)
+        return self._events(chunks, model, start, request.timeout_s)
 
     def _first_model(self) -> str:
         models = self._call(self.client.models.list).data
@@ -110,12 +111,22 @@ class OpenAIBackend:
         except openai.APIStatusError as exc:
             raise _status_error(exc, self.base_url) from exc
 
-    def _events(self, chunks: Any, model: str, start: float) -> Iterator[StreamEvent]:
+    def _events(self, chunks: Any, model: str, start: float,
+                timeout_s: float | None) -> Iterator[StreamEvent]:
+        """The stream's events; past `timeout_s` the response is closed from a timer, so a
+        server that keeps the stream alive with comments or pings cannot hold it open."""
         parts: list[str] = []
         calls: dict[int, dict[str, str]] = {}
         first_at = None
         finish = "stop"
         usage = None
+        expired = threading.Event()
+        timer = None if timeout_s is None else threading.Timer(
+            max(timeout_s - (time.perf_counter() - start), 0.0),
+            lambda: (expired.set(), chunks.close()))
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
         try:
             for chunk in chunks:
                 if chunk.usage is not None:
@@ -133,11 +144,21 @@ class OpenAIBackend:
                         finish = choice.finish_reason
                         if finish not in ("length", "tool_calls"):
                             finish = "stop"
-        except openai.APIConnectionError as exc:
-            raise BackendUnavailableError(
-                f"lost the connection to {self.base_url} mid-stream: {exc}") from exc
-        except openai.APIStatusError as exc:
-            raise _status_error(exc, self.base_url) from exc
+        except Exception as exc:
+            if expired.is_set():
+                raise BackendError(f"no complete reply from {self.base_url} within "
+                                   f"{timeout_s:g} s") from None
+            if isinstance(exc, openai.APIConnectionError):
+                raise BackendUnavailableError(
+                    f"lost the connection to {self.base_url} mid-stream: {exc}") from exc
+            if isinstance(exc, openai.APIStatusError):
+                raise _status_error(exc, self.base_url) from exc
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if expired.is_set():
+            raise BackendError(f"no complete reply from {self.base_url} within {timeout_s:g} s")
         end = time.perf_counter()
         if usage is None:
             raise BackendError(f"the server at {self.base_url} sent no usage for model {model!r} "

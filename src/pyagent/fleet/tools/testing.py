@@ -66,9 +66,10 @@ class RunTests(BaseTool[RunTestsInput]):
             raise ToolError(f"no tests ran ({_NOTHING_RAN[result.returncode]}):\n"
                             f"{result.transcript()}")
         counts = parse_summary(result.stdout)
-        if counts["passed"] + counts["failed"] == 0 and not result.timed_out:
-            raise ToolError(f"no tests ran (pytest reported none passed or failed; exit code "
-                            f"{result.returncode}):\n{result.transcript()}")
+        if counts["passed"] + counts["failed"] == 0:
+            why = "timed out" if result.timed_out else f"exit code {result.returncode}"
+            raise ToolError(f"no tests ran (pytest reported none passed or failed; {why}):\n"
+                            f"{result.transcript()}")
         return ToolResult(result.transcript(), {
             **counts, "ran": counts["passed"] + counts["failed"],
             "failures": failed_tests(result.stdout), "returncode": result.returncode,
