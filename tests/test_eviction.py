@@ -5,6 +5,7 @@ import torch
 
 from pyagent.engine.eviction import POLICIES, Budget, evict, make_policy
 from pyagent.engine.generate import Engine, KVSettings
+from pyagent.engine.landmarks import TokenTraits, line_salience
 from pyagent.errors import ConfigError, RequestError
 from pyagent.types import CompletionRequest, SamplingParams
 
@@ -117,3 +118,28 @@ def test_decoding_evicts_every_interval(tiny_engine):
 def test_evict_is_a_no_op_under_budget(tiny_engine):
     engine, sequence, _ = run(tiny_engine, "tova", count=40, keep=80)
     assert evict(engine.cache, sequence, make_policy("tova"), keep=80) == 0
+
+
+def test_line_salience_marks_short_lines_dense_in_digits(tiny_engine):
+    traits = TokenTraits.of(tiny_engine.tokenizer, tiny_engine.model.config.vocab_size)
+    text = "The quick brown fox jumps.\nport for service alpha: 48213\nThe lazy dog.\n"
+    ids = tiny_engine.tokenize(text, add_special_tokens=False)
+    salience = line_salience(ids, traits)
+    line = [tiny_engine.tokenizer.decode(ids[:i]).count("\n") for i in range(len(ids))]
+    assert all((value > 0) == (at == 1) for value, at in zip(salience.tolist(), line,
+                                                                      strict=True))
+    assert not line_salience(ids, traits, longest=3).any()
+
+
+def test_pyagent_keeps_a_fact_line_no_query_has_looked_at_yet(tiny_engine):
+    engine = Engine(tiny_engine.loaded, kv=KVSettings(policy="pyagent", budget=Budget(tokens=112),
+                                                      share_prefix=False))
+    filler = "The quick brown fox jumps over the lazy dog. " * 4
+    text = filler + "\n[tool] port for service alpha: 48213\n" + filler * 2
+    ids = engine.tokenize(text)
+    digits = {i for i, token in enumerate(ids) if engine.tokenizer.decode([token]).strip()
+              .isdigit()}
+    sequence = engine.open(ids)
+    engine.forward(sequence, ids)
+    engine.enforce_budget(sequence)
+    assert digits and digits <= set(held(engine, sequence).tolist())

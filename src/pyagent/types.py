@@ -253,6 +253,7 @@ class Completion:
     backend: str
     tool_calls: tuple[ToolCall, ...] = ()
     logprobs: tuple[TokenLogprob, ...] | None = None  # when the request asked for them
+    kv_peak_bytes: int | None = None  # most KV bytes the request held at once (embedded engine)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -270,6 +271,7 @@ class Completion:
             logprobs=None if data.get("logprobs") is None else tuple(
                 TokenLogprob(t["token"], t["logprob"], t["offset"],
                              tuple(map(tuple, t["top"]))) for t in data["logprobs"]),
+            kv_peak_bytes=data.get("kv_peak_bytes"),
         )
 
 

@@ -441,6 +441,7 @@ class KVResponse(BaseModel):
     peak_bytes: int
     cached_prefix_bytes: int
     capacity_bytes: int
+    allocated_bytes: int
     per_layer: dict[str, int]
     block_size: int
     policy: str

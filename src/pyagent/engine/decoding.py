@@ -103,7 +103,8 @@ class Decoder:
         self.finish, self.done = finish, True
         return ""
 
-    def completion(self, cached_tokens: int) -> tuple[str, Completion]:
+    def completion(self, cached_tokens: int, kv_peak_bytes: int | None = None
+                   ) -> tuple[str, Completion]:
         """The text not yet released and the whole `Completion` (tool calls parsed out)."""
         end = time.perf_counter()
         completion = Completion(
@@ -117,6 +118,7 @@ class Decoder:
             backend="embedded",
             logprobs=None if self.request.sampling.logprobs is None else tuple(
                 t for t in self.logprobs if t.offset < len(self.text)),
+            kv_peak_bytes=kv_peak_bytes,
         )
         if not self.request.tools:
             rest, self.emitted = self.text[self.emitted:], len(self.text)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pyagent.engine.kvcache import PagedKVCache, Sequence
+from pyagent.engine.landmarks import line_salience
 from pyagent.errors import ConfigError, RequestError
 
 PINNED = math.inf
@@ -79,14 +80,30 @@ class Budget:
             return max(1, math.floor(self.ratio * sequence.length))
         if self.tokens is not None:
             return self.tokens
-        pool = cache.pools["global"]
         fixed = sum(len(sequence.tables[g.name].blocks) * cache.pools[g.name].bytes_per_block
                     for g in cache.groups if g.window is not None)
-        per_token = pool.bytes_per_block // cache.block_size
         if self.bytes <= fixed:
             raise RequestError(f"a KV budget of {self.bytes} bytes is below the "
                                f"{fixed} bytes the sliding-window layers hold", param="kv_budget")
-        return (self.bytes - fixed) // per_token
+        block = cache.pools["global"].bytes_per_block  # memory is held in whole blocks
+        return (self.bytes - fixed) // block * cache.block_size
+
+    def most_global_tokens(self, cache: PagedKVCache, length: int) -> int:
+        """The most global-layer tokens a sequence of up to `length` tokens keeps after any
+        eviction: what admission reserves for it."""
+        if self.ratio is not None:
+            return max(1, math.ceil(self.ratio * length))
+        if self.tokens is not None:
+            return self.tokens
+        bs, per_token = cache.block_size, _global_bytes_per_token(cache)
+        windowed = [g for g in cache.groups if g.window is not None]
+        longest = max([g.window for g in windowed], default=0)
+        fixed = sum((-(-g.window // bs)) * cache.pools[g.name].bytes_per_block for g in windowed)
+        return max(min(longest, self.bytes // per_token), (self.bytes - fixed) // per_token)
+
+
+def _global_bytes_per_token(cache: PagedKVCache) -> int:
+    return cache.pools["global"].bytes_per_block // cache.block_size
 
 
 @dataclass
@@ -101,6 +118,14 @@ class KVView:
     @property
     def length(self) -> int:
         return self.sequence.length
+
+    def salience(self) -> torch.Tensor | None:
+        """Per held token, its structural salience (engine/landmarks.py); None when the cache
+        does not know the vocabulary."""
+        traits = self.cache.traits
+        if traits is None:
+            return None
+        return line_salience(self.sequence.tokens, traits)[self.positions]
 
     def window_attention(self, window: int) -> torch.Tensor:
         """Attention of the last `window` remembered queries to every held token, summed over
@@ -134,11 +159,18 @@ class EvictionPolicy(Protocol):
 
     def scores(self, view: KVView, keep: int) -> torch.Tensor: ...
 
+    def least(self, block_size: int) -> int:
+        """Tokens the policy always pins (sinks, recent windows), landmarks aside."""
+        ...
+
 
 class _Policy:
     granularity: ClassVar[Literal["token", "block"]] = "token"
     collects: ClassVar[bool] = False
     window: ClassVar[int] = 0
+
+    def least(self, block_size: int) -> int:
+        return 0
 
 
 class StreamingLLM(_Policy):
@@ -151,6 +183,9 @@ class StreamingLLM(_Policy):
         scores = view.positions.float()
         scores[view.positions < self.sinks] = PINNED
         return scores
+
+    def least(self, block_size: int) -> int:
+        return self.sinks
 
 
 class H2O(_Policy):
@@ -190,6 +225,9 @@ class SnapKV(_Policy):
         pooled[view.positions >= view.length - self.window] = PINNED
         return pooled
 
+    def least(self, block_size: int) -> int:
+        return self.window
+
 
 class RandomPolicy(_Policy):
     name = "random"
@@ -204,11 +242,13 @@ class RandomPolicy(_Policy):
 class PyAgentPolicy(_Policy):
     """PyAgent's policy: block-level and entropy-aware, keeping landmarks.
 
-    Pinned: the sink block, the recent window, and landmark blocks, those on which a focused
-    (low-entropy) query once put at least `landmark` of its attention (the most focused first, at
-    most `landmark_share` of the budget). The others rank by the attention the recent queries pay
-    them plus their entropy-weighted attention per query since they were written, with a bonus for
-    blocks attended within the last `fresh` steps (timestamps).
+    Pinned: the sink block, the recent window, structural landmarks (blocks on short lines dense
+    in digits, the facts tools report, which a later question may ask for whatever the current
+    query attends to; the densest first, at most `structure_share` of the budget), and attention
+    landmarks, blocks on which a focused (low-entropy) query once put at least `landmark` of its
+    attention (the most focused first, at most `landmark_share` of the budget). The others rank
+    by the attention the recent queries pay them plus their entropy-weighted attention per query
+    since they were written, with a bonus for blocks attended within the last `fresh` steps.
     """
 
     name = "pyagent"
@@ -217,11 +257,15 @@ class PyAgentPolicy(_Policy):
     window = 32
 
     def __init__(self, recent: int = 64, landmark: float = 0.3, landmark_share: float = 0.25,
-                 fresh: int = 64):
+                 fresh: int = 64, structure_share: float = 0.4):
         self.recent = recent
         self.landmark = landmark
         self.landmark_share = landmark_share
         self.fresh = fresh
+        self.structure_share = structure_share
+
+    def least(self, block_size: int) -> int:
+        return block_size + self.recent
 
     def scores(self, view: KVView, keep: int) -> torch.Tensor:
         positions, stats = view.positions, view.stats
@@ -235,15 +279,39 @@ class PyAgentPolicy(_Policy):
         bs = view.cache.block_size
         scores[positions < bs] = PINNED
         scores[positions >= view.length - self.recent] = PINNED
-        count = positions.numel()
-        peaks = F.pad(stats["peak"], (0, -count % bs)).view(-1, bs).max(1).values
-        landmarks = torch.nonzero(peaks >= self.landmark).flatten()
-        room = int(keep * self.landmark_share) // bs
-        if landmarks.numel() and room:
-            chosen = landmarks[peaks[landmarks].argsort(descending=True)[:room]]
-            for block in chosen.tolist():
-                scores[block * bs:(block + 1) * bs] = PINNED
+        salience = view.salience()
+        if salience is not None:
+            rank = per_block(salience, bs, torch.amax) + 1e-3 * per_block(
+                scores.clamp(max=1.0), bs, torch.mean)
+            self._pin_blocks(scores, rank, per_block(salience, bs, torch.amax) > 0,
+                             int(keep * self.structure_share), keep, bs)
+        peaks = per_block(stats["peak"], bs, torch.amax)
+        self._pin_blocks(scores, peaks, peaks >= self.landmark, int(keep * self.landmark_share),
+                         keep, bs)
         return scores
+
+    @staticmethod
+    def _pin_blocks(scores: torch.Tensor, rank: torch.Tensor, eligible: torch.Tensor,
+                    share: int, keep: int, bs: int) -> None:
+        """Pin the best-ranked eligible blocks, within `share` tokens and the budget's room."""
+        pinned = per_block(torch.isinf(scores).float(), bs, torch.amax) > 0
+        room = min(share, keep - int(pinned.sum()) * bs) // bs
+        candidates = torch.nonzero(eligible & ~pinned).flatten()
+        if room <= 0 or not candidates.numel():
+            return
+        for block in candidates[rank[candidates].argsort(descending=True)[:room]].tolist():
+            scores[block * bs:(block + 1) * bs] = PINNED
+
+
+def per_block(values: torch.Tensor, block_size: int, reduce) -> torch.Tensor:
+    """`reduce` (torch.amax, torch.mean) over each block of `block_size` slots."""
+    count = values.numel()
+    padded = F.pad(values.float(), (0, -count % block_size)).view(-1, block_size)
+    if reduce is torch.mean:  # the last block may be partly filled
+        sizes = torch.full((padded.shape[0],), float(block_size))
+        sizes[-1] = count - (padded.shape[0] - 1) * block_size
+        return padded.sum(1) / sizes
+    return reduce(padded, 1)
 
 
 POLICIES: dict[str, Callable[[], EvictionPolicy]] = {

@@ -1,9 +1,10 @@
 """The engine: the model on the paged KV cache, and the generation of requests.
 
 A forward pass computes new tokens of one or more sequences on the cache. A prompt's tokens that
-the prefix cache lacks are computed in chunks (logits for the last position only), then the cache
-evicts down to the KV budget, and decoding goes token by token, evicting again every
-`evict_every` tokens.
+the prefix cache lacks are computed in chunks (logits for the last position only), the cache
+evicting down to the KV budget after every chunk, and decoding goes token by token, evicting
+again every `evict_every` tokens. A request's KV therefore never exceeds its budget by more than
+one chunk, and admission reserves only that much for it.
 
 Requests run on the engine's `Scheduler`, which batches all of them into shared forward passes
 (continuous batching), so concurrent callers share the weights' memory traffic and never see each
@@ -27,6 +28,7 @@ from pyagent.engine.decoding import Decoder
 from pyagent.engine.eviction import Budget, evict, make_policy
 from pyagent.engine.grammar import JsonConstraint, grammar_tokenizer
 from pyagent.engine.kvcache import DEFAULT_BLOCK_SIZE, PagedKVCache, Sequence
+from pyagent.engine.landmarks import TokenTraits
 from pyagent.engine.model import LoadedModel, load
 from pyagent.engine.quantize import DENSE_ROWS, dense_prompt
 from pyagent.engine.registry import resolve_model
@@ -41,7 +43,7 @@ DEFAULT_KV_SHARE = 0.25  # of the memory available at start, when no KV capacity
 @dataclass(frozen=True)
 class KVSettings:
     """How the engine keeps KV: block size, prefix sharing, and eviction (policy and budget,
-    applied after prefill and every `evict_every` decoded tokens)."""
+    applied after every prefill chunk and every `evict_every` decoded tokens)."""
 
     block_size: int = DEFAULT_BLOCK_SIZE
     share_prefix: bool = True
@@ -84,6 +86,7 @@ class Engine:
         self.scheduling = scheduling or SchedulerSettings()
         self.cache = PagedKVCache(config, dtype=self.model.dtype, block_size=self.kv.block_size,
                                   max_tokens=self.kv.max_tokens or self._default_kv_tokens())
+        self.cache.traits = TokenTraits.of(self.tokenizer, config.vocab_size)
         config._attn_implementation = attention.NAME
         layer_types = getattr(config, "layer_types", None) or ["full_attention"]
         self._no_masks = dict.fromkeys(layer_types)  # masks come from the paged cache
@@ -124,13 +127,20 @@ class Engine:
                 for name, pool in self.cache.pools.items()}
 
     def kv_reservation(self, prompt_tokens: int, max_tokens: int) -> dict[str, int]:
-        """The most KV tokens a request can occupy per layer group (a block of slack each for a
-        partly filled block and a copy on write)."""
+        """The most KV tokens a request can occupy per layer group at any moment (a block of
+        slack each for a partly filled block and a copy on write). Under eviction the global
+        layers hold at most the budget plus one prefill chunk (or the tokens decoded between
+        two evictions), so a budget lets more requests in."""
         total = prompt_tokens + max_tokens
+        step = max(self.kv.prefill_chunk, self.kv.evict_every)
         reserve = {}
         for group in self.cache.groups:
-            live = total if group.window is None else min(
-                total, group.window + self.kv.prefill_chunk)
+            if group.window is not None:
+                live = min(total, group.window + self.kv.prefill_chunk)
+            elif self.policy is not None and self.kv.budget is not None:
+                live = min(total, self.kv.budget.most_global_tokens(self.cache, total) + step)
+            else:
+                live = total
             reserve[group.name] = (-(-live // self.kv.block_size) + 2) * self.kv.block_size
         return reserve
 
@@ -200,13 +210,14 @@ class Engine:
             return torch.tanh(logits / cap) * cap if cap else logits
 
     def prefill(self, sequence: Sequence, prompt_ids: list[int]) -> torch.Tensor:
-        """Compute the prompt tokens the cache lacks, in chunks, then apply the eviction budget;
-        return the logits after the last prompt token."""
+        """Compute the prompt tokens the cache lacks, in chunks, applying the eviction budget
+        after every chunk (so the KV never exceeds the budget by more than a chunk); return the
+        logits after the last prompt token."""
         todo = prompt_ids[sequence.length:]
         chunk = self.kv.prefill_chunk
         for start in range(0, len(todo), chunk):
             hidden = self.forward(sequence, todo[start:start + chunk])
-        self.enforce_budget(sequence)
+            self.enforce_budget(sequence)
         return self.logits(hidden[-1])
 
     def decode(self, sequence: Sequence, token: int) -> torch.Tensor:
@@ -217,10 +228,15 @@ class Engine:
         return logits
 
     def enforce_budget(self, sequence: Sequence) -> int:
-        """Evict down to the budget now; the number of tokens dropped."""
+        """Evict down to the budget now; the number of tokens dropped. While the prompt is
+        still coming in, a ratio budget smaller than what the policy always pins waits for
+        more of the prompt."""
         if self.policy is None or self.kv.budget is None:
             return 0
         keep = self.kv.budget.global_tokens(self.cache, sequence)
+        if sequence.length < sequence.prompt_length and \
+                keep < self.policy.least(self.kv.block_size):
+            return 0
         return evict(self.cache, sequence, self.policy, keep)
 
     def json_constraint(self, schema: dict, param: str = "response_format") -> JsonConstraint:

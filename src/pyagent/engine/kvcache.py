@@ -9,7 +9,11 @@ every layer of its group.
 Invariants, for every sequence and group: a table's blocks are all full except the last; a block
 is written only while its reference count is 1 (a shared block is copied first); a block holding
 a registered prefix is never modified, and stays in the pool after its last reader lets it go,
-until the pool needs the room.
+until the pool needs the room. A pool's capacity (`max_blocks`) bounds the blocks sequences hold
+and the prefix cache together: cached prefixes fill only room no sequence needs, and are the first
+to go, least recently used first. Blocks that eviction drops are freed, never cached. A cached
+prefix of the global layers keeps the attention statistics its tokens had gathered, so a sequence
+that reuses it can still rank those tokens for eviction.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pyagent.engine.landmarks import TokenTraits
 from pyagent.errors import ConfigError, RequestError
 
 DEFAULT_BLOCK_SIZE = 16
@@ -75,6 +80,7 @@ class BlockPool:
         self.cached: OrderedDict[int, None] = OrderedDict()  # refcount 0, holding a prefix
         self.by_hash: dict[bytes, int] = {}
         self.hash_of: dict[int, bytes] = {}
+        self.saved_stats: dict[int, dict[str, torch.Tensor]] = {}  # cached block -> its stats
         self.used = 0
         self.peak_used = 0
         self._grow(initial_blocks if max_blocks is None else min(initial_blocks, max_blocks))
@@ -103,16 +109,16 @@ class BlockPool:
         self.free.extend(range(old + blocks - 1, old - 1, -1))
 
     def allocate(self) -> int:
-        """A block with reference count 1, for writing."""
+        """A block with reference count 1, for writing: a free one, else new storage while the
+        capacity allows, else the least recently used cached prefix block."""
         if not self.free:
             room = self.capacity if self.max_blocks is None else self.max_blocks - self.capacity
-            # Cached prefixes may hold at most as many blocks as sequences use before reclaiming.
-            if self.cached and (room <= 0 or len(self.cached) >= self.used):
-                block, _ = self.cached.popitem(last=False)
-                del self.by_hash[self.hash_of.pop(block)]
-                self.free.append(block)
-            elif room > 0:
+            if room > 0:
                 self._grow(max(1, min(self.capacity, room)))
+            elif self.cached:
+                block, _ = self.cached.popitem(last=False)
+                self.forget(block)
+                self.free.append(block)
             else:
                 raise RequestError(
                     f"the KV cache of the {self.group.name} layers is full "
@@ -129,14 +135,24 @@ class BlockPool:
             self._count(+1)
         self.refcount[block] += 1
 
-    def release(self, block: int) -> None:
+    def release(self, block: int, cache: bool = True) -> None:
+        """Drop one reference; a block nobody holds stays cached if it holds a registered
+        prefix and `cache` is set, else it is freed."""
         self.refcount[block] -= 1
         if self.refcount[block] == 0:
             self._count(-1)
-            if block in self.hash_of:
+            if cache and block in self.hash_of:
                 self.cached[block] = None
             else:
+                self.forget(block)
                 self.free.append(block)
+
+    def forget(self, block: int) -> None:
+        """Make `block` unfindable as a prefix (before it is rewritten or freed)."""
+        digest = self.hash_of.pop(block, None)
+        if digest is not None:
+            del self.by_hash[digest]
+        self.saved_stats.pop(block, None)
 
     def _count(self, delta: int) -> None:
         self.used += delta
@@ -151,7 +167,7 @@ class BlockPool:
     def forget_cached(self) -> None:
         """Free every block only the prefix cache holds."""
         for block in self.cached:
-            del self.by_hash[self.hash_of.pop(block)]
+            self.forget(block)
             self.free.append(block)
         self.cached.clear()
 
@@ -229,7 +245,9 @@ class WritePlan:
 
 @dataclass(frozen=True)
 class KVMemory:
-    """Bytes of KV held by blocks in use (all layers), per layer, and the peak since creation."""
+    """Bytes of KV held by blocks in use (all layers), per layer, and the peak since creation;
+    bytes of cached prefixes no sequence holds; the capacity that bounds both together (the
+    storage allocated so far when the pools have no limit), and the storage allocated so far."""
 
     bytes: int
     peak_bytes: int
@@ -237,6 +255,7 @@ class KVMemory:
     peak_per_layer: dict[int, int]
     cached_prefix_bytes: int
     capacity_bytes: int
+    allocated_bytes: int
 
 
 @dataclass(frozen=True)
@@ -275,6 +294,7 @@ class PagedKVCache:
         self.pools = {g.name: BlockPool(g, block_size, kv_heads, head_dim, dtype, max_blocks)
                       for g in self.groups}
         self.group_of = {layer: g.name for g in self.groups for layer in g.layers}
+        self.traits: TokenTraits | None = None  # the vocabulary's traits, for landmark policies
 
     # --- sequences ---------------------------------------------------------------------------
 
@@ -297,6 +317,7 @@ class PagedKVCache:
                     table.pristine.append(index)
                 table.fill = bs
                 self._grow_stats(group, table)
+                self._restore_stats(pool, table)
             sequence.tokens = list(prompt[:blocks * bs])
             sequence.hashes = chain_hashes(prompt, bs, blocks)
             sequence.cached_tokens = blocks * bs
@@ -335,9 +356,34 @@ class PagedKVCache:
                         dict(sequence.recent_queries), sequence.recent_positions,
                         sequence.query_scale)
 
+    def _restore_stats(self, pool: BlockPool, table: Table) -> None:
+        """Give reused prefix blocks the statistics they had gathered (steps count from 0)."""
+        if not table.stats:
+            return
+        bs = self.block_size
+        for i, block in enumerate(table.blocks):
+            saved = pool.saved_stats.get(block)
+            if saved is None:
+                continue
+            for name, values in saved.items():
+                if name in STEP_STATS:
+                    values = torch.where(values >= 0, 0.0, -1.0)
+                table.stats[name][i * bs:(i + 1) * bs] = values
+
+    def _save_stats(self, pool: BlockPool, table: Table) -> None:
+        """Keep the statistics of a table's registered blocks with the blocks, for reuse."""
+        bs = self.block_size
+        for i, block in enumerate(table.blocks):
+            if block in pool.hash_of and table.pristine[i] is not None:
+                pool.saved_stats[block] = {
+                    name: values[i * bs:(i + 1) * bs].clone()
+                    for name, values in table.stats.items() if name != "last"}
+
     def release(self, sequence: Sequence) -> None:
         """Let go of every block of `sequence`; prefix blocks stay cached for later requests."""
         for name, table in sequence.tables.items():
+            if table.stats:
+                self._save_stats(self.pools[name], table)
             for block in table.blocks:
                 self.pools[name].release(block)
             table.blocks.clear()
@@ -401,10 +447,36 @@ class PagedKVCache:
                 continue
             pool, table = self.pools[group.name], sequence.tables[group.name]
             dead = self._first_live_block(group, sequence.length)
+            reachable = None
             while len(table.blocks) > 1 and table.pristine[0] is not None \
                     and table.pristine[0] < dead:
-                pool.release(table.blocks.pop(0))
-                table.pristine.pop(0)
+                if reachable is None:
+                    reachable = self._reachable(sequence)
+                pool.release(table.blocks.pop(0), cache=table.pristine.pop(0) < reachable)
+
+    def _reachable(self, sequence: Sequence) -> int:
+        """How many leading logical blocks of `sequence` a later prompt could still match:
+        all of them, unless eviction dropped global blocks that no cache entry holds."""
+        if not sequence.evicted or "global" not in self.pools:
+            return len(sequence.hashes) + 1
+        pool = self.pools["global"]
+        return next((i for i, digest in enumerate(sequence.hashes)
+                     if pool.lookup(digest) is None), len(sequence.hashes))
+
+    def _forget_unreachable(self, sequence: Sequence) -> None:
+        """After eviction: free the cached sliding-window blocks of `sequence` that no prompt
+        can match any more (the global blocks before them are gone)."""
+        reachable = self._reachable(sequence)
+        for group in self.groups:
+            if group.window is None:
+                continue
+            pool = self.pools[group.name]
+            for digest in sequence.hashes[reachable:]:
+                block = pool.lookup(digest)
+                if block is not None and block in pool.cached:
+                    del pool.cached[block]
+                    pool.forget(block)
+                    pool.free.append(block)
 
     def write(self, plan: WritePlan, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store a layer's new keys/values ([1, heads, new, dim]) in their planned slots."""
@@ -441,9 +513,11 @@ class PagedKVCache:
                 table.stats[name] = extra if current is None else torch.cat([current, extra])
 
     def keep_only(self, sequence: Sequence, group_name: str, keep: torch.Tensor) -> None:
-        """Keep the slots where `keep` (bool, one per held token) is True; pack the survivors of
-        partly kept blocks into fresh blocks at the end of the table. Shared blocks are never
-        modified: a fully kept block stays shared, a partly kept one is copied from."""
+        """Keep the slots where `keep` (bool, one per held token) is True. Fully kept blocks stay
+        as they are (shared ones stay shared); the survivors of partly kept blocks are packed, in
+        order, into those of the partly kept blocks this sequence alone holds (then into fresh
+        blocks), after the dropped blocks are freed, so eviction never needs more blocks than
+        the sequence held before it."""
         pool, table = self.pools[group_name], sequence.tables[group_name]
         bs = self.block_size
         count = table.tokens(bs)
@@ -460,10 +534,11 @@ class PagedKVCache:
                 kept_blocks.append(block)
                 kept_pristine.append(table.pristine[i])
                 kept_slots.append(torch.arange(i * bs, (i + 1) * bs))
-                continue
-            if kept:
+            elif kept:
                 slots = torch.nonzero(per_block[i]).flatten()
                 packed.append((block, slots, i * bs + slots))
+            else:
+                pool.release(block, cache=False)
         stat_index = [*kept_slots]
         new_blocks, fill = [], bs
         if packed:
@@ -471,17 +546,22 @@ class PagedKVCache:
             source_slots = torch.cat([slots for _, slots, _ in packed])
             stat_index.append(torch.cat([flat for _, _, flat in packed]))
             moved = source_slots.numel()
-            new_blocks = [pool.allocate() for _ in range(-(-moved // bs))]
+            needed = -(-moved // bs)
+            keys, values = pool.k[:, sources, source_slots], pool.v[:, sources, source_slots]
+            positions = pool.positions[sources, source_slots]
+            own = [block for block, _, _ in packed if pool.refcount[block] == 1][:needed]
+            for block, _, _ in packed:
+                if block not in own:
+                    pool.release(block, cache=False)
+            for block in own:
+                pool.forget(block)  # rewritten below: no longer the prefix it was
+            new_blocks = own + [pool.allocate() for _ in range(needed - len(own))]
             targets = torch.tensor(new_blocks).repeat_interleave(bs)[:moved]
             target_slots = torch.arange(moved) % bs
-            pool.k[:, targets, target_slots] = pool.k[:, sources, source_slots]
-            pool.v[:, targets, target_slots] = pool.v[:, sources, source_slots]
-            pool.positions[targets, target_slots] = pool.positions[sources, source_slots]
-            fill = moved - (len(new_blocks) - 1) * bs
-        kept_ids = set(kept_blocks)
-        for block in table.blocks:
-            if block not in kept_ids:
-                pool.release(block)
+            pool.k[:, targets, target_slots] = keys
+            pool.v[:, targets, target_slots] = values
+            pool.positions[targets, target_slots] = positions
+            fill = moved - (needed - 1) * bs
         index = torch.cat(stat_index) if stat_index else torch.zeros(0, dtype=torch.long)
         kept_count = index.numel()
         table.blocks = kept_blocks + new_blocks
@@ -493,6 +573,7 @@ class PagedKVCache:
             fresh[:kept_count] = values[index]
             table.stats[name] = fresh
         sequence.evicted = True
+        self._forget_unreachable(sequence)
 
     # --- accounting ----------------------------------------------------------------------------
 
@@ -500,7 +581,7 @@ class PagedKVCache:
         """KV bytes in use: by one sequence's blocks, or by all sequences when None."""
         per_layer: dict[int, int] = {}
         peak_per_layer: dict[int, int] = {}
-        total = peak = cached = capacity = 0
+        total = peak = cached = capacity = allocated = 0
         for group in self.groups:
             pool = self.pools[group.name]
             blocks = pool.used if sequence is None else len(sequence.tables[group.name].blocks)
@@ -510,9 +591,10 @@ class PagedKVCache:
             total += blocks * pool.bytes_per_block
             peak += pool.peak_used * pool.bytes_per_block
             cached += len(pool.cached) * pool.bytes_per_block
-            capacity += pool.capacity * pool.bytes_per_block
+            capacity += (pool.max_blocks or pool.capacity) * pool.bytes_per_block
+            allocated += pool.capacity * pool.bytes_per_block
         return KVMemory(total, peak, dict(sorted(per_layer.items())),
-                        dict(sorted(peak_per_layer.items())), cached, capacity)
+                        dict(sorted(peak_per_layer.items())), cached, capacity, allocated)
 
     def blocks(self, sequence: Sequence, landmark: float = 0.3) -> list[BlockInfo]:
         """Metadata of each global block of `sequence`; `landmark` is the peak focused attention

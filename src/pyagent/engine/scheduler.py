@@ -387,15 +387,15 @@ class Scheduler:
         assert sequence is not None
         if job.todo:
             job.todo = job.todo[count:]
-            if not job.todo:
-                engine.enforce_budget(sequence)
+            engine.enforce_budget(sequence)
         elif (sequence.length - sequence.prompt_length) % engine.kv.evict_every == 0:
             engine.enforce_budget(sequence)
 
     def _finish(self, job: Job, error: BaseException | None = None) -> None:
         if error is None:
             assert job.sequence is not None
-            text, completion = job.decoder.completion(job.sequence.cached_tokens)
+            text, completion = job.decoder.completion(job.sequence.cached_tokens,
+                                                       job.sequence.peak_bytes)
             job.ticket.put(StreamEvent(text, completion, job.decoder.released_logprobs()))
             elapsed = time.perf_counter() - job.decoder.started
             self._service_s = 0.8 * self._service_s + 0.2 * elapsed

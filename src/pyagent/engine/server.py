@@ -217,6 +217,7 @@ def create_app(engine: Engine, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
         return {"bytes": memory.bytes, "peak_bytes": memory.peak_bytes,
                 "cached_prefix_bytes": memory.cached_prefix_bytes,
                 "capacity_bytes": memory.capacity_bytes,
+                "allocated_bytes": memory.allocated_bytes,
                 "per_layer": {str(k): v for k, v in memory.per_layer.items()},
                 "block_size": settings.block_size, "policy": settings.policy,
                 "budget": None if settings.budget is None else vars(settings.budget),

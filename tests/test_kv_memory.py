@@ -1,0 +1,151 @@
+"""The KV saving reaches the user: eviction bounds a request's peak (not only its bytes after
+prefill), admission spends the saving on more requests, and the prefix cache lives within the
+pool's capacity without keeping what eviction dropped or throwing away what is about to be
+reused."""
+
+import threading
+
+import torch
+
+from pyagent.engine.eviction import Budget
+from pyagent.engine.generate import Engine, KVSettings
+from pyagent.engine.scheduler import SchedulerSettings
+from pyagent.types import CompletionRequest, SamplingParams
+
+CHUNK = 128
+
+
+def ids(count: int, seed: int = 0) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return [2, *torch.randint(6, 300, (count - 1,), generator=generator).tolist()]
+
+
+def per_token_bytes(engine: Engine) -> int:
+    return sum(p.bytes_per_block for p in engine.cache.pools.values()) // engine.kv.block_size
+
+
+def full_bytes(agent_engine, prompt: list[int]) -> tuple[int, int]:
+    """Bytes a full cache holds after `prompt`, and its peak while prefilling it."""
+    engine = Engine(agent_engine.loaded, kv=KVSettings(share_prefix=False, prefill_chunk=CHUNK))
+    sequence = engine.open(prompt)
+    engine.prefill(sequence, prompt)
+    held = engine.cache.memory(sequence).bytes
+    engine.close(sequence)
+    return held, sequence.peak_bytes
+
+
+def test_eviction_bounds_the_peak_to_the_budget_plus_one_chunk(agent_engine):
+    prompt = ids(2048)
+    full, full_peak = full_bytes(agent_engine, prompt)
+    budget = int(0.6 * full)  # -40% of total KV bytes
+    for policy in ("pyagent", "tova", "snapkv", "h2o", "streaming_llm"):
+        engine = Engine(agent_engine.loaded, kv=KVSettings(
+            policy=policy, budget=Budget(bytes=budget), share_prefix=False, prefill_chunk=CHUNK))
+        sequence = engine.open(prompt)
+        engine.prefill(sequence, prompt)
+        assert engine.cache.memory(sequence).bytes <= budget, policy
+        assert sequence.peak_bytes <= budget + CHUNK * per_token_bytes(engine), policy
+        assert sequence.peak_bytes < full_peak, policy
+        engine.close(sequence)
+
+
+def test_evicting_never_takes_more_blocks_than_the_sequence_held(agent_engine):
+    engine = Engine(agent_engine.loaded, kv=KVSettings(share_prefix=False))
+    prompt = ids(256)
+    sequence = engine.open(prompt)
+    engine.forward(sequence, prompt)
+    pool = engine.cache.pools["global"]
+    before = pool.used
+    engine.cache.keep_only(sequence, "global", torch.arange(256) % 3 == 0)  # every block partly
+    assert pool.peak_used == before and pool.used == -(-86 // 16)
+    positions = pool.positions.index_select(
+        0, torch.tensor(sequence.tables["global"].blocks)).flatten()[:86]
+    assert positions.tolist() == list(range(0, 256, 3))
+
+
+def test_admission_reserves_the_budget_not_the_whole_prompt(agent_engine):
+    kv = KVSettings(share_prefix=False, prefill_chunk=CHUNK, evict_every=32)
+    full = Engine(agent_engine.loaded, kv=kv)
+    evicting = Engine(agent_engine.loaded, kv=KVSettings(
+        share_prefix=False, prefill_chunk=CHUNK, evict_every=32, policy="pyagent",
+        budget=Budget(ratio=0.25)))
+    assert full.kv_reservation(4000, 96)["global"] == (-(-4096 // 16) + 2) * 16
+    reserved = evicting.kv_reservation(4000, 96)["global"]
+    assert reserved == (-(-(1024 + CHUNK) // 16) + 2) * 16
+    assert evicting.kv_reservation(4000, 96)["sliding"] == full.kv_reservation(4000, 96)["sliding"]
+
+
+def admitted_at_once(agent_engine, kv: KVSettings, prompt: list[int], count: int) -> int:
+    """How many of `count` identical requests ran at once in an engine with `kv`."""
+    engine = Engine(agent_engine.loaded, kv=kv, scheduling=SchedulerSettings(max_batch=count))
+    running: list[int] = []
+    step = engine.scheduler._step
+
+    def watched() -> None:
+        running.append(engine.scheduler.load()["running"])
+        step()
+
+    engine.scheduler._step = watched
+    request = CompletionRequest(prompt=tuple(prompt), sampling=SamplingParams(
+        max_tokens=8, ignore_eos=True))
+    tickets = [engine.submit(request) for _ in range(count)]
+    done = threading.Event()
+
+    finished = []
+
+    def drain() -> None:
+        try:
+            for ticket in tickets:
+                *_, last = ticket
+                finished.append(last.completion.usage.completion_tokens)
+        finally:
+            done.set()
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    engine.scheduler.run(stop=done.is_set)
+    reader.join()
+    assert finished == [8] * count and engine.cache.pools["global"].used == 0
+    return max(running)
+
+
+def test_a_budget_admits_more_requests_into_the_same_pool(agent_engine):
+    prompt = ids(1024)
+    pool_tokens = 2 * 1024 + 200  # a full cache fits two such requests
+    common = {"share_prefix": False, "prefill_chunk": CHUNK, "max_tokens": pool_tokens}
+    full = admitted_at_once(agent_engine, KVSettings(**common), prompt, 6)
+    evicting = admitted_at_once(agent_engine, KVSettings(
+        **common, policy="pyagent", budget=Budget(ratio=0.25)), prompt, 6)
+    assert full == 2 and evicting >= 4
+
+
+def test_evicted_blocks_leave_the_pool_and_cached_prefixes_keep_statistics(agent_engine):
+    engine = Engine(agent_engine.loaded, kv=KVSettings(
+        policy="pyagent", budget=Budget(ratio=0.5), prefill_chunk=CHUNK))
+    prompt = ids(1024)
+    sequence = engine.open(prompt)
+    engine.prefill(sequence, prompt)
+    held = engine.cache.memory(sequence).bytes
+    engine.close(sequence)
+    memory = engine.cache.memory()
+    assert memory.bytes == 0 and memory.cached_prefix_bytes <= held
+    again = engine.open(prompt[:64] + ids(40, seed=9)[1:])
+    reused = again.cached_tokens
+    assert reused >= 16  # the sink block, at least, survived eviction and is cached
+    mass = again.tables["global"].stats["mass"][:reused]
+    assert (mass > 0).all()  # reused tokens still carry their attention statistics
+    engine.close(again)
+
+
+def test_a_prompt_sent_again_after_a_long_generation_reuses_its_prefix(agent_engine):
+    engine = Engine(agent_engine.loaded, kv=KVSettings(max_tokens=3000, prefill_chunk=CHUNK))
+    long = engine.generate(CompletionRequest(prompt=tuple(ids(400, seed=1)),
+                                             sampling=SamplingParams(max_tokens=768,
+                                                                     ignore_eos=True)))
+    assert long.usage.completion_tokens == 768
+    prompt = tuple(ids(2001, seed=2))
+    reused = [engine.generate(CompletionRequest(prompt=prompt, sampling=SamplingParams(
+        max_tokens=1))).usage.cached_tokens for _ in range(3)]
+    assert reused == [0, 2000, 2000]
+    memory = engine.cache.memory()
+    assert memory.allocated_bytes <= memory.capacity_bytes == 3008 * per_token_bytes(engine)
