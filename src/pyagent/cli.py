@@ -335,6 +335,62 @@ def bench_kv(
     out_console.print(f"wrote {out / stem}{written}")
 
 
+@bench_app.command("kv-recall")
+def bench_kv_recall(
+    quick: Annotated[bool, typer.Option(help="A small run (one 1k context).")] = False,
+    out: Annotated[Path, typer.Option(help="Folder for the JSON and Markdown.")] =
+        Path("benchmarks/results"),
+    split: Annotated[str, typer.Option(
+        help="dev: the seeds and templates used while tuning policies; test: held out.")] =
+        "test",
+    seed: Annotated[int, typer.Option(help="Run seed: which samples of the split.")] = 0,
+    savings: Annotated[str | None, typer.Option(
+        help="Savings of total KV bytes against the full cache, comma-separated.")] = None,
+    methods: Annotated[str | None, typer.Option(
+        help="Eviction policies to compare with the full cache, comma-separated.")] = None,
+    lengths: Annotated[str | None, typer.Option(
+        help="Context lengths in tokens, comma-separated.")] = None,
+    samples: Annotated[int | None, typer.Option(help="Contexts per length.")] = None,
+) -> None:
+    """Held-out landmark recall (query-aware and query-agnostic) and continuation quality of
+    every KV eviction method at budgets of total KV bytes."""
+    from dataclasses import replace
+
+    from pyagent.bench import kvrecall
+    from pyagent.bench.provenance import provenance, write_atomic
+
+    plan = kvrecall.QUICK if quick else kvrecall.FULL
+    if savings:
+        plan = replace(plan, savings=kvrecall.parse_savings(savings))
+    if lengths:
+        plan = replace(plan, lengths=kvrecall.parse_lengths(lengths))
+    if samples:
+        plan = replace(plan, samples=samples)
+    chosen = kvrecall.parse_methods(methods) if methods else None
+    engine = _load_engine(DEFAULT_MODEL, "float32")
+    with _status("KV recall benchmark") as report:
+        result = kvrecall.RecallBench(engine.loaded, plan, chosen, split, seed, report).run()
+    result["meta"] = provenance(Path.cwd())
+    stem = "kv-recall-quick" if quick else "kv-recall"
+    write_atomic(out / f"{stem}.json", json.dumps(result, indent=1) + "\n")
+    write_atomic(out / f"{stem}.md", kvrecall.markdown(result))
+    console = Console(width=160)
+    for heading, rows in kvrecall.sections(result):
+        table = Table(title=heading)
+        for column in kvrecall.COLUMNS:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    table = Table(title="Goals (PyAgent's policy, measured)")
+    for column in ("goal", "measured", "met"):
+        table.add_column(column)
+    for check in result["goals"]:
+        table.add_row(check["target"], check["measured"], "yes" if check["met"] else "NO")
+    console.print(table)
+    console.print(f"wrote {out / stem}.json and .md")
+
+
 @bench_app.command("report")
 def bench_report(
     results: Annotated[list[Path], typer.Argument(

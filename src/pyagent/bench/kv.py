@@ -43,6 +43,22 @@ PREFILL_CHUNK = 512
 LOGIT_ROWS = 32  # positions per LM-head pass (each is 262,144 floats)
 
 
+def log_probs(engine: Engine, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities after each hidden state ([n, hidden] -> [n, vocab]),
+    `LOGIT_ROWS` positions per LM-head pass."""
+    rows = [torch.log_softmax(engine.logits(hidden[i:i + LOGIT_ROWS]).float(), -1)
+            for i in range(0, hidden.shape[0], LOGIT_ROWS)]
+    return torch.cat(rows)
+
+
+def answer_score(logp: torch.Tensor, answer: list[int]) -> tuple[bool, float]:
+    """Teacher-forced scores of `answer` from its positions' log-probabilities: whether every
+    token is the greedy choice, and the answer's log-probability."""
+    target = torch.tensor(answer)
+    return (bool((logp.argmax(-1) == target).all()),
+            float(logp[torch.arange(len(target)), target].sum()))
+
+
 @dataclass(frozen=True)
 class Method:
     """An eviction policy under a protocol: query-agnostic (evict, then the question arrives) or
@@ -142,11 +158,6 @@ class KVBench:
                   for i in range(0, len(tokens), PREFILL_CHUNK)]
         return torch.cat(hidden)
 
-    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
-        rows = [torch.log_softmax(self.engine.logits(hidden[i:i + LOGIT_ROWS]).float(), -1)
-                for i in range(0, hidden.shape[0], LOGIT_ROWS)]
-        return torch.cat(rows)
-
     def _evict(self, sequence: Sequence, method: Method, keep: int, seed: int) -> None:
         policy = make_policy(method.policy)
         if policy is None:
@@ -183,7 +194,7 @@ class KVBench:
             kept = sequence.tables["global"].tokens(cache.block_size)
             kv_bytes = cache.memory(sequence).bytes
             cache.release(sequence)
-            logp = self._logprobs(hidden)
+            logp = log_probs(self.engine, hidden)
             target = torch.tensor(sample.target)
             picked = logp[torch.arange(len(target)), target]
             if reference is None:
@@ -254,7 +265,7 @@ class KVBench:
             targets = torch.tensor(chain[begin + 1:begin + interval + 1])
             for i, ((method, ratio), sequence) in enumerate(zip(variants, sequences,
                                                                 strict=True)):
-                logp = self._logprobs(self._prefill(sequence, piece))[:len(targets)]
+                logp = log_probs(self.engine, self._prefill(sequence, piece))[:len(targets)]
                 if i == 0:
                     reference = logp
                 assert reference is not None
@@ -268,11 +279,8 @@ class KVBench:
                 fork = cache.fork(sequence)
                 hidden = self._prefill(fork, question + answer[:-1])[len(question) - 1:]
                 cache.release(fork)
-                logp = self._logprobs(hidden)
-                target = torch.tensor(answer)
-                probe_detail[label] = {
-                    "logprob": float(logp[torch.arange(len(target)), target].sum()),
-                    "exact": bool((logp.argmax(-1) == target).all())}
+                exact, logprob = answer_score(log_probs(self.engine, hidden), answer)
+                probe_detail[label] = {"logprob": logprob, "exact": exact}
             top1 = statistics.fmean(agree[i])
             rows.append(Row("replay", len(prompt) + len(chain), f"replay-{seed}", method.label,
                             ratio, sequence.tables["global"].tokens(cache.block_size),

@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from pyagent.bench.provenance import markdown_lines
 from pyagent.bench.stats import bootstrap_ci
 
 MIB = 2**20
@@ -109,17 +110,7 @@ def _cell(value: Any, fmt: str) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     """The whole report as Markdown."""
-    lines = ["# KV eviction benchmark", ""]
-    meta = result.get("meta")
-    if meta:
-        git, box = meta["git"], meta["machine"]
-        lines += [f"- command: `{meta['command']}`",
-                  f"- commit: `{git['commit']}`" + (" (uncommitted changes)" if git["dirty"]
-                                                    else ""),
-                  f"- date: {meta['date']}",
-                  f"- machine: {box['cpu']}, {box['logical_cores']} cores, "
-                  f"{box['memory_gib']:.0f} GiB; {meta['threads']} torch threads",
-                  "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())]
+    lines = ["# KV eviction benchmark", "", *markdown_lines(result.get("meta"))]
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {c['target']} | {c['measured']} | {'yes' if c['met'] else 'NO'} |"
               for c in targets(result)]

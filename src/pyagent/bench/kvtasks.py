@@ -51,7 +51,7 @@ class TaskBuilder:
     def ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _haystack(self, rng: random.Random, count: int) -> list[int]:
+    def haystack(self, rng: random.Random, count: int) -> list[int]:
         start = rng.randrange(0, len(self.corpus) - count)
         return self.corpus[start:start + count]
 
@@ -59,7 +59,7 @@ class TaskBuilder:
         """Natural text: score the `continuation` tokens that follow a `length`-token context
         (its last token is the query, so every scored prediction sees the evicted cache)."""
         rng = random.Random(f"continuation-{length}-{seed}")
-        text = self._haystack(rng, length - 1 + continuation)
+        text = self.haystack(rng, length - 1 + continuation)
         return Sample("continuation", length, [self.bos, *text[:length - 2]], [text[length - 2]],
                       text[length - 1:], detail={"seed": seed})
 
@@ -67,13 +67,7 @@ class TaskBuilder:
                       needles: list[tuple[float, list[int]]]) -> list[int]:
         """A haystack of `length` tokens (BOS included) with needles at relative depths."""
         filler = length - 1 - sum(len(n) for _, n in needles)
-        hay = self._haystack(rng, filler)
-        out, used = [self.bos], 0
-        for depth, needle in sorted(needles, key=lambda item: item[0]):
-            cut = int(depth * filler)
-            out += hay[used:cut] + needle
-            used = cut
-        return out + hay[used:]
+        return plant(self.bos, self.haystack(rng, filler), needles)[0]
 
     def passkey(self, length: int, depth: float, seed: int) -> Sample:
         """A five-digit pass key hidden at `depth` (0 = start, 1 = end) of the context."""
@@ -117,6 +111,20 @@ class TaskBuilder:
         query = self.ids(f"\nQuestion: what is the value of VAR {last}? Answer: VAR {last} =")
         return Sample("vartrack", length, context, query, self.ids(f" {value}"), value,
                       {"hops": hops, "seed": seed})
+
+
+def plant(bos: int, hay: list[int], needles: list[tuple[float, list[int]]]
+          ) -> tuple[list[int], list[int]]:
+    """BOS, then `hay` with each needle inserted at its relative depth (0 = start, 1 = end);
+    the tokens, and where each needle starts (in the order given)."""
+    out, used, starts = [bos], 0, {}
+    for index, (depth, needle) in sorted(enumerate(needles), key=lambda item: item[1][0]):
+        cut = int(depth * len(hay))
+        out += hay[used:cut]
+        starts[index] = len(out)
+        out += needle
+        used = cut
+    return out + hay[used:], [starts[i] for i in range(len(needles))]
 
 
 def _chain(names: list[str], value: str) -> list[str]:

@@ -74,6 +74,19 @@ def provenance(root: Path, packages: tuple[str, ...] = ("torch", "transformers")
                          **{p: version(p) for p in packages}}}
 
 
+def markdown_lines(meta: dict[str, Any] | None) -> list[str]:
+    """A result's provenance as Markdown list items (none when it has no record)."""
+    if not meta:
+        return []
+    git, box = meta["git"], meta["machine"]
+    return [f"- command: `{meta['command']}`",
+            f"- commit: `{git['commit']}`" + (" (uncommitted changes)" if git["dirty"] else ""),
+            f"- date: {meta['date']}",
+            f"- machine: {box['cpu']}, {box['logical_cores']} cores, "
+            f"{box['memory_gib']:.0f} GiB; {meta['threads']} torch threads",
+            "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())]
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write so that an interrupted run leaves the previous file intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
