@@ -5,11 +5,13 @@ reused."""
 
 import threading
 
+import pytest
 import torch
 
 from pyagent.engine.eviction import Budget
 from pyagent.engine.generate import Engine, KVSettings
 from pyagent.engine.scheduler import SchedulerSettings
+from pyagent.errors import ConfigError
 from pyagent.types import CompletionRequest, SamplingParams
 
 CHUNK = 128
@@ -149,3 +151,38 @@ def test_a_prompt_sent_again_after_a_long_generation_reuses_its_prefix(agent_eng
     assert reused == [0, 2000, 2000]
     memory = engine.cache.memory()
     assert memory.allocated_bytes <= memory.capacity_bytes == 3008 * per_token_bytes(engine)
+
+
+def test_int8_keys_and_values_stay_close_to_float32_in_a_quarter_of_the_bytes(agent_engine):
+    prompt = ids(300)
+    outputs, held = {}, {}
+    for dtype in ("auto", "bfloat16", "int8"):
+        engine = Engine(agent_engine.loaded, kv=KVSettings(share_prefix=False, dtype=dtype))
+        sequence = engine.open(prompt)
+        outputs[dtype] = engine.logits(engine.forward(sequence, prompt))
+        held[dtype] = engine.cache.memory(sequence).bytes
+        engine.close(sequence)
+    assert held["bfloat16"] == held["auto"] // 2
+    dim = agent_engine.model.config.head_dim
+    groups = -(-dim // 64)  # int8 per element, a float32 scale per 64 channels of each head
+    assert held["int8"] == held["auto"] * (dim + 4 * groups) // (4 * dim)
+    for dtype in ("bfloat16", "int8"):
+        assert torch.allclose(outputs[dtype], outputs["auto"], atol=0.05), dtype
+
+
+def test_int8_storage_composes_with_eviction_and_prefix_sharing(agent_engine):
+    engine = Engine(agent_engine.loaded, kv=KVSettings(
+        dtype="int8", policy="pyagent", budget=Budget(ratio=0.5), prefill_chunk=CHUNK))
+    prompt = tuple(ids(700))
+    first = engine.generate(CompletionRequest(prompt=prompt, sampling=SamplingParams(
+        max_tokens=4)))
+    second = engine.generate(CompletionRequest(prompt=prompt[:200] + tuple(ids(50, seed=4)[1:]),
+                                               sampling=SamplingParams(max_tokens=4)))
+    assert first.usage.completion_tokens == second.usage.completion_tokens == 4
+    assert second.usage.cached_tokens >= 16
+    assert engine.cache.memory().bytes == 0
+
+
+def test_an_unknown_kv_dtype_is_named():
+    with pytest.raises(ConfigError, match="unknown KV dtype 'int3'.*int8"):
+        KVSettings(dtype="int3")

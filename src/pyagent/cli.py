@@ -50,7 +50,11 @@ DtypeOpt = Annotated[str, typer.Option(
 PolicyOpt = Annotated[str, typer.Option(
     "--kv-policy", help="KV eviction: full, pyagent, streaming_llm, h2o, tova, snapkv, random.")]
 BudgetOpt = Annotated[str | None, typer.Option(
-    "--kv-budget", help="KV kept under eviction: a ratio (0.5), tokens (2048) or bytes (12MiB).")]
+    "--kv-budget", help="KV kept under eviction: a ratio of the global layers' tokens (0.5), "
+    "global-layer tokens (2048), or bytes of total KV, all layers (12MiB).")]
+KVDtypeOpt = Annotated[str, typer.Option(
+    "--kv-dtype", help="How the embedded engine stores keys and values: auto (as the model "
+    "computes), bfloat16, float16 or int8 (per 64 channels, about a quarter of float32).")]
 ShareOpt = Annotated[bool, typer.Option(
     "--prefix-sharing/--no-prefix-sharing", help="Reuse the KV of prompt prefixes seen before.")]
 
@@ -64,7 +68,7 @@ def _status(message: str):
 
 def _load_engine(model: str, dtype: str, context_length: int | None = None,
                  policy: str = "full", budget: str | None = None, share_prefix: bool = True,
-                 max_batch: int = 8, max_queue: int = 64):
+                 max_batch: int = 8, max_queue: int = 64, kv_dtype: str = "auto"):
     from transformers.utils import logging as hf_logging
 
     from pyagent.engine.eviction import Budget
@@ -72,7 +76,7 @@ def _load_engine(model: str, dtype: str, context_length: int | None = None,
     from pyagent.engine.scheduler import SchedulerSettings
 
     kv = KVSettings(policy=policy, budget=Budget.parse(budget) if budget else None,
-                    share_prefix=share_prefix)
+                    share_prefix=share_prefix, dtype=kv_dtype)
     hf_logging.set_verbosity_error()
     with _status(f"preparing {model}") as report:
         engine = Engine.load(model, dtype=dtype, context_length=context_length, kv=kv,
@@ -113,14 +117,14 @@ def models_prepare(model: Annotated[str, typer.Argument(help="Model to prepare."
 
 def _backend(backend: str, model: str, dtype: str, base_url: str | None,
              recording: Path | None, record: Path | None, policy: str,
-             budget: str | None) -> Backend:
+             budget: str | None, kv_dtype: str = "auto") -> Backend:
     from pyagent.llm.registry import make_backend
 
     if backend == "embedded":
         from pyagent.llm.embedded import EmbeddedBackend
 
         chosen: Backend = EmbeddedBackend(_load_engine(model, dtype, policy=policy,
-                                                       budget=budget))
+                                                       budget=budget, kv_dtype=kv_dtype))
     elif backend == "openai":
         chosen = make_backend("openai", base_url=base_url,
                               model=None if model == DEFAULT_MODEL else model)
@@ -143,6 +147,7 @@ def generate(
     dtype: DtypeOpt = "float32",
     kv_policy: PolicyOpt = "full",
     kv_budget: BudgetOpt = None,
+    kv_dtype: KVDtypeOpt = "auto",
     chat: Annotated[bool, typer.Option(help="Send the prompt as a user chat message.")] = False,
     system: Annotated[str | None, typer.Option(help="System message (implies --chat).")] = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 128,
@@ -165,7 +170,8 @@ def generate(
         request = CompletionRequest(messages=messages, sampling=sampling)
     else:
         request = CompletionRequest(prompt=text, sampling=sampling)
-    chosen = _backend(backend, model, dtype, base_url, recording, record, kv_policy, kv_budget)
+    chosen = _backend(backend, model, dtype, base_url, recording, record, kv_policy, kv_budget,
+                      kv_dtype)
     if as_json:
         out.print_json(json.dumps(chosen.complete(request).to_dict()))
         return
@@ -204,6 +210,7 @@ def serve(
     dtype: DtypeOpt = "float32",
     kv_policy: PolicyOpt = "full",
     kv_budget: BudgetOpt = None,
+    kv_dtype: KVDtypeOpt = "auto",
     prefix_sharing: ShareOpt = True,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
@@ -222,7 +229,7 @@ def serve(
     from pyagent.engine.server import create_app
 
     engine = _load_engine(model, dtype, context_length, kv_policy, kv_budget, prefix_sharing,
-                          max_batch, max_queue)
+                          max_batch, max_queue, kv_dtype)
     server = uvicorn.Server(uvicorn.Config(create_app(engine, max_body_bytes), host=host, port=port,
                                            log_level="warning"))
     http = threading.Thread(target=server.run, name="pyagent-http", daemon=True)

@@ -140,7 +140,7 @@ class KVView:
         mask = self.positions[None, :] <= query_pos[:, None]
         for layer, remembered in seq.recent_queries.items():
             queries = remembered[:, -window:]
-            keys = pool.k[pool.layer_index[layer]].index_select(0, ids).flatten(0, 1)[:count]
+            keys, _ = pool.load(pool.layer_index[layer], ids, count)
             heads, kv_heads = queries.shape[0], keys.shape[1]
             grouped = queries.reshape(kv_heads, heads // kv_heads, -1, queries.shape[-1])
             scores = torch.einsum("kgnd,lkd->kgnl", grouped, keys) * seq.query_scale

@@ -38,12 +38,17 @@ from pyagent.errors import ConfigError, RequestError
 from pyagent.types import Completion, CompletionRequest, StreamEvent
 
 DEFAULT_KV_SHARE = 0.25  # of the memory available at start, when no KV capacity is given
+# How the paged cache stores keys and values: "auto" is the model's compute dtype; int8 keeps
+# each token's key and value per head with a float32 scale (about 26% of float32's bytes).
+KV_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+             "float16": torch.float16, "int8": torch.int8}
 
 
 @dataclass(frozen=True)
 class KVSettings:
-    """How the engine keeps KV: block size, prefix sharing, and eviction (policy and budget,
-    applied after every prefill chunk and every `evict_every` decoded tokens)."""
+    """How the engine keeps KV: block size, prefix sharing, eviction (policy and budget,
+    applied after every prefill chunk and every `evict_every` decoded tokens), the pool's
+    capacity, and the storage dtype (quantization composes with eviction)."""
 
     block_size: int = DEFAULT_BLOCK_SIZE
     share_prefix: bool = True
@@ -52,10 +57,21 @@ class KVSettings:
     evict_every: int = 64
     prefill_chunk: int = 512
     max_tokens: int | None = None  # capacity of each layer group's block pool (None: see Engine)
+    dtype: str = "auto"  # how keys and values are stored: a KV_DTYPES name
+    # "chunk": evict after every prefill chunk (the peak stays within the budget plus a chunk);
+    # "prompt": once the whole prompt is in, so eviction can see the question at its end (the
+    # peak is then the whole prompt)
+    prefill_eviction: str = "chunk"
 
     def __post_init__(self) -> None:
         if self.policy != "full" and self.budget is None:
             raise ConfigError(f"eviction policy {self.policy!r} needs a KV budget")
+        if self.prefill_eviction not in ("chunk", "prompt"):
+            raise ConfigError(f"prefill_eviction must be 'chunk' or 'prompt', got "
+                              f"{self.prefill_eviction!r}")
+        if self.dtype not in KV_DTYPES:
+            raise ConfigError(f"unknown KV dtype {self.dtype!r}; choose one of "
+                              f"{', '.join(KV_DTYPES)}")
         for name in ("evict_every", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -85,7 +101,8 @@ class Engine:
         self.policy = make_policy(self.kv.policy)
         self.scheduling = scheduling or SchedulerSettings()
         self.cache = PagedKVCache(config, dtype=self.model.dtype, block_size=self.kv.block_size,
-                                  max_tokens=self.kv.max_tokens or self._default_kv_tokens())
+                                  max_tokens=self.kv.max_tokens or self._default_kv_tokens(),
+                                  storage=KV_DTYPES[self.kv.dtype])
         self.cache.traits = TokenTraits.of(self.tokenizer, config.vocab_size)
         config._attn_implementation = attention.NAME
         layer_types = getattr(config, "layer_types", None) or ["full_attention"]
@@ -115,7 +132,8 @@ class Engine:
         import psutil
 
         probe = PagedKVCache(self.model.config, dtype=self.model.dtype,
-                             block_size=self.kv.block_size, max_tokens=self.kv.block_size)
+                             block_size=self.kv.block_size, max_tokens=self.kv.block_size,
+                             storage=KV_DTYPES[self.kv.dtype])
         per_token = sum(p.bytes_per_block for p in probe.pools.values()) // self.kv.block_size
         affordable = int(psutil.virtual_memory().available * DEFAULT_KV_SHARE) // per_token
         wanted = self.context_length * self.scheduling.max_batch
@@ -138,7 +156,10 @@ class Engine:
             if group.window is not None:
                 live = min(total, group.window + self.kv.prefill_chunk)
             elif self.policy is not None and self.kv.budget is not None:
-                live = min(total, self.kv.budget.most_global_tokens(self.cache, total) + step)
+                kept = self.kv.budget.most_global_tokens(self.cache, total)
+                held = kept + step if self.kv.prefill_eviction == "chunk" else max(
+                    prompt_tokens, kept + self.kv.evict_every)
+                live = min(total, held)
             else:
                 live = total
             reserve[group.name] = (-(-live // self.kv.block_size) + 2) * self.kv.block_size
@@ -214,11 +235,21 @@ class Engine:
         after every chunk (so the KV never exceeds the budget by more than a chunk); return the
         logits after the last prompt token."""
         todo = prompt_ids[sequence.length:]
+        if not todo:
+            raise RequestError("the whole prompt is in the cache already: at least its last "
+                               "token must be computed", param="prompt")
         chunk = self.kv.prefill_chunk
         for start in range(0, len(todo), chunk):
             hidden = self.forward(sequence, todo[start:start + chunk])
-            self.enforce_budget(sequence)
+            self.after_prompt_chunk(sequence)
         return self.logits(hidden[-1])
+
+    def after_prompt_chunk(self, sequence: Sequence) -> int:
+        """Apply the budget after a prompt chunk: after every chunk, or after the last one when
+        `prefill_eviction` is "prompt"; the number of tokens dropped."""
+        if self.kv.prefill_eviction == "prompt" and sequence.length < sequence.prompt_length:
+            return 0
+        return self.enforce_budget(sequence)
 
     def decode(self, sequence: Sequence, token: int) -> torch.Tensor:
         """Append one token; evict every `evict_every` decoded tokens; the next logits."""

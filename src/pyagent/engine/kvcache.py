@@ -58,22 +58,45 @@ def layer_groups(config) -> list[LayerGroup]:
     return groups
 
 
+QUANT_GROUP = 64  # channels that share one int8 scale
+
+
+def _grouped(tensor: torch.Tensor) -> torch.Tensor:
+    """[..., dim] -> [..., groups, QUANT_GROUP], zero-padded."""
+    pad = -tensor.shape[-1] % QUANT_GROUP
+    if pad:
+        tensor = torch.nn.functional.pad(tensor, (0, pad))
+    return tensor.unflatten(-1, (-1, QUANT_GROUP))
+
+
 class BlockPool:
-    """Physical KV storage of one layer group: `k`/`v` are [layers, blocks, block_size, heads, dim].
+    """Physical KV storage of one layer group. Each plane is [layers, blocks, block_size, ...]:
+    `k` and `v` ([..., heads, dim]) in the storage dtype, and for int8 storage `k_scale` and
+    `v_scale` ([..., heads, dim / QUANT_GROUP], float32): every token's key and value of every
+    head is quantized on its own, absmax per group of QUANT_GROUP channels, so a block's tokens
+    never share a scale and a token written later never changes an earlier one. `load` gives
+    keys and values back in the compute dtype.
 
     Storage grows by doubling up to `max_blocks`; past that, blocks that only the prefix cache
     holds are reclaimed, least recently used first.
     """
 
     def __init__(self, group: LayerGroup, block_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, max_blocks: int | None = None, initial_blocks: int = 64):
+                 dtype: torch.dtype, max_blocks: int | None = None, initial_blocks: int = 64,
+                 storage: torch.dtype | None = None):
         self.group = group
         self.block_size = block_size
         self.max_blocks = max_blocks
+        self.compute_dtype = dtype
         self.layer_index = {layer: i for i, layer in enumerate(group.layers)}
-        shape = (len(group.layers), 0, block_size, kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        storage = storage or dtype
+        shape = (len(group.layers), 0, block_size, kv_heads)
+        self.planes = {"k": torch.zeros((*shape, head_dim), dtype=storage),
+                       "v": torch.zeros((*shape, head_dim), dtype=storage)}
+        if storage == torch.int8:
+            groups = -(-head_dim // QUANT_GROUP)
+            self.planes |= {"k_scale": torch.zeros((*shape, groups)),
+                            "v_scale": torch.zeros((*shape, groups))}
         self.positions = torch.zeros((0, block_size), dtype=torch.long)
         self.refcount: list[int] = []
         self.free: list[int] = []
@@ -90,9 +113,23 @@ class BlockPool:
         return len(self.refcount)
 
     @property
+    def k(self) -> torch.Tensor:
+        """Stored keys, [layers, blocks, block_size, heads, dim]."""
+        return self.planes["k"]
+
+    @property
+    def v(self) -> torch.Tensor:
+        """Stored values, [layers, blocks, block_size, heads, dim]."""
+        return self.planes["v"]
+
+    @property
+    def quantized(self) -> bool:
+        return "k_scale" in self.planes
+
+    @property
     def bytes_per_block_per_layer(self) -> int:
-        per_slot = self.k.shape[3] * self.k.shape[4] * self.k.element_size()
-        return 2 * self.block_size * per_slot  # keys and values
+        return sum(self.block_size * p.shape[3] * p.shape[4] * p.element_size()
+                   for p in self.planes.values())
 
     @property
     def bytes_per_block(self) -> int:
@@ -100,13 +137,46 @@ class BlockPool:
 
     def _grow(self, blocks: int) -> None:
         old = self.capacity
-        extra = (self.k.shape[0], blocks, *self.k.shape[2:])
-        self.k = torch.cat([self.k, torch.zeros(extra, dtype=self.k.dtype)], dim=1)
-        self.v = torch.cat([self.v, torch.zeros(extra, dtype=self.v.dtype)], dim=1)
+        for name, plane in self.planes.items():
+            extra = torch.zeros((plane.shape[0], blocks, *plane.shape[2:]), dtype=plane.dtype)
+            self.planes[name] = torch.cat([plane, extra], dim=1)
         self.positions = torch.cat(
             [self.positions, torch.zeros((blocks, self.block_size), dtype=torch.long)])
         self.refcount.extend([0] * blocks)
         self.free.extend(range(old + blocks - 1, old - 1, -1))
+
+    def move(self, targets: torch.Tensor, target_slots: torch.Tensor, sources: torch.Tensor,
+             source_slots: torch.Tensor) -> None:
+        """Copy the tokens in (sources, source_slots) of every layer to (targets, target_slots);
+        the sources are read in full before anything is written."""
+        for plane in self.planes.values():
+            plane[:, targets, target_slots] = plane[:, sources, source_slots]
+        self.positions[targets, target_slots] = self.positions[sources, source_slots]
+
+    def store(self, index: int, blocks: torch.Tensor, offsets: torch.Tensor,
+              key: torch.Tensor, value: torch.Tensor) -> None:
+        """Write layer `index`'s keys and values ([tokens, heads, dim]) to their slots."""
+        for name, tensor in (("k", key), ("v", value)):
+            if self.quantized:
+                grouped = _grouped(tensor.float())
+                scale = grouped.abs().amax(-1).clamp(min=1e-8) / 127
+                self.planes[name + "_scale"][index][blocks, offsets] = scale
+                tensor = torch.round(grouped / scale[..., None]).flatten(-2)[..., :key.shape[-1]]
+            self.planes[name][index][blocks, offsets] = tensor.to(self.planes[name].dtype)
+
+    def load(self, index: int, table: torch.Tensor, count: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index`'s keys and values ([tokens, heads, dim], compute dtype) of the first
+        `count` slots of the blocks in `table`."""
+        out = []
+        for name in ("k", "v"):
+            data = self.planes[name][index].index_select(0, table).flatten(0, 1)[:count]
+            if self.quantized:
+                scale = self.planes[name + "_scale"][index].index_select(0, table)
+                data = (_grouped(data.float()) * scale.flatten(0, 1)[:count, ..., None]
+                        ).flatten(-2)[..., :data.shape[-1]]
+            out.append(data.to(self.compute_dtype))
+        return out[0], out[1]
 
     def allocate(self) -> int:
         """A block with reference count 1, for writing: a free one, else new storage while the
@@ -177,8 +247,8 @@ class BlockPool:
     def copy(self, block: int) -> int:
         """A private copy of `block` (copy-on-write)."""
         new = self.allocate()
-        self.k[:, new] = self.k[:, block]
-        self.v[:, new] = self.v[:, block]
+        for plane in self.planes.values():
+            plane[:, new] = plane[:, block]
         self.positions[new] = self.positions[block]
         return new
 
@@ -275,10 +345,13 @@ class BlockInfo:
 
 
 class PagedKVCache:
-    """Block pools for one model, the sequences reading them, and the prefix cache."""
+    """Block pools for one model, the sequences reading them, and the prefix cache. Keys and
+    values are kept in `storage` (default: the compute `dtype`; int8 quantizes each token's key
+    and value per head) and attended in `dtype`."""
 
     def __init__(self, config, dtype: torch.dtype = torch.float32,
-                 block_size: int = DEFAULT_BLOCK_SIZE, max_tokens: int | None = None):
+                 block_size: int = DEFAULT_BLOCK_SIZE, max_tokens: int | None = None,
+                 storage: torch.dtype | None = None):
         if not isinstance(block_size, int) or block_size < 1:
             raise ConfigError(f"block_size must be a positive integer, got {block_size!r}")
         self.block_size = block_size
@@ -291,7 +364,8 @@ class PagedKVCache:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // \
             config.num_attention_heads
         max_blocks = None if max_tokens is None else -(-max_tokens // block_size)
-        self.pools = {g.name: BlockPool(g, block_size, kv_heads, head_dim, dtype, max_blocks)
+        self.pools = {g.name: BlockPool(g, block_size, kv_heads, head_dim, dtype, max_blocks,
+                                        storage=storage)
                       for g in self.groups}
         self.group_of = {layer: g.name for g in self.groups for layer in g.layers}
         self.traits: TokenTraits | None = None  # the vocabulary's traits, for landmark policies
@@ -484,8 +558,7 @@ class PagedKVCache:
         pool = self.pools[name]
         index = pool.layer_index[layer]
         blocks, offsets = plan.slots[name]
-        pool.k[index][blocks, offsets] = key[0].transpose(0, 1).to(pool.k.dtype)
-        pool.v[index][blocks, offsets] = value[0].transpose(0, 1).to(pool.v.dtype)
+        pool.store(index, blocks, offsets, key[0].transpose(0, 1), value[0].transpose(0, 1))
 
     def read(self, plan: WritePlan, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A layer's keys and values ([heads, tokens, dim]) and the positions they hold."""
@@ -493,8 +566,8 @@ class PagedKVCache:
         pool = self.pools[name]
         index = pool.layer_index[layer]
         table, count = plan.tables[name], plan.valid[name]
-        keys = pool.k[index].index_select(0, table).flatten(0, 1)[:count].transpose(0, 1)
-        values = pool.v[index].index_select(0, table).flatten(0, 1)[:count].transpose(0, 1)
+        keys, values = pool.load(index, table, count)
+        keys, values = keys.transpose(0, 1), values.transpose(0, 1)
         positions = pool.positions.index_select(0, table).flatten()[:count]
         return keys, values, positions
 
@@ -547,8 +620,6 @@ class PagedKVCache:
             stat_index.append(torch.cat([flat for _, _, flat in packed]))
             moved = source_slots.numel()
             needed = -(-moved // bs)
-            keys, values = pool.k[:, sources, source_slots], pool.v[:, sources, source_slots]
-            positions = pool.positions[sources, source_slots]
             own = [block for block, _, _ in packed if pool.refcount[block] == 1][:needed]
             for block, _, _ in packed:
                 if block not in own:
@@ -557,10 +628,7 @@ class PagedKVCache:
                 pool.forget(block)  # rewritten below: no longer the prefix it was
             new_blocks = own + [pool.allocate() for _ in range(needed - len(own))]
             targets = torch.tensor(new_blocks).repeat_interleave(bs)[:moved]
-            target_slots = torch.arange(moved) % bs
-            pool.k[:, targets, target_slots] = keys
-            pool.v[:, targets, target_slots] = values
-            pool.positions[targets, target_slots] = positions
+            pool.move(targets, torch.arange(moved) % bs, sources, source_slots)
             fill = moved - (needed - 1) * bs
         index = torch.cat(stat_index) if stat_index else torch.zeros(0, dtype=torch.long)
         kept_count = index.numel()
