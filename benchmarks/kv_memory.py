@@ -6,13 +6,16 @@ fixed KV pool runs at once.
 1. Peak KV per request, prompts of 1k-16k tokens: transformers' DynamicCache (what it holds after
    the prompt), PyAgent's paged cache without eviction (its peak while prefilling in 512-token
    chunks), and PyAgent's policy with a budget of 60% of the full cache's total KV bytes (-40%),
-   which it enforces after every chunk.
+   which it enforces after every chunk; int8 keys and values alone; and int8 with PyAgent's
+   policy at a quarter of the full cache's bytes (-75%).
 2. Agents in one pool: a fleet of agents that share a system prompt with tool descriptions and
    each carry their own transcript (1.5k-3.5k tokens) ask for 32 tokens each, all at once, on an
    engine whose KV pool holds POOL_TOKENS tokens per layer group. The scheduler admits what the
    reservations allow; the table gives the most agents that ran at once, the pool's peak KV
-   bytes, and the workload's wall time and throughput, for the full cache and for PyAgent's
-   policy keeping 35% of the global layers' tokens.
+   bytes, and the workload's wall time and throughput, for the full cache, for PyAgent's policy
+   keeping 35% of the global layers' tokens, and for that policy on int8 keys and values in a
+   pool of the same bytes (int8 with its scales takes 272 of float32's 1024 bytes per head and
+   token, so the pool holds 1024/272 as many tokens).
 Results: benchmarks/results/kv-memory.json and kv-memory.md (kv-memory-quick with --quick).
 """
 
@@ -87,6 +90,17 @@ def peaks(engine: Engine, corpus: list[int], lengths: list[int]) -> list[dict]:
                     "within_budget_plus_chunk": peak <= budget + chunk}
         except RequestError as exc:  # the sliding-window layers alone exceed the budget
             row |= {"infeasible": str(exc)}
+        int8 = Engine(engine.loaded, kv=KVSettings(share_prefix=False, max_tokens=length + 64,
+                                                   dtype="int8"))
+        row["int8_peak"] = paged_peak(int8, ids)[0]
+        quarter = int(0.25 * full_held)  # -75%: int8 storage and eviction together
+        both = Engine(engine.loaded, kv=KVSettings(
+            share_prefix=False, max_tokens=length + 64, dtype="int8", policy="pyagent",
+            budget=Budget(bytes=quarter)))
+        try:
+            row["int8_pyagent_peak"] = paged_peak(both, ids)[0]
+        except RequestError:
+            row["int8_pyagent_peak"] = None
         rows.append(row)
     return rows
 
@@ -140,15 +154,18 @@ def fleet(engine: Engine, corpus: list[int], agents: int, kv: KVSettings) -> dic
 
 def markdown(result: dict) -> list[str]:
     lines = ["| prompt tokens | transformers DynamicCache MiB | paged full: peak MiB | "
-             "PyAgent -40% budget MiB | PyAgent peak MiB | peak within budget + chunk |",
-             "|---|---|---|---|---|---|"]
+             "PyAgent -40% budget MiB | PyAgent peak MiB | peak within budget + chunk | "
+             "int8 KV: peak MiB | int8 + PyAgent at -75% budget: peak MiB |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["peaks"]:
-        measured = ("infeasible: the sliding-window layers alone hold more | -"
+        measured = ("infeasible (the sliding-window layers alone hold more) | -"
                     if "infeasible" in r else f"{r['pyagent_peak'] / MIB:.1f} | "
                     f"{'yes' if r['within_budget_plus_chunk'] else 'NO'}")
+        both = r["int8_pyagent_peak"]
         lines.append(f"| {r['tokens']} | {r['hf_dynamic_cache'] / MIB:.1f} | "
                      f"{r['paged_full_peak'] / MIB:.1f} | {r['budget'] / MIB:.1f} | "
-                     f"{measured} |")
+                     f"{measured} | {r['int8_peak'] / MIB:.1f} | "
+                     f"{'infeasible' if both is None else f'{both / MIB:.1f}'} |")
     lines += ["", f"Fleet in a pool of {result['pool_tokens']} tokens per layer group "
               f"({result['pool_mib']:.0f} MiB if both groups fill):", "",
               "| cache | agents | most at once | pool peak MiB | largest request peak MiB | "
@@ -157,9 +174,11 @@ def markdown(result: dict) -> list[str]:
         lines.append(f"| {name} | {r['agents']} | {r['most_at_once']} | "
                      f"{r['pool_peak_bytes'] / MIB:.1f} | {r['request_peak_bytes_max'] / MIB:.1f}"
                      f" | {r['wall_s']:.1f} | {r['tokens_per_s']:.0f} |")
-    full, pyagent = result["fleet"]["full"], result["fleet"]["pyagent"]
-    lines.append(f"\nAgents at once, PyAgent's policy over the full cache: "
-                 f"{pyagent['most_at_once'] / full['most_at_once']:.2f}x")
+    full = result["fleet"]["full"]
+    for name, r in result["fleet"].items():
+        if name != "full":
+            lines.append(f"\nAgents at once, {name} over the full cache: "
+                         f"{r['most_at_once'] / full['most_at_once']:.2f}x")
     return lines
 
 
@@ -179,7 +198,10 @@ def main() -> None:
               "peaks": peaks(engine, corpus, lengths),
               "fleet": {"full": fleet(engine, corpus, agents, KVSettings(**common)),
                         "pyagent": fleet(engine, corpus, agents, KVSettings(
-                            **common, policy="pyagent", budget=Budget(ratio=0.35)))}}
+                            **common, policy="pyagent", budget=Budget(ratio=0.35))),
+                        "int8 + pyagent": fleet(engine, corpus, agents, KVSettings(
+                            max_tokens=pool * 1024 // 272, share_prefix=True, dtype="int8",
+                            policy="pyagent", budget=Budget(ratio=0.35)))}}
     stem = "kv-memory-quick" if args.quick else "kv-memory"
     write_result(RESULTS, stem, result, markdown(result))
 

@@ -41,6 +41,17 @@ def test_samples_are_reproducible_per_seed(builder):
     assert [f.number for f in other.facts] != [f.number for f in first.facts]
 
 
+def test_decoys_look_like_facts_but_are_never_asked(builder, tiny_engine):
+    plain = build_sample(builder, SPLITS["test"], 1024, 7, facts=4)
+    with_decoys = build_sample(builder, SPLITS["test"], 1024, 7, facts=4, decoys=4)
+    assert len(with_decoys.facts) == 4
+    text = tiny_engine.tokenizer.decode(with_decoys.context)
+    lines = [line for line in text.splitlines() if any(c.isdigit() for c in line)]
+    plain_lines = [line for line in tiny_engine.tokenizer.decode(plain.context).splitlines()
+                   if any(c.isdigit() for c in line)]
+    assert len(lines) >= len(plain_lines) + 4
+
+
 def test_dev_and_test_seeds_and_templates_are_disjoint(builder):
     dev, test = SPLITS["dev"], SPLITS["test"]
     assert max(dev.seeds(RUN_SEEDS - 1, SEEDS_PER_RUN)) < min(test.seeds(0, 1))

@@ -182,13 +182,15 @@ def made_up_names(rng: random.Random, count: int) -> list[str]:
 
 
 def build_sample(builder: TaskBuilder, split: Split, length: int, seed: int,
-                 facts: int) -> RecallSample:
-    """A `length`-token context (BOS included) holding `facts` facts of the split's templates."""
+                 facts: int, decoys: int = 0) -> RecallSample:
+    """A `length`-token context (BOS included) holding `facts` facts of the split's templates,
+    and `decoys` more lines of the same shapes that no question asks for (an agent's history is
+    full of ids and numbers nobody asks about again)."""
     rng = random.Random(f"kv-recall-{length}-{seed}")
     order = rng.sample(split.templates, len(split.templates))
-    names = made_up_names(rng, 2 * facts)
+    names = made_up_names(rng, 2 * (facts + decoys))
     lines, asked = [], []
-    for i in range(facts):
+    for i in range(facts + decoys):
         template = order[i % len(order)]
         digits = rng.randint(3, 6)
         number = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
@@ -204,22 +206,24 @@ def build_sample(builder: TaskBuilder, split: Split, length: int, seed: int,
     context, starts = plant(builder.bos, text[:filler], list(zip(depths, lines, strict=True)))
     planted = [Fact(name, number, start, start + len(line), depth, question, target)
                for (name, number, question, target), line, start, depth
-               in zip(asked, lines, starts, depths, strict=True)]
+               in zip(asked, lines, starts, depths, strict=True)][:facts]
     return RecallSample(length, seed, context, planted, text[filler:])
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Sizes of one run: contexts per length, facts per context, savings of total KV bytes."""
+    """Sizes of one run: contexts per length, facts (asked) and decoys (never asked) per context,
+    savings of total KV bytes."""
 
     lengths: tuple[int, ...]
     savings: tuple[float, ...]
     samples: int
     facts: int
+    decoys: int = 8
 
 
-QUICK = Plan(lengths=(1024,), savings=(0.2, 0.4), samples=1, facts=8)
-FULL = Plan(lengths=(4096, 8192), savings=(0.4, 0.75), samples=4, facts=8)
+QUICK = Plan(lengths=(1024,), savings=(0.2, 0.4), samples=1, facts=8, decoys=4)
+FULL = Plan(lengths=(4096, 8192), savings=(0.4, 0.75), samples=4, facts=8, decoys=8)
 
 
 def parse_lengths(text: str) -> tuple[int, ...]:
@@ -458,7 +462,8 @@ class RecallBench:
             full, engines = self._engine(length), {}
             for seed in seeds[length]:
                 self.report(f"{length} tokens, sample {seed}: full cache")
-                sample = build_sample(self.builder, self.split, length, seed, self.plan.facts)
+                sample = build_sample(self.builder, self.split, length, seed, self.plan.facts,
+                                      self.plan.decoys)
                 rows += self._sample(sample, full, engines)
         data = [asdict(r) for r in rows]
         result = {"plan": asdict(self.plan), "split": self.split.name, "run_seed": self.run_seed,
