@@ -77,8 +77,10 @@ def test_admission_reserves_the_budget_not_the_whole_prompt(agent_engine):
     assert evicting.kv_reservation(4000, 96)["sliding"] == full.kv_reservation(4000, 96)["sliding"]
 
 
-def admitted_at_once(agent_engine, kv: KVSettings, prompt: list[int], count: int) -> int:
-    """How many of `count` identical requests ran at once in an engine with `kv`."""
+def admitted_at_once(agent_engine, kv: KVSettings, prompt: list[int], count: int,
+                     tails: bool = False) -> int:
+    """How many of `count` requests for `prompt` (each with a tail of its own when `tails`)
+    ran at once in an engine with `kv`."""
     engine = Engine(agent_engine.loaded, kv=kv, scheduling=SchedulerSettings(max_batch=count))
     running: list[int] = []
     step = engine.scheduler._step
@@ -88,9 +90,10 @@ def admitted_at_once(agent_engine, kv: KVSettings, prompt: list[int], count: int
         step()
 
     engine.scheduler._step = watched
-    request = CompletionRequest(prompt=tuple(prompt), sampling=SamplingParams(
-        max_tokens=8, ignore_eos=True))
-    tickets = [engine.submit(request) for _ in range(count)]
+    requests = [CompletionRequest(prompt=tuple(prompt + (ids(40, seed=i)[1:] if tails else [])),
+                                  sampling=SamplingParams(max_tokens=8, ignore_eos=True))
+                for i in range(count)]
+    tickets = [engine.submit(request) for request in requests]
     done = threading.Event()
 
     finished = []
@@ -119,6 +122,15 @@ def test_a_budget_admits_more_requests_into_the_same_pool(agent_engine):
     evicting = admitted_at_once(agent_engine, KVSettings(
         **common, policy="pyagent", budget=Budget(ratio=0.25)), prompt, 6)
     assert full == 2 and evicting >= 4
+
+
+def test_a_shared_prompt_prefix_is_reserved_once(agent_engine):
+    prompt = ids(1024)
+    common = {"prefill_chunk": CHUNK, "max_tokens": 2 * 1024 + 400}
+    alone = admitted_at_once(agent_engine, KVSettings(**common, share_prefix=False), prompt, 5,
+                             tails=True)
+    shared = admitted_at_once(agent_engine, KVSettings(**common), prompt, 5, tails=True)
+    assert alone == 2 and shared >= 3
 
 
 def test_evicted_blocks_leave_the_pool_and_cached_prefixes_keep_statistics(agent_engine):

@@ -14,10 +14,13 @@ the full cache in one run:
 - Protocols, per fact, both scored teacher-forced (exact when every answer token is the greedy
   choice; the answer's log-probability):
   - query_aware: context and question are prefilled together (`Engine.prefill` over the prompt
-    without its last token, evicting to the budget as the engine does), then the last prompt token
-    is forwarded, so the answer's first token is predicted after eviction;
-  - query_agnostic: the context alone is prefilled and compressed (an agent's history between
-    turns), then the question is prefilled onto it (evicting again by the engine's rules).
+    without its last token) on an engine that evicts once the whole prompt is in
+    (`prefill_eviction="prompt"`, so eviction sees the question; its peak is the whole prompt),
+    then the last prompt token is forwarded, so the answer's first token is predicted after
+    eviction;
+  - query_agnostic: the context alone is prefilled and compressed, evicting after every chunk
+    as the engine does by default (an agent's history between turns; the peak stays within the
+    budget plus a chunk), then the question is prefilled onto it.
   With the full cache nothing is evicted and both protocols are one computation.
 - continuation: mean NLL of the 128 corpus tokens that follow the filler, on the context
   compressed before them (query-agnostic), as a difference to the full cache in nats.
@@ -26,6 +29,9 @@ the full cache in one run:
   as in `bench kv`, a ratio budget is a share of the global layers' tokens.) A budget the engine
   refuses (below what the sliding-window layers hold, or below what a policy pins) is recorded as
   infeasible.
+- Methods: the full cache and every registered policy; `name@dtype` keeps keys and values in
+  `dtype` (`full@int8`: int8 storage alone; `pyagent@int8`: both), so quantization and eviction
+  meet the same byte budget together.
 - Peak: every row records the most KV bytes its sequence held at once, and whether that stayed
   within the budget (the full cache's bytes for the full cache) plus one prefill chunk's KV.
 """
@@ -46,7 +52,7 @@ from pyagent.bench.kvtasks import TaskBuilder, plant
 from pyagent.bench.provenance import markdown_lines
 from pyagent.bench.stats import bootstrap_ci
 from pyagent.engine.eviction import POLICIES, Budget
-from pyagent.engine.generate import Engine, KVSettings
+from pyagent.engine.generate import KV_DTYPES, Engine, KVSettings
 from pyagent.engine.kvcache import Sequence
 from pyagent.engine.model import LoadedModel
 from pyagent.errors import ConfigError, RequestError
@@ -250,17 +256,26 @@ def parse_savings(text: str) -> tuple[float, ...]:
 
 
 def all_methods() -> tuple[str, ...]:
-    """The full cache, then every registered eviction policy."""
-    return ("full", *POLICIES)
+    """The full cache, then every registered eviction policy, then int8 storage alone and
+    with PyAgent's policy (a method `name@dtype` keeps keys and values in `dtype`)."""
+    return ("full", *POLICIES, "full@int8", "pyagent@int8")
+
+
+def split_method(method: str) -> tuple[str, str]:
+    """'pyagent@int8' -> ('pyagent', 'int8'); 'tova' -> ('tova', 'auto')."""
+    policy, _, dtype = method.partition("@")
+    return policy, dtype or "auto"
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
-    """'tova,snapkv' -> ('tova', 'snapkv'), each a known method."""
+    """'tova,snapkv@int8' -> ('tova', 'snapkv@int8'), each a known policy and KV dtype."""
     chosen = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = [m for m in chosen if m not in all_methods()]
+    unknown = [m for m in chosen if split_method(m)[0] not in ("full", *POLICIES)
+               or split_method(m)[1] not in KV_DTYPES]
     if unknown or not chosen:
         raise ConfigError(f"unknown method {(unknown or [text])[0]!r}; choose from "
-                          f"{', '.join(all_methods())}")
+                          f"{', '.join(all_methods())}, or any of them @ a KV dtype "
+                          f"({', '.join(KV_DTYPES)})")
     return chosen
 
 
@@ -340,11 +355,15 @@ class RecallBench:
         self.builder = TaskBuilder(loaded.tokenizer)
         self.chunk = KVSettings().prefill_chunk
 
-    def _engine(self, length: int, policy: str = "full", budget: Budget | None = None) -> Engine:
+    def _engine(self, length: int, method: str = "full", budget: Budget | None = None,
+                prefill_eviction: str = "chunk") -> Engine:
         """An engine for `length`-token contexts (room for a prompt, a fork's question and a
         chunk in flight)."""
-        return Engine(self.loaded, kv=KVSettings(policy=policy, budget=budget, share_prefix=False,
-                                                 max_tokens=2 * (length + self.chunk)))
+        policy, dtype = split_method(method)
+        return Engine(self.loaded, kv=KVSettings(
+            policy=policy, budget=budget if policy != "full" else None, share_prefix=False,
+            max_tokens=2 * (length + self.chunk), dtype=dtype,
+            prefill_eviction=prefill_eviction))
 
     def _chunk_bytes(self, engine: Engine) -> int:
         """KV of one prefill chunk in all layers."""
@@ -402,11 +421,13 @@ class RecallBench:
                               self._continue(engine, sample)))
         return rows
 
-    def _compressed(self, engine: Engine, variant: Variant) -> list[Row]:
-        """Both protocols for one method at one budget."""
+    def _compressed(self, engine: Engine, aware: Engine, variant: Variant) -> list[Row]:
+        """Both protocols for one method at one budget: query-aware on `aware`, which evicts
+        once the whole prompt, question included, is in (its peak is the whole prompt);
+        query-agnostic on `engine`, which evicts after every prefill chunk."""
         sample = variant.sample
-        rows = [self._row(engine, engine.open(sample.context + fact.question), variant,
-                          "query_aware", fact, self._ask(engine, sample, fact))
+        rows = [self._row(aware, aware.open(sample.context + fact.question), variant,
+                          "query_aware", fact, self._ask(aware, sample, fact))
                 for fact in sample.facts]
         base = engine.open(sample.context)
         try:
@@ -421,7 +442,7 @@ class RecallBench:
         return rows
 
     def _sample(self, sample: RecallSample, full: Engine,
-                engines: dict[tuple[str, int], Engine]) -> list[Row]:
+                engines: dict[tuple[str, int, str], Engine]) -> list[Row]:
         """The full cache, then every method at every saving, on one sample."""
         base = full.open(sample.context)
         full.prefill(base, sample.context)
@@ -432,24 +453,23 @@ class RecallBench:
                  if r.protocol == "query_agnostic"]
         for saving in self.plan.savings:
             budget = Budget(bytes=int((1 - saving) * full_bytes))
-            try:  # the engine's own arithmetic: no budget below the sliding-window layers' KV
-                budget.global_tokens(full.cache, base)
-            except RequestError as exc:
-                reason = str(exc)
-            else:
-                reason = ""
             for method in self.methods[1:]:
                 self.report(f"{sample.length} tokens, sample {sample.seed}: {method} at "
                             f"-{saving:.0%} KV")
                 variant = replace(variant, method=method, saving=saving,
                                   budget_bytes=budget.bytes)
-                if reason:
-                    rows += variant.infeasible(reason)
+                for mode in ("chunk", "prompt"):
+                    if (method, budget.bytes, mode) not in engines:
+                        engines[method, budget.bytes, mode] = self._engine(
+                            sample.length, method, budget, mode)
+                engine = engines[method, budget.bytes, "chunk"]
+                try:  # the engine's own arithmetic: no budget below the sliding layers' KV
+                    budget.global_tokens(engine.cache, base)
+                except RequestError as exc:
+                    rows += variant.infeasible(str(exc))
                     continue
-                key = (method, budget.bytes)
-                if key not in engines:
-                    engines[key] = self._engine(sample.length, method, budget)
-                rows += self._compressed(engines[key], variant)
+                rows += self._compressed(engine, engines[method, budget.bytes, "prompt"],
+                                         variant)
         full.close(base)
         return rows
 

@@ -397,6 +397,15 @@ class PagedKVCache:
             sequence.cached_tokens = blocks * bs
         return sequence
 
+    def live_prefix_tokens(self, prompt: list[int]) -> int:
+        """Tokens of `prompt`'s reusable prefix whose global blocks a sequence holds now (a new
+        sequence for `prompt` would share them instead of taking new blocks)."""
+        pool = self.pools.get("global")
+        count = self._match(prompt) if pool is not None else 0
+        digests = chain_hashes(prompt, self.block_size, count)
+        return sum(self.block_size for digest in digests
+                   if pool.refcount[pool.lookup(digest)] > 0)
+
     def _first_live_block(self, group: LayerGroup, length: int) -> int:
         """The first logical block a query at position `length` or later can still see."""
         if group.window is None:

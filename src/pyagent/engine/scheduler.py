@@ -1,7 +1,8 @@
 """Continuous batching: one thread runs the model for every request the engine serves.
 
 Requests wait in a bounded queue. Between two steps the scheduler admits waiting requests while the
-batch has room (`max_batch`) and the KV they may need fits the engine's KV budget. A step computes
+batch has room (`max_batch`) and the KV they may need fits the engine's KV budget (on the full
+cache, a prompt prefix that a running request holds already is counted once). A step computes
 prompt chunks of the sequences still in prefill, up to `step_tokens` (new requests first, for a
 short time to first token), and a token for every decoding sequence; a long prompt never stalls
 the decoding ones for more than a chunk.
@@ -151,6 +152,7 @@ class Job:
     decoder: Decoder
     ticket: Ticket
     reserve: dict[str, int]  # KV tokens reserved per layer group
+    credit: int = 0  # global tokens of its prefix that an older running request holds
     sequence: Sequence | None = None
     todo: list[int] = field(default_factory=list)  # prompt tokens still to compute
 
@@ -300,9 +302,42 @@ class Scheduler:
 
     # --- the driver's side ---------------------------------------------------------------------
 
+    def _fits(self, job: Job, credit: int = 0) -> bool:
+        return all(self._reserved[g] + job.reserve[g] - (credit if g == "global" else 0)
+                   <= self.budget[g] for g in self.budget)
+
     def _has_room(self, job: Job) -> bool:
-        return len(self._running) < self.settings.max_batch and all(
-            self._reserved[g] + job.reserve[g] <= self.budget[g] for g in self.budget)
+        """Whether `job` fits the batch and the KV budget; on the full cache, the global blocks
+        of its prompt prefix that a running request holds already are not reserved twice."""
+        if len(self._running) >= self.settings.max_batch:
+            return False
+        job.credit = 0
+        if self._fits(job):
+            return True
+        if not self._credits_prefixes():
+            return False
+        job.credit = self.engine.cache.live_prefix_tokens(job.prompt_ids)
+        return job.credit > 0 and self._fits(job, job.credit)
+
+    def _credits_prefixes(self) -> bool:
+        """Prefix credit is safe only without eviction: a running request then never drops a
+        global block, so a block it shares stays held once until it finishes."""
+        return self.engine.policy is None and self.engine.kv.share_prefix
+
+    def _recount(self) -> None:
+        """The KV tokens reserved per group: each running request's reservation, less the
+        global blocks it shares with an older running request (those the older one holds)."""
+        reserved = dict.fromkeys(self.budget, 0)
+        held: set[int] = set()
+        block_size = self.engine.kv.block_size
+        for job in self._running:
+            if self._credits_prefixes() and job.sequence is not None:
+                blocks = job.sequence.tables["global"].blocks
+                job.credit = len(held.intersection(blocks)) * block_size
+                held.update(blocks)
+            for group, tokens in job.reserve.items():
+                reserved[group] += tokens - (job.credit if group == "global" else 0)
+        self._reserved = reserved
 
     def _admit(self) -> list[Job]:
         admitted = []
@@ -310,10 +345,9 @@ class Scheduler:
             job = self._waiting.popleft()
             if job.ticket.cancelled:
                 continue
-            for group, tokens in job.reserve.items():
-                self._reserved[group] += tokens
             self._running.append(job)
             admitted.append(job)
+            self._recount()
         return admitted
 
     def _open(self, job: Job) -> None:
@@ -411,7 +445,6 @@ class Scheduler:
         with self._cond:
             if job in self._running:
                 self._running.remove(job)
-                for group, tokens in job.reserve.items():
-                    self._reserved[group] -= tokens
+                self._recount()
             elif job in self._waiting:
                 self._waiting.remove(job)
