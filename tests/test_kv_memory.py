@@ -198,3 +198,17 @@ def test_int8_storage_composes_with_eviction_and_prefix_sharing(agent_engine):
 def test_an_unknown_kv_dtype_is_named():
     with pytest.raises(ConfigError, match="unknown KV dtype 'int3'.*int8"):
         KVSettings(dtype="int3")
+
+
+def test_a_reused_prefix_longer_than_the_budget_is_evicted_when_the_sequence_opens(agent_engine):
+    engine = Engine(agent_engine.loaded, kv=KVSettings(
+        policy="pyagent", budget=Budget(tokens=256), prefill_chunk=CHUNK))
+    prompt = ids(1024)
+    writer = engine.cache.new_sequence(prompt)  # a full prefix, as a full-cache run leaves it
+    engine.forward(writer, prompt)
+    engine.close(writer)
+    reader = engine.open(prompt + ids(40, seed=3)[1:])
+    assert reader.cached_tokens == 1024
+    assert reader.tables["global"].tokens(16) <= 256
+    engine.prefill(reader, reader.tokens + ids(40, seed=3)[1:])
+    engine.close(reader)

@@ -173,9 +173,14 @@ class Engine:
         return self._lock
 
     def open(self, prompt_ids: list[int]) -> Sequence:
-        """A sequence for `prompt_ids`, starting from the longest cached prefix."""
+        """A sequence for `prompt_ids`, starting from the longest cached prefix; under eviction
+        after every chunk, a reused prefix longer than the budget is evicted at once (its tokens
+        carry the statistics they gathered), so the sequence never holds more than admission
+        reserved for it."""
         sequence = self.cache.new_sequence(prompt_ids, self.kv.share_prefix)
         sequence.prompt_length = len(prompt_ids)
+        if sequence.cached_tokens and self.kv.prefill_eviction == "chunk":
+            self.enforce_budget(sequence)
         return sequence
 
     def close(self, sequence: Sequence) -> None:
