@@ -54,9 +54,9 @@ def run(tiny_engine, policy: str, count: int = 160, keep: int = 80):
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_every_policy_meets_the_budget_and_keeps_working(tiny_engine, policy):
-    engine, sequence, dropped = run(tiny_engine, policy)
+    engine, sequence, dropped = run(tiny_engine, policy, keep=96)
     kept = sequence.tables["global"].tokens(16)
-    assert kept <= 80 and dropped == 160 - kept
+    assert kept <= 96 and dropped == 160 - kept
     assert engine.cache.memory(sequence).bytes < engine.cache.memory().peak_bytes
     logits = engine.logits(engine.forward(sequence, [5]))
     assert torch.isfinite(logits).all()
@@ -78,15 +78,18 @@ def test_snapkv_keeps_its_observation_window(tiny_engine):
 
 
 def test_pyagent_keeps_whole_blocks_the_sink_and_the_recent_window(tiny_engine):
-    engine, sequence, _ = run(tiny_engine, "pyagent")
+    engine, sequence, _ = run(tiny_engine, "pyagent", keep=96)
     positions = set(held(engine, sequence).tolist())
     assert set(range(16)) <= positions and set(range(96, 160)) <= positions
     assert len(positions) % 16 == 0  # block-level: only whole blocks go
 
 
 def test_a_budget_below_the_pinned_tokens_is_refused(tiny_engine):
-    with pytest.raises(RequestError, match="below the .* tokens the policy pins"):
+    with pytest.raises(ConfigError, match="40 tokens is below the 96 tokens policy 'pyagent'"):
         run(tiny_engine, "pyagent", keep=40)
+    engine, sequence, _ = run(tiny_engine, "snapkv", keep=64)  # the observation window fits
+    with pytest.raises(RequestError, match="below the .* tokens the policy pins"):
+        evict(engine.cache, sequence, make_policy("snapkv"), 40)
 
 
 def test_a_byte_budget_below_the_sliding_layers_is_refused(tiny_engine):

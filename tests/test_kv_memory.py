@@ -11,7 +11,7 @@ import torch
 from pyagent.engine.eviction import Budget
 from pyagent.engine.generate import Engine, KVSettings
 from pyagent.engine.scheduler import SchedulerSettings
-from pyagent.errors import ConfigError
+from pyagent.errors import ConfigError, RequestError
 from pyagent.types import CompletionRequest, SamplingParams
 
 CHUNK = 128
@@ -212,3 +212,56 @@ def test_a_reused_prefix_longer_than_the_budget_is_evicted_when_the_sequence_ope
     assert reader.tables["global"].tokens(16) <= 256
     engine.prefill(reader, reader.tokens + ids(40, seed=3)[1:])
     engine.close(reader)
+
+
+def test_a_failed_eviction_when_opening_releases_the_reused_prefix(agent_engine):
+    engine = Engine(agent_engine.loaded, kv=KVSettings(
+        policy="pyagent", budget=Budget(bytes=1), prefill_chunk=16))
+    prompt = ids(40)
+    writer = engine.cache.new_sequence(prompt)
+    engine.forward(writer, prompt)
+    engine.close(writer)
+    with pytest.raises(RequestError, match="below the .* bytes the sliding-window layers hold"):
+        engine.open(prompt)
+    assert all(pool.used == 0 for pool in engine.cache.pools.values())
+
+
+def test_one_request_over_its_budget_fails_alone_and_short_prompts_keep_their_pins(agent_engine):
+    # one sliding-window block and one global block: a 10-token prompt fits, 300 tokens not
+    engine = Engine(agent_engine.loaded, kv=KVSettings(
+        policy="pyagent", budget=Budget(bytes=16385), share_prefix=False, prefill_chunk=CHUNK),
+        scheduling=SchedulerSettings(max_batch=4))
+    short = Engine(agent_engine.loaded, kv=KVSettings(
+        policy="pyagent", budget=Budget(ratio=0.5), share_prefix=False, prefill_chunk=CHUNK))
+    done = short.generate(CompletionRequest(prompt=tuple(ids(80)), sampling=SamplingParams(
+        max_tokens=4)))
+    assert done.usage.completion_tokens == 4
+    requests = [CompletionRequest(prompt=tuple(ids(n, seed=n)), sampling=SamplingParams(
+        max_tokens=4, ignore_eos=True)) for n in (10, 300)]
+    tickets = [engine.submit(r) for r in requests]
+    outcomes = []
+    for ticket in tickets:
+        try:
+            *_, last = ticket
+            outcomes.append(last.completion.usage.completion_tokens)
+        except RequestError as exc:
+            outcomes.append(exc.param)
+    assert outcomes == [4, "kv_budget"]
+    assert all(pool.used == 0 for pool in engine.cache.pools.values())
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"prefill_chunk": "64"}, "prefill_chunk must be an integer"),
+    ({"max_tokens": 0}, "max_tokens must be >= 1"),
+    ({"budget": Budget(ratio=0.5)}, "needs an eviction policy"),
+])
+def test_bad_kv_settings_are_named(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        KVSettings(**settings)
+
+
+def test_a_token_budget_below_the_policys_pins_is_refused_up_front(agent_engine):
+    with pytest.raises(ConfigError, match="90 tokens is below the 96 tokens policy 'pyagent'"):
+        Engine(agent_engine.loaded, kv=KVSettings(policy="pyagent", budget=Budget(tokens=90)))
+    with pytest.raises(ConfigError, match="must be an integer"):
+        Budget(tokens=2.5)

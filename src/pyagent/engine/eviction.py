@@ -48,6 +48,10 @@ class Budget:
             raise ConfigError("a KV budget needs exactly one of ratio, tokens and bytes")
         if self.ratio is not None and not 0 < self.ratio <= 1:
             raise ConfigError(f"a KV budget ratio must be in (0, 1], got {self.ratio}")
+        for name in ("tokens", "bytes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ConfigError(f"a KV budget in {name} must be an integer, got {value!r}")
         if self.tokens is not None and self.tokens <= 0:
             raise ConfigError(f"a KV budget in tokens must be positive, got {self.tokens}")
         if self.bytes is not None and self.bytes <= 0:
@@ -265,7 +269,7 @@ class PyAgentPolicy(_Policy):
         self.structure_share = structure_share
 
     def least(self, block_size: int) -> int:
-        return block_size + self.recent
+        return 2 * block_size + self.recent  # the sink block, the blocks the recent tokens span
 
     def scores(self, view: KVView, keep: int) -> torch.Tensor:
         positions, stats = view.positions, view.stats

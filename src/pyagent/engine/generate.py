@@ -66,6 +66,14 @@ class KVSettings:
     def __post_init__(self) -> None:
         if self.policy != "full" and self.budget is None:
             raise ConfigError(f"eviction policy {self.policy!r} needs a KV budget")
+        if self.policy == "full" and self.budget is not None:
+            raise ConfigError("a KV budget needs an eviction policy (the policy is 'full')")
+        for name in ("block_size", "evict_every", "prefill_chunk", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.prefill_eviction not in ("chunk", "prompt"):
             raise ConfigError(f"prefill_eviction must be 'chunk' or 'prompt', got "
                               f"{self.prefill_eviction!r}")
@@ -99,6 +107,12 @@ class Engine:
         self._tokenizer_lock = threading.Lock()  # fast tokenizers mutate state on every encode
         self.kv = kv or KVSettings()
         self.policy = make_policy(self.kv.policy)
+        budget = self.kv.budget
+        if self.policy is not None and budget is not None and budget.tokens is not None \
+                and budget.tokens < self.policy.least(self.kv.block_size):
+            raise ConfigError(f"a KV budget of {budget.tokens} tokens is below the "
+                              f"{self.policy.least(self.kv.block_size)} tokens policy "
+                              f"{self.kv.policy!r} always keeps")
         self.scheduling = scheduling or SchedulerSettings()
         self.cache = PagedKVCache(config, dtype=self.model.dtype, block_size=self.kv.block_size,
                                   max_tokens=self.kv.max_tokens or self._default_kv_tokens(),
@@ -180,7 +194,11 @@ class Engine:
         sequence = self.cache.new_sequence(prompt_ids, self.kv.share_prefix)
         sequence.prompt_length = len(prompt_ids)
         if sequence.cached_tokens and self.kv.prefill_eviction == "chunk":
-            self.enforce_budget(sequence)
+            try:
+                self.enforce_budget(sequence)
+            except BaseException:
+                self.close(sequence)
+                raise
         return sequence
 
     def close(self, sequence: Sequence) -> None:
@@ -264,15 +282,14 @@ class Engine:
         return logits
 
     def enforce_budget(self, sequence: Sequence) -> int:
-        """Evict down to the budget now; the number of tokens dropped. While the prompt is
-        still coming in, a ratio budget smaller than what the policy always pins waits for
-        more of the prompt."""
+        """Evict down to the budget now; the number of tokens dropped. A ratio budget never
+        goes below what the policy always pins (a short prompt keeps its sink and recent
+        window)."""
         if self.policy is None or self.kv.budget is None:
             return 0
         keep = self.kv.budget.global_tokens(self.cache, sequence)
-        if sequence.length < sequence.prompt_length and \
-                keep < self.policy.least(self.kv.block_size):
-            return 0
+        if self.kv.budget.ratio is not None:
+            keep = max(keep, self.policy.least(self.kv.block_size))
         return evict(self.cache, sequence, self.policy, keep)
 
     def json_constraint(self, schema: dict, param: str = "response_format") -> JsonConstraint:

@@ -509,7 +509,10 @@ class PagedKVCache:
                 block_ids.append(table.blocks[-1])
                 offsets.append(table.fill)
                 table.fill += 1
-                if table.fill == self.block_size and table.pristine[-1] is not None:
+                # after eviction, even a sliding-window block depends on what was evicted:
+                # it must not pass for the same tokens computed over the whole context
+                if table.fill == self.block_size and table.pristine[-1] is not None \
+                        and not sequence.evicted:
                     pool.register(table.blocks[-1], sequence.hashes[table.pristine[-1]])
             ids, offs = torch.tensor(block_ids), torch.tensor(offsets)
             pool.positions[ids, offs] = positions

@@ -352,8 +352,12 @@ class Scheduler:
 
     def _open(self, job: Job) -> None:
         engine = self.engine
-        with engine.exclusive():
-            job.sequence = engine.open(job.prompt_ids)
+        try:
+            with engine.exclusive():
+                job.sequence = engine.open(job.prompt_ids)
+        except PyAgentError as exc:  # its budget cannot hold the reused prefix: it alone fails
+            self._finish(job, exc)
+            return
         job.todo = job.prompt_ids[job.sequence.length:]
 
     def _drop_cancelled(self) -> None:
@@ -397,15 +401,22 @@ class Scheduler:
                          and (not job.todo or len(tokens) == len(job.todo))]
                 # a decode pass samples every row, a prompt's pass only its last chunk's last row
                 logits = engine.logits(torch.stack([h[-1] for h in hidden])) if ready else None
+                failed = []
                 for job, tokens in items:
                     if job is not None:
-                        self._after_forward(job, len(tokens))
+                        try:
+                            self._after_forward(job, len(tokens))
+                        except PyAgentError as exc:  # this request's budget: fails it alone
+                            failed.append((job, exc))
         except Exception as exc:  # a failed pass fails the requests in it, never the others
             error = exc if isinstance(exc, PyAgentError) else PyAgentError(
                 f"generation failed: {exc}")
             for job in jobs:
                 self._finish(job, error)
             return
+        for job, exc in failed:
+            self._finish(job, exc)
+        ready = [(job, i) for job, i in ready if all(job is not f for f, _ in failed)]
         for job, i in ready:
             assert logits is not None
             delta = job.decoder.advance(logits[i])
