@@ -265,3 +265,18 @@ def test_a_token_budget_below_the_policys_pins_is_refused_up_front(agent_engine)
         Engine(agent_engine.loaded, kv=KVSettings(policy="pyagent", budget=Budget(tokens=90)))
     with pytest.raises(ConfigError, match="must be an integer"):
         Budget(tokens=2.5)
+
+
+def test_prompt_mode_evicts_once_the_whole_prompt_is_in(agent_engine):
+    prompt = ids(1024)
+    held = {}
+    for mode in ("chunk", "prompt"):
+        engine = Engine(agent_engine.loaded, kv=KVSettings(
+            policy="tova", budget=Budget(tokens=256), share_prefix=False, prefill_chunk=CHUNK,
+            prefill_eviction=mode))
+        sequence = engine.open(prompt)
+        engine.prefill(sequence, prompt[:-1])  # as a caller that forwards the last token itself
+        held[mode] = (sequence.tables["global"].tokens(16), sequence.peak_bytes)
+        engine.close(sequence)
+    assert held["chunk"][0] <= 256 and held["prompt"][0] <= 256
+    assert held["prompt"][1] > 2 * held["chunk"][1]  # the whole prompt, then eviction

@@ -264,13 +264,13 @@ class Engine:
         chunk = self.kv.prefill_chunk
         for start in range(0, len(todo), chunk):
             hidden = self.forward(sequence, todo[start:start + chunk])
-            self.after_prompt_chunk(sequence)
+            self.after_prompt_chunk(sequence, last=start + chunk >= len(todo))
         return self.logits(hidden[-1])
 
-    def after_prompt_chunk(self, sequence: Sequence) -> int:
-        """Apply the budget after a prompt chunk: after every chunk, or after the last one when
-        `prefill_eviction` is "prompt"; the number of tokens dropped."""
-        if self.kv.prefill_eviction == "prompt" and sequence.length < sequence.prompt_length:
+    def after_prompt_chunk(self, sequence: Sequence, last: bool) -> int:
+        """Apply the budget after a prompt chunk: after every chunk, or only after the `last`
+        one when `prefill_eviction` is "prompt"; the number of tokens dropped."""
+        if self.kv.prefill_eviction == "prompt" and not last:
             return 0
         return self.enforce_budget(sequence)
 

@@ -432,7 +432,7 @@ class Scheduler:
         assert sequence is not None
         if job.todo:
             job.todo = job.todo[count:]
-            engine.after_prompt_chunk(sequence)
+            engine.after_prompt_chunk(sequence, last=not job.todo)
         elif (sequence.length - sequence.prompt_length) % engine.kv.evict_every == 0:
             engine.enforce_budget(sequence)
 
