@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import threading
 import time
 from pathlib import Path
 
@@ -118,34 +117,12 @@ def fleet(engine: Engine, corpus: list[int], agents: int, kv: KVSettings) -> dic
                                                          add_special_tokens=False))
         requests.append(CompletionRequest(prompt=prompt, sampling=SamplingParams(
             max_tokens=32, ignore_eos=True)))
-    running: list[int] = []
-    step = server.scheduler._step
-
-    def watched() -> None:
-        running.append(server.scheduler.load()["running"])
-        step()
-
-    server.scheduler._step = watched
     started = time.perf_counter()
-    tickets = [server.submit(r) for r in requests]
-    results: list = []
-    done = threading.Event()
-
-    def drain() -> None:
-        try:
-            for ticket in tickets:
-                *_, last = ticket
-                results.append(last.completion)
-        finally:
-            done.set()
-
-    reader = threading.Thread(target=drain)
-    reader.start()
-    server.scheduler.run(stop=done.is_set)
-    reader.join()
+    results = server.generate_many(requests)
     wall = time.perf_counter() - started
     tokens = sum(c.usage.total_tokens for c in results)
-    return {"agents": agents, "completed": len(results), "most_at_once": max(running),
+    return {"agents": agents, "completed": len(results),
+            "most_at_once": server.scheduler.most_running,
             "pool_peak_bytes": server.cache.memory().peak_bytes,
             "request_peak_bytes_max": max(c.kv_peak_bytes for c in results),
             "cached_tokens": sum(c.usage.cached_tokens for c in results),

@@ -3,8 +3,6 @@ prefill), admission spends the saving on more requests, and the prefix cache liv
 pool's capacity without keeping what eviction dropped or throwing away what is about to be
 reused."""
 
-import threading
-
 import pytest
 import torch
 
@@ -82,36 +80,13 @@ def admitted_at_once(agent_engine, kv: KVSettings, prompt: list[int], count: int
     """How many of `count` requests for `prompt` (each with a tail of its own when `tails`)
     ran at once in an engine with `kv`."""
     engine = Engine(agent_engine.loaded, kv=kv, scheduling=SchedulerSettings(max_batch=count))
-    running: list[int] = []
-    step = engine.scheduler._step
-
-    def watched() -> None:
-        running.append(engine.scheduler.load()["running"])
-        step()
-
-    engine.scheduler._step = watched
     requests = [CompletionRequest(prompt=tuple(prompt + (ids(40, seed=i)[1:] if tails else [])),
                                   sampling=SamplingParams(max_tokens=8, ignore_eos=True))
                 for i in range(count)]
-    tickets = [engine.submit(request) for request in requests]
-    done = threading.Event()
-
-    finished = []
-
-    def drain() -> None:
-        try:
-            for ticket in tickets:
-                *_, last = ticket
-                finished.append(last.completion.usage.completion_tokens)
-        finally:
-            done.set()
-
-    reader = threading.Thread(target=drain)
-    reader.start()
-    engine.scheduler.run(stop=done.is_set)
-    reader.join()
-    assert finished == [8] * count and engine.cache.pools["global"].used == 0
-    return max(running)
+    results = engine.generate_many(requests)
+    assert [r.usage.completion_tokens for r in results] == [8] * count
+    assert engine.cache.pools["global"].used == 0
+    return engine.scheduler.most_running
 
 
 def test_a_budget_admits_more_requests_into_the_same_pool(agent_engine):

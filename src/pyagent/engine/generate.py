@@ -34,7 +34,7 @@ from pyagent.engine.quantize import DENSE_ROWS, dense_prompt
 from pyagent.engine.registry import resolve_model
 from pyagent.engine.scheduler import Job, Scheduler, SchedulerSettings, Ticket
 from pyagent.engine.toolcalls import as_text_messages, reply_schema
-from pyagent.errors import ConfigError, RequestError
+from pyagent.errors import ConfigError, PyAgentError, RequestError
 from pyagent.types import Completion, CompletionRequest, StreamEvent
 
 DEFAULT_KV_SHARE = 0.25  # of the memory available at start, when no KV capacity is given
@@ -380,6 +380,31 @@ class Engine:
         *_, last = self.stream(request)
         assert last.completion is not None
         return last.completion
+
+    def generate_many(self, requests: list[CompletionRequest]
+                      ) -> list[Completion | PyAgentError]:
+        """Run `requests` at once, batched by the scheduler on this thread; each one's
+        completion, or the error that ended it, in order."""
+        tickets = [self.submit(request) for request in requests]
+        results: list[Completion | PyAgentError] = []
+        done = threading.Event()
+
+        def collect() -> None:
+            try:
+                for ticket in tickets:
+                    try:
+                        *_, last = ticket
+                        results.append(last.completion)
+                    except PyAgentError as exc:
+                        results.append(exc)
+            finally:
+                done.set()
+
+        reader = threading.Thread(target=collect, name="pyagent-collect")
+        reader.start()
+        self.scheduler.run(stop=done.is_set)
+        reader.join()
+        return results
 
     def stream(self, request: CompletionRequest) -> Iterator[StreamEvent]:
         """Yield text deltas as they become final; the last event carries the `Completion`.

@@ -173,6 +173,7 @@ class Scheduler:
         self._closed = False
         self._service_s = 1.0  # moving average of a request's time in the engine
         self.steps = 0
+        self.most_running = 0  # the most requests that ran at once
         precision = weight_precision(engine.model)
         invariant = self.settings.batch_invariant
         if invariant is None:
@@ -347,6 +348,7 @@ class Scheduler:
                 continue
             self._running.append(job)
             admitted.append(job)
+            self.most_running = max(self.most_running, len(self._running))
             self._recount()
         return admitted
 
