@@ -22,6 +22,7 @@ def test_budgets_parse(text, expected):
 @pytest.mark.parametrize(("text", "message"), [
     ("0.0", "ratio must be in"), ("1.5", "ratio must be in"), ("0", "must be positive"),
     ("lots", "cannot read KV budget"), ("-3", "cannot read KV budget"),
+    ("1", "ambiguous: write 1.0"),
 ])
 def test_bad_budgets_are_named(text, message):
     with pytest.raises(ConfigError, match=message):

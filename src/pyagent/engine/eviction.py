@@ -72,6 +72,9 @@ class Budget:
             raise ConfigError(f"cannot read KV budget {text!r}") from None
         if unit is None and "." in number:
             return cls(ratio=value)
+        if unit is None and value == 1:
+            raise ConfigError(f"KV budget {text!r} is ambiguous: write 1.0 to keep every token "
+                              "or 1t for a single token")
         if unit in (None, "t", "tokens"):
             return cls(tokens=int(value))
         scale = {"b": 1, "kb": 1e3, "kib": 2**10, "mb": 1e6, "mib": 2**20, "gb": 1e9,
