@@ -47,8 +47,7 @@ class PagedForward:
     def attend(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float) -> torch.Tensor:
         layer = module.layer_idx
-        self.cache.write(self.plan, layer, key, value)
-        keys, values, key_pos = self.cache.read(self.plan, layer)
+        keys, values, key_pos = self.cache.update(self.plan, layer, key, value)
         group = self.cache.pools[self.cache.group_of[layer]].group
         query_pos = self.plan.query_positions
         mask = None

@@ -81,10 +81,10 @@ class Budget:
                  "gib": 2**30}[unit]
         return cls(bytes=int(value * scale))
 
-    def global_tokens(self, cache: PagedKVCache, sequence: Sequence) -> int:
-        """Global-layer tokens the sequence may keep now."""
+    def global_tokens(self, cache: PagedKVCache, sequence: Sequence, coming: int = 0) -> int:
+        """Global-layer tokens the sequence may keep now (or once `coming` more are in)."""
         if self.ratio is not None:  # of every token seen, so repeated passes do not compound
-            return max(1, math.floor(self.ratio * sequence.length))
+            return max(1, math.floor(self.ratio * (sequence.length + coming)))
         if self.tokens is not None:
             return self.tokens
         fixed = sum(len(sequence.tables[g.name].blocks) * cache.pools[g.name].bytes_per_block

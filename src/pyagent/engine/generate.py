@@ -230,6 +230,7 @@ class Engine:
                 parts.append(None)
                 positions.append(torch.zeros(len(new), dtype=torch.long))
             else:
+                sequence.trim_window = self._trims(sequence, len(new))
                 plan = self.cache.plan(sequence, new)
                 parts.append(attention.PagedForward(self.cache, sequence, plan, collect, window))
                 positions.append(plan.query_positions)
@@ -245,6 +246,28 @@ class Engine:
             if sequence is not None:
                 self.cache.finish(sequence)
         return list(out.last_hidden_state[0].split(sizes))
+
+    def _trims(self, sequence: Sequence, new: int) -> bool:
+        """Whether a pass of `new` tokens on `sequence` trims its sliding-window layers: when
+        the sequence is evicted, when eviction is due after the pass, or when a budget in bytes
+        would otherwise be exceeded by more than the pass's global tokens."""
+        budget = self.kv.budget
+        if self.policy is None or budget is None:
+            return False
+        if sequence.evicted:
+            return True
+        try:
+            keep = budget.global_tokens(self.cache, sequence, new)
+        except RequestError:  # the budget cannot hold this sequence: eviction will say so
+            return True
+        bs = self.kv.block_size
+        if sequence.tables["global"].tokens(bs) + new > keep:
+            return True
+        if budget.bytes is None:
+            return False
+        per_token = {name: pool.bytes_per_block // bs for name, pool in self.cache.pools.items()}
+        after = self.cache.memory(sequence).bytes + new * sum(per_token.values())
+        return after > budget.bytes + new * per_token["global"]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits for hidden states ([n, hidden] -> [n, vocab])."""

@@ -4,7 +4,9 @@ prefix sharing by chained block hashes, copy-on-write, and exact memory accounti
 Layers are grouped by attention type. A sliding-window group (Gemma 3's local layers) keeps only
 the blocks its window can still see; a global group grows with the sequence and is the one that
 eviction shrinks. Each group has its own `BlockPool`, so a block id names the same 16 tokens in
-every layer of its group.
+every layer of its group. Under eviction, a sliding-window group is trimmed inside each forward
+pass (`Sequence.trim_window`): a prompt chunk attends over its own keys as computed and stores
+only the tokens a later query can see, so no moment holds a window plus a chunk.
 
 Invariants, for every sequence and group: a table's blocks are all full except the last; a block
 is written only while its reference count is 1 (a shared block is copied first); a block holding
@@ -290,6 +292,11 @@ class Sequence:
     prompt_length: int = 0  # set once the prompt is in: decoding starts after it
     step: int = 0  # forward passes so far (the one running included): steps count from 1
     evicted: bool = False
+    # The next pass trims the sliding-window groups: it stores only the tokens a later query can
+    # see, rewriting the blocks that die in it and that this sequence computed alone, so a
+    # prompt chunk never holds a window plus a chunk. The engine sets it while the sequence is,
+    # or is about to be, evicted: then no later prompt can match those blocks anyway.
+    trim_window: bool = False
     hashes: list[bytes] = field(default_factory=list)  # chained hash of each full token block
     peak_bytes: int = 0  # most KV bytes this sequence's blocks held at once
     # the last queries of each global layer ([heads, window, dim]), for observation windows
@@ -305,12 +312,18 @@ class Sequence:
 
 @dataclass
 class WritePlan:
-    """Where one forward pass writes its new tokens, and what each layer then reads."""
+    """Where one forward pass writes its new tokens, and what each layer then reads.
+
+    A group in `history` is trimmed inside the pass: its layers read the tokens held before the
+    pass (block ids, count, positions) plus the pass's own keys straight from the projection, and
+    store only the new tokens from `stored_from` on (those a later query can still see)."""
 
     slots: dict[str, tuple[torch.Tensor, torch.Tensor]]  # group -> (block ids, slot offsets)
     tables: dict[str, torch.Tensor]  # group -> block ids to read
     valid: dict[str, int]  # group -> tokens to read
     query_positions: torch.Tensor
+    history: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = field(default_factory=dict)
+    stored_from: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -435,7 +448,8 @@ class PagedKVCache:
                                  {k: v.clone() for k, v in table.stats.items()})
         return Sequence(list(sequence.tokens), tables, sequence.cached_tokens,
                         sequence.prompt_length, sequence.step,
-                        sequence.evicted, list(sequence.hashes), sequence.peak_bytes,
+                        sequence.evicted, sequence.trim_window, list(sequence.hashes),
+                        sequence.peak_bytes,
                         dict(sequence.recent_queries), sequence.recent_positions,
                         sequence.query_scale)
 
@@ -491,8 +505,11 @@ class PagedKVCache:
             index = len(sequence.hashes)
             chunk = sequence.tokens[index * bs:(index + 1) * bs]
             sequence.hashes.append(_block_hash(sequence.hashes[-1] if index else b"", chunk))
-        slots, tables, valid = {}, {}, {}
+        plan = WritePlan({}, {}, {}, positions)
         for group in self.groups:
+            if group.window is not None and sequence.trim_window:
+                self._plan_trimmed(sequence, group, plan)
+                continue
             pool, table = self.pools[group.name], sequence.tables[group.name]
             block_ids, offsets = [], []
             for position in range(start, start + len(new_tokens)):
@@ -516,15 +533,68 @@ class PagedKVCache:
                     pool.register(table.blocks[-1], sequence.hashes[table.pristine[-1]])
             ids, offs = torch.tensor(block_ids), torch.tensor(offsets)
             pool.positions[ids, offs] = positions
-            slots[group.name] = (ids, offs)
-            tables[group.name] = torch.tensor(table.blocks)
-            valid[group.name] = table.tokens(self.block_size)
+            plan.slots[group.name] = (ids, offs)
+            plan.tables[group.name] = torch.tensor(table.blocks)
+            count = plan.valid[group.name] = table.tokens(self.block_size)
             self._grow_stats(group, table)
             if table.stats:
-                count = valid[group.name]
                 table.stats["written_at"][count - len(new_tokens):count] = float(sequence.step)
         sequence.peak_bytes = max(sequence.peak_bytes, self.memory(sequence).bytes)
-        return WritePlan(slots, tables, valid, positions)
+        return plan
+
+    def _plan_trimmed(self, sequence: Sequence, group: LayerGroup, plan: WritePlan) -> None:
+        """Plan a sliding-window group's pass so that it stores only the new tokens a later
+        query can see. Its layers read the tokens held before the pass (recorded in
+        `plan.history`) and the pass's own keys; blocks that die in this pass and that this
+        sequence computed alone take the stored tokens (each layer reads its slice before
+        writing it), and the other dying blocks are let go by `finish` as usual."""
+        pool, table, bs = self.pools[group.name], sequence.tables[group.name], self.block_size
+        start, end = int(plan.query_positions[0]), sequence.length
+        held = torch.tensor(table.blocks, dtype=torch.long)
+        count = table.tokens(bs)
+        plan.history[group.name] = (
+            held, count, pool.positions.index_select(0, held).flatten()[:count].clone())
+        live = self._first_live_block(group, end)
+        reused = sequence.cached_tokens // bs  # logical blocks served from the prefix cache
+        spare, dying, kept = [], [], []
+        for block, index in zip(table.blocks, table.pristine, strict=True):
+            if index >= live:
+                kept.append((block, index))
+            elif pool.refcount[block] == 1 and (index >= reused or block not in pool.hash_of):
+                spare.append((block, index))
+            else:
+                dying.append((block, index))
+        table.blocks = [block for block, _ in kept]
+        table.pristine = [index for _, index in kept]
+        first = max(start, live * bs)
+        block_ids, offsets = [], []
+        for position in range(first, end):
+            if position % bs == 0:
+                if spare:
+                    block = spare.pop(0)[0]
+                    pool.forget(block)  # rewritten in this pass
+                else:
+                    block = pool.allocate()
+                table.blocks.append(block)
+                table.pristine.append(position // bs)
+                table.fill = 0
+            elif pool.refcount[table.blocks[-1]] > 1:  # shared tail: copy before writing
+                shared = table.blocks[-1]
+                table.blocks[-1] = pool.copy(shared)
+                pool.release(shared)
+            block_ids.append(table.blocks[-1])
+            offsets.append(table.fill)
+            table.fill += 1
+            if table.fill == bs and not sequence.evicted:
+                pool.register(table.blocks[-1], sequence.hashes[position // bs])
+        # dying blocks not rewritten are still read in this pass: `finish` lets them go
+        leftover = sorted(dying + spare, key=lambda item: item[1])
+        table.blocks = [block for block, _ in leftover] + table.blocks
+        table.pristine = [index for _, index in leftover] + table.pristine
+        ids, offs = torch.tensor(block_ids), torch.tensor(offsets)
+        pool.positions[ids, offs] = plan.query_positions[first - start:]
+        plan.slots[group.name] = (ids, offs)
+        plan.stored_from[group.name] = first - start
 
     def finish(self, sequence: Sequence) -> None:
         """After a forward pass: drop sliding-window blocks no future query can see."""
@@ -564,24 +634,32 @@ class PagedKVCache:
                     pool.forget(block)
                     pool.free.append(block)
 
-    def write(self, plan: WritePlan, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store a layer's new keys/values ([1, heads, new, dim]) in their planned slots."""
+    def update(self, plan: WritePlan, layer: int, key: torch.Tensor, value: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store a layer's new keys and values ([1, heads, new, dim]) in their planned slots;
+        return what the layer's queries attend over ([heads, tokens, dim]) and the positions
+        those tokens hold. A group trimmed in this pass reads its history before storing (the
+        pass may rewrite those slots) and attends over the new keys as computed."""
         name = self.group_of[layer]
         pool = self.pools[name]
         index = pool.layer_index[layer]
         blocks, offsets = plan.slots[name]
-        pool.store(index, blocks, offsets, key[0].transpose(0, 1), value[0].transpose(0, 1))
-
-    def read(self, plan: WritePlan, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A layer's keys and values ([heads, tokens, dim]) and the positions they hold."""
-        name = self.group_of[layer]
-        pool = self.pools[name]
-        index = pool.layer_index[layer]
+        history = plan.history.get(name)
+        if history is not None:
+            held, count, positions = history
+            old_keys, old_values = pool.load(index, held, count)
+        first = plan.stored_from.get(name, 0)
+        pool.store(index, blocks, offsets, key[0, :, first:].transpose(0, 1),
+                   value[0, :, first:].transpose(0, 1))
+        if history is not None:
+            dtype = old_keys.dtype
+            return (torch.cat([old_keys.transpose(0, 1), key[0].to(dtype)], dim=1),
+                    torch.cat([old_values.transpose(0, 1), value[0].to(dtype)], dim=1),
+                    torch.cat([positions, plan.query_positions]))
         table, count = plan.tables[name], plan.valid[name]
         keys, values = pool.load(index, table, count)
-        keys, values = keys.transpose(0, 1), values.transpose(0, 1)
         positions = pool.positions.index_select(0, table).flatten()[:count]
-        return keys, values, positions
+        return keys.transpose(0, 1), values.transpose(0, 1), positions
 
     # --- eviction support --------------------------------------------------------------------
 
