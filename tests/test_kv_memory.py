@@ -38,7 +38,7 @@ def test_eviction_bounds_the_peak_to_the_budget_plus_one_chunk(agent_engine):
     prompt = ids(2048)
     full, full_peak = full_bytes(agent_engine, prompt)
     budget = int(0.6 * full)  # -40% of total KV bytes
-    for policy in ("pyagent", "tova", "snapkv", "h2o", "streaming_llm"):
+    for policy in ("pyagent", "tova", "snapkv", "h2o", "streaming_llm", "kvzip"):
         engine = Engine(agent_engine.loaded, kv=KVSettings(
             policy=policy, budget=Budget(bytes=budget), share_prefix=False, prefill_chunk=CHUNK))
         sequence = engine.open(prompt)
@@ -286,3 +286,28 @@ def test_prompt_mode_evicts_once_the_whole_prompt_is_in(agent_engine):
         engine.close(sequence)
     assert held["chunk"][0] <= 256 and held["prompt"][0] <= 256
     assert held["prompt"][1] > 2 * held["chunk"][1]  # the whole prompt, then eviction
+
+
+def test_reconstruction_scores_every_held_token_and_stores_nothing(agent_engine):
+    engine = Engine(agent_engine.loaded, kv=KVSettings(
+        policy="kvzip", budget=Budget(ratio=0.5), share_prefix=False, prefill_chunk=CHUNK))
+    prompt = ids(300)
+    sequence = engine.open(prompt)
+    engine.forward(sequence, prompt)
+    used = {name: pool.used for name, pool in engine.cache.pools.items()}
+    engine.reconstruct(sequence)
+    assert {name: pool.used for name, pool in engine.cache.pools.items()} == used
+    assert sequence.length == 300 and sequence.scored == 300
+    recon = sequence.tables["global"].stats["recon"][:300]
+    assert (recon > 0).all() and (recon <= 1).all()
+    before = recon.clone()
+    engine.reconstruct(sequence)  # nothing new to score
+    assert torch.equal(sequence.tables["global"].stats["recon"][:300], before)
+    engine.close(sequence)
+    # the policy scores lazily, once eviction is due, then each chunk's new tokens
+    sequence = engine.open(prompt)
+    engine.prefill(sequence, prompt)
+    assert sequence.scored == 300 and sequence.evicted
+    kept = engine.cache.memory(sequence).bytes
+    assert kept <= engine.cache.memory().bytes
+    engine.close(sequence)

@@ -43,6 +43,7 @@ class PagedForward:
     plan: WritePlan
     collect: bool = False  # gather statistics in the global layers
     window: int = 0  # recent queries to keep per global layer (0: none)
+    probe: bool = False  # record the most attention each held global token gets ("recon")
 
     def attend(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float) -> torch.Tensor:
@@ -55,6 +56,8 @@ class PagedForward:
             mask = key_pos[None, :] <= query_pos[:, None]
             if group.window is not None:
                 mask &= key_pos[None, :] > query_pos[:, None] - group.window
+        if group.window is None and self.probe:
+            return self._attend_probing(query, keys, values, mask, scaling)
         if group.window is None and self.window:
             self._remember(layer, query)
             self.sequence.query_scale = scaling
@@ -77,25 +80,48 @@ class PagedForward:
     def _attend_with_stats(self, layers: tuple[int, ...], layer: int, query: torch.Tensor,
                            keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                            scaling: float) -> torch.Tensor:
-        heads, count, dim = query.shape[1], query.shape[2], query.shape[3]
-        kv_heads, length = keys.shape[0], keys.shape[1]
-        grouped = query[0].reshape(kv_heads, heads // kv_heads, count, dim)
-        out = torch.empty_like(grouped)
         stats = self.sequence.tables["global"].stats
-        first_layer = layer == layers[0]
-        share = 1.0 / len(layers)
-        rows = max(1, SCORE_ELEMENTS // (heads * length))
-        for start in range(0, count, rows):
-            end = min(count, start + rows)
-            scores = torch.einsum("kgnd,kld->kgnl", grouped[:, :, start:end], keys) * scaling
-            if mask is not None:
-                scores = scores.masked_fill(~mask[start:end], float("-inf"))
-            probs = torch.softmax(scores.float(), dim=-1)
-            out[:, :, start:end] = torch.einsum("kgnl,kld->kgnd", probs.to(values.dtype), values)
+        count, length = query.shape[2], keys.shape[1]
+
+        def observe(start: int, end: int, probs: torch.Tensor) -> None:
             visible = mask[start:end].sum(-1) if mask is not None else torch.full((1,), length)
-            _observe(stats, probs.flatten(0, 1), visible, share, self.sequence.step,
-                     last=(end == count), first_layer=first_layer)
-        return out.reshape(1, heads, count, dim).transpose(1, 2)
+            _observe(stats, probs.flatten(0, 1), visible, 1.0 / len(layers), self.sequence.step,
+                     last=(end == count), first_layer=layer == layers[0])
+
+        return _attend_in_chunks(query, keys, values, mask, scaling, observe)
+
+    def _attend_probing(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                        mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """Attend, and raise each held token's "recon" statistic to the most attention any
+        head's query paid it in this layer."""
+        recon = self.sequence.tables["global"].stats["recon"]
+        held = keys.shape[1] - query.shape[2]  # the keys before the pass's own
+
+        def observe(_start: int, _end: int, probs: torch.Tensor) -> None:
+            recon[:held] = torch.maximum(recon[:held], probs[..., :held].amax(dim=(0, 1, 2)))
+
+        return _attend_in_chunks(query, keys, values, mask, scaling, observe)
+
+
+def _attend_in_chunks(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      mask: torch.Tensor | None, scaling: float, observe) -> torch.Tensor:
+    """Attention of `query` ([1, heads, n, dim]) over `keys` and `values` ([kv_heads, l, dim]),
+    computed in chunks of queries; `observe(start, end, probs)` sees each chunk's probabilities
+    ([kv_heads, group, queries, keys])."""
+    heads, count, dim = query.shape[1], query.shape[2], query.shape[3]
+    kv_heads, length = keys.shape[0], keys.shape[1]
+    grouped = query[0].reshape(kv_heads, heads // kv_heads, count, dim)
+    out = torch.empty_like(grouped)
+    rows = max(1, SCORE_ELEMENTS // (heads * length))
+    for start in range(0, count, rows):
+        end = min(count, start + rows)
+        scores = torch.einsum("kgnd,kld->kgnl", grouped[:, :, start:end], keys) * scaling
+        if mask is not None:
+            scores = scores.masked_fill(~mask[start:end], float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1)
+        out[:, :, start:end] = torch.einsum("kgnl,kld->kgnd", probs.to(values.dtype), values)
+        observe(start, end, probs)
+    return out.reshape(1, heads, count, dim).transpose(1, 2)
 
 
 @dataclass

@@ -163,6 +163,7 @@ class EvictionPolicy(Protocol):
     granularity: Literal["token", "block"]
     collects: bool  # needs attention statistics gathered while attending
     window: int  # recent queries it needs remembered (0: none)
+    reconstructs: bool  # needs the "recon" statistic (`Engine.reconstruct`) before evicting
 
     def scores(self, view: KVView, keep: int) -> torch.Tensor: ...
 
@@ -175,6 +176,7 @@ class _Policy:
     granularity: ClassVar[Literal["token", "block"]] = "token"
     collects: ClassVar[bool] = False
     window: ClassVar[int] = 0
+    reconstructs: ClassVar[bool] = False
 
     def least(self, block_size: int) -> int:
         return 0
@@ -234,6 +236,28 @@ class SnapKV(_Policy):
 
     def least(self, block_size: int) -> int:
         return self.window
+
+
+class KVzip(_Policy):
+    """Query-agnostic scoring by context reconstruction (KVzip, Kim et al. 2025): a token's
+    score is the most attention any query paid it while the model repeated the context. The
+    first `sinks` tokens and the last `recent` are kept."""
+
+    name = "kvzip"
+    reconstructs = True
+
+    def __init__(self, sinks: int = 4, recent: int = 16):
+        self.sinks = sinks
+        self.recent = recent
+
+    def scores(self, view: KVView, keep: int) -> torch.Tensor:
+        scores = view.stats["recon"].clone()
+        scores[view.positions < self.sinks] = PINNED
+        scores[view.positions >= view.length - self.recent] = PINNED
+        return scores
+
+    def least(self, block_size: int) -> int:
+        return self.sinks + self.recent
 
 
 class RandomPolicy(_Policy):
@@ -327,6 +351,7 @@ POLICIES: dict[str, Callable[[], EvictionPolicy]] = {
     "h2o": H2O,
     "tova": TOVA,
     "snapkv": SnapKV,
+    "kvzip": KVzip,
     "random": RandomPolicy,
 }
 

@@ -37,6 +37,8 @@ from pyagent.engine.toolcalls import as_text_messages, reply_schema
 from pyagent.errors import ConfigError, PyAgentError, RequestError
 from pyagent.types import Completion, CompletionRequest, StreamEvent
 
+# What reconstruction scoring (`Engine.reconstruct`) puts before the tokens it repeats
+REPEAT_PROMPT = "\n\nRepeat the text above, word for word:\n"
 DEFAULT_KV_SHARE = 0.25  # of the memory available at start, when no KV capacity is given
 # How the paged cache stores keys and values: "auto" is the model's compute dtype; int8 keeps
 # each token's key and value per head with a float32 scale (about 26% of float32's bytes).
@@ -217,9 +219,7 @@ class Engine:
                       collect: bool | None = None, window: int | None = None
                       ) -> list[torch.Tensor]:
         """One forward pass over the new tokens of several sequences; each one's hidden states.
-        An item without a sequence pads the pass: its tokens touch no cache. A pass of prompt
-        tokens only (no item of one token) from `DENSE_ROWS` rows multiplies int8 weights
-        through bfloat16 GEMM (engine/quantize.py)."""
+        An item without a sequence pads the pass: its tokens touch no cache."""
         if collect is None:
             collect = bool(self.policy and self.policy.collects)
         if window is None:
@@ -236,16 +236,41 @@ class Engine:
                 positions.append(plan.query_positions)
             tokens.extend(new)
         sizes = [len(new) for _, new in items]
-        paged = attention.BatchForward(parts, sizes)
-        dense = min(sizes) > 1 and sum(sizes) >= DENSE_ROWS
-        with torch.inference_mode(), dense_prompt() if dense else nullcontext():
-            out = self.model.model(input_ids=torch.tensor([tokens]),
-                                   position_ids=torch.cat(positions)[None],
-                                   attention_mask=self._no_masks, use_cache=False, paged=paged)
+        hidden = self._run(attention.BatchForward(parts, sizes), tokens, torch.cat(positions))
         for sequence, _ in items:
             if sequence is not None:
                 self.cache.finish(sequence)
-        return list(out.last_hidden_state[0].split(sizes))
+        return list(hidden.split(sizes))
+
+    def _run(self, paged: attention.BatchForward, tokens: list[int], positions: torch.Tensor
+             ) -> torch.Tensor:
+        """The model over `tokens` at `positions` with paged attention; the final hidden states.
+        A pass of prompt tokens only (no part of one token) from `DENSE_ROWS` rows multiplies
+        int8 weights through bfloat16 GEMM (engine/quantize.py)."""
+        dense = min(paged.sizes) > 1 and sum(paged.sizes) >= DENSE_ROWS
+        with torch.inference_mode(), dense_prompt() if dense else nullcontext():
+            out = self.model.model(input_ids=torch.tensor([tokens]), position_ids=positions[None],
+                                   attention_mask=self._no_masks, use_cache=False, paged=paged)
+        return out.last_hidden_state[0]
+
+    def reconstruct(self, sequence: Sequence) -> None:
+        """Score the held global tokens for query-agnostic eviction, as KVzip does: the tokens
+        not scored yet are fed again after an instruction to repeat the text, in chunks, as
+        queries only (nothing is stored), and every held token's "recon" statistic becomes the
+        most attention a reconstructing query paid it. Tokens the model must look up to repeat
+        the context (names, numbers, paths) score high; what it can predict scores low."""
+        chunk = self.kv.prefill_chunk
+        for start in range(sequence.scored, sequence.length, chunk):
+            tokens = self._repeat_ids + sequence.tokens[start:start + chunk]
+            plan = self.cache.probe_plan(sequence, len(tokens))
+            part = attention.PagedForward(self.cache, sequence, plan, probe=True)
+            self._run(attention.BatchForward([part], [len(tokens)]), tokens,
+                      plan.query_positions)
+        sequence.scored = sequence.length
+
+    @cached_property
+    def _repeat_ids(self) -> list[int]:
+        return self.tokenizer(REPEAT_PROMPT, add_special_tokens=False)["input_ids"]
 
     def _trims(self, sequence: Sequence, new: int) -> bool:
         """Whether a pass of `new` tokens on `sequence` trims its sliding-window layers: when
@@ -313,6 +338,9 @@ class Engine:
         keep = self.kv.budget.global_tokens(self.cache, sequence)
         if self.kv.budget.ratio is not None:
             keep = max(keep, self.policy.least(self.kv.block_size))
+        if self.policy.reconstructs and \
+                sequence.tables["global"].tokens(self.kv.block_size) > keep:
+            self.reconstruct(sequence)
         return evict(self.cache, sequence, self.policy, keep)
 
     def json_constraint(self, schema: dict, param: str = "response_format") -> JsonConstraint:

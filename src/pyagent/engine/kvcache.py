@@ -31,9 +31,10 @@ from pyagent.errors import ConfigError, RequestError
 
 DEFAULT_BLOCK_SIZE = 16
 # Per-token statistics of the global layers: accumulated attention mass, entropy-weighted mass,
-# the peak focused attention received, the latest query's attention, the step the token was last
-# attended above uniform, and the step it was written.
-STATS = ("mass", "focus", "peak", "last", "attended_at", "written_at")
+# the peak focused attention received, the latest query's attention, the most attention a query
+# reconstructing the context paid it (`Engine.reconstruct`), the step the token was last attended
+# above uniform, and the step it was written.
+STATS = ("mass", "focus", "peak", "last", "recon", "attended_at", "written_at")
 STEP_STATS = ("attended_at", "written_at")  # -1 until set
 
 
@@ -304,6 +305,7 @@ class Sequence:
     recent_positions: torch.Tensor = field(
         default_factory=lambda: torch.zeros(0, dtype=torch.long))
     query_scale: float = 1.0  # the attention scaling those queries were used with
+    scored: int = 0  # tokens before this position have their reconstruction score ("recon")
 
     @property
     def length(self) -> int:
@@ -451,7 +453,7 @@ class PagedKVCache:
                         sequence.evicted, sequence.trim_window, list(sequence.hashes),
                         sequence.peak_bytes,
                         dict(sequence.recent_queries), sequence.recent_positions,
-                        sequence.query_scale)
+                        sequence.query_scale, sequence.scored)
 
     def _restore_stats(self, pool: BlockPool, table: Table) -> None:
         """Give reused prefix blocks the statistics they had gathered (steps count from 0)."""
@@ -540,6 +542,22 @@ class PagedKVCache:
             if table.stats:
                 table.stats["written_at"][count - len(new_tokens):count] = float(sequence.step)
         sequence.peak_bytes = max(sequence.peak_bytes, self.memory(sequence).bytes)
+        return plan
+
+    def probe_plan(self, sequence: Sequence, count: int) -> WritePlan:
+        """A plan for `count` tokens placed after `sequence` that stores nothing: every layer
+        attends over what the sequence holds plus the pass's own keys."""
+        start = sequence.length
+        plan = WritePlan({}, {}, {}, torch.arange(start, start + count))
+        empty = torch.zeros(0, dtype=torch.long)
+        for group in self.groups:
+            pool, table = self.pools[group.name], sequence.tables[group.name]
+            held = torch.tensor(table.blocks, dtype=torch.long)
+            held_count = table.tokens(self.block_size)
+            plan.history[group.name] = (
+                held, held_count, pool.positions.index_select(0, held).flatten()[:held_count])
+            plan.slots[group.name] = (empty, empty)
+            plan.stored_from[group.name] = count
         return plan
 
     def _plan_trimmed(self, sequence: Sequence, group: LayerGroup, plan: WritePlan) -> None:
@@ -649,8 +667,9 @@ class PagedKVCache:
             held, count, positions = history
             old_keys, old_values = pool.load(index, held, count)
         first = plan.stored_from.get(name, 0)
-        pool.store(index, blocks, offsets, key[0, :, first:].transpose(0, 1),
-                   value[0, :, first:].transpose(0, 1))
+        if blocks.numel():
+            pool.store(index, blocks, offsets, key[0, :, first:].transpose(0, 1),
+                       value[0, :, first:].transpose(0, 1))
         if history is not None:
             dtype = old_keys.dtype
             return (torch.cat([old_keys.transpose(0, 1), key[0].to(dtype)], dim=1),
