@@ -59,7 +59,7 @@ budgets = st.one_of(st.builds(lambda r: Budget(ratio=r), st.floats(0.05, 1.0)),
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(policy=st.sampled_from(["full", *POLICIES]), budget=budgets,
-       dtype=st.sampled_from(["auto", "bfloat16", "int8"]),
+       dtype=st.sampled_from(["auto", "bfloat16", "int8", "int4"]),
        mode=st.sampled_from(["chunk", "prompt"]), chunk=st.sampled_from([16, 48, 100]),
        capacity=st.sampled_from([None, 1024]), share=st.booleans(), operations=OPERATIONS)
 def test_random_cache_operations_keep_every_invariant(agent_engine, policy, budget, dtype, mode,
