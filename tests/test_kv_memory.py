@@ -279,10 +279,18 @@ def test_int4_keys_appended_token_by_token_stay_within_their_bound():
     keys[10] = keys[:10].mean(0)  # inside every channel's range
     pool = int4_pool(dim=dim)
     block = torch.tensor([pool.allocate()])
+    pair = torch.tensor([pool.allocate(), pool.allocate()])  # two blocks per write
     growths = torch.zeros(16, dim)  # per written token, growths of each channel since
     previous = None
     for t in range(16):
         pool.store(0, block, torch.tensor([t]), keys[t:t + 1], torch.randn(1, 1, dim))
+        pool.store(0, pair, torch.tensor([t, t]), keys[t:t + 1].expand(2, 1, dim),
+                   torch.randn(2, 1, dim))
+        for name in ("k", "k_zero", "k_step"):  # one token or several: the same grids
+            plane = pool.planes[name][0]
+            written = plane[:, :t + 1] if name == "k" else plane
+            assert torch.equal(written[block[0]], written[pair[0]]), (t, name)
+            assert torch.equal(written[block[0]], written[pair[1]]), (t, name)
         grid = pool.planes["k_zero"][0, block[0], 0].clone(), pool.planes["k_step"][0, block[0], 0]
         codes = kvquant.unpack4(pool.k[0, block[0], :t, 0], dim)
         if previous is not None:

@@ -65,6 +65,8 @@ INT4_VALUE_GROUP = 32  # int4: value channels of a token that share one zero poi
 INT4 = torch.uint4  # the storage dtype that selects int4 (codes are kept two per uint8)
 LEVELS = 15  # int4 codes are 0..15: 15 steps between the zero point and the top of the range
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)
+_DOWN = torch.tensor(-torch.inf, dtype=torch.float16)
+_UP = torch.tensor(torch.inf, dtype=torch.float16)
 
 
 def grouped(tensor: torch.Tensor, group: int) -> torch.Tensor:
@@ -83,10 +85,12 @@ def pack4(codes: torch.Tensor) -> torch.Tensor:
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 
-def unpack4(packed: torch.Tensor, count: int) -> torch.Tensor:
-    """The first `count` codes of each row of `pack4`'s output."""
-    codes = torch.stack([packed & 15, packed >> 4], -1).flatten(-2)
-    return codes[..., :count]
+def unpack4(packed: torch.Tensor, count: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """The first `count` codes of each row of `pack4`'s output, as `dtype`."""
+    codes = torch.empty((*packed.shape, 2), dtype=dtype)
+    codes[..., 0] = packed & 15
+    codes[..., 1] = packed >> 4
+    return codes.flatten(-2)[..., :count]
 
 
 def int4_grid(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,12 +99,10 @@ def int4_grid(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torc
     low = low.float().clamp(-FLOAT16_MAX, FLOAT16_MAX)
     high = high.float().clamp(-FLOAT16_MAX, FLOAT16_MAX)
     zero = low.half()
-    zero = torch.where(zero.float() > low, torch.nextafter(zero, zero.new_tensor(-torch.inf)),
-                       zero)
+    zero = torch.where(zero.float() > low, torch.nextafter(zero, _DOWN), zero)
     exact = ((high - zero.float()) / LEVELS).clamp(min=2.0**-24)  # float16's smallest step
     step = exact.half()
-    step = torch.where(step.float() < exact, torch.nextafter(step, step.new_tensor(torch.inf)),
-                       step)
+    step = torch.where(step.float() < exact, torch.nextafter(step, _UP), step)
     return zero, step
 
 
@@ -112,6 +114,18 @@ def int4_encode(tensor: torch.Tensor, zero: torch.Tensor, step: torch.Tensor) ->
 
 def int4_decode(codes: torch.Tensor, zero: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(zero.float(), codes.float(), step.float())
+
+
+def _decode_packed(packed: torch.Tensor, zero: torch.Tensor, step: torch.Tensor, count: int,
+                   group: int | None = None) -> torch.Tensor:
+    """Float32 values of packed codes, decoded in place (the hot path of `load`): the grids
+    broadcast against [..., count], or against [..., groups, group] when `group` is given."""
+    codes = unpack4(packed, count, torch.float32)
+    if group is None:
+        return codes.mul_(step.float()).add_(zero.float())
+    groups = grouped(codes, group)
+    return groups.mul_(step.float()[..., None]).add_(zero.float()[..., None]
+                                                     ).flatten(-2)[..., :count]
 
 
 def quantize_tokens(tensor: torch.Tensor, group: int = INT4_VALUE_GROUP
@@ -127,8 +141,7 @@ def quantize_tokens(tensor: torch.Tensor, group: int = INT4_VALUE_GROUP
 def dequantize_tokens(packed: torch.Tensor, zero: torch.Tensor, step: torch.Tensor, dim: int,
                       group: int = INT4_VALUE_GROUP) -> torch.Tensor:
     """Float32 [..., dim] from `quantize_tokens`' output."""
-    codes = grouped(unpack4(packed, dim), group)
-    return int4_decode(codes, zero[..., None], step[..., None]).flatten(-2)[..., :dim]
+    return _decode_packed(packed, zero, step, dim, group)
 
 
 def quantize_channels(tensor: torch.Tensor, axis: int = 0
@@ -142,7 +155,7 @@ def quantize_channels(tensor: torch.Tensor, axis: int = 0
 
 def dequantize_channels(packed: torch.Tensor, zero: torch.Tensor, step: torch.Tensor, dim: int,
                         axis: int = 0) -> torch.Tensor:
-    return int4_decode(unpack4(packed, dim), zero.unsqueeze(axis), step.unsqueeze(axis))
+    return _decode_packed(packed, zero.unsqueeze(axis), step.unsqueeze(axis), dim)
 
 
 class Plain:
@@ -237,6 +250,9 @@ class Int4(Plain):
         codes, zero, step = quantize_tokens(value)
         for name, tensor in (("v", codes), ("v_zero", zero), ("v_step", step)):
             planes[name][index][blocks, offsets] = tensor
+        if len(offsets) == 1 and int(offsets[0]) > 0:
+            self._append_key(planes, index, int(blocks[0]), int(offsets[0]), key[0])
+            return
         unique, inverse = torch.unique(blocks, return_inverse=True)
         block_size = planes["k"].shape[2]
         # a block's writes are contiguous from slot 0: the slots before its first one written
@@ -266,6 +282,23 @@ class Int4(Plain):
         self._write_keys(planes, slice(index, index + 1), unique, keys[None], zero[None],
                          step[None])
 
+    def _append_key(self, planes, index: int, block: int, offset: int, key: torch.Tensor
+                    ) -> None:
+        """`store` for one key ([heads, dim]) after `offset` tokens of its block (decoding):
+        the same grids, with fewer operations."""
+        old_zero, old_step = planes["k_zero"][index, block], planes["k_step"][index, block]
+        old_low, key = old_zero.float(), key.float()
+        old_high = int4_decode(torch.full_like(old_low, LEVELS), old_zero, old_step)
+        inside = (key >= old_low) & (key <= old_high)
+        zero, step = int4_grid(torch.minimum(key, old_low), torch.maximum(key, old_high))
+        zero = torch.where(inside, old_zero, zero)
+        step = torch.where(inside, old_step, step)
+        old = _decode_packed(planes["k"][index, block, :offset], old_zero, old_step, self.dim)
+        keys = torch.cat([old, key[None]])
+        planes["k"][index, block, :offset + 1] = pack4(int4_encode(keys, zero, step))
+        planes["k_zero"][index, block] = zero
+        planes["k_step"][index, block] = step
+
     def _block_grid(self, keys: torch.Tensor, end: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel grids of blocks [..., blocks, block_size, heads, dim] over their slots
@@ -294,9 +327,8 @@ class Int4(Plain):
     def move(self, planes, targets, target_slots, sources, source_slots) -> None:
         """Values are copied with their grids; keys are decoded, placed, and every target
         block re-encoded on a grid over its slots up to the last one written."""
-        moved = int4_decode(unpack4(planes["k"][:, sources, source_slots], self.dim),
-                            planes["k_zero"][:, sources],
-                            planes["k_step"][:, sources])  # [layers, tokens, heads, dim]
+        moved = _decode_packed(planes["k"][:, sources, source_slots], planes["k_zero"][:, sources],
+                               planes["k_step"][:, sources], self.dim)  # [layers, tokens, ...]
         for name in ("v", "v_zero", "v_step"):
             planes[name][:, targets, target_slots] = planes[name][:, sources, source_slots]
         unique, inverse = torch.unique(targets, return_inverse=True)
