@@ -9,7 +9,7 @@ blocks axis whatever follows it.
 - int8 (`Int8`): every token's key and value of every head on its own, symmetric absmax per
   group of QUANT_GROUP channels: `k`, `v` int8 codes and `k_scale`, `v_scale`
   [..., block_size, heads, dim / QUANT_GROUP] float32. A token written later never changes an
-  earlier one. 272 bytes per head and token for head_dim 256 (float32: 1024).
+  earlier one. 544 bytes of key and value per head and token for head_dim 256 (float32: 2048).
 - int4 (`Int4`), after KIVI (Liu et al., 2024) and transformers' quantized cache: 16 levels,
   asymmetric (a zero point, the minimum, and a step of (max - min) / 15), two codes per byte
   (even channel in the low nibble; an odd dim gets one padding code).
@@ -28,10 +28,11 @@ blocks axis whatever follows it.
 Why asymmetric, and groups of 32 value channels: on keys and values of Gemma 3 270M after a
 1k-token text (relative L2 error, all layers), keys per channel per block are at 3.4%
 asymmetric and 6.7% symmetric (the outlier channels are offset, not centred), against 13.9% per
-token (groups of 64); values per token are at 8.7% asymmetric in groups of 32 channels (160
-bytes per token and head), 10.6% in groups of 64 (144 bytes), and symmetric at 11.7% in groups of
-32 (144 bytes) and 9.7% in groups of 16 (160 bytes): at equal bytes the zero point buys more than
-smaller groups, and groups of 32 cut the error by a fifth for 4.5% more bytes than groups of 64.
+token in groups of 64 channels, and 7.0% per token at the same bytes (groups of 16). Values per
+token are at 8.7% asymmetric in groups of 32 channels (160 bytes per token and head), 10.6% in
+groups of 64 (144 bytes), and symmetric at 11.7% in groups of 32 (144 bytes) and 9.7% in groups
+of 16 (160 bytes): at equal bytes the zero point buys more than smaller groups, and groups of 32
+cut the error by a fifth for 4.5% more bytes than groups of 64.
 
 Zero points and steps are float16 (the largest key and value magnitudes seen on that text are 109
 and 149; magnitudes beyond float16's 65504 saturate), rounded outward: the zero point down, then
@@ -48,12 +49,13 @@ tokens are re-encoded onto it from their decoded values. Ranges only grow, so a 
 through r such growths after it was written is within (r + 1) / 2 steps of the block's final
 grid (r <= block_size - 1), and a block filled in one write (a prefill chunk covering it) is
 encoded once. Measured on Gemma 3 270M keys written one token at a time: 4.5% against 3.4% when
-each block is encoded at once, still three times better than per token.
+each block is encoded at once, still better than per token at the same bytes (7.0%).
 
 Moving tokens (eviction packs survivors into fewer blocks): values and their grids are copied as
 they are (lossless); keys are decoded from their source blocks and each target block gets a new
 per-channel grid over the tokens it then holds (its slots up to the last one written), which
-adds at most half a step of that grid to each key.
+adds at most half a step of that grid to each key each time it moves (survivors of partly kept
+blocks are packed again at every eviction that keeps their block only partly).
 """
 
 from __future__ import annotations
