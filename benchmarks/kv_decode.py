@@ -1,5 +1,5 @@
 """What the KV storage dtype costs in decode speed: tokens/s after a 2k-token prompt with keys and
-values kept in float32 (the model's dtype), bfloat16 and int8.
+values kept in float32 (the model's dtype), bfloat16, int8 and int4.
 
     .venv/bin/python benchmarks/kv_decode.py
 
@@ -23,7 +23,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 ROUNDS = 3
 PROMPT_TOKENS = 2048
 DECODE_TOKENS = 64
-DTYPES = ("auto", "bfloat16", "int8")
+DTYPES = ("auto", "bfloat16", "int8", "int4")
 
 
 def main() -> None:

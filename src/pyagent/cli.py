@@ -54,7 +54,8 @@ BudgetOpt = Annotated[str | None, typer.Option(
     "global-layer tokens (2048), or bytes of total KV, all layers (12MiB).")]
 KVDtypeOpt = Annotated[str, typer.Option(
     "--kv-dtype", help="How the embedded engine stores keys and values: auto (as the model "
-    "computes), bfloat16, float16 or int8 (per 64 channels, about a quarter of float32).")]
+    "computes), bfloat16, float16, int8 (per 64 channels, about a quarter of float32) or int4 "
+    "(values per token, keys per channel of each block, about a sixth of float32).")]
 ShareOpt = Annotated[bool, typer.Option(
     "--prefix-sharing/--no-prefix-sharing", help="Reuse the KV of prompt prefixes seen before.")]
 

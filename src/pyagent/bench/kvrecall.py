@@ -30,8 +30,8 @@ the full cache in one run:
   refuses (below what the sliding-window layers hold, or below what a policy pins) is recorded as
   infeasible.
 - Methods: the full cache and every registered policy; `name@dtype` keeps keys and values in
-  `dtype` (`full@int8`: int8 storage alone; `pyagent@int8`: both), so quantization and eviction
-  meet the same byte budget together.
+  `dtype` (`full@int8`: int8 storage alone; `pyagent@int8`: both; likewise `@int4`), so
+  quantization and eviction meet the same byte budget together.
 - Peak: every row records the most KV bytes its sequence held at once, and whether that stayed
   within the budget (the full cache's bytes for the full cache) plus one prefill chunk's KV.
 """

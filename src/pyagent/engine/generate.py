@@ -28,6 +28,7 @@ from pyagent.engine.decoding import Decoder
 from pyagent.engine.eviction import Budget, evict, make_policy
 from pyagent.engine.grammar import JsonConstraint, grammar_tokenizer
 from pyagent.engine.kvcache import DEFAULT_BLOCK_SIZE, PagedKVCache, Sequence
+from pyagent.engine.kvquant import INT4
 from pyagent.engine.landmarks import TokenTraits
 from pyagent.engine.model import LoadedModel, load
 from pyagent.engine.quantize import DENSE_ROWS, dense_prompt
@@ -41,9 +42,11 @@ from pyagent.types import Completion, CompletionRequest, StreamEvent
 REPEAT_PROMPT = "\n\nRepeat the text above, word for word:\n"
 DEFAULT_KV_SHARE = 0.25  # of the memory available at start, when no KV capacity is given
 # How the paged cache stores keys and values: "auto" is the model's compute dtype; int8 keeps
-# each token's key and value per head with a float32 scale (about 26% of float32's bytes).
+# each token's key and value per head with a float32 scale (about 26% of float32's bytes); int4
+# keeps values per token and keys per channel of each block, with float16 zero points and steps
+# (about 17% of float32's bytes for Gemma 3 270M; engine/kvquant.py).
 KV_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
-             "float16": torch.float16, "int8": torch.int8}
+             "float16": torch.float16, "int8": torch.int8, "int4": INT4}
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,13 @@ that reuses it can still rank those tokens for eviction.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
+from pyagent.engine.kvquant import storage_format
 from pyagent.engine.landmarks import TokenTraits
 from pyagent.errors import ConfigError, RequestError
 
@@ -61,24 +63,11 @@ def layer_groups(config) -> list[LayerGroup]:
     return groups
 
 
-QUANT_GROUP = 64  # channels that share one int8 scale
-
-
-def _grouped(tensor: torch.Tensor) -> torch.Tensor:
-    """[..., dim] -> [..., groups, QUANT_GROUP], zero-padded."""
-    pad = -tensor.shape[-1] % QUANT_GROUP
-    if pad:
-        tensor = torch.nn.functional.pad(tensor, (0, pad))
-    return tensor.unflatten(-1, (-1, QUANT_GROUP))
-
-
 class BlockPool:
-    """Physical KV storage of one layer group. Each plane is [layers, blocks, block_size, ...]:
-    `k` and `v` ([..., heads, dim]) in the storage dtype, and for int8 storage `k_scale` and
-    `v_scale` ([..., heads, dim / QUANT_GROUP], float32): every token's key and value of every
-    head is quantized on its own, absmax per group of QUANT_GROUP channels, so a block's tokens
-    never share a scale and a token written later never changes an earlier one. `load` gives
-    keys and values back in the compute dtype.
+    """Physical KV storage of one layer group, in `planes`: tensors [layers, blocks, ...] whose
+    layout and encoding its storage format owns (engine/kvquant.py): keys and values as they are
+    in a float dtype, int8 per token, or int4 with values per token and keys per channel of each
+    block. `load` gives keys and values back in the compute dtype.
 
     Storage grows by doubling up to `max_blocks`; past that, blocks that only the prefix cache
     holds are reclaimed, least recently used first.
@@ -92,14 +81,8 @@ class BlockPool:
         self.max_blocks = max_blocks
         self.compute_dtype = dtype
         self.layer_index = {layer: i for i, layer in enumerate(group.layers)}
-        storage = storage or dtype
-        shape = (len(group.layers), 0, block_size, kv_heads)
-        self.planes = {"k": torch.zeros((*shape, head_dim), dtype=storage),
-                       "v": torch.zeros((*shape, head_dim), dtype=storage)}
-        if storage == torch.int8:
-            groups = -(-head_dim // QUANT_GROUP)
-            self.planes |= {"k_scale": torch.zeros((*shape, groups)),
-                            "v_scale": torch.zeros((*shape, groups))}
+        self.format = storage_format(storage or dtype, head_dim)
+        self.planes = self.format.planes(len(group.layers), block_size, kv_heads)
         self.positions = torch.zeros((0, block_size), dtype=torch.long)
         self.refcount: list[int] = []
         self.free: list[int] = []
@@ -117,22 +100,23 @@ class BlockPool:
 
     @property
     def k(self) -> torch.Tensor:
-        """Stored keys, [layers, blocks, block_size, heads, dim]."""
+        """Stored keys, [layers, blocks, block_size, heads, ...] (int4: two codes per byte)."""
         return self.planes["k"]
 
     @property
     def v(self) -> torch.Tensor:
-        """Stored values, [layers, blocks, block_size, heads, dim]."""
+        """Stored values, [layers, blocks, block_size, heads, ...] (int4: two codes per byte)."""
         return self.planes["v"]
 
     @property
     def quantized(self) -> bool:
-        return "k_scale" in self.planes
+        return self.format.quantized
 
     @property
     def bytes_per_block_per_layer(self) -> int:
-        return sum(self.block_size * p.shape[3] * p.shape[4] * p.element_size()
-                   for p in self.planes.values())
+        """Every plane's bytes for one block of one layer, whatever its shape after the
+        blocks axis (int4 keys' grids are per block, without a token axis)."""
+        return sum(math.prod(p.shape[2:]) * p.element_size() for p in self.planes.values())
 
     @property
     def bytes_per_block(self) -> int:
@@ -151,35 +135,24 @@ class BlockPool:
     def move(self, targets: torch.Tensor, target_slots: torch.Tensor, sources: torch.Tensor,
              source_slots: torch.Tensor) -> None:
         """Copy the tokens in (sources, source_slots) of every layer to (targets, target_slots);
-        the sources are read in full before anything is written."""
-        for plane in self.planes.values():
-            plane[:, targets, target_slots] = plane[:, sources, source_slots]
+        the sources are read in full before anything is written. A target block then holds
+        its tokens up to the last slot written (int4 re-encodes its keys on a grid over them)."""
+        self.format.move(self.planes, targets, target_slots, sources, source_slots)
         self.positions[targets, target_slots] = self.positions[sources, source_slots]
 
     def store(self, index: int, blocks: torch.Tensor, offsets: torch.Tensor,
               key: torch.Tensor, value: torch.Tensor) -> None:
-        """Write layer `index`'s keys and values ([tokens, heads, dim]) to their slots."""
-        for name, tensor in (("k", key), ("v", value)):
-            if self.quantized:
-                grouped = _grouped(tensor.float())
-                scale = grouped.abs().amax(-1).clamp(min=1e-8) / 127
-                self.planes[name + "_scale"][index][blocks, offsets] = scale
-                tensor = torch.round(grouped / scale[..., None]).flatten(-2)[..., :key.shape[-1]]
-            self.planes[name][index][blocks, offsets] = tensor.to(self.planes[name].dtype)
+        """Write layer `index`'s keys and values ([tokens, heads, dim]) to their slots. The
+        writes of a block are contiguous from its slot 0 (int4 keys rely on it: the slots before
+        the first one written hold the block's tokens so far)."""
+        self.format.store(self.planes, index, blocks, offsets, key, value)
 
     def load(self, index: int, table: torch.Tensor, count: int
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `index`'s keys and values ([tokens, heads, dim], compute dtype) of the first
         `count` slots of the blocks in `table`."""
-        out = []
-        for name in ("k", "v"):
-            data = self.planes[name][index].index_select(0, table).flatten(0, 1)[:count]
-            if self.quantized:
-                scale = self.planes[name + "_scale"][index].index_select(0, table)
-                data = (_grouped(data.float()) * scale.flatten(0, 1)[:count, ..., None]
-                        ).flatten(-2)[..., :data.shape[-1]]
-            out.append(data.to(self.compute_dtype))
-        return out[0], out[1]
+        keys, values = self.format.load(self.planes, index, table, count)
+        return keys.to(self.compute_dtype), values.to(self.compute_dtype)
 
     def allocate(self) -> int:
         """A block with reference count 1, for writing: a free one, else new storage while the
