@@ -13,9 +13,11 @@ fixed KV pool runs at once.
    engine whose KV pool holds POOL_TOKENS tokens per layer group. The scheduler admits what the
    reservations allow; the table gives the most agents that ran at once, the pool's peak KV
    bytes, and the workload's wall time and throughput, for the full cache, for PyAgent's policy
-   keeping 35% of the global layers' tokens, and for that policy on int8 keys and values in a
-   pool of the same bytes (int8 with its scales takes 272 of float32's 1024 bytes per head and
-   token, so the pool holds 1024/272 as many tokens).
+   keeping 35% of the global layers' tokens, and for that policy on int8 and on int4 keys and
+   values in a pool of the same bytes (per head and token, int8 with its scales takes 544 of
+   float32's 2048 bytes, int4 352, so the pool holds that many times more tokens). Quality in the
+   same run: each agent's 32 greedy tokens against the full cache's, as the share of them before
+   the first token that differs (1.0: the same output).
 Results: benchmarks/results/kv-memory.json and kv-memory.md (kv-memory-quick with --quick).
 """
 
@@ -100,6 +102,9 @@ def peaks(engine: Engine, corpus: list[int], lengths: list[int]) -> list[dict]:
             row["int8_pyagent_peak"] = paged_peak(both, ids)[0]
         except RequestError:
             row["int8_pyagent_peak"] = None
+        int4 = Engine(engine.loaded, kv=KVSettings(share_prefix=False, max_tokens=length + 64,
+                                                   dtype="int4"))
+        row["int4_peak"] = paged_peak(int4, ids)[0]
         rows.append(row)
     return rows
 
@@ -122,6 +127,7 @@ def fleet(engine: Engine, corpus: list[int], agents: int, kv: KVSettings) -> dic
     wall = time.perf_counter() - started
     tokens = sum(c.usage.total_tokens for c in results)
     return {"agents": agents, "completed": len(results),
+            "outputs": [server.tokenize(c.text, add_special_tokens=False) for c in results],
             "most_at_once": server.scheduler.most_running,
             "pool_peak_bytes": server.cache.memory().peak_bytes,
             "request_peak_bytes_max": max(c.kv_peak_bytes for c in results),
@@ -129,11 +135,22 @@ def fleet(engine: Engine, corpus: list[int], agents: int, kv: KVSettings) -> dic
             "wall_s": wall, "tokens_per_s": tokens / wall}
 
 
+def agreement(outputs: list[list[int]], reference: list[list[int]]) -> float:
+    """Mean share of each reference output that `outputs` reproduces before the first token
+    that differs."""
+    shares = []
+    for ours, theirs in zip(outputs, reference, strict=True):
+        same = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
+                    min(len(ours), len(theirs)))
+        shares.append(same / max(1, len(theirs)))
+    return sum(shares) / len(shares)
+
+
 def markdown(result: dict) -> list[str]:
     lines = ["| prompt tokens | transformers DynamicCache MiB | paged full: peak MiB | "
              "PyAgent -40% budget MiB | PyAgent peak MiB | peak within budget + chunk | "
-             "int8 KV: peak MiB | int8 + PyAgent at -75% budget: peak MiB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "int8 KV: peak MiB | int8 + PyAgent at -75% budget: peak MiB | int4 KV: peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["peaks"]:
         measured = ("infeasible (the sliding-window layers alone hold more) | -"
                     if "infeasible" in r else f"{r['pyagent_peak'] / MIB:.1f} | "
@@ -142,15 +159,17 @@ def markdown(result: dict) -> list[str]:
         lines.append(f"| {r['tokens']} | {r['hf_dynamic_cache'] / MIB:.1f} | "
                      f"{r['paged_full_peak'] / MIB:.1f} | {r['budget'] / MIB:.1f} | "
                      f"{measured} | {r['int8_peak'] / MIB:.1f} | "
-                     f"{'infeasible' if both is None else f'{both / MIB:.1f}'} |")
+                     f"{'infeasible' if both is None else f'{both / MIB:.1f}'} | "
+                     f"{r['int4_peak'] / MIB:.1f} |")
     lines += ["", f"Fleet in a pool of {result['pool_tokens']} tokens per layer group "
               f"({result['pool_mib']:.0f} MiB if both groups fill):", "",
               "| cache | agents | most at once | pool peak MiB | largest request peak MiB | "
-              "wall s | tokens/s |", "|---|---|---|---|---|---|---|"]
+              "wall s | tokens/s | output agreement with the full cache |",
+              "|---|---|---|---|---|---|---|---|"]
     for name, r in result["fleet"].items():
         lines.append(f"| {name} | {r['agents']} | {r['most_at_once']} | "
                      f"{r['pool_peak_bytes'] / MIB:.1f} | {r['request_peak_bytes_max'] / MIB:.1f}"
-                     f" | {r['wall_s']:.1f} | {r['tokens_per_s']:.0f} |")
+                     f" | {r['wall_s']:.1f} | {r['tokens_per_s']:.0f} | {r['agreement']:.2f} |")
     full = result["fleet"]["full"]
     for name, r in result["fleet"].items():
         if name != "full":
@@ -177,8 +196,14 @@ def main() -> None:
                         "pyagent": fleet(engine, corpus, agents, KVSettings(
                             **common, policy="pyagent", budget=Budget(ratio=0.35))),
                         "int8 + pyagent": fleet(engine, corpus, agents, KVSettings(
-                            max_tokens=pool * 1024 // 272, share_prefix=True, dtype="int8",
+                            max_tokens=pool * 2048 // 544, share_prefix=True, dtype="int8",
+                            policy="pyagent", budget=Budget(ratio=0.35))),
+                        "int4 + pyagent": fleet(engine, corpus, agents, KVSettings(
+                            max_tokens=pool * 2048 // 352, share_prefix=True, dtype="int4",
                             policy="pyagent", budget=Budget(ratio=0.35)))}}
+    reference = result["fleet"]["full"]["outputs"]
+    for run in result["fleet"].values():
+        run["agreement"] = agreement(run["outputs"], reference)
     stem = "kv-memory-quick" if args.quick else "kv-memory"
     write_result(RESULTS, stem, result, markdown(result))
 
