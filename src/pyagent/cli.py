@@ -48,7 +48,8 @@ DtypeOpt = Annotated[str, typer.Option(
          "(int8 or bfloat16 linear layers and LM head, float32 elsewhere; int8 decodes one "
          "stream fastest, bf16-weights batches best on CPUs with AMX).")]
 PolicyOpt = Annotated[str, typer.Option(
-    "--kv-policy", help="KV eviction: full, pyagent, streaming_llm, h2o, tova, snapkv, kvzip, random.")]
+    "--kv-policy",
+    help="KV eviction: full, pyagent, streaming_llm, h2o, tova, snapkv, kvzip, random.")]
 BudgetOpt = Annotated[str | None, typer.Option(
     "--kv-budget", help="KV kept under eviction: a ratio of the global layers' tokens (0.5), "
     "global-layer tokens (2048), or bytes of total KV, all layers (12MiB).")]
