@@ -488,24 +488,14 @@ class PagedKVCache:
             pool, table = self.pools[group.name], sequence.tables[group.name]
             block_ids, offsets = [], []
             for position in range(start, start + len(new_tokens)):
+                new = None
                 if not table.blocks or table.fill == self.block_size:
-                    table.blocks.append(pool.allocate())
                     aligned = not sequence.evicted or group.window is not None
-                    table.pristine.append(position // self.block_size if aligned and
-                                          position % self.block_size == 0 else None)
-                    table.fill = 0
-                elif pool.refcount[table.blocks[-1]] > 1:  # shared tail: copy before writing
-                    shared = table.blocks[-1]
-                    table.blocks[-1] = pool.copy(shared)
-                    pool.release(shared)
-                block_ids.append(table.blocks[-1])
-                offsets.append(table.fill)
-                table.fill += 1
-                # after eviction, even a sliding-window block depends on what was evicted:
-                # it must not pass for the same tokens computed over the whole context
-                if table.fill == self.block_size and table.pristine[-1] is not None \
-                        and not sequence.evicted:
-                    pool.register(table.blocks[-1], sequence.hashes[table.pristine[-1]])
+                    new = (pool.allocate(), position // self.block_size if aligned and
+                           position % self.block_size == 0 else None)
+                block, offset = self._append(sequence, pool, table, new)
+                block_ids.append(block)
+                offsets.append(offset)
             ids, offs = torch.tensor(block_ids), torch.tensor(offsets)
             pool.positions[ids, offs] = positions
             plan.slots[group.name] = (ids, offs)
@@ -516,6 +506,28 @@ class PagedKVCache:
                 table.stats["written_at"][count - len(new_tokens):count] = float(sequence.step)
         sequence.peak_bytes = max(sequence.peak_bytes, self.memory(sequence).bytes)
         return plan
+
+    def _append(self, sequence: Sequence, pool: BlockPool, table: Table,
+                new: tuple[int, int | None] | None) -> tuple[int, int]:
+        """Take the next slot of `table`: the first of `new` (a block for writing, and the
+        logical block it holds exactly or None) when given, else the last block's next one (a
+        shared last block is copied first). A block that fills up pristine is registered as a
+        prefix; after eviction none is: even a sliding-window block then depends on what was
+        evicted, and must not pass for the same tokens computed over the whole context."""
+        if new is not None:
+            table.blocks.append(new[0])
+            table.pristine.append(new[1])
+            table.fill = 0
+        elif pool.refcount[table.blocks[-1]] > 1:
+            shared = table.blocks[-1]
+            table.blocks[-1] = pool.copy(shared)
+            pool.release(shared)
+        slot = (table.blocks[-1], table.fill)
+        table.fill += 1
+        if table.fill == self.block_size and table.pristine[-1] is not None \
+                and not sequence.evicted:
+            pool.register(table.blocks[-1], sequence.hashes[table.pristine[-1]])
+        return slot
 
     def probe_plan(self, sequence: Sequence, count: int) -> WritePlan:
         """A plan for `count` tokens placed after `sequence` that stores nothing: every layer
@@ -560,24 +572,16 @@ class PagedKVCache:
         first = max(start, live * bs)
         block_ids, offsets = [], []
         for position in range(first, end):
+            new = None
             if position % bs == 0:
                 if spare:
-                    block = spare.pop(0)[0]
-                    pool.forget(block)  # rewritten in this pass
+                    new = (spare.pop(0)[0], position // bs)
+                    pool.forget(new[0])  # rewritten in this pass
                 else:
-                    block = pool.allocate()
-                table.blocks.append(block)
-                table.pristine.append(position // bs)
-                table.fill = 0
-            elif pool.refcount[table.blocks[-1]] > 1:  # shared tail: copy before writing
-                shared = table.blocks[-1]
-                table.blocks[-1] = pool.copy(shared)
-                pool.release(shared)
-            block_ids.append(table.blocks[-1])
-            offsets.append(table.fill)
-            table.fill += 1
-            if table.fill == bs and not sequence.evicted:
-                pool.register(table.blocks[-1], sequence.hashes[position // bs])
+                    new = (pool.allocate(), position // bs)
+            block, offset = self._append(sequence, pool, table, new)
+            block_ids.append(block)
+            offsets.append(offset)
         # dying blocks not rewritten are still read in this pass: `finish` lets them go
         leftover = sorted(dying + spare, key=lambda item: item[1])
         table.blocks = [block for block, _ in leftover] + table.blocks
