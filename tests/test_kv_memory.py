@@ -174,15 +174,22 @@ def test_a_prompt_sent_again_after_a_long_generation_reuses_its_prefix(agent_eng
     assert memory.allocated_bytes <= memory.capacity_bytes == 3008 * per_token_bytes(engine)
 
 
-def test_int8_keys_and_values_stay_close_to_float32_in_a_quarter_of_the_bytes(agent_engine):
+def logits_and_bytes(agent_engine, dtypes: tuple[str, ...]
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Per KV dtype: the logits after a 300-token prompt, and the KV bytes it holds."""
     prompt = ids(300)
     outputs, held = {}, {}
-    for dtype in ("auto", "bfloat16", "int8"):
+    for dtype in dtypes:
         engine = Engine(agent_engine.loaded, kv=KVSettings(share_prefix=False, dtype=dtype))
         sequence = engine.open(prompt)
         outputs[dtype] = engine.logits(engine.forward(sequence, prompt))
         held[dtype] = engine.cache.memory(sequence).bytes
         engine.close(sequence)
+    return outputs, held
+
+
+def test_int8_keys_and_values_stay_close_to_float32_in_a_quarter_of_the_bytes(agent_engine):
+    outputs, held = logits_and_bytes(agent_engine, ("auto", "bfloat16", "int8"))
     assert held["bfloat16"] == held["auto"] // 2
     dim = agent_engine.model.config.head_dim
     groups = -(-dim // 64)  # int8 per element, a float32 scale per 64 channels of each head
@@ -220,14 +227,7 @@ def int4_bytes_per_head_and_token(dim: int, block_size: int = 16) -> float:
 
 
 def test_int4_keys_and_values_stay_close_to_float32_in_a_sixth_of_the_bytes(agent_engine):
-    prompt = ids(300)
-    outputs, held = {}, {}
-    for dtype in ("auto", "int8", "int4"):
-        engine = Engine(agent_engine.loaded, kv=KVSettings(share_prefix=False, dtype=dtype))
-        sequence = engine.open(prompt)
-        outputs[dtype] = engine.logits(engine.forward(sequence, prompt))
-        held[dtype] = engine.cache.memory(sequence).bytes
-        engine.close(sequence)
+    outputs, held = logits_and_bytes(agent_engine, ("auto", "int8", "int4"))
     dim = agent_engine.model.config.head_dim
     assert held["int4"] * 8 * dim == held["auto"] * int4_bytes_per_head_and_token(dim)
     assert held["int4"] < held["int8"] < held["auto"]
