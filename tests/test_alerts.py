@@ -24,7 +24,8 @@ from pyagent.observe.metrics.alerts import (
 )
 from pyagent.observe.metrics.source import MetricSource
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "alerts.yaml"
+EXAMPLE = (Path(__file__).resolve().parent.parent / "src" / "pyagent" / "observe" / "defaults"
+           / "alerts.yaml")
 
 
 def write(tmp_path: Path, text: str) -> Path:

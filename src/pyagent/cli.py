@@ -57,6 +57,9 @@ KVDtypeOpt = Annotated[str, typer.Option(
     "--kv-dtype", help="How the embedded engine stores keys and values: auto (as the model "
     "computes), bfloat16, float16, int8 (per 64 channels, about a quarter of float32) or int4 "
     "(values per token, keys per channel of each block, about a sixth of float32).")]
+TokenOpt = Annotated[str | None, typer.Option(
+    help="Bearer token clients must send (default: the PYAGENT_TOKEN environment variable); "
+         "required to bind an address other than loopback.")]
 ShareOpt = Annotated[bool, typer.Option(
     "--prefix-sharing/--no-prefix-sharing", help="Reuse the KV of prompt prefixes seen before.")]
 
@@ -222,28 +225,102 @@ def serve(
         help="Requests that may wait beyond the batch; more get HTTP 429.")] = 64,
     max_body_bytes: Annotated[int, typer.Option(
         help="Largest request body; larger ones get HTTP 413.", min=1)] = 4 * 1024 * 1024,
+    token: TokenOpt = None,
+    data: Annotated[Path | None, typer.Option(
+        help="Also serve the observability API and dashboard of this data folder, with this "
+             "engine's KV memory and queue.")] = None,
 ) -> None:
     """Serve the embedded engine over an OpenAI-compatible HTTP API."""
     import threading
+    from contextlib import nullcontext
 
     import uvicorn
 
+    from pyagent.auth import BearerAuth, server_token
     from pyagent.engine.server import create_app
 
+    token = server_token(host, token)
     engine = _load_engine(model, dtype, context_length, kv_policy, kv_budget, prefix_sharing,
                           max_batch, max_queue, kv_dtype)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, max_body_bytes), host=host, port=port,
-                                           log_level="warning"))
-    http = threading.Thread(target=server.run, name="pyagent-http", daemon=True)
-    http.start()
-    err.print(f"serving {engine.name} at http://{host}:{port}/v1 (Ctrl-C stops)")
-    try:  # the model runs on the main thread, where OpenMP's workers wake fastest
-        engine.scheduler.run(stop=lambda: not http.is_alive())
-    except KeyboardInterrupt:
-        server.should_exit = True
-        http.join()
-    finally:
-        engine.shutdown()
+    app = create_app(engine, max_body_bytes)
+    with nullcontext() if data is None else _observing(data, gauges=engine.gauges) as observer:
+        if observer is not None:
+            from pyagent.observe.api import add_observer, public_path
+
+            add_observer(app, observer)
+        if token is not None:
+            app.add_middleware(BearerAuth, token=token,
+                               protected=lambda path: path != "/health" and not public_path(path))
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        http = threading.Thread(target=server.run, name="pyagent-http", daemon=True)
+        http.start()
+        err.print(f"serving {engine.name} at http://{host}:{port}/v1"
+                  + (f", the dashboard at http://{host}:{port}/" if data else "")
+                  + " (Ctrl-C stops)")
+        try:  # the model runs on the main thread, where OpenMP's workers wake fastest
+            engine.scheduler.run(stop=lambda: not http.is_alive())
+        except KeyboardInterrupt:
+            server.should_exit = True
+            http.join()
+        finally:
+            engine.shutdown()
+
+
+def _observing(data: Path, **options: Any):
+    from pyagent.observing import observing
+
+    return observing(data, **options)
+
+
+@app.command()
+def observe(
+    data: DataOpt = Path(".pyagent"),
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8321,
+    token: TokenOpt = None,
+    redact: Annotated[list[str] | None, typer.Option(
+        help="A regular expression whose matches in span attributes are masked before they "
+             "reach the API, the stream or OTLP (repeat for several; a group named 'secret' "
+             "masks only that part).")] = None,
+    default_redactions: Annotated[bool, typer.Option(
+        "--default-redactions/--no-default-redactions",
+        help="Also mask common credential shapes (API keys, tokens, private keys, "
+             "password=...).")] = True,
+    otlp_endpoint: Annotated[str | None, typer.Option(
+        help="Send traces and metrics over OTLP/HTTP to this base URL (http://host:4318): "
+             "Jaeger, Tempo, Phoenix or Langfuse.")] = None,
+    otlp_header: Annotated[list[str] | None, typer.Option(
+        help="An OTLP request header NAME=VALUE (repeat for several).")] = None,
+    objectives: Annotated[Path | None, typer.Option(
+        help="Health objectives YAML (default: the observer's own).")] = None,
+    alerts: Annotated[Path | None, typer.Option(
+        help="Alert rules YAML (default: the observer's own).")] = None,
+    prices: PricesOpt = None,
+) -> None:
+    """Serve the live dashboard and the observability API of the runs writing to a data folder."""
+    import uvicorn
+
+    from pyagent.auth import server_token
+    from pyagent.observe.api import create_observer_app
+
+    token = server_token(host, token)
+    headers = {}
+    for header in otlp_header or []:
+        name, sep, value = header.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--otlp-header must be NAME=VALUE, got {header!r}")
+        headers[name.strip()] = value
+    with _observing(data, prices=prices, objectives=objectives, alerts=alerts, redact=redact,
+                    default_redactions=default_redactions, otlp_endpoint=otlp_endpoint,
+                    otlp_headers=headers) as observer:
+        if not data.is_dir():
+            err.print(f"[yellow]{escape(str(data))} does not exist yet[/]: the dashboard says so "
+                      "until a run writes there")
+        err.print(f"observing {data} at http://{host}:{port}/"
+                  + (" (bearer token required for the API)" if token else "")
+                  + " (Ctrl-C stops)", highlight=False)
+        uvicorn.run(create_observer_app(observer, token), host=host, port=port,
+                    log_level="warning")
 
 
 DEMO_REQUESTS = (
@@ -283,6 +360,7 @@ def demo(model: ModelOpt = DEFAULT_MODEL, dtype: DtypeOpt = "float32",
     shutil.copytree(example / "project", workspace, dirs_exist_ok=True)
     out.print(f"\n[bold]workflow[/] examples/bugfix/manifest.yaml on a copy in {workspace}")
     runtime = Runtime.open(data)
+    runtime.sample(engine.gauges)
     try:
         runner = orchestrator(example / "manifest.yaml", workspace, "sequenced", runtime,
                               backend_factory({"model": model}, lambda: engine))
@@ -469,7 +547,8 @@ def run_manifest(
         options = {"backend": backend, "base_url": base_url, "model": model,
                    "compact_keep": compact_keep}
         runner = orchestrator(manifest, workspace, mode, runtime,
-                              backend_factory(options, _embedded_loader(model)), compact_keep)
+                              backend_factory(options, _embedded_loader(model, runtime)),
+                              compact_keep)
         _report_steps(runtime)
         result = runner.run(task, run_id, options)
         err.print(_totals_line(runtime.tokens.totals()))
@@ -492,7 +571,8 @@ def resume(run_id: Annotated[str, typer.Argument(help="The run to continue.")],
         state = runtime.state(run_id)
         options = state["options"]
         runner = orchestrator(Path(state["manifest"]), Path(state["workspace"]), state["mode"],
-                              runtime, backend_factory(options, _embedded_loader(options["model"])),
+                              runtime,
+                              backend_factory(options, _embedded_loader(options["model"], runtime)),
                               options.get("compact_keep"))
         _report_steps(runtime)
         result = runner.resume(run_id, force=force)
@@ -501,8 +581,15 @@ def resume(run_id: Annotated[str, typer.Argument(help="The run to continue.")],
     _finish(result, data)
 
 
-def _embedded_loader(model: str):
-    return lambda: _load_engine(model, "float32")
+def _embedded_loader(model: str, runtime):
+    """Loads the embedded engine when an agent first needs it, and samples its KV memory and
+    queue into the data folder for observers."""
+    def load():
+        engine = _load_engine(model, "float32")
+        runtime.sample(engine.gauges)
+        return engine
+
+    return load
 
 
 def _report_steps(runtime) -> None:

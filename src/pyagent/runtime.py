@@ -4,7 +4,7 @@ each agent gets, and the orchestrator that ties them together."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from pyagent.fleet.orchestrator import Orchestrator, owner_alive
 from pyagent.fleet.tools.registry import TOOLS
 from pyagent.llm.base import Backend
 from pyagent.observe.events import EventBus
+from pyagent.observe.gauges import GaugeSampler, Reading
 from pyagent.observe.metrics import MetricsFeed, MetricsRegistry
 from pyagent.observe.traces import TraceStore
 from pyagent.resilience.sqlite_store import SQLiteCheckpointStore
@@ -53,6 +54,7 @@ class Runtime:
     prices: PriceTable
     metrics: MetricsRegistry
     tokens: TokenTracker
+    samplers: list[GaugeSampler] = field(default_factory=list)
 
     @classmethod
     def open(cls, data_dir: Path, prices: Path | None = None, create: bool = True) -> Runtime:
@@ -121,7 +123,14 @@ class Runtime:
             raise ConfigError(f"no run {run_id!r} in {self.checkpoints.path.parent}")
         return checkpoint.state
 
+    def sample(self, read: Callable[[], Reading]) -> None:
+        """Write the gauges `read` returns into the trace store while this runtime is open (an
+        engine's KV bytes and queue, for observers in other processes)."""
+        self.samplers.append(GaugeSampler(self.traces, read).start())
+
     def close(self) -> None:
+        for sampler in self.samplers:
+            sampler.stop()
         self.traces.close()
         self.checkpoints.close()
 

@@ -220,7 +220,7 @@ class TokenTracker:
         the spans), which spans do not record. Calls are priced at the time they ended."""
         tracker = cls(prices)
         for span in trace_store.spans(run_id):
-            usage = _usage(span.attributes, span.span_id) if span.kind == "llm_call" else None
+            usage = span_usage(span.attributes, span.span_id) if span.kind == "llm_call" else None
             if usage is None:
                 continue
             lineage = trace_store.lineage(span.span_id)[:-1]
@@ -252,7 +252,7 @@ class TokenTracker:
                 while len(self._open) > MAX_OPEN_SPANS:
                     self._open.popitem(last=False)
             return
-        usage = _usage(event.attributes, event.span_id) if event.phase == "end" else None
+        usage = span_usage(event.attributes, event.span_id) if event.phase == "end" else None
         if usage is None:
             return
         above: list[tuple[str, str | None]] = []
@@ -394,7 +394,7 @@ def _totals(run: TokenTracker | Totals) -> Totals:
     return run.totals() if isinstance(run, TokenTracker) else run
 
 
-def _usage(attributes: Mapping[str, Any], span_id: str) -> Usage | None:
+def span_usage(attributes: Mapping[str, Any], span_id: str) -> Usage | None:
     """The usage an LLM-call span reports; None when it reports none (a failed call)."""
     prompt, completion, cached, written = (attributes.get(key) for key in USAGE_KEYS)
     if prompt is None or completion is None:

@@ -143,6 +143,19 @@ class Engine:
         """Stop serving: requests still queued or running end with an error."""
         self.scheduler.close()
 
+    def gauges(self) -> list[tuple[str, dict[str, str], float]]:
+        """The engine's state now as gauges `(name, labels, value)`: KV bytes held, at peak,
+        cached and the capacity; requests running and waiting."""
+        memory = self.cache.memory()
+        load = self.scheduler.load()
+        labels = {"model": self.name}
+        return [("pyagent_kv_bytes", labels, memory.bytes),
+                ("pyagent_kv_peak_bytes", labels, memory.peak_bytes),
+                ("pyagent_kv_cached_prefix_bytes", labels, memory.cached_prefix_bytes),
+                ("pyagent_kv_capacity_bytes", labels, memory.capacity_bytes),
+                ("pyagent_scheduler_running", labels, load["running"]),
+                ("pyagent_scheduler_waiting", labels, load["waiting"])]
+
     # --- KV memory -----------------------------------------------------------------------------
 
     def _default_kv_tokens(self) -> int:

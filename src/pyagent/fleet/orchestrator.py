@@ -151,7 +151,8 @@ class Orchestrator:
             state["owner"] = owner
             self._save(state)  # a run killed before its next checkpoint still names its owner
         with self.bus.span("run", f"run {self.manifest.name}", run_id,
-                           **{"pyagent.mode": self.mode, "pyagent.resumed": state["seq"] > 0}
+                           **{"pyagent.mode": self.mode, "pyagent.resumed": state["seq"] > 0,
+                              "pyagent.manifest.agents": self._definitions()}
                            ) as span:
             try:
                 self._walk(state, span)
@@ -166,6 +167,11 @@ class Orchestrator:
             span.set("pyagent.run.status", state["status"])
             self._save(state)
         return self._result(state)
+
+    def _definitions(self) -> dict[str, dict[str, Any]]:
+        """The manifest's agents as the trace records them (what an observer shows for each)."""
+        return {name: agent.model_dump(mode="json")
+                for name, agent in self.manifest.agents.items()}
 
     def _walk(self, state: dict[str, Any], span: Span) -> None:
         cursor = state["cursor"]

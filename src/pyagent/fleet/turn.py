@@ -36,6 +36,7 @@ from pyagent.types import (
 )
 
 TOOL_OUTPUT_CHARS = 4000  # what an agent sees of one tool result
+TRACE_CHARS = 4000  # what a tool call's span records of its arguments and of its result
 DELEGATE = "delegate"
 MAX_DEPTH = 3  # sub-agents of sub-agents of sub-agents, no deeper
 
@@ -125,6 +126,8 @@ def run_turn(agent: AgentSpec, transcript: list[Message], team: Team, span: Span
                          "pyagent.time_to_first_token_s":
                              completion.timings.time_to_first_token_s,
                          "gen_ai.response.finish_reasons": [completion.finish_reason]})
+            if completion.kv_peak_bytes is not None:
+                call.set("pyagent.kv.peak_bytes", completion.kv_peak_bytes)
         result.usage = _add(result.usage, completion.usage)
         result.messages.append(Message("assistant", completion.text,
                                        tool_calls=completion.tool_calls))
@@ -181,7 +184,9 @@ def _call_tool(tool_call: ToolCall, agent: AgentSpec, allowed: list[str], team: 
     try:
         with span.child("tool_call", f"execute_tool {name}",
                         **{"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": name,
-                           "gen_ai.tool.call.id": tool_call.id}) as call:
+                           "gen_ai.tool.call.id": tool_call.id,
+                           "gen_ai.tool.call.arguments": _clip(tool_call.arguments or "")}
+                        ) as call:
             if name not in allowed:
                 raise ToolError(f"agent {agent.name!r} may not call {name!r}; its tools: "
                                 f"{', '.join(allowed) or 'none'}")
@@ -190,11 +195,20 @@ def _call_tool(tool_call: ToolCall, agent: AgentSpec, allowed: list[str], team: 
                 outcome = _delegate(agent, arguments, team, call, depth, result)
             else:
                 outcome = make_tool(name).call(arguments, team.context(agent))
-            call.set("pyagent.tool.output_chars", len(outcome.output))
+            call.update({"pyagent.tool.output_chars": len(outcome.output),
+                         "gen_ai.tool.call.result": _clip(outcome.output)})
     except ToolError as exc:
         return f"failed: {exc}"
     result.data = dict(outcome.data)
     return outcome.output[-TOOL_OUTPUT_CHARS:]
+
+
+def _clip(text: str) -> str:
+    """A tool's arguments or result as its span records them: at most TRACE_CHARS, the end
+    elided."""
+    if len(text) <= TRACE_CHARS:
+        return text
+    return f"{text[:TRACE_CHARS]}... [{len(text) - TRACE_CHARS} more characters]"
 
 
 def _arguments(tool_call: ToolCall) -> dict[str, Any]:

@@ -1,8 +1,15 @@
 """A SQLite trace store: every published event, and one row per span, in a versioned schema.
 
 One connection guarded by a lock serves every thread; the file is in WAL mode so readers in other
-processes (the dashboard, the miner) do not block the writer. Each event is stored in its own
-transaction, so a failure never loses what was stored before it.
+processes (the observer, the miner) do not block the writer. Each event is stored in its own
+transaction, so a failure never loses what was stored before it. Events get increasing ids in the
+order they were committed, whichever process wrote them, so a reader tails the file by id.
+
+The file also keeps `samples`: gauges (KV bytes held by an engine, requests waiting) that a
+running process writes every second or so under its own source name.
+
+`TraceReader` opens a file read-only and never changes it (no migration, no write);
+`TraceStore` is the writer.
 """
 
 from __future__ import annotations
@@ -10,12 +17,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 from pyagent.errors import ConfigError
 from pyagent.observe.events import Event, EventBus
@@ -48,6 +56,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE spans_v2 RENAME TO spans",
         "CREATE INDEX spans_run ON spans (run_id, start_time)",
         "CREATE INDEX spans_parent ON spans (parent_id)",
+    ),
+    (  # gauges sampled by running processes (engine KV bytes, queue depth)
+        """CREATE TABLE samples (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, timestamp REAL NOT NULL,
+            name TEXT NOT NULL, labels TEXT NOT NULL, value REAL NOT NULL)""",
+        "CREATE INDEX samples_time ON samples (timestamp)",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -96,22 +110,46 @@ class RunTotals:
     errors: int
 
 
-class TraceStore:
-    """Persists events from an `EventBus` and answers questions about runs and spans."""
+@dataclass(frozen=True)
+class Sample:
+    """One gauge reading a process wrote: `source` names the process (host:pid), `labels` the
+    series (the engine's model, for instance)."""
+
+    id: int
+    source: str
+    timestamp: float
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+class TraceReader:
+    """Answers questions about runs and spans in a trace store file, opened read-only: it never
+    migrates or writes the file, so any number of readers can tail a store that running
+    processes write.
+
+    While no writer has the file open (it has no `-wal` side file), the file is opened as
+    immutable, so reading it creates nothing next to it; `stale` then turns true once a writer
+    appears, and the caller opens a new reader that follows the writer's log."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._detach: list[Callable[[], None]] = []
+        if not self.path.is_file():
+            raise ConfigError(f"{self.path}: no trace store there (no run has written to it)")
+        self._wal = self.path.with_name(self.path.name + "-wal")
+        self.immutable = not self._wal.exists()
+        self._stat = _stat(self.path)
+        uri = f"file:{quote(str(self.path.resolve()))}?mode=ro" + (
+            "&immutable=1" if self.immutable else "")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        except (OSError, sqlite3.Error) as exc:
+            self._conn = sqlite3.connect(uri, uri=True, isolation_level=None,
+                                         check_same_thread=False)
+        except sqlite3.Error as exc:
             raise ConfigError(f"{self.path}: cannot open the trace store ({exc})") from exc
         try:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._migrate()
+            self._conn.execute("PRAGMA busy_timeout = 2000")
+            self._check_version()
         except ConfigError:
             self._conn.close()
             raise
@@ -119,37 +157,18 @@ class TraceStore:
             self._conn.close()
             raise ConfigError(f"{self.path}: not a readable trace store ({exc})") from exc
 
-    def _migrate(self) -> None:
-        with self._transaction("BEGIN IMMEDIATE") as conn:
-            tables = {row[0] for row in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
-            if "schema_version" not in tables:
-                if tables:
-                    raise ConfigError(f"{self.path}: not a trace store (it holds tables "
-                                      f"{', '.join(sorted(tables))} but no schema_version)")
-                conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-                conn.execute("INSERT INTO schema_version VALUES (0)")
-            row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
-            version = row[0] if row[0] is not None else 0
-            if version > SCHEMA_VERSION:
-                raise ConfigError(f"{self.path}: trace store schema version {version} is newer "
-                                  f"than version {SCHEMA_VERSION}, the newest this PyAgent reads; "
-                                  "open it with a newer PyAgent")
-            for statements in MIGRATIONS[version:]:
-                for statement in statements:
-                    conn.execute(statement)
-            conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
-
-    @contextmanager
-    def _transaction(self, begin: str = "BEGIN") -> Iterator[sqlite3.Connection]:
-        self._conn.execute(begin)
-        try:
-            yield self._conn
-            self._conn.execute("COMMIT")
-        except BaseException:
-            if self._conn.in_transaction:  # some failures end the transaction themselves
-                self._conn.execute("ROLLBACK")
-            raise
+    def _check_version(self) -> None:
+        tables = {row[0] for row in self._conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "schema_version" not in tables or "events" not in tables:
+            raise ConfigError(f"{self.path}: not a trace store (no schema_version and events "
+                              "tables)")
+        version = self._conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+        if version is None or version > SCHEMA_VERSION:
+            raise ConfigError(f"{self.path}: trace store schema version {version} is not one "
+                              f"this PyAgent reads (1 to {SCHEMA_VERSION}); open it with a "
+                              "newer PyAgent")
+        self._has_samples = "samples" in tables
 
     @property
     def schema_version(self) -> int:
@@ -157,55 +176,37 @@ class TraceStore:
         with self._lock:
             return self._conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
 
-    def attach(self, bus: EventBus) -> Callable[[], None]:
-        """Store every event `bus` publishes from now on; returns the function that stops it."""
-        unsubscribe = bus.subscribe(self.record)
-        with self._lock:
-            self._detach.append(unsubscribe)
-        return unsubscribe
+    @property
+    def stale(self) -> bool:
+        """True when this reader may miss new data: it opened the file as immutable and a writer
+        has opened it since, or the file was replaced."""
+        if self.immutable:
+            return self._wal.exists() or _stat(self.path) != self._stat
+        return _stat(self.path)[:1] != self._stat[:1]
 
-    def record(self, event: Event) -> None:
-        """Store one event and fold it into its span's row."""
-        attributes = _dumps(event.attributes)
-        with self._lock, self._transaction() as conn:
-            conn.execute(
-                "INSERT INTO events (run_id, span_id, parent_id, kind, phase, name, timestamp, "
-                "attributes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (event.run_id, event.span_id, event.parent_id, event.kind, event.phase,
-                 event.name, event.timestamp, attributes))
-            row = conn.execute("SELECT start_time, attributes FROM spans WHERE span_id = ?",
-                               (event.span_id,)).fetchone()
-            if event.phase == "start":
-                start, end, duration = event.timestamp, None, None
-            else:
-                end = event.timestamp
-                duration = event.attributes.get("duration_s")
-                start = row[0] if row else end - (duration or 0.0)
-            if row:
-                attributes = _dumps({**json.loads(row[1]), **event.attributes})
-            conn.execute(
-                f"INSERT INTO spans ({SPAN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (span_id) DO UPDATE SET status = excluded.status, "
-                "start_time = excluded.start_time, end_time = excluded.end_time, "
-                "duration_s = excluded.duration_s, attributes = excluded.attributes",
-                (event.span_id, event.run_id, event.parent_id, event.kind, event.name,
-                 STATUS[event.phase], start, end, duration, attributes))
+    def last_event_id(self) -> int:
+        """The id of the newest stored event (0 when there is none)."""
+        return self._query("SELECT COALESCE(MAX(id), 0) FROM events")[0][0]
 
-    def interrupt(self, run_id: str, bus: EventBus) -> int:
-        """Close the spans of `run_id` still open (their process died) as `interrupted`,
-        through `bus`, at the last moment the run was seen alive; returns how many."""
-        with self._lock:
-            last = self._conn.execute("SELECT MAX(timestamp) FROM events WHERE run_id = ?",
-                                      (run_id,)).fetchone()[0]
-        open_spans = [s for s in self.spans(run_id) if s.status == "running"]
-        for span in reversed(open_spans):  # innermost first, as a live run would close them
-            seen = max(last or span.start or 0.0, span.start or 0.0)
-            bus.publish(Event(span.kind, "interrupted", span.name, run_id, span.span_id,
-                              span.parent_id, seen,
-                              {"duration_s": seen - (span.start or seen),
-                               "error.type": "Interrupted",
-                               "exception.message": "the process running it died"}))
-        return len(open_spans)
+    def events_after(self, cursor: int, limit: int = 1000,
+                     run_id: str | None = None) -> list[tuple[int, Event]]:
+        """Up to `limit` events stored after event id `cursor` (of one run when given), oldest
+        first, each with its id."""
+        where, params = ("id > ? AND run_id = ?", (cursor, run_id)) if run_id else (
+            "id > ?", (cursor,))
+        rows = self._query(
+            "SELECT id, kind, phase, name, run_id, span_id, parent_id, timestamp, attributes "
+            f"FROM events WHERE {where} ORDER BY id LIMIT ?", *params, limit)
+        return [(row[0], Event(*row[1:8], json.loads(row[8]))) for row in rows]
+
+    def samples_after(self, cursor: int, limit: int = 5000) -> list[Sample]:
+        """Up to `limit` gauge samples stored after sample id `cursor`, oldest first."""
+        if not self._has_samples:
+            return []
+        rows = self._query("SELECT id, source, timestamp, name, labels, value FROM samples "
+                           "WHERE id > ? ORDER BY id LIMIT ?", cursor, limit)
+        return [Sample(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5])
+                for row in rows]
 
     def runs(self) -> list[RunRecord]:
         """Every run that has a `run` span, newest first."""
@@ -268,20 +269,169 @@ class TraceStore:
             return self._conn.execute(sql, params).fetchall()
 
     def close(self) -> None:
-        """Stop listening to every attached bus and close the file; calling it again is harmless."""
-        with self._lock:
-            detach, self._detach = self._detach, []
-        for unsubscribe in detach:
-            unsubscribe()
+        """Close the file; calling it again is harmless."""
         with self._lock:
             self._conn.close()
 
-    def __enter__(self) -> TraceStore:
+    def __enter__(self) -> TraceReader:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  traceback: TracebackType | None) -> None:
         self.close()
+
+
+class TraceStore(TraceReader):
+    """Persists events from an `EventBus` (and gauge samples) and answers questions about runs
+    and spans; creates the file, or migrates it to the current schema."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._detach: list[Callable[[], None]] = []
+        self._has_samples = True
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"{self.path}: cannot open the trace store ({exc})") from exc
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except ConfigError:
+            self._conn.close()
+            raise
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            raise ConfigError(f"{self.path}: not a readable trace store ({exc})") from exc
+
+    def _migrate(self) -> None:
+        with self._transaction("BEGIN IMMEDIATE") as conn:
+            tables = {row[0] for row in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
+            if "schema_version" not in tables:
+                if tables:
+                    raise ConfigError(f"{self.path}: not a trace store (it holds tables "
+                                      f"{', '.join(sorted(tables))} but no schema_version)")
+                conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+                conn.execute("INSERT INTO schema_version VALUES (0)")
+            row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            version = row[0] if row[0] is not None else 0
+            if version > SCHEMA_VERSION:
+                raise ConfigError(f"{self.path}: trace store schema version {version} is newer "
+                                  f"than version {SCHEMA_VERSION}, the newest this PyAgent reads; "
+                                  "open it with a newer PyAgent")
+            for statements in MIGRATIONS[version:]:
+                for statement in statements:
+                    conn.execute(statement)
+            conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+
+    @contextmanager
+    def _transaction(self, begin: str = "BEGIN") -> Iterator[sqlite3.Connection]:
+        self._conn.execute(begin)
+        try:
+            yield self._conn
+            self._conn.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:  # some failures end the transaction themselves
+                self._conn.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def _transaction(self, begin: str = "BEGIN") -> Iterator[sqlite3.Connection]:
+        self._conn.execute(begin)
+        try:
+            yield self._conn
+            self._conn.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:  # some failures end the transaction themselves
+                self._conn.execute("ROLLBACK")
+            raise
+
+    def attach(self, bus: EventBus) -> Callable[[], None]:
+        """Store every event `bus` publishes from now on; returns the function that stops it."""
+        unsubscribe = bus.subscribe(self.record)
+        with self._lock:
+            self._detach.append(unsubscribe)
+        return unsubscribe
+
+    def record(self, event: Event) -> None:
+        """Store one event and fold it into its span's row."""
+        attributes = _dumps(event.attributes)
+        with self._lock, self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO events (run_id, span_id, parent_id, kind, phase, name, timestamp, "
+                "attributes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (event.run_id, event.span_id, event.parent_id, event.kind, event.phase,
+                 event.name, event.timestamp, attributes))
+            row = conn.execute("SELECT start_time, attributes FROM spans WHERE span_id = ?",
+                               (event.span_id,)).fetchone()
+            if event.phase == "start":
+                start, end, duration = event.timestamp, None, None
+            else:
+                end = event.timestamp
+                duration = event.attributes.get("duration_s")
+                start = row[0] if row else end - (duration or 0.0)
+            if row:
+                attributes = _dumps({**json.loads(row[1]), **event.attributes})
+            conn.execute(
+                f"INSERT INTO spans ({SPAN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (span_id) DO UPDATE SET status = excluded.status, "
+                "start_time = excluded.start_time, end_time = excluded.end_time, "
+                "duration_s = excluded.duration_s, attributes = excluded.attributes",
+                (event.span_id, event.run_id, event.parent_id, event.kind, event.name,
+                 STATUS[event.phase], start, end, duration, attributes))
+
+    def interrupt(self, run_id: str, bus: EventBus) -> int:
+        """Close the spans of `run_id` still open (their process died) as `interrupted`,
+        through `bus`, at the last moment the run was seen alive; returns how many."""
+        with self._lock:
+            last = self._conn.execute("SELECT MAX(timestamp) FROM events WHERE run_id = ?",
+                                      (run_id,)).fetchone()[0]
+        open_spans = [s for s in self.spans(run_id) if s.status == "running"]
+        for span in reversed(open_spans):  # innermost first, as a live run would close them
+            seen = max(last or span.start or 0.0, span.start or 0.0)
+            bus.publish(Event(span.kind, "interrupted", span.name, run_id, span.span_id,
+                              span.parent_id, seen,
+                              {"duration_s": seen - (span.start or seen),
+                               "error.type": "Interrupted",
+                               "exception.message": "the process running it died"}))
+        return len(open_spans)
+
+    def record_samples(self, source: str, timestamp: float,
+                       values: Iterable[tuple[str, dict[str, str], float]],
+                       keep_s: float | None = None) -> None:
+        """Store one reading of gauges `(name, labels, value)` from `source`; with `keep_s`,
+        drop this source's samples older than that many seconds."""
+        rows = [(source, timestamp, name, _dumps(labels), float(value))
+                for name, labels, value in values]
+        with self._lock, self._transaction() as conn:
+            conn.executemany("INSERT INTO samples (source, timestamp, name, labels, value) "
+                             "VALUES (?, ?, ?, ?, ?)", rows)
+            if keep_s is not None:
+                conn.execute("DELETE FROM samples WHERE source = ? AND timestamp < ?",
+                             (source, timestamp - keep_s))
+
+    def close(self) -> None:
+        """Stop listening to every attached bus and close the file; calling it again is harmless."""
+        with self._lock:
+            detach, self._detach = self._detach, []
+        for unsubscribe in detach:
+            unsubscribe()
+        super().close()
+
+    def __enter__(self) -> TraceStore:
+        return self
+
+
+def _stat(path: Path) -> tuple[int, int, int]:
+    """Inode, size and modification time of `path` (zeros when it is gone)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return (0, 0, 0)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _dumps(attributes: dict[str, Any]) -> str:

@@ -1,0 +1,70 @@
+"""Redaction of secrets in span attributes before they leave the process (API, stream, OTLP).
+
+A `Redactor` replaces every match of its patterns in string values, recursively through lists and
+dicts, with `[REDACTED]`. A pattern with a group named `secret` replaces only that group, so
+`password=[REDACTED]` keeps the key that tells a reader what was hidden. The defaults catch
+common credential shapes; users add their own regular expressions.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from pyagent.errors import ConfigError
+
+MASK = "[REDACTED]"
+DEFAULT_PATTERNS: tuple[str, ...] = (
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----",
+    r"\bsk-[A-Za-z0-9_-]{16,}",  # OpenAI-style API keys
+    r"\bAKIA[0-9A-Z]{16}\b",  # AWS access key ids
+    r"\bgh[pousr]_[A-Za-z0-9]{30,}\b",  # GitHub tokens
+    r"\bxox[abprs]-[A-Za-z0-9-]{10,}",  # Slack tokens
+    r"(?i)\bbearer\s+(?P<secret>[A-Za-z0-9._~+/=-]{16,})",
+    r"(?i)\b(?:password|passwd|secret|api[_-]?key|access[_-]?token|auth[_-]?token)"
+    r"[\"']?\s*[:=]\s*[\"']?(?P<secret>[^\s\"',;]{4,})",
+)
+
+
+class Redactor:
+    """Masks matches of `patterns` (the defaults first unless `defaults` is False)."""
+
+    def __init__(self, patterns: Iterable[str] = (), defaults: bool = True):
+        compiled = []
+        for pattern in [*(DEFAULT_PATTERNS if defaults else ()), *patterns]:
+            try:
+                compiled.append(re.compile(pattern))
+            except re.error as exc:
+                raise ConfigError(f"redaction pattern {pattern!r} is not a valid regular "
+                                  f"expression: {exc}") from None
+        self.patterns = tuple(compiled)
+
+    def text(self, value: str) -> str:
+        """`value` with every match masked."""
+        for pattern in self.patterns:
+            value = pattern.sub(_mask, value)
+        return value
+
+    def value(self, value: Any) -> Any:
+        """A copy of `value` with strings masked inside lists and dicts too."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {key: self.value(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.value(item) for item in value]
+        return value
+
+    def attributes(self, attributes: dict[str, Any]) -> dict[str, Any]:
+        """A copy of span attributes with secrets masked."""
+        return {key: self.value(item) for key, item in attributes.items()} if self.patterns \
+            else attributes
+
+
+def _mask(match: re.Match[str]) -> str:
+    if "secret" not in match.re.groupindex or match.group("secret") is None:
+        return MASK
+    start, end = match.span("secret")
+    offset = match.start()
+    return match.group(0)[:start - offset] + MASK + match.group(0)[end - offset:]
