@@ -251,7 +251,8 @@ def serve(
         if token is not None:
             app.add_middleware(BearerAuth, token=token,
                                protected=lambda path: path != "/health" and not public_path(path))
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                               timeout_graceful_shutdown=2))
         http = threading.Thread(target=server.run, name="pyagent-http", daemon=True)
         http.start()
         err.print(f"serving {engine.name} at http://{host}:{port}/v1"
@@ -320,7 +321,7 @@ def observe(
                   + (" (bearer token required for the API)" if token else "")
                   + " (Ctrl-C stops)", highlight=False)
         uvicorn.run(create_observer_app(observer, token), host=host, port=port,
-                    log_level="warning")
+                    log_level="warning", timeout_graceful_shutdown=2)
 
 
 DEMO_REQUESTS = (

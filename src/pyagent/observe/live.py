@@ -142,10 +142,13 @@ class Observer:
         return self
 
     def stop(self) -> None:
-        """Stop tailing and close the store; calling it again is harmless."""
+        """Stop tailing, end the streams and close the store; calling it again is harmless."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        with self._lock:
+            clients = list(self._clients)
+        self._offer(clients, [])
         if self._reader is not None:
             self._reader.close()
             self._reader = None
@@ -407,7 +410,7 @@ class Observer:
         seen_metrics = -1
         try:
             yield _sse("hello", json.dumps({"version": 1, "cursor": cursor}))
-            while True:
+            while not self._stop.is_set():
                 if client.lagging:
                     client.lagging = False
                     async for chunk, last in self._catch_up(cursor, run_id):

@@ -128,9 +128,11 @@ class TraceReader:
     migrates or writes the file, so any number of readers can tail a store that running
     processes write.
 
-    While no writer has the file open (it has no `-wal` side file), the file is opened as
-    immutable, so reading it creates nothing next to it; `stale` then turns true once a writer
-    appears, and the caller opens a new reader that follows the writer's log."""
+    While no writer has the file open (it is in WAL mode and has no `-wal` side file), the file
+    is opened as immutable, so reading it creates nothing next to it; `stale` then turns true
+    once a writer appears, and the caller opens a new reader that follows the writer's log. A
+    file in another journal mode is read with SQLite's locks (a writer's lock makes reads fail
+    as locked)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -138,7 +140,7 @@ class TraceReader:
         if not self.path.is_file():
             raise ConfigError(f"{self.path}: no trace store there (no run has written to it)")
         self._wal = self.path.with_name(self.path.name + "-wal")
-        self.immutable = not self._wal.exists()
+        self.immutable = _in_wal_mode(self.path) and not self._wal.exists()
         self._stat = _stat(self.path)
         uri = f"file:{quote(str(self.path.resolve()))}?mode=ro" + (
             "&immutable=1" if self.immutable else "")
@@ -423,6 +425,16 @@ class TraceStore(TraceReader):
 
     def __enter__(self) -> TraceStore:
         return self
+
+
+def _in_wal_mode(path: Path) -> bool:
+    """Whether the database header says WAL (its read and write format bytes are 2)."""
+    try:
+        with path.open("rb") as file:
+            header = file.read(20)
+    except OSError:
+        return False
+    return header[:16] == b"SQLite format 3\x00" and header[18:20] == b"\x02\x02"
 
 
 def _stat(path: Path) -> tuple[int, int, int]:
