@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import jsonschema_rs
 import pytest
-from conftest import LoopbackServer
 
+from conftest import LoopbackServer
 from pyagent.errors import ConfigError
 from pyagent.observe.api import create_observer_app
 from pyagent.observe.events import EventBus, Span
@@ -44,18 +44,18 @@ def fleet_run(bus: EventBus, run_id: str, agents: tuple[str, ...] = ("coder", "t
                    for name in agents}
     with bus.span("run", "run bugfix", run_id, **{"pyagent.manifest.agents": definitions}) as run:
         for index, name in enumerate(agents):
-            with run.child("step", f"step s{index}", **{"pyagent.step.id": f"s{index}"}) as step:
-                with step.child("agent", f"invoke_agent {name}",
-                                **{"gen_ai.agent.name": name}) as agent:
-                    _llm(agent, 100 + index, 10 + index)
-                    _tool(agent, "read_file", f'{{"path": "a.py", "key": "{SECRET}"}}',
-                          fail=fail_tool and index == 0)
-                    if index == 0:
-                        with agent.child("tool_call", "execute_tool delegate",
-                                         **{"gen_ai.tool.name": "delegate"}) as call, \
-                                call.child("agent", "invoke_agent helper",
-                                           **{"gen_ai.agent.name": "helper"}) as helper:
-                            _llm(helper, 7, 3)
+            with run.child("step", f"step s{index}", **{"pyagent.step.id": f"s{index}"}
+                           ) as step, step.child("agent", f"invoke_agent {name}",
+                                                 **{"gen_ai.agent.name": name}) as agent:
+                _llm(agent, 100 + index, 10 + index)
+                _tool(agent, "read_file", f'{{"path": "a.py", "key": "{SECRET}"}}',
+                      fail=fail_tool and index == 0)
+                if index == 0:
+                    with agent.child("tool_call", "execute_tool delegate",
+                                     **{"gen_ai.tool.name": "delegate"}) as call, \
+                            call.child("agent", "invoke_agent helper",
+                                       **{"gen_ai.agent.name": "helper"}) as helper:
+                        _llm(helper, 7, 3)
 
 
 def _llm(parent: Span, prompt: int, output: int) -> None:
@@ -161,7 +161,7 @@ def test_filters_by_run_agent_and_window(store):
 def test_runs_span_tree_and_lineage_match_the_trace(store):
     bus, traces, data = store
     fleet_run(bus, "r1")
-    with serving(data) as (observer, url):
+    with serving(data) as (_observer, url):
         runs = httpx.get(f"{url}/api/runs").json()["runs"]
         detail = httpx.get(f"{url}/api/runs/r1").json()
         lineage = httpx.get(f"{url}/api/runs/r1/lineage").json()
@@ -240,7 +240,7 @@ def test_the_stream_resumes_after_a_reconnect_without_gaps(store):
 
 
 def test_live_events_arrive_with_their_node_and_edge(store):
-    bus, traces, data = store
+    bus, _traces, data = store
     with serving(data) as (observer, url):
         wait_for(lambda: observer.error is None, what="the store")
         got: list[dict[str, Any]] = []
@@ -291,7 +291,7 @@ def test_a_stuck_client_neither_slows_others_nor_loses_events(store):
 
 
 def test_auth_token_protects_the_api_but_not_the_page(store, monkeypatch):
-    bus, traces, data = store
+    bus, _traces, data = store
     fleet_run(bus, "r1")
     with serving(data, token="s3cret") as (_observer, url):
         assert httpx.get(f"{url}/api/runs").status_code == 401
@@ -312,7 +312,7 @@ def test_auth_token_protects_the_api_but_not_the_page(store, monkeypatch):
 
 
 def test_redaction_patterns_reach_api_and_stream(store):
-    bus, traces, data = store
+    bus, _traces, data = store
     fleet_run(bus, "r1")
     with serving(data, redact=[r"a\.py"]) as (_observer, url):
         detail = httpx.get(f"{url}/api/runs/r1").text
@@ -335,7 +335,7 @@ def test_redaction_patterns_reach_api_and_stream(store):
     ("/api/nothing", "Not Found"),
 ])
 def test_bad_parameters_are_4xx_with_a_message(store, query, message):
-    bus, traces, data = store
+    bus, _traces, data = store
     fleet_run(bus, "r1")
     with serving(data) as (_observer, url):
         response = httpx.get(url + query)
@@ -344,7 +344,7 @@ def test_bad_parameters_are_4xx_with_a_message(store, query, message):
 
 
 def test_a_bad_last_event_id_header(store):
-    bus, traces, data = store
+    _bus, _traces, data = store
     with serving(data) as (_observer, url):
         response = httpx.get(f"{url}/api/stream", headers={"Last-Event-ID": "soon"})
     assert response.status_code == 400
@@ -441,9 +441,9 @@ WRITER = textwrap.dedent("""
 
 
 def test_runs_from_several_processes_show_up_live(store):
-    bus, traces, data = store
+    _bus, traces, data = store
     traces.close()
-    with serving(data) as (observer, url):
+    with serving(data) as (_observer, url):
         writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(data / "traces.db"),
                                      f"proc{i}", "30"]) for i in range(3)]
         assert all(w.wait(timeout=60) == 0 for w in writers)
@@ -457,7 +457,7 @@ def test_runs_from_several_processes_show_up_live(store):
 
 
 def test_gauges_from_a_running_process_and_their_end(store):
-    bus, traces, data = store
+    _bus, traces, data = store
     held = {"value": 4096.0}
     sampler = GaugeSampler(traces, lambda: [("pyagent_kv_bytes", {"model": "m"}, held["value"]),
                                             ("pyagent_scheduler_waiting", {"model": "m"}, 3)],
