@@ -278,7 +278,7 @@ def test_a_foreign_database_is_refused(tmp_path: Path) -> None:
 def test_a_store_keeps_earlier_events_when_a_write_fails(tmp_path: Path) -> None:
     with TraceStore(tmp_path / "traces.db") as store:
         store.record(make_event("start", "s1"))
-        with pytest.raises(sqlite3.IntegrityError):
+        with pytest.raises(PyAgentError, match="its run_id must be a string, got None"):
             store.record(Event("run", "start", "run x", None, "s2", None, 2.0))  # type: ignore[arg-type]
         store.record(make_event("end", "s1"))
         assert [s.status for s in store.spans("r1")] == ["ok"]

@@ -1,9 +1,11 @@
 """A SQLite trace store: every published event, and one row per span, in a versioned schema.
 
 One connection guarded by a lock serves every thread; the file is in WAL mode so readers in other
-processes (the observer, the miner) do not block the writer. Each event is stored in its own
-transaction, so a failure never loses what was stored before it. Events get increasing ids in the
-order they were committed, whichever process wrote them, so a reader tails the file by id.
+processes (the observer, the miner) do not block the writer. A writer thread stores recorded
+events in batches, one transaction each, so publishing an event never waits for the disk; queries
+through the store first wait for what was recorded before them. A process killed hard loses at most
+the batch in flight. Events get increasing ids in the order they were committed, whichever process
+wrote them, so a reader tails the file by id.
 
 The file also keeps `samples`: gauges (KV bytes held by an engine, requests waiting) that a
 running process writes every second or so under its own source name.
@@ -14,9 +16,12 @@ running process writes every second or so under its own source name.
 
 from __future__ import annotations
 
+import atexit
 import json
+import logging
 import sqlite3
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,8 +30,10 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
-from pyagent.errors import ConfigError
+from pyagent.errors import ConfigError, PyAgentError
 from pyagent.observe.events import Event, EventBus
+
+log = logging.getLogger(__name__)
 
 # Migration N (1-based) brings a file from schema version N - 1 to N; append, never edit.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -65,6 +72,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+WRITE_BATCH = 2000  # events stored in one transaction at most
+MAX_PENDING = 100_000  # events queued for the writer before `record` waits
 MAX_DEPTH = 1000  # bound on lineage walks, so a damaged parent chain cannot loop forever
 STATUS = {"start": "running", "end": "ok", "error": "error", "interrupted": "interrupted"}
 SPAN_COLUMNS = ("span_id, run_id, parent_id, kind, name, status, start_time, end_time, duration_s, "
@@ -307,6 +316,14 @@ class TraceStore(TraceReader):
         except sqlite3.DatabaseError as exc:
             self._conn.close()
             raise ConfigError(f"{self.path}: not a readable trace store ({exc})") from exc
+        self._cond = threading.Condition()
+        self._pending: deque[Event] = deque()
+        self._queued = self._stored = 0
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_loop, name="pyagent-traces",
+                                        daemon=True)
+        self._writer.start()
+        atexit.register(self.flush)
 
     def _migrate(self) -> None:
         with self._transaction("BEGIN IMMEDIATE") as conn:
@@ -359,35 +376,61 @@ class TraceStore(TraceReader):
         return unsubscribe
 
     def record(self, event: Event) -> None:
-        """Store one event and fold it into its span's row."""
-        attributes = _dumps(event.attributes)
-        with self._lock, self._transaction() as conn:
-            conn.execute(
-                "INSERT INTO events (run_id, span_id, parent_id, kind, phase, name, timestamp, "
-                "attributes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (event.run_id, event.span_id, event.parent_id, event.kind, event.phase,
-                 event.name, event.timestamp, attributes))
-            row = conn.execute("SELECT start_time, attributes FROM spans WHERE span_id = ?",
-                               (event.span_id,)).fetchone()
-            if event.phase == "start":
-                start, end, duration = event.timestamp, None, None
-            else:
-                end = event.timestamp
-                duration = event.attributes.get("duration_s")
-                start = row[0] if row else end - (duration or 0.0)
-            if row:
-                attributes = _dumps({**json.loads(row[1]), **event.attributes})
-            conn.execute(
-                f"INSERT INTO spans ({SPAN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (span_id) DO UPDATE SET status = excluded.status, "
-                "start_time = excluded.start_time, end_time = excluded.end_time, "
-                "duration_s = excluded.duration_s, attributes = excluded.attributes",
-                (event.span_id, event.run_id, event.parent_id, event.kind, event.name,
-                 STATUS[event.phase], start, end, duration, attributes))
+        """Queue one event for the writer thread, which stores it and folds it into its span's
+        row (waits only while MAX_PENDING events are already queued)."""
+        for name in ("run_id", "span_id", "name"):
+            if not isinstance(getattr(event, name), str):
+                raise PyAgentError(f"{event.kind} event {event.name!r}: its {name} must be a "
+                                   f"string, got {getattr(event, name)!r}")
+        with self._cond:
+            if self._closed:
+                raise ConfigError(f"{self.path}: the trace store is closed")
+            while len(self._pending) >= MAX_PENDING and self._writer.is_alive():
+                self._cond.wait(0.1)
+            self._pending.append(event)
+            self._queued += 1
+            self._cond.notify_all()
+
+    def flush(self) -> None:
+        """Wait until every event recorded so far is stored."""
+        with self._cond:
+            target = self._queued
+            while self._stored < target and self._writer.is_alive():
+                self._cond.wait(0.1)
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                batch = [self._pending.popleft()
+                         for _ in range(min(WRITE_BATCH, len(self._pending)))]
+            try:
+                with self._lock, self._transaction() as conn:
+                    for event in batch:
+                        _store(conn, event)
+            except sqlite3.Error:  # store them one by one: only the events that fail are lost
+                for event in batch:
+                    try:
+                        with self._lock, self._transaction() as conn:
+                            _store(conn, event)
+                    except sqlite3.Error:  # the run goes on, and the log says what was lost
+                        log.exception("%s: could not store the %s event of span %s",
+                                      self.path, event.phase, event.span_id)
+            with self._cond:
+                self._stored += len(batch)
+                self._cond.notify_all()
+
+    def _query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        self.flush()
+        return super()._query(sql, *params)
 
     def interrupt(self, run_id: str, bus: EventBus) -> int:
         """Close the spans of `run_id` still open (their process died) as `interrupted`,
         through `bus`, at the last moment the run was seen alive; returns how many."""
+        self.flush()
         with self._lock:
             last = self._conn.execute("SELECT MAX(timestamp) FROM events WHERE run_id = ?",
                                       (run_id,)).fetchone()[0]
@@ -416,15 +459,48 @@ class TraceStore(TraceReader):
                              (source, timestamp - keep_s))
 
     def close(self) -> None:
-        """Stop listening to every attached bus and close the file; calling it again is harmless."""
+        """Stop listening to every attached bus, store what is queued and close the file;
+        calling it again is harmless."""
         with self._lock:
             detach, self._detach = self._detach, []
         for unsubscribe in detach:
             unsubscribe()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._writer.join()
+        atexit.unregister(self.flush)
         super().close()
 
     def __enter__(self) -> TraceStore:
         return self
+
+
+def _store(conn: sqlite3.Connection, event: Event) -> None:
+    """Insert one event and fold it into its span's row."""
+    attributes = _dumps(event.attributes)
+    conn.execute(
+        "INSERT INTO events (run_id, span_id, parent_id, kind, phase, name, timestamp, "
+        "attributes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (event.run_id, event.span_id, event.parent_id, event.kind, event.phase,
+         event.name, event.timestamp, attributes))
+    row = conn.execute("SELECT start_time, attributes FROM spans WHERE span_id = ?",
+                       (event.span_id,)).fetchone()
+    if event.phase == "start":
+        start, end, duration = event.timestamp, None, None
+    else:
+        end = event.timestamp
+        duration = event.attributes.get("duration_s")
+        start = row[0] if row else end - (duration or 0.0)
+    if row:
+        attributes = _dumps({**json.loads(row[1]), **event.attributes})
+    conn.execute(
+        f"INSERT INTO spans ({SPAN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (span_id) DO UPDATE SET status = excluded.status, "
+        "start_time = excluded.start_time, end_time = excluded.end_time, "
+        "duration_s = excluded.duration_s, attributes = excluded.attributes",
+        (event.span_id, event.run_id, event.parent_id, event.kind, event.name,
+         STATUS[event.phase], start, end, duration, attributes))
 
 
 def _in_wal_mode(path: Path) -> bool:
