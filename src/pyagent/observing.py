@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pyagent.bench.prices import PriceTable
+from pyagent.bench.prices import ModelPrice, PriceTable
 from pyagent.bench.tokens import span_usage
 from pyagent.errors import PyAgentError
 from pyagent.observe.live import Gauges, Listener, Observer
@@ -22,14 +22,21 @@ DEFAULTS = Path(__file__).resolve().parent / "observe" / "defaults"
 
 
 def pricer(prices: PriceTable) -> Pricer:
-    """The cost in USD of one LLM call span at `prices` (None when unknown)."""
+    """The cost in USD of one LLM call span at `prices` (None when unknown); each model's price
+    is looked up once."""
+    known: dict[str, ModelPrice | None] = {}
+
     def price(model: str, attributes: dict[str, Any]) -> float | None:
         try:
             usage = span_usage(attributes, "")
         except PyAgentError:
             return None
-        cost = None if usage is None else prices.cost(usage, model)
-        return None if cost is None else float(cost.total)
+        if usage is None:
+            return None
+        if model not in known:
+            known[model] = prices.price(model)
+        found = known[model]
+        return None if found is None else float(found.cost(usage).total)
 
     return price
 

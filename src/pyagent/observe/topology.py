@@ -48,7 +48,7 @@ class NodeState:
     cost: float | None = None
     kv_bytes: int | None = None
     latency: Sketch = field(default_factory=Sketch)
-    recent: deque[RecentSpan] = field(default_factory=lambda: deque(maxlen=RECENT))
+    recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT))
     definition: dict[str, Any] | None = None
 
     def view(self, kv_bytes: int | None = None) -> Node:
@@ -60,7 +60,7 @@ class NodeState:
                             cost_usd=self.cost, latency_p50_s=self.latency.quantile(0.5),
                             latency_p95_s=self.latency.quantile(0.95),
                             kv_bytes=self.kv_bytes if kv_bytes is None else kv_bytes),
-            definition=self.definition, recent=list(self.recent))
+            definition=self.definition, recent=[RecentSpan(**span) for span in self.recent])
 
 
 @dataclass
@@ -178,12 +178,13 @@ class Topology:
                 agent.kv_bytes = max(agent.kv_bytes or 0, peak)
         if state is not None:
             start = event.timestamp - duration if isinstance(duration, int | float) else None
-            state.recent.append(RecentSpan(
-                span_id=event.span_id, run_id=event.run_id, name=event.name,
-                status=status, start=start,  # type: ignore[arg-type]
-                duration_s=duration if isinstance(duration, int | float) else None,
-                input_tokens=tokens.get("input_tokens"), output_tokens=tokens.get("output_tokens"),
-                error=attributes.get("exception.message") if status != "ok" else None))
+            state.recent.append({  # a RecentSpan when viewed (building models here is slow)
+                "span_id": event.span_id, "run_id": event.run_id, "name": event.name,
+                "status": status, "start": start,
+                "duration_s": duration if isinstance(duration, int | float) else None,
+                "input_tokens": tokens.get("input_tokens"),
+                "output_tokens": tokens.get("output_tokens"),
+                "error": attributes.get("exception.message") if status != "ok" else None})
         return Touch(span.node, None)
 
     def _node(self, node_id: str, kind: str, label: str, run_id: str | None,

@@ -320,6 +320,7 @@ class TraceStore(TraceReader):
         self._pending: deque[Event] = deque()
         self._queued = self._stored = 0
         self._closed = False
+        self._open_spans: dict[str, tuple[float, Any]] = {}  # the writer thread's
         self._writer = threading.Thread(target=self._write_loop, name="pyagent-traces",
                                         daemon=True)
         self._writer.start()
@@ -409,13 +410,12 @@ class TraceStore(TraceReader):
                          for _ in range(min(WRITE_BATCH, len(self._pending)))]
             try:
                 with self._lock, self._transaction() as conn:
-                    for event in batch:
-                        _store(conn, event)
+                    _store(conn, batch, self._open_spans)
             except sqlite3.Error:  # store them one by one: only the events that fail are lost
                 for event in batch:
                     try:
                         with self._lock, self._transaction() as conn:
-                            _store(conn, event)
+                            _store(conn, [event], self._open_spans)
                     except sqlite3.Error:  # the run goes on, and the log says what was lost
                         log.exception("%s: could not store the %s event of span %s",
                                       self.path, event.phase, event.span_id)
@@ -476,31 +476,43 @@ class TraceStore(TraceReader):
         return self
 
 
-def _store(conn: sqlite3.Connection, event: Event) -> None:
-    """Insert one event and fold it into its span's row."""
-    attributes = _dumps(event.attributes)
-    conn.execute(
+def _store(conn: sqlite3.Connection, events: list[Event],
+           open_spans: dict[str, tuple[float, Any]]) -> None:
+    """Insert events and fold each into its span's row; `open_spans` remembers the start time
+    and attributes of spans this writer opened, so closing them needs no read."""
+    event_rows, span_rows = [], {}  # a span started and ended in this batch: one row
+    for event in events:
+        attributes = _dumps(event.attributes)
+        event_rows.append((event.run_id, event.span_id, event.parent_id, event.kind, event.phase,
+                           event.name, event.timestamp, attributes))
+        if event.phase == "start":
+            start, end, duration = event.timestamp, None, None
+            if len(open_spans) >= MAX_PENDING:
+                del open_spans[next(iter(open_spans))]
+            open_spans[event.span_id] = (start, event.attributes)
+        else:
+            row = open_spans.pop(event.span_id, None)
+            if row is None:
+                stored = conn.execute("SELECT start_time, attributes FROM spans "
+                                      "WHERE span_id = ?", (event.span_id,)).fetchone()
+                row = (stored[0], json.loads(stored[1])) if stored else None
+            end = event.timestamp
+            duration = event.attributes.get("duration_s")
+            start = row[0] if row else end - (duration or 0.0)
+            if row:
+                attributes = _dumps({**row[1], **event.attributes})
+        span_rows[event.span_id] = (event.span_id, event.run_id, event.parent_id, event.kind,
+                                    event.name, STATUS[event.phase], start, end, duration,
+                                    attributes)
+    conn.executemany(
         "INSERT INTO events (run_id, span_id, parent_id, kind, phase, name, timestamp, "
-        "attributes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (event.run_id, event.span_id, event.parent_id, event.kind, event.phase,
-         event.name, event.timestamp, attributes))
-    row = conn.execute("SELECT start_time, attributes FROM spans WHERE span_id = ?",
-                       (event.span_id,)).fetchone()
-    if event.phase == "start":
-        start, end, duration = event.timestamp, None, None
-    else:
-        end = event.timestamp
-        duration = event.attributes.get("duration_s")
-        start = row[0] if row else end - (duration or 0.0)
-    if row:
-        attributes = _dumps({**json.loads(row[1]), **event.attributes})
-    conn.execute(
+        "attributes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", event_rows)
+    conn.executemany(
         f"INSERT INTO spans ({SPAN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (span_id) DO UPDATE SET status = excluded.status, "
         "start_time = excluded.start_time, end_time = excluded.end_time, "
         "duration_s = excluded.duration_s, attributes = excluded.attributes",
-        (event.span_id, event.run_id, event.parent_id, event.kind, event.name,
-         STATUS[event.phase], start, end, duration, attributes))
+        list(span_rows.values()))
 
 
 def _in_wal_mode(path: Path) -> bool:
