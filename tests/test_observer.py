@@ -475,3 +475,50 @@ def test_gauges_from_a_running_process_and_their_end(store):
         sampler.stop()
         wait_for(lambda: metrics()["kv_bytes"] == 0, what="zeros once the process is done")
         wait_for(lambda: observer.series and observer.series[-1].kv_bytes == 0, what="a point")
+
+
+OPERATIONS = ["GET /api/observability", "GET /api/observability/schema", "GET /api/runs",
+              "GET /api/runs/{run_id}", "GET /api/runs/{run_id}/lineage", "GET /metrics"]
+
+
+def test_answers_conform_to_the_openapi_document(tmp_path):
+    """schemathesis sends valid and invalid parameters to every operation but the endless
+    stream; every answer must be as documented, and never a 500."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        negative_data_rejection,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    data = tmp_path / "data"
+    with TraceStore(data / "traces.db") as traces:
+        bus = EventBus()
+        traces.attach(bus)
+        fleet_run(bus, "r1", fail_tool=True)
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance,
+              response_schema_conformance, negative_data_rejection]
+    with serving(data) as (observer, url):
+        wait_for(lambda: observer.cursor > 0, what="the events")
+        schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+        labels = {result.ok().label for result in schema.get_all_operations()}
+        assert labels == {*OPERATIONS, "GET /api/stream"}
+        for label in OPERATIONS:
+            typed = label == "GET /api/observability"  # the others take any string or none
+            for mode in (GenerationMode.POSITIVE, *[GenerationMode.NEGATIVE] * typed):
+                operation = schema.find_operation_by_label(label)
+                known_run = mode is GenerationMode.POSITIVE
+
+                @given(case=operation.as_strategy(generation_mode=mode))
+                @settings(max_examples=10, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=list(HealthCheck))
+                def check(case):
+                    if known_run and case.path_parameters:  # noqa: B023 (run at once)
+                        case.path_parameters["run_id"] = "r1"
+                    case.call_and_validate(checks=checks, timeout=30)
+
+                check()

@@ -65,7 +65,7 @@ def observer_router(observer: Observer) -> APIRouter:
             reader.close()
 
     @router.get("/api/observability", response_model=Snapshot, responses=ERRORS)
-    def snapshot(run: Annotated[list[str], Query(
+    def snapshot(request: Request, run: Annotated[list[str], Query(
                      description="Only these runs (repeat the parameter for several).",
                      max_length=100)] = [],  # noqa: B006 (FastAPI copies defaults)
                  agent: Annotated[str | None, Query(
@@ -74,6 +74,7 @@ def observer_router(observer: Observer) -> APIRouter:
                      description="Only nodes seen in the last this many seconds.", gt=0,
                      le=MAX_WINDOW_S)] = None) -> Snapshot:
         """The fleet's topology with live figures, its health, alerts and metrics."""
+        _once(request, "agent", "window")
         if observer.error is not None and observer.source().events_read == 0:
             raise Unavailable(observer.error)
         return observer.snapshot(run, agent, window)
@@ -106,6 +107,7 @@ def observer_router(observer: Observer) -> APIRouter:
                                                 "description": "Server-sent events."},
                                           **ERRORS})
     async def stream(
+            request: Request,
             run: Annotated[str | None, Query(description="Only this run's events.",
                                              max_length=200)] = None,
             last_event_id: Annotated[int | None, Query(
@@ -114,6 +116,7 @@ def observer_router(observer: Observer) -> APIRouter:
             last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     ) -> StreamingResponse:
         """`span` events as they are stored and a `metrics` event every second."""
+        _once(request, "run", "last_event_id")
         cursor = last_event_id
         if last_event_id_header is not None and cursor is None:
             if not last_event_id_header.strip().isdigit():
@@ -141,6 +144,13 @@ def observer_router(observer: Observer) -> APIRouter:
 
 class _BadParameter(Exception):
     pass
+
+
+def _once(request: Request, *names: str) -> None:
+    """Refuse a query that repeats a parameter that takes one value."""
+    for name in names:
+        if len(request.query_params.getlist(name)) > 1:
+            raise _BadParameter(f"invalid parameter {name!r}: give it at most once")
 
 
 def install_handlers(app: FastAPI, general: bool = True) -> None:
