@@ -298,19 +298,17 @@ def table(result: dict[str, Any]) -> list[str]:
                   f"| writer process -> pyagent observe -> SSE client | {i['events']:,} | "
                   f"{i['stored_per_s']:,.0f} | {i['end_to_end_per_s']:,.0f} |", ""]
     if "snapshot" in result:
-        lines += ["| agents | events | nodes | snapshot bytes | latency p50 | latency p95 |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {s['agents']:,} | {s['events']:,} | {s['nodes']:,} | {s['bytes']:,} | "
-                  f"{s['latency_ms_p50']:.1f} ms | {s['latency_ms_p95']:.1f} ms |"
-                  for s in result["snapshot"]]
-        lines.append("")
+        lines += markdown(["agents", "events", "nodes", "snapshot bytes", "latency p50",
+                           "latency p95"],
+                          [[f"{s['agents']:,}", f"{s['events']:,}", f"{s['nodes']:,}",
+                            f"{s['bytes']:,}", f"{s['latency_ms_p50']:.1f} ms",
+                            f"{s['latency_ms_p95']:.1f} ms"] for s in result["snapshot"]])
     if "screen" in result:
-        lines += ["| concurrent agents | graph | samples | event -> screen p50 | p95 | max |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {s['agents']} | {s['mode']} | {s['samples']} | {s['p50_s'] * 1e3:.0f} ms | "
-                  f"{s['p95_s'] * 1e3:.0f} ms | {s['max_s'] * 1e3:.0f} ms |"
-                  for s in result["screen"]]
-        lines.append("")
+        lines += markdown(["concurrent agents", "graph", "samples", "event -> screen p50", "p95",
+                           "max"],
+                          [[str(s["agents"]), s["mode"], str(s["samples"]),
+                            *(f"{s[key] * 1e3:.0f} ms" for key in ("p50_s", "p95_s", "max_s"))]
+                           for s in result["screen"]])
     if "overhead" in result:
         o = result["overhead"]
         lines += ["| pyagent run examples/bugfix | median wall time | runs |", "|---|---|---|",
@@ -322,6 +320,12 @@ def table(result: dict[str, Any]) -> list[str]:
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'NO'} |"
               for t in result["targets"]]
     return lines
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table and the blank line after it."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows), ""]
 
 
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:

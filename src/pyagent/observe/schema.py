@@ -102,12 +102,10 @@ class AlertView(BaseModel):
     active_since: float | None
 
 
-class Metrics(BaseModel):
-    """Fleet totals over every event the observer has read, and the gauges of processes alive
-    now (the engines' KV bytes and scheduler queues)."""
+class Totals(BaseModel):
+    """Calls, failed spans, and tokens and cost of the LLM calls that succeeded (cost None while
+    no call had a known price)."""
 
-    runs: int
-    running_runs: int
     llm_calls: int
     tool_calls: int
     errors: int
@@ -115,6 +113,14 @@ class Metrics(BaseModel):
     output_tokens: int
     cached_tokens: int
     cost_usd: float | None
+
+
+class Metrics(Totals):
+    """Fleet totals over every event the observer has read, and the gauges of processes alive
+    now (the engines' KV bytes and scheduler queues)."""
+
+    runs: int
+    running_runs: int
     tokens_per_s: float = Field(description="output tokens of LLM calls that ended in the last "
                                             "10 s, per second")
     kv_bytes: int
@@ -165,20 +171,13 @@ class Snapshot(BaseModel):
     stream: StreamStats
 
 
-class RunSummary(BaseModel):
+class RunSummary(Totals):
     run_id: str
     name: str
     status: str
     start: float | None
     end: float | None
     duration_s: float | None
-    llm_calls: int
-    tool_calls: int
-    errors: int
-    input_tokens: int
-    output_tokens: int
-    cached_tokens: int
-    cost_usd: float | None
 
 
 class RunList(BaseModel):

@@ -158,9 +158,15 @@ class TraceReader:
                                          check_same_thread=False)
         except sqlite3.Error as exc:
             raise ConfigError(f"{self.path}: cannot open the trace store ({exc})") from exc
+        self._prepare("PRAGMA busy_timeout = 2000", check=self._check_version)
+
+    def _prepare(self, *pragmas: str, check: Callable[[], None]) -> None:
+        """Set `pragmas` on the new connection and run `check`; on failure, close the file and
+        raise a ConfigError saying why."""
         try:
-            self._conn.execute("PRAGMA busy_timeout = 2000")
-            self._check_version()
+            for pragma in pragmas:
+                self._conn.execute(pragma)
+            check()
         except ConfigError:
             self._conn.close()
             raise
@@ -306,16 +312,7 @@ class TraceStore(TraceReader):
             self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"{self.path}: cannot open the trace store ({exc})") from exc
-        try:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._migrate()
-        except ConfigError:
-            self._conn.close()
-            raise
-        except sqlite3.DatabaseError as exc:
-            self._conn.close()
-            raise ConfigError(f"{self.path}: not a readable trace store ({exc})") from exc
+        self._prepare("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", check=self._migrate)
         self._cond = threading.Condition()
         self._pending: deque[Event] = deque()
         self._queued = self._stored = 0
@@ -346,17 +343,6 @@ class TraceStore(TraceReader):
                 for statement in statements:
                     conn.execute(statement)
             conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
-
-    @contextmanager
-    def _transaction(self, begin: str = "BEGIN") -> Iterator[sqlite3.Connection]:
-        self._conn.execute(begin)
-        try:
-            yield self._conn
-            self._conn.execute("COMMIT")
-        except BaseException:
-            if self._conn.in_transaction:  # some failures end the transaction themselves
-                self._conn.execute("ROLLBACK")
-            raise
 
     @contextmanager
     def _transaction(self, begin: str = "BEGIN") -> Iterator[sqlite3.Connection]:
