@@ -371,7 +371,8 @@ def demo(model: ModelOpt = DEFAULT_MODEL, dtype: DtypeOpt = "float32",
     finally:
         runtime.close()
     _outcome(result, data)
-    out.print(f"see it with: pyagent runs show {result.run_id} --data {data}", highlight=False)
+    out.print(f"see it with: pyagent runs show {result.run_id} --data {data}\n"
+              f"or in the dashboard: pyagent observe --data {data}", highlight=False)
 
 
 
