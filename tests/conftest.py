@@ -1,8 +1,12 @@
 """Shared fixtures: a tiny random-weight Gemma 3 (no download, instant), the real embedded model
-(loaded once per session, tests marked `model`), and real servers on loopback."""
+(loaded once per session, tests marked `model`), real servers on loopback, and the chromium that
+browser tests drive."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
 import socket
 import threading
 import time
@@ -152,3 +156,50 @@ def outside(tmp_path: Path) -> Path:
     directory.mkdir()
     (directory / "secret.txt").write_text("secret")
     return directory
+
+
+# -- the browser for browser tests ------------------------------------------------------------
+
+CHROMIUM = os.environ.get("PYAGENT_CHROMIUM", "/usr/bin/chromium")
+BROWSER_MISSING = "BROWSER TESTS SKIPPED"
+
+
+def chromium_executable() -> str:
+    """The chromium that Playwright drives (Debian's, `PYAGENT_CHROMIUM` to use another).
+
+    When it or Playwright is missing, the calling test is skipped, and the session ends with a
+    banner saying how many browser tests did not run; with `CI=true` it fails instead, so a CI
+    image without a browser cannot pass silently."""
+    problem = None
+    path = shutil.which(CHROMIUM)
+    if path is None:
+        problem = f"chromium is not installed at {CHROMIUM} (set PYAGENT_CHROMIUM to another)"
+    elif importlib.util.find_spec("playwright") is None:
+        problem = "the playwright package is not installed"
+    if problem is None:
+        return path
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{problem}: browser tests cannot run, and CI=true requires them",
+                    pytrace=False)
+    pytest.skip(f"{BROWSER_MISSING}: {problem}")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The chromium executable for Playwright's `executable_path` (see chromium_executable)."""
+    return chromium_executable()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    skipped = [report for report in terminalreporter.stats.get("skipped", [])
+               if BROWSER_MISSING in str(getattr(report, "longrepr", ""))]
+    if not skipped:
+        return
+    longrepr = skipped[0].longrepr
+    message = str(longrepr[2] if isinstance(longrepr, tuple) else longrepr)
+    reason = message.partition(f"{BROWSER_MISSING}: ")[2]
+    terminalreporter.section(BROWSER_MISSING, sep="!", red=True, bold=True)
+    terminalreporter.write_line(f"{len(skipped)} browser test(s) did NOT run: {reason}",
+                                red=True, bold=True)
+    terminalreporter.write_line("Install chromium (apt-get install chromium) to run them; "
+                                "with CI=true they fail instead of being skipped.", red=True)

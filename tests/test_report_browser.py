@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,22 +13,18 @@ import pytest
 from pyagent.bench.report.html import build_report
 
 ROOT = Path(__file__).parents[1]
-CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
-pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM),
-                                reason=f"Debian's chromium is not installed at {CHROMIUM}")
-
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory):
+def page(tmp_path_factory, chromium):
     from playwright.sync_api import sync_playwright
 
     out = tmp_path_factory.mktemp("report") / "report.html"
     build_report(sorted((ROOT / "benchmarks" / "results").glob("*.json")), out)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = playwright.chromium.launch(executable_path=chromium, args=ARGS)
         tab = browser.new_page(viewport={"width": 1280, "height": 900})
         tab.goto(out.as_uri())
         if os.environ.get("PYAGENT_REPORT_SCREENSHOT"):
