@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -49,6 +50,11 @@ def environment() -> dict[str, str]:
     env.pop("PYAGENT_TOKEN", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
     return env
+
+
+def query(url: str) -> dict[str, list[str]]:
+    """The parameters of a request's URL."""
+    return parse_qs(urlsplit(url).query)
 
 
 def free_port() -> int:
@@ -331,13 +337,25 @@ def test_clicking_an_agent_on_the_canvas_shows_its_definition_and_spans(live):
     assert how == "canvas"
     detail = page.locator(f'#detail[data-node="{node}"]')
     detail.wait_for(timeout=5000)
-    spans = [s for s in flatten(get_json(f"{live.observer.url}/api/runs/{RUN}")["spans"])
-             if s["kind"] == "agent" and s["name"] == "invoke_agent coder"]
-    rows = wait_until(lambda: (r := detail.locator("table.recent tbody tr").all_inner_texts())
-                      and len(r) == len(spans) and r, 10, "the coder's spans")
-    assert all("invoke_agent coder" in row for row in rows)
-    assert {s["span_id"] for s in spans} == set(detail.locator("table.recent tbody tr")
-                                                .evaluate_all("rs => rs.map(r => r.dataset.span)"))
+    def closed_own() -> set[str]:  # the coder's finished turns and their LLM and tool calls
+        turns = [s for s in flatten(get_json(f"{live.observer.url}/api/runs/{RUN}")["spans"])
+                 if s["kind"] == "agent" and s["name"] == "invoke_agent coder"]
+        return {c["span_id"] for s in turns for c in [s, *s["children"]]
+                if c["kind"] in ("agent", "llm_call", "tool_call") and c["status"] != "running"}
+
+    def shown() -> list[str] | None:  # the panel lists what the API has for the node
+        ids = detail.locator("table.recent tbody tr").evaluate_all(
+            "rs => rs.map(r => r.dataset.span)")
+        raw = get_json(f"{live.observer.url}/api/observability/nodes/{node}")
+        listed = {s["span_id"] for s in raw["recent"]}
+        own = closed_own()
+        return ids if ids and set(ids) == listed and set(ids) <= own and len(ids) == min(
+            20, len(own)) else None
+
+    wait_until(shown, 20, "the coder's spans")  # the observer may trail the store a little
+    rows = detail.locator("table.recent tbody tr").all_inner_texts()
+    assert any("invoke_agent coder" in row for row in rows)
+    assert any("execute_tool" in row for row in rows) and any("chat " in row for row in rows)
     text = detail.inner_text()
     assert "careful Python developer" in text  # its role, from the manifest
     assert "list_files" in text and "embedded" in text  # the tool it called, the backend
@@ -406,7 +424,8 @@ def test_the_filters_fetch_a_narrower_snapshot_and_narrow_the_graph(live):
     page = live.page
     everything = set(page.evaluate("pyagentDashboard.nodeIds()"))
     ids = lambda: set(page.evaluate("pyagentDashboard.nodeIds()"))  # noqa: E731
-    with page.expect_request(lambda r: "/api/observability?agent=tester" in r.url):
+    with page.expect_request(lambda r: "/api/observability?" in r.url
+                             and query(r.url) == {"recent": ["0"], "agent": ["tester"]}):
         page.fill("#f-agent", "tester")
     narrowed = wait_until(lambda: (now := ids()) and f"agent:{RUN}:coder" not in now and now,
                           10, "the agent filter")
@@ -424,7 +443,8 @@ def test_the_filters_fetch_a_narrower_snapshot_and_narrow_the_graph(live):
         page.select_option("#f-window", "300")
     time.sleep(0.5)
     assert ids() == everything  # one run, seen in the last 5 minutes
-    with page.expect_request(lambda r: r.url.endswith("/api/observability")):
+    with page.expect_request(lambda r: "/api/observability?" in r.url
+                             and query(r.url) == {"recent": ["0"]}):
         page.select_option("#f-run", "")
         page.select_option("#f-window", "")
     assert not live.console.problems(HTTP_ERROR.format(503))

@@ -139,6 +139,32 @@ def test_snapshot_topology_figures_and_schema(store):
     assert snapshot.metrics.llm_calls == 3 and snapshot.metrics.tool_calls == 3
     assert snapshot.metrics.errors == 1 and snapshot.metrics.runs == 1
     assert snapshot.health.checks and snapshot.source.status == "ok"
+    assert nodes["run:r1"].outcome is None and nodes["run:r1"].status == "ok"
+
+
+def test_a_run_that_missed_its_goal_is_never_ok_and_nodes_come_alone(store):
+    bus, traces, data = store
+    with bus.span("run", "run bugfix", "r1") as run:
+        fleet_run(bus, "r1-inner")
+        run.set("pyagent.run.status", "goal_not_met")
+    with serving(data) as (observer, url):
+        wait_for(lambda: observer.cursor == traces.last_event_id(), what="the events")
+        light = httpx.get(f"{url}/api/observability", params={"recent": 0}).json()
+        run_node = next(n for n in light["nodes"] if n["id"] == "run:r1")
+        coder = httpx.get(f"{url}/api/observability/nodes/agent:r1-inner:coder").json()
+        missing = httpx.get(f"{url}/api/observability/nodes/agent:nope")
+        runs = {r["run_id"]: r["status"] for r in httpx.get(f"{url}/api/runs").json()["runs"]}
+        lineage = httpx.get(f"{url}/api/runs/r1/lineage").json()
+    assert (run_node["status"], run_node["outcome"]) == ("error", "goal_not_met")
+    assert all(n["recent"] == [] for n in light["nodes"])
+    few = httpx.get(f"{url}/api/observability", params={"recent": 2}).json()
+    assert [len(n["recent"]) for n in few["nodes"] if n["id"] == "agent:r1-inner:coder"] == [2]
+    assert [s["name"] for s in coder["recent"]] == ["chat gemma-3-270m", "execute_tool read_file",
+                                                    "execute_tool delegate", "invoke_agent coder"]
+    assert missing.status_code == 404 and "no node 'agent:nope'" in missing.json()["error"][
+        "message"]
+    assert runs == {"r1": "goal_not_met", "r1-inner": "ok"}
+    assert lineage["root"]["status"] == "goal_not_met"
 
 
 def test_filters_by_run_agent_and_window(store):
@@ -477,7 +503,8 @@ def test_gauges_from_a_running_process_and_their_end(store):
         wait_for(lambda: observer.series and observer.series[-1].kv_bytes == 0, what="a point")
 
 
-OPERATIONS = ["GET /api/observability", "GET /api/observability/schema", "GET /api/runs",
+OPERATIONS = ["GET /api/observability", "GET /api/observability/schema",
+              "GET /api/observability/nodes/{node_id}", "GET /api/runs",
               "GET /api/runs/{run_id}", "GET /api/runs/{run_id}/lineage", "GET /metrics"]
 
 
@@ -518,7 +545,8 @@ def test_answers_conform_to_the_openapi_document(tmp_path):
                           suppress_health_check=list(HealthCheck))
                 def check(case):
                     if known_run and case.path_parameters:  # noqa: B023 (run at once)
-                        case.path_parameters["run_id"] = "r1"
+                        key = next(iter(case.path_parameters))
+                        case.path_parameters[key] = "r1" if key == "run_id" else "agent:r1:coder"
                     case.call_and_validate(checks=checks, timeout=30)
 
                 check()

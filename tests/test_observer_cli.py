@@ -89,6 +89,7 @@ def test_otlp_export_of_what_runs_write_after_the_observer_starts(tmp_path, rece
     bus, traces = EventBus(), TraceStore(data / "traces.db")
     traces.attach(bus)
     fleet_run(bus, "before")
+    traces.flush()  # stored before the observer starts
     with observing(data, otlp_endpoint=receiver.url) as observer:
         wait_for(lambda: observer.cursor == traces.last_event_id(), what="the history")
         fleet_run(bus, "after")

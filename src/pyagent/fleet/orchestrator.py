@@ -107,7 +107,7 @@ class Orchestrator:
                  "outputs": {}, "transcript": [], "exhausted": [], "goal": None,
                  "status": RUNNING, "error": None, "seq": -1}
         self._save(state)
-        return self._execute(state)
+        return self._execute(state, resumed=False)
 
     def resume(self, run_id: str, force: bool = False) -> RunResult:
         """Continue `run_id` from its latest checkpoint (a finished run is returned as is).
@@ -129,7 +129,7 @@ class Orchestrator:
         if self.traces is not None:
             self._check_store(state)
             self.traces.interrupt(run_id, self.bus)
-        return self._execute(state)
+        return self._execute(state, resumed=True)
 
     def _check_store(self, state: dict[str, Any]) -> None:
         """Refuse when the trace saw a checkpoint written that the store no longer has."""
@@ -145,13 +145,13 @@ class Orchestrator:
 
     # --- execution -----------------------------------------------------------------------------
 
-    def _execute(self, state: dict[str, Any]) -> RunResult:
+    def _execute(self, state: dict[str, Any], resumed: bool) -> RunResult:
         run_id = state["run_id"]
         if state.get("owner") != (owner := process_identity()):
             state["owner"] = owner
             self._save(state)  # a run killed before its next checkpoint still names its owner
         with self.bus.span("run", f"run {self.manifest.name}", run_id,
-                           **{"pyagent.mode": self.mode, "pyagent.resumed": state["seq"] > 0,
+                           **{"pyagent.mode": self.mode, "pyagent.resumed": resumed,
                               "pyagent.manifest.agents": self._definitions()}
                            ) as span:
             try:

@@ -28,7 +28,8 @@ from pyagent.errors import ConfigError
 from pyagent.observe.live import Observer
 from pyagent.observe.metrics import to_prometheus
 from pyagent.observe.runviews import lineage, run_detail, run_summary
-from pyagent.observe.schema import Error, Lineage, RunDetail, RunList, Snapshot
+from pyagent.observe.schema import Error, Lineage, Node, RunDetail, RunList, Snapshot
+from pyagent.observe.topology import RECENT
 from pyagent.observe.traces import TraceReader
 
 WEB = Path(__file__).resolve().parent / "web"
@@ -72,12 +73,24 @@ def observer_router(observer: Observer) -> APIRouter:
                      description="Only agents whose name contains this.", max_length=200)] = None,
                  window: Annotated[float | None, Query(
                      description="Only nodes seen in the last this many seconds.", gt=0,
-                     le=MAX_WINDOW_S)] = None) -> Snapshot:
+                     le=MAX_WINDOW_S)] = None,
+                 recent: Annotated[int, Query(
+                     description="Latest spans listed per node.", ge=0, le=RECENT)] = RECENT,
+                 ) -> Snapshot:
         """The fleet's topology with live figures, its health, alerts and metrics."""
-        _once(request, "agent", "window")
+        _once(request, "agent", "window", "recent")
         if observer.error is not None and observer.source().events_read == 0:
             raise Unavailable(observer.error)
-        return observer.snapshot(run, agent, window)
+        return observer.snapshot(run, agent, window, recent)
+
+    @router.get("/api/observability/nodes/{node_id:path}", response_model=Node,
+                responses=ERRORS)
+    def node(node_id: str) -> Node:
+        """One node of the topology with its figures and latest spans."""
+        found = observer.node(node_id)
+        if found is None:
+            raise HTTPException(404, f"no node {node_id!r} in the fleet")
+        return found
 
     @router.get("/api/observability/schema")
     def schema() -> dict[str, Any]:

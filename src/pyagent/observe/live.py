@@ -36,17 +36,19 @@ from pyagent.observe.schema import (
     Check,
     Health,
     Metrics,
+    Node,
     Point,
     Snapshot,
     Source,
     StreamStats,
 )
-from pyagent.observe.topology import Pricer, Topology, node_of
+from pyagent.observe.topology import RECENT, Pricer, Topology, node_of
 from pyagent.observe.traces import Sample, TraceReader
 
 TRACES = "traces.db"
 BATCH = 2000  # events read per query
 TICK_S = 1.0  # metrics, health, alerts and the charts' points
+RETRY_S = 0.2  # between attempts to read a store that is missing or cannot be read
 SERIES = 600  # points kept for the charts (10 minutes)
 SOURCE_TTL_S = 15.0  # a process whose gauges are older than this is gone
 TOKENS_WINDOW_S = 10.0
@@ -165,8 +167,8 @@ class Observer:
             if time.time() >= next_tick:
                 self.tick()
                 next_tick = time.time() + TICK_S
-            if not busy:
-                self._stop.wait(self.poll_s if self.error is None else 1.0)
+            if not busy:  # a missing or unreadable store is retried a few times a second
+                self._stop.wait(self.poll_s if self.error is None else RETRY_S)
 
     def poll(self) -> bool:
         """Read and fold what is new; True when a full batch came (more may be waiting)."""
@@ -337,19 +339,15 @@ class Observer:
                       events_read=self.counts.events)
 
     def snapshot(self, runs: Iterable[str] = (), agent: str | None = None,
-                 window_s: float | None = None) -> Snapshot:
+                 window_s: float | None = None, recent: int = RECENT) -> Snapshot:
         """The fleet now, optionally only `runs`, agents matching `agent`, or nodes seen in the
-        last `window_s` seconds."""
+        last `window_s` seconds; each node with its `recent` latest spans."""
         with self._lock:
             now = max(self._now, time.time())
             live = self._live_gauges(now)
-            backend_kv: dict[str, int] = {}
-            for (_, name, labels), value in live.items():
-                if name == "pyagent_kv_bytes":
-                    model = dict(labels).get("model", "")
-                    backend_kv[model] = backend_kv.get(model, 0) + int(value)
             nodes, edges = self.topology.view(
-                runs, agent, None if window_s is None else now - window_s, backend_kv)
+                runs, agent, None if window_s is None else now - window_s,
+                _backend_kv(live), recent)
             return Snapshot(
                 generated_at=now, source=self.source(), nodes=nodes, edges=edges,
                 health=self._health.model_copy(),
@@ -357,6 +355,15 @@ class Observer:
                 metrics=self._metrics(live), series=list(self.series),
                 stream=StreamStats(clients=len(self._clients), delivered=self.counts.delivered,
                                    dropped=self.counts.dropped))
+
+    def node(self, node_id: str) -> Node | None:
+        """One node with all its recent spans; None when there is no such node."""
+        with self._lock:
+            state = self.topology.nodes.get(node_id)
+            if state is None:
+                return None
+            kv = _backend_kv(self._live_gauges(max(self._now, time.time())))
+            return state.view(kv.get(state.label) if state.kind == "backend" else None)
 
     def reader(self) -> TraceReader:
         """A new read-only handle on the store for one request (close it after use)."""
@@ -465,6 +472,17 @@ class Observer:
                            if a.state != "inactive"],
                 "point": point.model_dump() if point else None,
                 "source": self.source().model_dump()})
+
+
+def _backend_kv(live: dict[tuple[str, str, tuple[tuple[str, str], ...]], float]
+                ) -> dict[str, int]:
+    """KV bytes held now by model, over the live processes."""
+    found: dict[str, int] = {}
+    for (_, name, labels), value in live.items():
+        if name == "pyagent_kv_bytes":
+            model = dict(labels).get("model", "")
+            found[model] = found.get(model, 0) + int(value)
+    return found
 
 
 def _alert_view(alert: Any) -> AlertView:

@@ -13,7 +13,7 @@ from pyagent.observe.schema import (
     RunSummary,
     SpanTree,
 )
-from pyagent.observe.topology import TOKENS, Pricer, Topology, model_of
+from pyagent.observe.topology import OUTCOME, TOKENS, Pricer, Topology, model_of
 from pyagent.observe.traces import RunRecord, SpanRecord, TraceReader
 
 LINEAGE_KINDS = ("run", "step", "agent", "subagent")
@@ -27,8 +27,11 @@ def run_summary(reader: TraceReader, record: RunRecord, pricer: Pricer | None) -
 def _summary(record: RunRecord, spans: list[SpanRecord], pricer: Pricer | None) -> RunSummary:
     llm = [s for s in spans if s.kind == "llm_call" and s.status == "ok"]
     costs = [c for s in llm if (c := _cost(s, pricer)) is not None]
+    run = next((s for s in reversed(spans) if s.kind == "run"), None)
+    outcome = run.attributes.get(OUTCOME) if run is not None else None
+    status = outcome if isinstance(outcome, str) and record.status == "ok" else record.status
     return RunSummary(
-        run_id=record.run_id, name=record.name.removeprefix("run "), status=record.status,
+        run_id=record.run_id, name=record.name.removeprefix("run "), status=status,
         start=record.start, end=record.end,
         duration_s=None if record.start is None or record.end is None
         else record.end - record.start,
@@ -73,7 +76,7 @@ def lineage(reader: TraceReader, record: RunRecord, pricer: Pricer | None) -> Li
             span_ids.setdefault(touch.node, []).append(event.span_id)
     nodes = {node_id: LineageNode(
         id=node_id, kind=state.kind, name=state.label,  # type: ignore[arg-type]
-        status="running" if state.active else state.status,
+        status="running" if state.active else state.outcome or state.status,
         span_ids=span_ids.get(node_id, []), figures=state.view().figures)
         for node_id, state in topology.nodes.items() if state.kind in LINEAGE_KINDS}
     placed: set[str] = set()

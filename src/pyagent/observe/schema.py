@@ -59,6 +59,9 @@ class Node(BaseModel):
     first_seen: float
     last_seen: float
     figures: Figures
+    outcome: str | None = Field(
+        None, description="a run's outcome: succeeded, goal_not_met or error (its status is "
+                          "then error unless it succeeded)")
     definition: dict[str, Any] | None = Field(
         None, description="an agent's definition from its run's manifest")
     recent: list[RecentSpan] = Field(default_factory=list,

@@ -19,13 +19,14 @@ from pyagent.observe.events import Event
 from pyagent.observe.metrics.sketch import Sketch
 from pyagent.observe.schema import Edge, Figures, Node, RecentSpan
 
-RECENT = 20  # spans kept per node for its detail view
+RECENT = 20  # spans kept per node for its detail view (an agent's: its LLM and tool calls too)
 STATUS = {"end": "ok", "error": "error", "interrupted": "interrupted"}
 TOKENS = (("input_tokens", "gen_ai.usage.input_tokens"),
           ("output_tokens", "gen_ai.usage.output_tokens"),
           ("cached_tokens", "pyagent.usage.cached_tokens"))
 KV_PEAK = "pyagent.kv.peak_bytes"
 AGENTS = "pyagent.manifest.agents"
+OUTCOME, SUCCEEDED = "pyagent.run.status", "succeeded"
 
 Pricer = Callable[[str, dict[str, Any]], float | None]
 """The cost in USD of one LLM call from its model and span attributes; None when unknown."""
@@ -50,8 +51,11 @@ class NodeState:
     latency: Sketch = field(default_factory=Sketch)
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT))
     definition: dict[str, Any] | None = None
+    outcome: str | None = None
 
-    def view(self, kv_bytes: int | None = None) -> Node:
+    def view(self, kv_bytes: int | None = None, recent: int = RECENT) -> Node:
+        """The node as the API shows it, with its `recent` latest spans."""
+        spans = list(self.recent)[-recent:] if recent else []
         return Node(
             id=self.id, kind=self.kind, label=self.label, run_id=self.run_id,  # type: ignore[arg-type]
             status="running" if self.active > 0 else self.status,  # type: ignore[arg-type]
@@ -60,7 +64,8 @@ class NodeState:
                             cost_usd=self.cost, latency_p50_s=self.latency.quantile(0.5),
                             latency_p95_s=self.latency.quantile(0.95),
                             kv_bytes=self.kv_bytes if kv_bytes is None else kv_bytes),
-            definition=self.definition, recent=[RecentSpan(**span) for span in self.recent])
+            outcome=self.outcome, definition=self.definition,
+            recent=[RecentSpan(**span) for span in spans])
 
 
 @dataclass
@@ -152,6 +157,10 @@ class Topology:
         if state is not None:
             state.active = max(0, state.active - 1)
             state.status = status
+            outcome = attributes.get(OUTCOME)
+            if span.kind == "run" and isinstance(outcome, str):
+                state.outcome = outcome  # a run that did not reach its goal is never ok
+                state.status = status if outcome == SUCCEEDED or status != "ok" else "error"
             state.last_seen = max(state.last_seen, event.timestamp)
             if span.kind != "goal":
                 state.calls += 1
@@ -178,13 +187,17 @@ class Topology:
                 agent.kv_bytes = max(agent.kv_bytes or 0, peak)
         if state is not None:
             start = event.timestamp - duration if isinstance(duration, int | float) else None
-            state.recent.append({  # a RecentSpan when viewed (building models here is slow)
+            recent = {  # a RecentSpan when viewed (building models here is slow)
                 "span_id": event.span_id, "run_id": event.run_id, "name": event.name,
                 "status": status, "start": start,
                 "duration_s": duration if isinstance(duration, int | float) else None,
                 "input_tokens": tokens.get("input_tokens"),
                 "output_tokens": tokens.get("output_tokens"),
-                "error": attributes.get("exception.message") if status != "ok" else None})
+                "error": attributes.get("exception.message") if status != "ok" else None}
+            state.recent.append(recent)
+            agent = self.nodes.get(span.agent or "")
+            if agent is not None and agent is not state:  # its LLM and tool calls show there too
+                agent.recent.append(recent)
         return Touch(span.node, None)
 
     def _node(self, node_id: str, kind: str, label: str, run_id: str | None,
@@ -206,11 +219,12 @@ class Topology:
         return key
 
     def view(self, runs: Iterable[str] = (), agent: str | None = None,
-             since: float | None = None,
-             backend_kv: dict[str, int] | None = None) -> tuple[list[Node], list[Edge]]:
+             since: float | None = None, backend_kv: dict[str, int] | None = None,
+             recent: int = RECENT) -> tuple[list[Node], list[Edge]]:
         """Nodes and edges, optionally only those of `runs`, of agents whose name contains
         `agent`, or seen at or after `since`; shared nodes (tools, backends) come with the nodes
-        that use them. `backend_kv` gives backends' live KV bytes by model."""
+        that use them. `backend_kv` gives backends' live KV bytes by model; each node comes with
+        its `recent` latest spans."""
         wanted = set(runs)
         keep = {node_id for node_id, state in self.nodes.items()
                 if state.run_id is not None
@@ -229,7 +243,7 @@ class Topology:
         else:
             keep = set(self.nodes)
         kv = backend_kv or {}
-        nodes = [state.view(kv.get(state.label) if state.kind == "backend" else None)
+        nodes = [state.view(kv.get(state.label) if state.kind == "backend" else None, recent)
                  for node_id, state in self.nodes.items() if node_id in keep]
         edges = [edge.model_copy() for edge in self.edges.values()
                  if edge.source in keep and edge.target in keep]

@@ -837,6 +837,11 @@ function closeSpan(ev, eventId) {
   n.last_seen = Math.max(n.last_seen, ev.timestamp);
   n._active = Math.max(0, n._active - 1);
   if (n._active === 0) n.status = CLOSED[ev.phase] || 'ok';
+  const outcome = ev.kind === 'run' && ev.attributes ? ev.attributes['pyagent.run.status'] : null;
+  if (typeof outcome === 'string') { // a run that did not reach its goal is never shown as ok
+    n.outcome = outcome;
+    if (outcome !== 'succeeded' && n.status === 'ok') n.status = 'error';
+  }
   markDirty('nodes');
 }
 
@@ -856,7 +861,7 @@ function applySnapshot(snap, startedAt) {
     n.run_id = sn.run_id;
     n.figures = sn.figures;
     n.definition = sn.definition;
-    n.recent = sn.recent;
+    n.outcome = sn.outcome;
     n.first_seen = sn.first_seen;
     n.last_seen = Math.max(n.last_seen, sn.last_seen);
     if (!(n._evt > cursor)) { // the stream has nothing newer for this node
@@ -1027,6 +1032,7 @@ function select(id) {
   const n = id != null ? S.nodes.get(id) : null;
   if (n && n.run_id && n.run_id !== S.traceRun) setTraceRun(n.run_id, true);
   renderDetail();
+  if (n) refreshSelected();
   listRendered = 0;
   renderNodeList();
   if (previous !== id) markDirty('nodes');
@@ -1036,6 +1042,28 @@ function select(id) {
 }
 
 let detailKey = '';
+let selectedInflight = false;
+
+// The selected node's figures and latest spans (the periodic snapshot leaves spans out).
+async function refreshSelected() {
+  const id = S.selected;
+  if (id == null || selectedInflight) return;
+  selectedInflight = true;
+  try {
+    const found = await api('/api/observability/nodes/' + encodeURIComponent(id));
+    const n = S.nodes.get(id);
+    if (n && S.selected === id) {
+      n.recent = found.recent;
+      n.figures = found.figures;
+      n.definition = found.definition;
+      renderDetail();
+    }
+  } catch (err) {
+    if (!(err instanceof ApiError && err.status === 404)) reportError(err, 'the node ' + id);
+  } finally {
+    selectedInflight = false;
+  }
+}
 
 function renderDetailHeader() {
   if (S.selected) renderDetail();
@@ -1064,6 +1092,7 @@ function renderDetail() {
     '<button class="close" data-action="deselect" title="Close" aria-label="Close">×</button></h3>');
   sections.push('<dl class="kv">' +
     `<dt>kind</dt><dd>${esc(n.kind)}</dd><dt>id</dt><dd><code>${esc(n.id)}</code></dd>` +
+    (n.outcome ? `<dt>outcome</dt><dd>${esc(n.outcome.replace(/_/g, ' '))}</dd>` : '') +
     (n.run_id ? `<dt>run</dt><dd>${esc(n.run_id)} <button class="linkbtn" data-action="trace" data-run="${esc(n.run_id)}">show trace</button></dd>` : '') +
     `<dt>seen</dt><dd>${fmtTime(n.first_seen)} – ${fmtTime(n.last_seen)}</dd></dl>`);
   const fig = (k, v) => `<div><div class="k">${k}</div><div class="v">${v}</div></div>`;
@@ -1286,7 +1315,7 @@ let snapAt = 0;
 let snapFailed = false;
 
 function filterQuery() {
-  const q = new URLSearchParams();
+  const q = new URLSearchParams({ recent: '0' }); // a node's spans come with its detail
   if (S.filter.run) q.append('run', S.filter.run);
   if (S.filter.agent) q.append('agent', S.filter.agent);
   if (S.filter.window) q.append('window', S.filter.window);
@@ -1305,6 +1334,7 @@ async function refreshSnapshot() {
       clearRequestBanners();
       applySnapshot(snap, startedAt);
       snapFailed = false;
+      refreshSelected();
     } else {
       snapAgain = true;
     }
