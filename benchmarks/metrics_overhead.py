@@ -10,7 +10,7 @@ and amortized (default batch, every fold and the final read included). Each pass
 instrument; each figure is the median of R passes, taken in turn so that machine noise spreads
 evenly, and includes the Python loop that feeds the values. Quantile error compares PyAgent's
 p50/p90/p99/p99.9 with exact numpy quantiles (method="lower", the rank definition DDSketch
-answers). Needs the optional extra for OpenTelemetry: pip install -e '.[compare]'.
+answers).
 """
 
 from __future__ import annotations
