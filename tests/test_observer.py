@@ -155,9 +155,11 @@ def test_a_run_that_missed_its_goal_is_never_ok_and_nodes_come_alone(store):
         missing = httpx.get(f"{url}/api/observability/nodes/agent:nope")
         runs = {r["run_id"]: r["status"] for r in httpx.get(f"{url}/api/runs").json()["runs"]}
         lineage = httpx.get(f"{url}/api/runs/r1/lineage").json()
+        few = httpx.get(f"{url}/api/observability", params={"recent": 2}).json()
+        detail = httpx.get(f"{url}/api/runs/r1").json()
     assert (run_node["status"], run_node["outcome"]) == ("error", "goal_not_met")
+    assert detail["spans"][0]["status"] == "error" and detail["run"]["status"] == "goal_not_met"
     assert all(n["recent"] == [] for n in light["nodes"])
-    few = httpx.get(f"{url}/api/observability", params={"recent": 2}).json()
     assert [len(n["recent"]) for n in few["nodes"] if n["id"] == "agent:r1-inner:coder"] == [2]
     assert [s["name"] for s in coder["recent"]] == ["chat gemma-3-270m", "execute_tool read_file",
                                                     "execute_tool delegate", "invoke_agent coder"]

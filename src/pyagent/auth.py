@@ -51,7 +51,7 @@ class BearerAuth:
                  protected: Callable[[str], bool] = lambda path: True,
                  error: Callable[[str], Response] | None = None):
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.expected = token.encode()
         self.protected = protected
         self.error = error or (lambda message: JSONResponse(
             {"error": {"message": message, "type": "unauthorized"}}, status_code=401))
@@ -59,8 +59,9 @@ class BearerAuth:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] != "OPTIONS" and self.protected(
                 scope["path"]):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(),
+                                                                      self.expected):
                 response = self.error("missing or wrong bearer token: send 'Authorization: "
                                       "Bearer <token>'")
                 response.headers["WWW-Authenticate"] = "Bearer"

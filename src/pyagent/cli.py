@@ -218,7 +218,7 @@ def serve(
     kv_dtype: KVDtypeOpt = "auto",
     prefix_sharing: ShareOpt = True,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
+    port: Annotated[int, typer.Option(help="Port to bind.", min=1, max=65535)] = 8000,
     context_length: Annotated[int | None, typer.Option(help="Cap the context (tokens).")] = None,
     max_batch: Annotated[int, typer.Option(help="Requests decoded together.")] = 8,
     max_queue: Annotated[int, typer.Option(
@@ -251,8 +251,8 @@ def serve(
         if token is not None:
             app.add_middleware(BearerAuth, token=token,
                                protected=lambda path: path != "/health" and not public_path(path))
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                               timeout_graceful_shutdown=2))
+        server = uvicorn.Server(uvicorn.Config(app, host=host.strip("[]"), port=port,
+                                               log_level="warning", timeout_graceful_shutdown=2))
         http = threading.Thread(target=server.run, name="pyagent-http", daemon=True)
         http.start()
         err.print(f"serving {engine.name} at http://{host}:{port}/v1"
@@ -277,7 +277,7 @@ def _observing(data: Path, **options: Any):
 def observe(
     data: DataOpt = Path(".pyagent"),
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to bind.")] = 8321,
+    port: Annotated[int, typer.Option(help="Port to bind.", min=1, max=65535)] = 8321,
     token: TokenOpt = None,
     redact: Annotated[list[str] | None, typer.Option(
         help="A regular expression whose matches in span attributes are masked before they "
@@ -320,7 +320,7 @@ def observe(
         err.print(f"observing {data} at http://{host}:{port}/"
                   + (" (bearer token required for the API)" if token else "")
                   + " (Ctrl-C stops)", highlight=False)
-        uvicorn.run(create_observer_app(observer, token), host=host, port=port,
+        uvicorn.run(create_observer_app(observer, token), host=host.strip("[]"), port=port,
                     log_level="warning", timeout_graceful_shutdown=2)
 
 

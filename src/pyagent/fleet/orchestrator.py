@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import uuid
 from collections.abc import Callable
@@ -45,6 +46,7 @@ from pyagent.types import Message
 Mode = Literal["sequenced", "handover"]
 MODES = ("sequenced", "handover")
 SUCCEEDED, GOAL_NOT_MET, ERROR, RUNNING = "succeeded", "goal_not_met", "error", "running"
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 GOAL_OUTPUT_CHARS = 2000  # the tail of the goal check's output kept with the run
 
 
@@ -97,6 +99,10 @@ class Orchestrator:
             options: dict[str, Any] | None = None) -> RunResult:
         """Start a run; `options` (JSON data) are kept with it for `resume`."""
         run_id = run_id or uuid.uuid4().hex[:12]
+        if not RUN_ID.fullmatch(run_id):
+            raise ConfigError(f"run id {run_id[:80]!r} must be 1 to 128 letters, digits, '.', "
+                              "'_' or '-', starting with a letter or digit (it names the run in "
+                              "paths and URLs)")
         if self.store.get(run_id) is not None:
             raise ConfigError(f"run {run_id!r} already exists; resume it instead")
         state = {"run_id": run_id, "task": task, "mode": self.mode,

@@ -10,6 +10,7 @@ and the dashboard at `/`. Errors are JSON `{"error": {"message", "type"}}`: 400 
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ from pyagent.observe.topology import RECENT
 from pyagent.observe.traces import TraceReader
 
 WEB = Path(__file__).resolve().parent / "web"
+EVENT_ID = re.compile(r"[0-9]{1,18}")  # ASCII digits only, below 2**63
 MAX_WINDOW_S = 7 * 24 * 3600
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": Error, "description": text} for code, text in (
@@ -124,7 +126,8 @@ def observer_router(observer: Observer) -> APIRouter:
             run: Annotated[str | None, Query(description="Only this run's events.",
                                              max_length=200)] = None,
             last_event_id: Annotated[int | None, Query(
-                ge=0, description="Resume after this event id (as the Last-Event-ID header).")
+                ge=0, lt=2**63,
+                description="Resume after this event id (as the Last-Event-ID header).")
             ] = None,
             last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     ) -> StreamingResponse:
@@ -132,11 +135,12 @@ def observer_router(observer: Observer) -> APIRouter:
         _once(request, "run", "last_event_id")
         cursor = last_event_id
         if last_event_id_header is not None and cursor is None:
-            if not last_event_id_header.strip().isdigit():
+            if not EVENT_ID.fullmatch(last_event_id_header.strip()):
                 raise _BadParameter(f"the Last-Event-ID header must be an event id (a whole "
-                                    f"number), got {last_event_id_header!r}")
+                                    f"number below 2**63), got {last_event_id_header[:40]!r}")
             cursor = int(last_event_id_header)
-        return StreamingResponse(observer.stream(cursor, run), media_type="text/event-stream",
+        return StreamingResponse(observer.stream(cursor, run or None),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
 

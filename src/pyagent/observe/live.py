@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -53,7 +54,9 @@ SERIES = 600  # points kept for the charts (10 minutes)
 SOURCE_TTL_S = 15.0  # a process whose gauges are older than this is gone
 TOKENS_WINDOW_S = 10.0
 KEEPALIVE_S = 15.0
-CLIENT_BUFFER = 10_000  # events a client may have waiting before it reads from the store
+CLIENT_BUFFER = 4_000_000  # characters of events a client may have waiting (then: the store)
+CHUNK = 256_000  # characters of events sent to a client at once
+CATCH_UP = 500  # events read from the store at once for a client that fell behind
 
 Gauges = Callable[[], Iterable[tuple[str, dict[str, str], float]]]
 """In-process gauges `(name, labels, value)`, read every tick (the engine of `pyagent serve`)."""
@@ -65,19 +68,24 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Client:
-    """One stream client's buffer, filled from the reader thread through its event loop."""
+    """One stream client's buffer, filled from the reader thread through its event loop. It
+    holds the events' formatted text, shared by every client, and at most `limit` characters of
+    it."""
 
     loop: asyncio.AbstractEventLoop
     limit: int
-    pending: deque[tuple[int, str, str]] = field(default_factory=deque)  # (id, run, payload)
+    pending: deque[tuple[int, str, str]] = field(default_factory=deque)  # (id, run, sse text)
+    size: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     lagging: bool = False
+    reset: bool = False
 
 
 @dataclass
 class Counts:
     events: int = 0
     errors: int = 0
+    skipped: int = 0  # events that could not be folded (a damaged store)
     delivered: int = 0
     dropped: int = 0
 
@@ -114,7 +122,7 @@ class Observer:
         self.registry = MetricsRegistry(clock=lambda: self._now)
         self.feed = MetricsFeed(self.registry)
         self.alerts = AlertEngine(self.rules, self.registry)
-        self.topology = Topology(self.pricer)
+        self.topology = Topology(self.pricer, self.redactor.value)
         self.cursor = 0
         self.sample_cursor = 0
         self.counts = Counts()
@@ -191,12 +199,17 @@ class Observer:
         if reader is not None:
             reader.close()
             self._reader = None
-        if not self.data_dir.is_dir():
-            raise ConfigError(f"{self.data_dir}: no such folder (no run has used it yet)")
+        _check_folder(self.data_dir)
         reader = TraceReader(self.path)
         if reader.last_event_id() < self.cursor:  # a different store took its place
             with self._lock:
                 self._reset()
+                clients = list(self._clients)
+            for client in clients:
+                try:
+                    client.loop.call_soon_threadsafe(self._restart, client)
+                except RuntimeError:  # its event loop has closed
+                    self._forget(client)
         self._reader = reader
         return reader
 
@@ -210,9 +223,17 @@ class Observer:
         batch = []
         with self._lock:
             for event_id, event in events:
+                try:
+                    payload = self._payload(event_id, event, None)
+                    touch = self.topology.fold(event)
+                    self.feed.record(event)
+                except Exception:  # one bad event must not stop the rest: count it, go on
+                    self.counts.skipped += 1
+                    log.exception("the observer skipped event %d of %s", event_id, self.path)
+                    continue
+                if touch.edge is not None:
+                    payload = self._payload(event_id, event, touch.edge)
                 self._now = max(self._now, event.timestamp)
-                touch = self.topology.fold(event)
-                self.feed.record(event)
                 self.counts.events += 1
                 if event.phase in ("error", "interrupted"):
                     self.counts.errors += 1
@@ -220,7 +241,7 @@ class Observer:
                     output = event.attributes.get("gen_ai.usage.output_tokens")
                     if isinstance(output, int):
                         self._outputs.append((event.timestamp, output))
-                batch.append((event_id, event.run_id, self._payload(event_id, event, touch.edge)))
+                batch.append((event_id, event.run_id, _sse("span", payload, event_id)))
             if events:
                 self.cursor = events[-1][0]
             for sample in samples:
@@ -243,12 +264,15 @@ class Observer:
         return self._payload(event_id, event, None)
 
     def _payload(self, event_id: int, event: Event, edge: tuple[str, str] | None) -> str:
-        return json.dumps({
-            "id": event_id, "kind": event.kind, "phase": event.phase, "name": event.name,
-            "run_id": event.run_id, "span_id": event.span_id, "parent_id": event.parent_id,
-            "timestamp": event.timestamp, "node": node_of(event),
-            "edge": list(edge) if edge else None,
-            "attributes": self.redactor.attributes(event.attributes)}, default=str)
+        body = {"id": event_id, "kind": event.kind, "phase": event.phase, "name": event.name,
+                "run_id": event.run_id, "span_id": event.span_id, "parent_id": event.parent_id,
+                "timestamp": event.timestamp, "node": node_of(event),
+                "edge": list(edge) if edge else None,
+                "attributes": self.redactor.attributes(event.attributes)}
+        try:
+            return json.dumps(body, default=str, allow_nan=False)
+        except ValueError:  # NaN or an infinity from an older store: null, as JSON has no such
+            return json.dumps(_finite(body), default=str)
 
     def tick(self) -> None:
         """Evaluate alerts and health, take the charts' point, and wake the stream's clients."""
@@ -336,7 +360,7 @@ class Observer:
     def source(self) -> Source:
         return Source(data_dir=str(self.data_dir), status="ok" if self.error is None else
                       "unavailable", message=self.error, last_event_id=self.cursor,
-                      events_read=self.counts.events)
+                      events_read=self.counts.events, events_skipped=self.counts.skipped)
 
     def snapshot(self, runs: Iterable[str] = (), agent: str | None = None,
                  window_s: float | None = None, recent: int = RECENT) -> Snapshot:
@@ -367,8 +391,7 @@ class Observer:
 
     def reader(self) -> TraceReader:
         """A new read-only handle on the store for one request (close it after use)."""
-        if not self.data_dir.is_dir():
-            raise ConfigError(f"{self.data_dir}: no such folder (no run has used it yet)")
+        _check_folder(self.data_dir)
         try:
             return TraceReader(self.path)
         except sqlite3.Error as exc:
@@ -386,15 +409,25 @@ class Observer:
     def _fill(self, client: Client, batch: list[tuple[int, str, str]]) -> None:
         """Runs on the client's event loop."""
         if batch and not client.lagging:
-            if len(client.pending) + len(batch) > client.limit:
+            size = sum(len(text) for _, _, text in batch)
+            if client.size + size > client.limit:
                 dropped = len(client.pending) + len(batch)
                 client.pending.clear()
+                client.size = 0
                 client.lagging = True
                 with self._lock:
                     self.counts.dropped += dropped
                     self._dropped.inc(dropped)
             else:
                 client.pending.extend(batch)
+                client.size += size
+        client.wake.set()
+
+    def _restart(self, client: Client) -> None:
+        """Runs on the client's event loop: the client reads the new store from its start."""
+        client.pending.clear()
+        client.size = 0
+        client.reset = client.lagging = True
         client.wake.set()
 
     def _forget(self, client: Client) -> None:
@@ -413,21 +446,35 @@ class Observer:
             live_from = self.cursor
         if cursor is None:
             cursor = live_from
+        elif cursor > live_from and cursor > await asyncio.to_thread(self._last_stored):
+            cursor = 0  # an id from a store that has since been replaced: start it again
+            client.reset = True
         client.lagging = cursor < live_from
         seen_metrics = -1
         try:
             yield _sse("hello", json.dumps({"version": 1, "cursor": cursor}))
             while not self._stop.is_set():
+                if client.reset:  # the store was replaced: its ids start again
+                    client.reset, cursor = False, 0
+                    yield _sse("reset", json.dumps({"cursor": 0}))
                 if client.lagging:
                     client.lagging = False
-                    async for chunk, last in self._catch_up(cursor, run_id):
-                        cursor = last
-                        yield chunk
-                parts = []
-                while client.pending:
-                    event_id, run, payload = client.pending.popleft()
+                    try:
+                        async for chunk, last in self._catch_up(cursor, run_id):
+                            cursor = last
+                            yield chunk
+                    except (ConfigError, sqlite3.Error) as exc:  # say so, and try again
+                        client.lagging = True
+                        yield _sse("error", json.dumps({"message": _reason(exc, self.path)}))
+                        await asyncio.sleep(1.0)
+                        continue
+                parts, size = [], 0
+                while client.pending and size < CHUNK:
+                    event_id, run, text = client.pending.popleft()
+                    client.size -= len(text)
                     if event_id > cursor and (run_id is None or run == run_id):
-                        parts.append(_sse("span", payload, event_id))
+                        parts.append(text)
+                        size += len(text)
                     cursor = max(cursor, event_id)
                 if self.metrics_version != seen_metrics:
                     seen_metrics = self.metrics_version
@@ -451,15 +498,22 @@ class Observer:
         reader = await asyncio.to_thread(self.reader)
         try:
             while True:
-                rows = await asyncio.to_thread(reader.events_after, cursor, BATCH, run_id)
+                rows = await asyncio.to_thread(reader.events_after, cursor, CATCH_UP, run_id)
                 if not rows:
                     return
                 cursor = rows[-1][0]
                 yield "".join(_sse("span", self.payload(i, e), i) for i, e in rows), cursor
-                if len(rows) < BATCH:
+                if len(rows) < CATCH_UP:
                     return
         finally:
             reader.close()
+
+    def _last_stored(self) -> int:
+        try:
+            with self.reader() as reader:
+                return reader.last_event_id()
+        except (ConfigError, sqlite3.Error):
+            return 0
 
     def _live_json(self) -> str:
         with self._lock:
@@ -490,6 +544,24 @@ def _alert_view(alert: Any) -> AlertView:
                      summary=alert.annotations.get("summary", ""),
                      labels=alert.rule.alert_labels(), value=alert.value,
                      active_since=alert.active_since)
+
+
+def _check_folder(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder}: not a folder (give the data folder that runs write to)")
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: no such folder (no run has used it yet)")
+
+
+def _finite(value: Any) -> Any:
+    """`value` with NaN and infinities as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _sse(kind: str, data: str, event_id: int | None = None) -> str:

@@ -15,6 +15,9 @@ from typing import Any
 from pyagent.errors import ConfigError
 
 MASK = "[REDACTED]"
+MAX_DEPTH = 32  # deeper values are replaced by a note (the API's documents stay shallow)
+SECRET_NAME = (r"(?:[A-Za-z0-9]*[_-])?(?:password|passwd|secret|api[_-]?key|access[_-]?key|"
+               r"access[_-]?token|auth[_-]?token|private[_-]?key)")
 DEFAULT_PATTERNS: tuple[str, ...] = (
     r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----",
     r"\bsk-[A-Za-z0-9_-]{16,}",  # OpenAI-style API keys
@@ -22,8 +25,7 @@ DEFAULT_PATTERNS: tuple[str, ...] = (
     r"\bgh[pousr]_[A-Za-z0-9]{30,}\b",  # GitHub tokens
     r"\bxox[abprs]-[A-Za-z0-9-]{10,}",  # Slack tokens
     r"(?i)\bbearer\s+(?P<secret>[A-Za-z0-9._~+/=-]{16,})",
-    r"(?i)\b(?:password|passwd|secret|api[_-]?key|access[_-]?token|auth[_-]?token)"
-    r"[\"']?\s*[:=]\s*[\"']?(?P<secret>[^\s\"',;]{4,})",
+    rf"(?i)(?<![A-Za-z0-9]){SECRET_NAME}[\"']?\s*[:=]\s*[\"']?(?P<secret>[^\s\"',;]{{4,}})",
 )
 
 
@@ -39,6 +41,7 @@ class Redactor:
                 raise ConfigError(f"redaction pattern {pattern!r} is not a valid regular "
                                   f"expression: {exc}") from None
         self.patterns = tuple(compiled)
+        self.defaults = defaults
 
     def text(self, value: str) -> str:
         """`value` with every match masked."""
@@ -46,20 +49,31 @@ class Redactor:
             value = pattern.sub(_mask, value)
         return value
 
-    def value(self, value: Any) -> Any:
-        """A copy of `value` with strings masked inside lists and dicts too."""
+    def value(self, value: Any, depth: int = MAX_DEPTH) -> Any:
+        """A copy of `value` with strings masked inside lists and dicts too (keys included, and
+        the whole value of a key named like a secret when defaults are on), at most `depth`
+        levels deep."""
         if isinstance(value, str):
             return self.text(value)
-        if isinstance(value, dict):
-            return {key: self.value(item) for key, item in value.items()}
-        if isinstance(value, list | tuple):
-            return [self.value(item) for item in value]
+        if isinstance(value, dict | list | tuple):
+            if depth <= 0:
+                return f"[{type(value).__name__} nested too deep]"
+            if isinstance(value, dict):
+                return {self.text(str(key)): MASK if self._secret_key(key) and isinstance(
+                            item, str | int | float) else self.value(item, depth - 1)
+                        for key, item in value.items()}
+            return [self.value(item, depth - 1) for item in value]
         return value
 
     def attributes(self, attributes: dict[str, Any]) -> dict[str, Any]:
         """A copy of span attributes with secrets masked."""
-        return {key: self.value(item) for key, item in attributes.items()} if self.patterns \
-            else attributes
+        return self.value(attributes)
+
+    def _secret_key(self, key: Any) -> bool:
+        return self.defaults and isinstance(key, str) and _SECRET_KEY.search(key) is not None
+
+
+_SECRET_KEY = re.compile(rf"(?i)(?<![A-Za-z0-9]){SECRET_NAME}$")
 
 
 def _mask(match: re.Match[str]) -> str:

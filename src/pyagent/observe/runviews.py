@@ -13,7 +13,7 @@ from pyagent.observe.schema import (
     RunSummary,
     SpanTree,
 )
-from pyagent.observe.topology import OUTCOME, TOKENS, Pricer, Topology, model_of
+from pyagent.observe.topology import OUTCOME, SUCCEEDED, TOKENS, Pricer, Topology, model_of
 from pyagent.observe.traces import RunRecord, SpanRecord, TraceReader
 
 LINEAGE_KINDS = ("run", "step", "agent", "subagent")
@@ -51,9 +51,12 @@ def run_detail(reader: TraceReader, record: RunRecord, pricer: Pricer | None,
     for span in spans:
         attributes = span.attributes
         ok_llm = span.kind == "llm_call" and span.status == "ok"
-        nodes[span.span_id] = SpanTree(
+        outcome = attributes.get(OUTCOME) if span.kind == "run" else None
+        missed = span.status == "ok" and isinstance(outcome, str) and outcome != SUCCEEDED
+        nodes[span.span_id] = SpanTree(  # a run that missed its goal is not ok
             span_id=span.span_id, parent_id=span.parent_id, kind=span.kind, name=span.name,
-            status=span.status, start=span.start, end=span.end, duration_s=span.duration_s,
+            status="error" if missed else span.status, start=span.start, end=span.end,
+            duration_s=span.duration_s,
             **{name: _int(attributes.get(key)) if ok_llm else None for name, key in TOKENS},
             cost_usd=_cost(span, pricer) if ok_llm else None,
             error=redactor.value(attributes.get("exception.message"))

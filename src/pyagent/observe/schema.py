@@ -152,6 +152,7 @@ class Source(BaseModel):
     message: str | None
     last_event_id: int
     events_read: int
+    events_skipped: int = Field(0, description="stored events too damaged to show")
 
 
 class StreamStats(BaseModel):

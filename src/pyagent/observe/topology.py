@@ -89,8 +89,10 @@ class Touch:
 class Topology:
     """Nodes and edges of the fleet, folded from events in the order they were stored."""
 
-    def __init__(self, pricer: Pricer | None = None):
+    def __init__(self, pricer: Pricer | None = None,
+                 redact: Callable[[Any], Any] = lambda value: value):
         self.pricer = pricer
+        self.redact = redact  # for what nodes keep of attributes: definitions, errors
         self.nodes: dict[str, NodeState] = {}
         self.edges: dict[tuple[str, str], Edge] = {}
         self.open: dict[str, OpenSpan] = {}
@@ -116,7 +118,7 @@ class Topology:
         if event.kind == "run":
             run_node.label = label or event.run_id
             if isinstance(attributes.get(AGENTS), dict):
-                self.definitions[event.run_id] = attributes[AGENTS]
+                self.definitions[event.run_id] = self.redact(attributes[AGENTS])
             rollup = (node,)
         elif event.kind == "step":
             self._node(node, "step", label, event.run_id, event.timestamp)
@@ -187,13 +189,14 @@ class Topology:
                 agent.kv_bytes = max(agent.kv_bytes or 0, peak)
         if state is not None:
             start = event.timestamp - duration if isinstance(duration, int | float) else None
+            message = attributes.get("exception.message")
             recent = {  # a RecentSpan when viewed (building models here is slow)
                 "span_id": event.span_id, "run_id": event.run_id, "name": event.name,
                 "status": status, "start": start,
                 "duration_s": duration if isinstance(duration, int | float) else None,
                 "input_tokens": tokens.get("input_tokens"),
                 "output_tokens": tokens.get("output_tokens"),
-                "error": attributes.get("exception.message") if status != "ok" else None}
+                "error": None if status == "ok" or message is None else self.redact(str(message))}
             state.recent.append(recent)
             agent = self.nodes.get(span.agent or "")
             if agent is not None and agent is not state:  # its LLM and tool calls show there too

@@ -19,19 +19,21 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import math
+import re
 import sqlite3
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
 from pyagent.errors import ConfigError, PyAgentError
-from pyagent.observe.events import Event, EventBus
+from pyagent.observe.events import KINDS, PHASES, Event, EventBus
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 WRITE_BATCH = 2000  # events stored in one transaction at most
+UNREADABLE = "pyagent.unreadable"  # what a damaged stored event says about itself
+MAX_NESTING = 32  # levels of attribute values kept; deeper ones are stored as text
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_LONE_SURROGATE = re.compile(r"(?<!\\)\\ud[89ab][0-9a-f]{2}(?!\\ud[c-f][0-9a-f]{2})"
+                             r"|(?<!\\ud[89ab][0-9a-f]{2})(?<!\\)\\ud[c-f][0-9a-f]{2}",
+                             re.IGNORECASE)
 MAX_PENDING = 100_000  # events queued for the writer before `record` waits
 MAX_DEPTH = 1000  # bound on lineage walks, so a damaged parent chain cannot loop forever
 STATUS = {"start": "running", "end": "ok", "error": "error", "interrupted": "interrupted"}
@@ -172,6 +180,9 @@ class TraceReader:
             raise
         except sqlite3.DatabaseError as exc:
             self._conn.close()
+            if "locked" in str(exc):
+                raise ConfigError(f"{self.path}: locked by another process ({exc}); "
+                                  "retrying") from exc
             raise ConfigError(f"{self.path}: not a readable trace store ({exc})") from exc
 
     def _check_version(self) -> None:
@@ -181,7 +192,10 @@ class TraceReader:
             raise ConfigError(f"{self.path}: not a trace store (no schema_version and events "
                               "tables)")
         version = self._conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
-        if version is None or version > SCHEMA_VERSION:
+        if not isinstance(version, int):
+            raise ConfigError(f"{self.path}: not a readable trace store (its schema_version "
+                              "table holds no version)")
+        if version > SCHEMA_VERSION:
             raise ConfigError(f"{self.path}: trace store schema version {version} is not one "
                               f"this PyAgent reads (1 to {SCHEMA_VERSION}); open it with a "
                               "newer PyAgent")
@@ -214,7 +228,7 @@ class TraceReader:
         rows = self._query(
             "SELECT id, kind, phase, name, run_id, span_id, parent_id, timestamp, attributes "
             f"FROM events WHERE {where} ORDER BY id LIMIT ?", *params, limit)
-        return [(row[0], Event(*row[1:8], json.loads(row[8]))) for row in rows]
+        return [(row[0], _event(row[1:])) for row in rows]
 
     def samples_after(self, cursor: int, limit: int = 5000) -> list[Sample]:
         """Up to `limit` gauge samples stored after sample id `cursor`, oldest first."""
@@ -222,7 +236,7 @@ class TraceReader:
             return []
         rows = self._query("SELECT id, source, timestamp, name, labels, value FROM samples "
                            "WHERE id > ? ORDER BY id LIMIT ?", cursor, limit)
-        return [Sample(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5])
+        return [Sample(row[0], row[1], row[2], row[3], _loads(row[4]), row[5])
                 for row in rows]
 
     def runs(self) -> list[RunRecord]:
@@ -263,7 +277,7 @@ class TraceReader:
         rows = self._query(
             "SELECT kind, phase, name, run_id, span_id, parent_id, timestamp, attributes "
             "FROM events WHERE run_id = ? ORDER BY id", run_id)
-        return [Event(*row[:7], json.loads(row[7])) for row in rows]
+        return [_event(row) for row in rows]
 
     def totals(self, run_id: str) -> RunTotals:
         """Tokens over the run's LLM-call spans, number of LLM and tool calls, failed spans."""
@@ -369,6 +383,12 @@ class TraceStore(TraceReader):
             if not isinstance(getattr(event, name), str):
                 raise PyAgentError(f"{event.kind} event {event.name!r}: its {name} must be a "
                                    f"string, got {getattr(event, name)!r}")
+        if not isinstance(event.attributes, dict):
+            raise PyAgentError(f"{event.kind} event {event.name!r}: its attributes must be a "
+                               f"dict, got {type(event.attributes).__name__}")
+        if not all(map(_is_text, (event.run_id, event.span_id, event.name))):
+            event = replace(event, run_id=clean_text(event.run_id),
+                            span_id=clean_text(event.span_id), name=clean_text(event.name))
         with self._cond:
             if self._closed:
                 raise ConfigError(f"{self.path}: the trace store is closed")
@@ -397,12 +417,12 @@ class TraceStore(TraceReader):
             try:
                 with self._lock, self._transaction() as conn:
                     _store(conn, batch, self._open_spans)
-            except sqlite3.Error:  # store them one by one: only the events that fail are lost
+            except Exception:  # store them one by one: only the events that fail are lost
                 for event in batch:
                     try:
                         with self._lock, self._transaction() as conn:
                             _store(conn, [event], self._open_spans)
-                    except sqlite3.Error:  # the run goes on, and the log says what was lost
+                    except Exception:  # the writer goes on, and the log says what was lost
                         log.exception("%s: could not store the %s event of span %s",
                                       self.path, event.phase, event.span_id)
             with self._cond:
@@ -501,6 +521,10 @@ def _store(conn: sqlite3.Connection, events: list[Event],
         list(span_rows.values()))
 
 
+def _is_text(text: str) -> bool:
+    return clean_text(text) is text
+
+
 def _in_wal_mode(path: Path) -> bool:
     """Whether the database header says WAL (its read and write format bytes are 2)."""
     try:
@@ -521,7 +545,39 @@ def _stat(path: Path) -> tuple[int, int, int]:
 
 
 def _dumps(attributes: dict[str, Any]) -> str:
-    return json.dumps(attributes, default=str)
+    """Attributes as strict JSON that any reader can load and show: values JSON cannot hold
+    (sets, bytes, objects) as text, NaN and infinities as null, lone surrogates (from names
+    that are not UTF-8) as U+FFFD; values with keys that are not text, cycles or nesting
+    deeper than MAX_NESTING are kept down to that depth, with text keys."""
+    try:
+        text = json.dumps(attributes, default=str, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        text = json.dumps(_plain(attributes, MAX_NESTING), default=str)
+    if "\\ud" in text:
+        text = _LONE_SURROGATE.sub(r"\\ufffd", text)
+    return text
+
+
+def _plain(value: Any, depth: int) -> Any:
+    """`value` with string keys, finite numbers and at most `depth` levels of nesting."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict | list | tuple | set | frozenset):
+        if depth <= 0:
+            return f"[{type(value).__name__} nested too deep]"
+        if isinstance(value, dict):
+            return {str(key): _plain(item, depth - 1) for key, item in value.items()}
+        return [_plain(item, depth - 1) for item in value]
+    return value
+
+
+def clean_text(text: str) -> str:
+    """`text` with lone surrogates (from bytes that are not UTF-8) replaced by U+FFFD."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
 
 
 def _count(attributes: dict[str, Any], key: str) -> int:
@@ -530,4 +586,27 @@ def _count(attributes: dict[str, Any], key: str) -> int:
 
 
 def _span(row: tuple[Any, ...]) -> SpanRecord:
-    return SpanRecord(*row[:9], json.loads(row[9]))
+    return SpanRecord(*row[:9], _loads(row[9]))
+
+
+def _loads(text: Any) -> dict[str, Any]:
+    """Stored attributes; a damaged value reads as an attribute saying so, never an error."""
+    try:
+        found = json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        return {UNREADABLE: "the stored attributes are not JSON"}
+    return found if isinstance(found, dict) else {UNREADABLE: "the stored attributes are not "
+                                                              "an object"}
+
+
+def _event(row: tuple[Any, ...]) -> Event:
+    """An event from its stored columns; damaged columns read as text and an attribute."""
+    kind, phase = row[0], row[1]
+    attributes = _loads(row[7])
+    if kind not in KINDS or phase not in PHASES:
+        attributes[UNREADABLE] = f"stored kind {kind!r} and phase {phase!r}"
+        kind, phase = ("run" if kind not in KINDS else kind), ("end" if phase not in PHASES
+                                                               else phase)
+    return Event(kind, phase, *(str(value) for value in row[2:4]),  # type: ignore[arg-type]
+                 str(row[4]), None if row[5] is None else str(row[5]),
+                 float(row[6]) if isinstance(row[6], int | float) else 0.0, attributes)

@@ -1414,6 +1414,7 @@ function onStreamEvent(event, data, id) {
   }
   if (event === 'span') {
     if (id != null && S.lastEventId != null && Number(id) <= S.lastEventId) return; // seen
+    clearBanner('stream');
     handleSpan(body);
   } else if (event === 'metrics') {
     renderStats(body.metrics);
@@ -1426,6 +1427,11 @@ function onStreamEvent(event, data, id) {
     }
   } else if (event === 'hello') {
     if (S.lastEventId == null && typeof body.cursor === 'number') S.lastEventId = body.cursor;
+  } else if (event === 'reset') { // the store was replaced: its ids start again
+    S.lastEventId = 0;
+    refreshSnapshot();
+  } else if (event === 'error') {
+    setBanner('stream', 'error', `<strong>The live stream cannot read the store</strong>: ${esc(body.message)} (retrying)`);
   }
 }
 
