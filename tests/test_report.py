@@ -89,7 +89,8 @@ def results(tmp_path: Path) -> list[Path]:
     for i in range(200):
         latency.labels(agent="coder").observe(0.5 + i / 100)
         calls.labels(status="ok").inc()
-    engine = AlertEngine(load_rules(ROOT / "examples" / "alerts.yaml"), registry)
+    engine = AlertEngine(load_rules(ROOT / "src" / "pyagent" / "observe" / "defaults"
+                                    / "alerts.yaml"), registry)
     engine.evaluate(now=1000.0)
     health = evaluate_health([Objective(name="latency", target=1.0, direction="below",
                                         query={"metric": "pyagent_llm_latency_seconds",

@@ -375,6 +375,23 @@ function syncHalo(n) {
   return true;
 }
 
+// What the 3D and the 2D graph share: arrows, live-edge particles, the layout's pace, events.
+function configureGraph(g, particleWidth) {
+  g.linkDirectionalArrowLength(3)
+    .linkDirectionalArrowRelPos(1)
+    .linkDirectionalParticleWidth(particleWidth)
+    .linkDirectionalParticleSpeed(0.03)
+    .linkDirectionalParticleColor(() => FLASH_COLOR)
+    .cooldownTicks(150)
+    .cooldownTime(10000)
+    .warmupTicks(0)
+    .d3AlphaDecay(0.045)
+    .onNodeClick((n) => select(n.id))
+    .onNodeHover((n) => hover(n))
+    .onEngineStop(engineStopped);
+  g.pauseAnimation(); // frames are drawn by loop()
+}
+
 function make3d(el) {
   const g = new window.ForceGraph3D(el, { controlType: 'orbit' });
   g.backgroundColor('#0b0e14')
@@ -389,20 +406,8 @@ function make3d(el) {
     .linkColor(linkColor)
     .linkOpacity(0.55)
     .linkWidth(0)
-    .linkDirectionalArrowLength(3)
-    .linkDirectionalArrowRelPos(1)
-    .linkDirectionalParticleWidth(2.2)
-    .linkDirectionalParticleSpeed(0.03)
-    .linkDirectionalParticleColor(() => FLASH_COLOR)
-    .enableNodeDrag(false)
-    .cooldownTicks(150)
-    .cooldownTime(10000)
-    .warmupTicks(0)
-    .d3AlphaDecay(0.045)
-    .onNodeClick((n) => select(n.id))
-    .onNodeHover((n) => hover(n))
-    .onEngineStop(engineStopped);
-  g.pauseAnimation(); // frames are drawn by loop()
+    .enableNodeDrag(false);
+  configureGraph(g, 2.2);
   let resolution = 12;
   return {
     mode: '3d',
@@ -515,20 +520,8 @@ function make2d(el) {
     .nodeCanvasObjectMode(() => 'replace')
     .linkColor(linkColor)
     .linkWidth((l) => (l._flash > S.now ? 2 : 1))
-    .linkDirectionalArrowLength(3)
-    .linkDirectionalArrowRelPos(1)
-    .linkDirectionalParticleWidth(3)
-    .linkDirectionalParticleSpeed(0.03)
-    .linkDirectionalParticleColor(() => FLASH_COLOR)
-    .autoPauseRedraw(false)
-    .cooldownTicks(150)
-    .cooldownTime(10000)
-    .warmupTicks(0)
-    .d3AlphaDecay(0.045)
-    .onNodeClick((n) => select(n.id))
-    .onNodeHover((n) => hover(n))
-    .onEngineStop(engineStopped);
-  g.pauseAnimation(); // frames are drawn by loop()
+    .autoPauseRedraw(false);
+  configureGraph(g, 3);
   return {
     mode: '2d',
     g,
