@@ -57,6 +57,7 @@ KEEPALIVE_S = 15.0
 CLIENT_BUFFER = 4_000_000  # characters of events a client may have waiting (then: the store)
 CHUNK = 256_000  # characters of events sent to a client at once
 CATCH_UP = 500  # events read from the store at once for a client that fell behind
+RECENT_CHARS = 32_000_000  # the latest events' stream text kept for clients that fell behind
 
 Gauges = Callable[[], Iterable[tuple[str, dict[str, str], float]]]
 """In-process gauges `(name, labels, value)`, read every tick (the engine of `pyagent serve`)."""
@@ -129,6 +130,8 @@ class Observer:
         self._samples: dict[tuple[str, str, str], Sample] = {}
         self._outputs: deque[tuple[float, int]] = deque()
         self.series: deque[Point] = deque(maxlen=SERIES)
+        self._recent: deque[tuple[int, str, str]] = deque()  # the latest events' stream text
+        self._recent_size = 0
         self.metrics_version = 0
         self._health = Health(status="warn", score=None, checks=[], capped_by=[])
         self._kv_gauge = self.registry.gauge("pyagent_kv_bytes",
@@ -244,6 +247,10 @@ class Observer:
                 batch.append((event_id, event.run_id, _sse("span", payload, event_id)))
             if events:
                 self.cursor = events[-1][0]
+            self._recent.extend(batch)
+            self._recent_size += sum(len(text) for _, _, text in batch)
+            while self._recent_size > RECENT_CHARS:
+                self._recent_size -= len(self._recent.popleft()[2])
             for sample in samples:
                 self._samples[(sample.source, sample.name, json.dumps(sample.labels,
                                                                       sort_keys=True))] = sample
@@ -494,19 +501,55 @@ class Observer:
 
     async def _catch_up(self, cursor: int, run_id: str | None
                         ) -> AsyncIterator[tuple[str, int]]:
-        """What a client missed after `cursor`, read from the store in batches."""
-        reader = await asyncio.to_thread(self.reader)
+        """What a client missed after `cursor`, in chunks of at most about CHUNK characters:
+        from the recent events' shared text while it reaches back that far, else from the
+        store."""
+        reader: TraceReader | None = None
         try:
             while True:
+                hit = self._from_recent(cursor, run_id)
+                if hit is not None:
+                    chunk, cursor, done = hit
+                    if chunk:
+                        yield chunk, cursor
+                    if done:
+                        return
+                    continue
+                if reader is None:
+                    reader = await asyncio.to_thread(self.reader)
                 rows = await asyncio.to_thread(reader.events_after, cursor, CATCH_UP, run_id)
                 if not rows:
                     return
-                cursor = rows[-1][0]
-                yield "".join(_sse("span", self.payload(i, e), i) for i, e in rows), cursor
-                if len(rows) < CATCH_UP:
-                    return
+                parts, size = [], 0
+                for event_id, event in rows:
+                    parts.append(_sse("span", self.payload(event_id, event), event_id))
+                    size += len(parts[-1])
+                    cursor = event_id
+                    if size >= CHUNK:
+                        break
+                yield "".join(parts), cursor
         finally:
-            reader.close()
+            if reader is not None:
+                reader.close()
+
+    def _from_recent(self, cursor: int, run_id: str | None) -> tuple[str, int, bool] | None:
+        """Up to CHUNK characters of the events after `cursor` from the recent ones kept in
+        memory, the last id they reach and whether that is all; None when they do not reach
+        back to `cursor`."""
+        with self._lock:
+            if not self._recent or self._recent[0][0] > cursor + 1:
+                return None
+            parts, size, last = [], 0, cursor
+            for event_id, run, text in self._recent:
+                if event_id <= cursor:
+                    continue
+                if size >= CHUNK:
+                    return "".join(parts), last, False
+                if run_id is None or run == run_id:
+                    parts.append(text)
+                    size += len(text)
+                last = event_id
+            return "".join(parts), last, True
 
     def _last_stored(self) -> int:
         try:
