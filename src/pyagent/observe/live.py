@@ -227,15 +227,13 @@ class Observer:
         with self._lock:
             for event_id, event in events:
                 try:
-                    payload = self._payload(event_id, event, None)
                     touch = self.topology.fold(event)
                     self.feed.record(event)
+                    payload = self._payload(event_id, event, touch.edge)
                 except Exception:  # one bad event must not stop the rest: count it, go on
                     self.counts.skipped += 1
                     log.exception("the observer skipped event %d of %s", event_id, self.path)
                     continue
-                if touch.edge is not None:
-                    payload = self._payload(event_id, event, touch.edge)
                 self._now = max(self._now, event.timestamp)
                 self.counts.events += 1
                 if event.phase in ("error", "interrupted"):
@@ -247,8 +245,9 @@ class Observer:
                 batch.append((event_id, event.run_id, _sse("span", payload, event_id)))
             if events:
                 self.cursor = events[-1][0]
+            size = sum(len(text) for _, _, text in batch)
             self._recent.extend(batch)
-            self._recent_size += sum(len(text) for _, _, text in batch)
+            self._recent_size += size
             while self._recent_size > RECENT_CHARS:
                 self._recent_size -= len(self._recent.popleft()[2])
             for sample in samples:
@@ -258,7 +257,7 @@ class Observer:
                 self.sample_cursor = samples[-1].id
             clients = list(self._clients)
         if batch:
-            self._offer(clients, batch)
+            self._offer(clients, batch, size)
         for listener in self.listeners:
             for event_id, event in events:
                 try:
@@ -406,17 +405,17 @@ class Observer:
 
     # -- the stream ---------------------------------------------------------------------------
 
-    def _offer(self, clients: list[Client], batch: list[tuple[int, str, str]]) -> None:
+    def _offer(self, clients: list[Client], batch: list[tuple[int, str, str]],
+               size: int = 0) -> None:
         for client in clients:
             try:
-                client.loop.call_soon_threadsafe(self._fill, client, batch)
+                client.loop.call_soon_threadsafe(self._fill, client, batch, size)
             except RuntimeError:  # its event loop has closed
                 self._forget(client)
 
-    def _fill(self, client: Client, batch: list[tuple[int, str, str]]) -> None:
-        """Runs on the client's event loop."""
+    def _fill(self, client: Client, batch: list[tuple[int, str, str]], size: int) -> None:
+        """Runs on the client's event loop; `size` is the batch's characters."""
         if batch and not client.lagging:
-            size = sum(len(text) for _, _, text in batch)
             if client.size + size > client.limit:
                 dropped = len(client.pending) + len(batch)
                 client.pending.clear()

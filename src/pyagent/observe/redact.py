@@ -16,6 +16,7 @@ from pyagent.errors import ConfigError
 
 MASK = "[REDACTED]"
 MAX_DEPTH = 32  # deeper values are replaced by a note (the API's documents stay shallow)
+KEYS_KEPT = 10_000  # attribute names whose masked form is remembered
 SECRET_NAME = (r"(?:[A-Za-z0-9]*[_-])?(?:password|passwd|secret|api[_-]?key|access[_-]?key|"
                r"access[_-]?token|auth[_-]?token|private[_-]?key)")
 DEFAULT_PATTERNS: tuple[str, ...] = (
@@ -42,6 +43,7 @@ class Redactor:
                                   f"expression: {exc}") from None
         self.patterns = tuple(compiled)
         self.defaults = defaults
+        self._keys: dict[Any, tuple[str, bool]] = {}
 
     def text(self, value: str) -> str:
         """`value` with every match masked."""
@@ -59,9 +61,12 @@ class Redactor:
             if depth <= 0:
                 return f"[{type(value).__name__} nested too deep]"
             if isinstance(value, dict):
-                return {self.text(str(key)): MASK if self._secret_key(key) and isinstance(
-                            item, str | int | float) else self.value(item, depth - 1)
-                        for key, item in value.items()}
+                out = {}
+                for key, item in value.items():
+                    name, secret = self._key(key)
+                    out[name] = MASK if secret and isinstance(item, str | int | float) \
+                        else self.value(item, depth - 1)
+                return out
             return [self.value(item, depth - 1) for item in value]
         return value
 
@@ -69,8 +74,16 @@ class Redactor:
         """A copy of span attributes with secrets masked."""
         return self.value(attributes)
 
-    def _secret_key(self, key: Any) -> bool:
-        return self.defaults and isinstance(key, str) and _SECRET_KEY.search(key) is not None
+    def _key(self, key: Any) -> tuple[str, bool]:
+        """A key masked, and whether its value is a secret by its name (remembered: the same
+        attribute names come back in every span)."""
+        found = self._keys.get(key)
+        if found is None:
+            name = self.text(str(key))
+            found = (name, self.defaults and _SECRET_KEY.search(name) is not None)
+            if len(self._keys) < KEYS_KEPT:
+                self._keys[key] = found
+        return found
 
 
 _SECRET_KEY = re.compile(rf"(?i)(?<![A-Za-z0-9]){SECRET_NAME}$")
