@@ -204,16 +204,19 @@ def snapshot(agents: int, repeats: int = 20) -> dict[str, Any]:
             while httpx.get(f"{url}/api/observability").json()["source"]["last_event_id"] \
                     < events:
                 time.sleep(0.1)
-            times, size = [], 0
-            for _ in range(repeats):
-                start = time.perf_counter()
-                response = httpx.get(f"{url}/api/observability", timeout=60)
-                times.append(time.perf_counter() - start)
-                size = len(response.content)
-            nodes = len(response.json()["nodes"])
-        return {"agents": agents, "events": events, "nodes": nodes, "bytes": size,
-                "latency_ms_p50": statistics.median(times) * 1e3,
-                "latency_ms_p95": sorted(times)[int(0.95 * (len(times) - 1))] * 1e3}
+            found: dict[str, Any] = {"agents": agents, "events": events}
+            for label, params in (("", {}), ("_no_spans", {"recent": 0})):
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    response = httpx.get(f"{url}/api/observability", params=params, timeout=60)
+                    times.append(time.perf_counter() - start)
+                found.update({f"bytes{label}": len(response.content),
+                              f"latency_ms_p50{label}": statistics.median(times) * 1e3,
+                              f"latency_ms_p95{label}":
+                                  sorted(times)[int(0.95 * (len(times) - 1))] * 1e3})
+            found["nodes"] = len(response.json()["nodes"])
+        return found
 
 
 def screen(agents: int, seconds: float) -> dict[str, Any]:
@@ -298,11 +301,13 @@ def table(result: dict[str, Any]) -> list[str]:
                   f"| writer process -> pyagent observe -> SSE client | {i['events']:,} | "
                   f"{i['stored_per_s']:,.0f} | {i['end_to_end_per_s']:,.0f} |", ""]
     if "snapshot" in result:
-        lines += markdown(["agents", "events", "nodes", "snapshot bytes", "latency p50",
-                           "latency p95"],
-                          [[f"{s['agents']:,}", f"{s['events']:,}", f"{s['nodes']:,}",
-                            f"{s['bytes']:,}", f"{s['latency_ms_p50']:.1f} ms",
-                            f"{s['latency_ms_p95']:.1f} ms"] for s in result["snapshot"]])
+        lines += markdown(["agents", "events", "nodes", "spans per node", "snapshot bytes",
+                           "latency p50", "latency p95"],
+                          [[f"{s['agents']:,}", f"{s['events']:,}", f"{s['nodes']:,}", spans,
+                            f"{s['bytes' + key]:,}", f"{s['latency_ms_p50' + key]:.1f} ms",
+                            f"{s['latency_ms_p95' + key]:.1f} ms"]
+                           for s in result["snapshot"]
+                           for spans, key in (("20", ""), ("0", "_no_spans"))])
     if "screen" in result:
         lines += markdown(["concurrent agents", "graph", "samples", "event -> screen p50", "p95",
                            "max"],
