@@ -269,3 +269,21 @@ def test_a_run_names_its_owner_process_before_its_first_step(setup, agent_engine
     with pytest.raises(Crash):
         orchestrator(setup, CountingBackend(agent_engine, crash_on=1)).run("x", run_id="owned")
     assert store.get("owned").state["owner"]["pid"] == os.getpid()
+
+
+def test_a_step_killed_after_its_agent_ended_shows_as_interrupted(tmp_path):
+    from pyagent.runtime import Runtime
+
+    runtime = Runtime.open(tmp_path / "data")
+    try:
+        run = runtime.bus.span("run", "run", "late", None).start()
+        step = run.child("step", "step code", **{"pyagent.step.id": "code"}).start()
+        with step.child("agent", "invoke_agent coder", **{"gen_ai.agent.name": "coder"}):
+            pass  # the agent finished; the process died before the step ended
+        runtime.traces.interrupt("late", runtime.bus)
+        runtime.traces.flush()
+        rows = runtime.step_rows("late")
+    finally:
+        runtime.close()
+    assert [(r.step, r.agent, r.status, r.tokens.calls) for r in rows] == [
+        ("code", "coder", "ok", 0), ("code", "", "interrupted", 0)]

@@ -96,10 +96,14 @@ class Runtime:
         rows = []
         for step in (s for s in spans if s.kind == "step"):
             attempts = [s for s in children.get(step.span_id, []) if s.kind == "agent"]
-            for span in attempts or [step]:  # a step killed before its agent started: itself
-                inner = below(span.span_id)
-                tokens = TokenTracker.from_traces(self.traces, run_id, prices=self.prices,
-                                                  within=span.span_id).totals()
+            # a step killed after its last attempt ended also gets its own row, with no tokens
+            ended = attempts and step.status in ("interrupted", "running") and \
+                not any(a.status == step.status for a in attempts)
+            for span in [*attempts, step] if ended else attempts or [step]:
+                own = span is step and attempts
+                inner = [] if own else below(span.span_id)
+                tokens = Totals() if own else TokenTracker.from_traces(
+                    self.traces, run_id, prices=self.prices, within=span.span_id).totals()
                 rows.append(StepRow(
                     step.attributes.get("pyagent.step.id", step.name),
                     step.attributes.get("pyagent.loop.iteration", 1),
