@@ -1,0 +1,249 @@
+"""`RingCheckpointStore`: each run's checkpoints on its owner node and k successors.
+
+Guarantees, with `k` successors (k+1 replicas) and write quorum `w` (default k+1):
+- a `put` returns only after `w` hosts of the run's replica set made the checkpoint durable on
+  their disks; otherwise it raises and nothing claims it was saved;
+- with w = k+1, an acknowledged checkpoint survives any k nodes dying at once; with a smaller w
+  it survives only w-1 (the other replicas are made later, by a repair), in exchange for puts
+  that do not wait for the slowest replica and that still succeed while k+1-w replicas are down;
+- each writer first claims the run with a new epoch (fencing every live host), so an owner that
+  was presumed dead and comes back is refused everywhere it would need to write; a write quorum
+  must be a majority of the replicas, or two claimants of one epoch could both be acknowledged;
+- reads ask every live host and take the highest (epoch, seq) whose checksum verifies.
+
+Puts that find too few live replicas wait up to `quorum_wait_s` for nodes to come back, and puts
+whose replicas stop answering are retried on the ring as membership changes, until `timeout_s`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from pyagent.resilience.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointExistsError,
+    check_key,
+    load_checkpoint,
+    new_checkpoint,
+)
+from pyagent.resilience.history import HistoryLog
+from pyagent.resilience.membership import Membership
+from pyagent.resilience.replica_host import Fence, Refused, Replica
+from pyagent.resilience.ring import HashRing
+
+RETRY_S = 0.1  # pause between attempts while the membership catches up with a death
+
+
+class QuorumError(CheckpointError):
+    """Fewer replicas than the write quorum could make a checkpoint durable: it is not saved."""
+
+
+class FencedError(CheckpointError):
+    """A newer owner holds the run: this writer was presumed dead and must stop."""
+
+
+class RingCheckpointStore:
+    """A `CheckpointStore` replicated over the nodes that `membership` reports alive."""
+
+    def __init__(self, membership: Membership, k: int = 1, write_quorum: int | None = None,
+                 timeout_s: float = 60.0, quorum_wait_s: float = 0.0,
+                 history: HistoryLog | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        replicas = k + 1
+        write_quorum = replicas if write_quorum is None else write_quorum
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise CheckpointError(f"k (successors per run) must be an int >= 0, not {k!r}")
+        if not replicas // 2 < write_quorum <= replicas:
+            raise CheckpointError(
+                f"write quorum {write_quorum} must be a majority of the {replicas} replicas "
+                f"(from {replicas // 2 + 1} to {replicas})")
+        self.membership = membership
+        self.k, self.write_quorum = k, write_quorum
+        self.timeout_s, self.quorum_wait_s = timeout_s, quorum_wait_s
+        self.history = history
+        self.token = uuid.uuid4().hex  # this writer, as fences name it
+        self.placed: dict[str, list[str]] = {}  # run -> the hosts that acknowledged its last put
+        self._claims: dict[str, Fence] = {}
+        self._fenced: set[str] = set()  # runs another owner took from this writer
+        self._clock = clock
+        self._closed = False
+
+    # --- the CheckpointStore seam --------------------------------------------------------------
+
+    def put(self, run_id: str, seq: int, state: dict[str, Any]) -> Checkpoint:
+        self._open()
+        checkpoint, text = new_checkpoint(run_id, seq, state)
+        if run_id in self._fenced:
+            raise FencedError(f"run {run_id!r}: checkpoint {seq} not saved: another owner took "
+                              "the run over; this writer stopped writing it")
+        fence = self._claims.get(run_id) or self.claim(run_id)
+        replica = Replica(run_id, fence.epoch, seq, text, checkpoint.created, checkpoint.checksum)
+        self._log("invoke", replica)
+        try:
+            self.placed[run_id] = self._replicate(replica, fence)
+        except CheckpointError as exc:
+            self._log("fail", replica, str(exc))
+            raise
+        self._log("ok", replica)
+        return checkpoint
+
+    def get(self, run_id: str, seq: int | None = None) -> Checkpoint | None:
+        self._open()
+        if seq is not None:
+            check_key(run_id, seq)
+        latest = self._latest(run_id)
+        if latest is None or seq is None or seq == latest.seq:
+            return _checkpoint(latest) if latest else None
+        if seq > latest.seq:
+            return None
+        answers = self._ask("get", run_id, seq)
+        found = [r for r in answers if r is not None and r.epoch <= latest.epoch and r.verifies()]
+        return _checkpoint(max(found, key=lambda r: r.epoch)) if found else None
+
+    def list(self, run_id: str) -> list[Checkpoint]:
+        self._open()
+        latest = self._latest(run_id)
+        if latest is None:
+            return []
+        chain: dict[int, Replica] = {}
+        for records in self._ask("records", run_id):
+            for r in records:
+                if r.seq <= latest.seq and r.epoch <= latest.epoch and r.verifies() and (
+                        r.seq not in chain or r.epoch > chain[r.seq].epoch):
+                    chain[r.seq] = r
+        return [_checkpoint(chain[seq]) for seq in sorted(chain)]
+
+    def runs(self) -> list[str]:
+        self._open()
+        held = set().union(*self._ask("runs"))
+        return sorted(run for run in held if self._latest(run) is not None)
+
+    def delete_run(self, run_id: str) -> None:
+        self._open()
+        self._ask("delete_run", run_id)
+        self._claims.pop(run_id, None)
+
+    def close(self) -> None:
+        self._closed = True
+
+    # --- ownership and placement ----------------------------------------------------------------
+
+    def claim(self, run_id: str) -> Fence:
+        """Take over `run_id` with an epoch newer than any host has seen, fencing every live
+        host; the writer that held it before is refused from now on."""
+        self._open()
+        seen = [f.epoch for f in self._ask("fence", run_id) if f is not None]
+        fence = Fence(max(seen, default=0) + 1, self.token)
+        live = self._live_enough(run_id)
+        answers = self.membership.call(live, "claim", run_id, fence, timeout_s=self.timeout_s)
+        granted = [n for n in self.replica_set(run_id, live) if answers.get(n) == fence]
+        if len(granted) < self.write_quorum:
+            refused = [a.reason for a in answers.values() if isinstance(a, Refused)]
+            raise FencedError(f"run {run_id!r}: could not claim epoch {fence.epoch}: "
+                              f"{len(granted)} of {self.write_quorum} replicas granted it"
+                              + (f" ({refused[0]})" if refused else ""))
+        self._claims[run_id] = fence
+        self._fenced.discard(run_id)
+        return fence
+
+    def epoch(self, run_id: str) -> int | None:
+        """The epoch this writer holds `run_id` at, if it claimed it."""
+        fence = self._claims.get(run_id)
+        return fence.epoch if fence else None
+
+    def replica_set(self, run_id: str, live: list[str] | None = None) -> list[str]:
+        """The nodes that should hold `run_id` now: its owner on the ring and k successors."""
+        return HashRing(self.membership.live() if live is None else live).replicas(
+            run_id, self.k + 1)
+
+    def holders(self, run_id: str) -> list[str]:
+        """The live nodes that hold at least one verified record of `run_id`."""
+        answers = self.membership.call(self.membership.live(), "records", run_id,
+                                       timeout_s=self.timeout_s)
+        return sorted(n for n, a in answers.items() if isinstance(a, list) and a)
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _replicate(self, replica: Replica, fence: Fence) -> list[str]:
+        """Put `replica` on its replica set until `write_quorum` hosts acknowledge it, following
+        membership changes until the deadline; the acknowledging nodes."""
+        deadline = self._clock() + self.timeout_s
+        while True:
+            live = self._live_enough(replica.run_id)
+            targets = self.replica_set(replica.run_id, live)
+            left = max(0.1, deadline - self._clock())
+            answers = self.membership.call(targets, "put", replica, fence.token, timeout_s=left)
+            acks = [n for n in targets if isinstance(answers[n], Replica)]
+            if len(acks) >= self.write_quorum:
+                return acks
+            refusals = [a for a in answers.values() if isinstance(a, Refused)]
+            stale = next((r for r in refusals if r.stale), None)
+            if stale is not None:
+                self._claims.pop(replica.run_id, None)
+                self._fenced.add(replica.run_id)
+                raise FencedError(f"run {replica.run_id!r}: checkpoint {replica.seq} not saved: "
+                                  f"{stale.reason} (another owner took the run over)")
+            if any("already has" in r.reason for r in refusals):
+                raise CheckpointExistsError(next(r.reason for r in refusals
+                                                 if "already has" in r.reason))
+            if self._clock() >= deadline:
+                reasons = sorted({str(a) if isinstance(a, Exception) else a.reason
+                                  for a in answers.values() if not isinstance(a, Replica)})
+                raise QuorumError(
+                    f"run {replica.run_id!r}: checkpoint {replica.seq} not saved: {len(acks)} of "
+                    f"the {self.write_quorum} replicas it needs made it durable in "
+                    f"{self.timeout_s:g} s ({'; '.join(reasons)})")
+            time.sleep(RETRY_S)
+
+    def _live_enough(self, run_id: str) -> list[str]:
+        """The live nodes, once there are at least `write_quorum` (waiting up to
+        `quorum_wait_s`); a `QuorumError` when there are not."""
+        deadline = self._clock() + self.quorum_wait_s
+        while True:
+            live = self.membership.live()
+            if len(live) >= self.write_quorum:
+                return live
+            if self._clock() >= deadline:
+                raise QuorumError(
+                    f"run {run_id!r}: not saved: {len(live)} node(s) alive, fewer than the write "
+                    f"quorum of {self.write_quorum} (k={self.k}); start nodes or lower k")
+            time.sleep(RETRY_S)
+
+    def _latest(self, run_id: str) -> Replica | None:
+        found = [r for r in self._ask("latest", run_id) if r is not None and r.verifies()]
+        return max(found, key=lambda r: r.key) if found else None
+
+    def _ask(self, method: str, *args: Any) -> list[Any]:
+        """Every live host's answer to a read. A host that does not answer may hold the only
+        copy left of an acknowledged write, so the read waits until every host answers or the
+        membership declares it dead, and fails at the deadline."""
+        deadline = self._clock() + self.timeout_s
+        while True:
+            live = self.membership.live()
+            left = max(0.1, deadline - self._clock())
+            answers = self.membership.call(live, method, *args, timeout_s=left)
+            errors = sorted({str(a) for a in answers.values() if isinstance(a, Exception)})
+            if not errors:
+                return list(answers.values())
+            if self._clock() >= deadline:
+                raise CheckpointError(f"cannot read the ring: {len(errors)} of {len(live)} "
+                                      f"nodes did not answer ({'; '.join(errors)})")
+            time.sleep(RETRY_S)
+
+    def _log(self, phase: str, replica: Replica, error: str | None = None) -> None:
+        if self.history is not None:
+            self.history.record("put", phase, replica.run_id, replica.epoch, replica.seq,
+                                replica.checksum, error)
+
+    def _open(self) -> None:
+        if self._closed:
+            raise CheckpointError("the ring checkpoint store is closed")
+
+
+def _checkpoint(replica: Replica) -> Checkpoint:
+    return load_checkpoint(replica.run_id, replica.seq, replica.text, replica.created,
+                           replica.checksum)
