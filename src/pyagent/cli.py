@@ -364,7 +364,7 @@ def demo(model: ModelOpt = DEFAULT_MODEL, dtype: DtypeOpt = "float32",
     runtime.sample(engine.gauges)
     try:
         runner = orchestrator(example / "manifest.yaml", workspace, "sequenced", runtime,
-                              backend_factory({"model": model}, lambda: engine))
+                              backend_factory({"model": model}, lambda: backend))
         _report_steps(runtime)
         result = runner.run((example / "task.txt").read_text().strip(),
                             options={"model": model})
@@ -587,9 +587,11 @@ def _embedded_loader(model: str, runtime):
     """Loads the embedded engine when an agent first needs it, and samples its KV memory and
     queue into the data folder for observers."""
     def load():
+        from pyagent.llm.embedded import EmbeddedBackend
+
         engine = _load_engine(model, "float32")
         runtime.sample(engine.gauges)
-        return engine
+        return EmbeddedBackend(engine)
 
     return load
 

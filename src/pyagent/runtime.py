@@ -21,6 +21,7 @@ from pyagent.observe.events import EventBus
 from pyagent.observe.gauges import GaugeSampler, Reading
 from pyagent.observe.metrics import MetricsFeed, MetricsRegistry
 from pyagent.observe.traces import TraceStore
+from pyagent.resilience.checkpoint import CheckpointStore
 from pyagent.resilience.sqlite_store import SQLiteCheckpointStore
 
 CHECKPOINTS, TRACES = "checkpoints.db", "traces.db"
@@ -48,19 +49,23 @@ class Runtime:
     Prices come from `prices` (a user price file; default `<data>/prices.yaml` when it exists)
     and then genai-prices' table."""
 
+    data_dir: Path
     bus: EventBus
     traces: TraceStore
-    checkpoints: SQLiteCheckpointStore
+    checkpoints: CheckpointStore
     prices: PriceTable
     metrics: MetricsRegistry
     tokens: TokenTracker
     samplers: list[GaugeSampler] = field(default_factory=list)
 
     @classmethod
-    def open(cls, data_dir: Path, prices: Path | None = None, create: bool = True) -> Runtime:
+    def open(cls, data_dir: Path, prices: Path | None = None, create: bool = True,
+             checkpoints: CheckpointStore | None = None) -> Runtime:
         """The runtime of `data_dir`; without `create`, a folder that holds no runs is an error
-        and nothing is created (for commands that only read)."""
-        missing = [name for name in (CHECKPOINTS, TRACES) if not (data_dir / name).is_file()]
+        and nothing is created (for commands that only read). Checkpoints go to the folder's
+        SQLite store unless `checkpoints` names another (the buddy ring)."""
+        wanted = (TRACES,) if checkpoints is not None else (CHECKPOINTS, TRACES)
+        missing = [name for name in wanted if not (data_dir / name).is_file()]
         if not create and missing:
             raise ConfigError(f"no runs in {data_dir}: it has no {' or '.join(missing)} "
                               "(give --data)")
@@ -73,8 +78,9 @@ class Runtime:
         MetricsFeed(metrics).attach(bus)
         tokens = TokenTracker(table)
         tokens.attach(bus)
-        return cls(bus, traces, SQLiteCheckpointStore(data_dir / CHECKPOINTS), table,
-                   metrics, tokens)
+        return cls(data_dir, bus, traces,
+                   checkpoints or SQLiteCheckpointStore(data_dir / CHECKPOINTS), table, metrics,
+                   tokens)
 
     def run_tokens(self, run_id: str) -> TokenTracker:
         """Tokens and cost of a stored run, call by call, rebuilt from its trace."""
@@ -124,7 +130,7 @@ class Runtime:
         """The latest checkpointed state of `run_id`."""
         checkpoint = self.checkpoints.get(run_id)
         if checkpoint is None:
-            raise ConfigError(f"no run {run_id!r} in {self.checkpoints.path.parent}")
+            raise ConfigError(f"no run {run_id!r} in {self.data_dir}")
         return checkpoint.state
 
     def sample(self, read: Callable[[], Reading]) -> None:
@@ -140,8 +146,9 @@ class Runtime:
 
 
 def backend_factory(options: dict[str, Any],
-                    load_engine: Callable[[], Any]) -> Callable[[AgentSpec], Backend]:
-    """Backends per agent: the agent's `backend` kind, with one shared embedded engine."""
+                    embedded: Callable[[], Backend]) -> Callable[[AgentSpec], Backend]:
+    """Backends per agent: the agent's `backend` kind (or `options["backend"]` for all), with
+    one embedded backend that `embedded` makes when an agent first needs it."""
     cache: dict[tuple[str, str | None], Backend] = {}
 
     def backend_for(agent: AgentSpec) -> Backend:
@@ -149,17 +156,22 @@ def backend_factory(options: dict[str, Any],
         key = (kind, agent.model)
         if key not in cache:
             if kind == "embedded":
-                from pyagent.llm.embedded import EmbeddedBackend
-
                 shared = next((b for (k, _), b in cache.items() if k == "embedded"), None)
-                cache[key] = shared or EmbeddedBackend(load_engine())
+                cache[key] = shared or embedded()
             elif kind == "openai":
                 from pyagent.llm.openai import OpenAIBackend
 
                 cache[key] = OpenAIBackend(options.get("base_url"), model=agent.model)
+            elif kind == "replay" and options.get("recording"):
+                from pyagent.llm.replay import ReplayBackend
+
+                shared = next((b for (k, _), b in cache.items() if k == "replay"), None)
+                cache[key] = shared or ReplayBackend(options["recording"],
+                                                     delay_s=options.get("replay_delay_s", 0.0))
             else:
                 raise ConfigError(f"agent {agent.name!r}: backend {kind!r} cannot run a "
-                                  "manifest from the command line")
+                                  "manifest from the command line" +
+                                  (" without --recording" if kind == "replay" else ""))
         return cache[key]
 
     return backend_for
@@ -167,11 +179,13 @@ def backend_factory(options: dict[str, Any],
 
 def orchestrator(manifest_path: Path, workspace: Path, mode: str, runtime: Runtime,
                  backend_for: Callable[[AgentSpec], Backend],
-                 compact_keep: int | None = None) -> Orchestrator:
-    """The orchestrator for a run from the command line (`compact_keep`: see Compaction)."""
+                 compact_keep: int | None = None,
+                 identity: Callable[[], dict[str, Any]] | None = None) -> Orchestrator:
+    """The orchestrator for a run from the command line (`compact_keep`: see Compaction;
+    `identity`: see Orchestrator)."""
     if not workspace.is_dir():
         raise ConfigError(f"workspace {workspace} is not a directory")
     manifest = load_manifest(manifest_path, set(TOOLS))
     compaction = None if compact_keep is None else Compaction(keep_recent=compact_keep)
     return Orchestrator(manifest, backend_for, workspace, runtime.bus, runtime.checkpoints,
-                        mode, compaction, runtime.traces)  # type: ignore[arg-type]
+                        mode, compaction, runtime.traces, identity)  # type: ignore[arg-type]

@@ -12,7 +12,9 @@ Two modes for the same manifest:
 With a `Compaction`, old tool results in the run's transcript shrink before each step.
 
 A run ends `succeeded` (the goal's check passed), `goal_not_met` (it did not: the reason names the
-check's output and any loop that ran out of rounds) or `error` (a step failed). Resume is exact or
+check's output and any loop that ran out of rounds) or `error` (a step failed). A checkpoint that
+cannot be stored raises `CheckpointError` out of the run: it stays `running` where it was last
+saved, interrupted, for `resume` to continue. Resume is exact or
 refuses: the manifest must be unchanged (its SHA-256 is kept with the run), and a checkpoint store
 that lost checkpoints the trace saw written is detected, never silently repeated.
 """
@@ -40,7 +42,7 @@ from pyagent.fleet.turn import Team, offered_tools, run_turn, system_prompt
 from pyagent.llm.base import Backend
 from pyagent.observe.events import EventBus, Span
 from pyagent.observe.traces import TraceStore
-from pyagent.resilience.checkpoint import CheckpointStore
+from pyagent.resilience.checkpoint import CheckpointError, CheckpointStore
 from pyagent.types import Message
 
 Mode = Literal["sequenced", "handover"]
@@ -74,12 +76,14 @@ class Orchestrator:
     """Executes one manifest with backends chosen per agent, on one workspace.
 
     With `traces` (the store the bus feeds), `resume` closes the killed attempt's spans as
-    interrupted and refuses when the checkpoint store lost checkpoints the trace saw written."""
+    interrupted and refuses when the checkpoint store lost checkpoints the trace saw written.
+    `identity` names the process that runs it (default: host, pid and start time)."""
 
     def __init__(self, manifest: Manifest, backend_for: Callable[[AgentSpec], Backend],
                  workspace: Path, bus: EventBus, store: CheckpointStore,
                  mode: Mode = "sequenced", compaction: Compaction | None = None,
-                 traces: TraceStore | None = None):
+                 traces: TraceStore | None = None,
+                 identity: Callable[[], dict[str, Any]] | None = None):
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.manifest = manifest
@@ -91,6 +95,7 @@ class Orchestrator:
         self.mode = mode
         self.compaction = compaction
         self.traces = traces
+        self.identity = identity or process_identity  # who runs it, as the run records
         self.templates = Templates()
 
     # --- entry points ------------------------------------------------------------------------
@@ -153,7 +158,7 @@ class Orchestrator:
 
     def _execute(self, state: dict[str, Any], resumed: bool) -> RunResult:
         run_id = state["run_id"]
-        if state.get("owner") != (owner := process_identity()):
+        if state.get("owner") != (owner := self.identity()):
             state["owner"] = owner
             self._save(state)  # a run killed before its next checkpoint still names its owner
         with self.bus.span("run", f"run {self.manifest.name}", run_id,
@@ -163,6 +168,8 @@ class Orchestrator:
             try:
                 self._walk(state, span)
                 self._check_goal(state, span)
+            except CheckpointError:
+                raise  # the state cannot be stored: the run is interrupted, not failed
             except PyAgentError as exc:
                 state["status"], state["error"] = ERROR, str(exc)
                 span.set("error.type", type(exc).__name__)

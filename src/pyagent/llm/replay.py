@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -36,7 +37,7 @@ class ReplayBackend:
     name = "replay"
 
     def __init__(self, path: str | Path, mode: Literal["replay", "record"] = "replay",
-                 inner: Backend | None = None):
+                 inner: Backend | None = None, delay_s: float = 0.0):
         if mode not in ("replay", "record"):
             raise ConfigError(f"replay mode must be 'replay' or 'record', got {mode!r}")
         if mode == "record" and inner is None:
@@ -44,6 +45,9 @@ class ReplayBackend:
         self.path = Path(path)
         self.mode = mode
         self.inner = inner
+        if not 0 <= delay_s <= 3600:
+            raise ConfigError(f"replay delay must be from 0 to 3600 seconds, not {delay_s!r}")
+        self.delay_s = delay_s  # served completions wait this long: a model's latency, for tests
         self._lock = threading.Lock()
         self.entries: dict[str, dict[str, Any]] = self._load()
 
@@ -84,6 +88,8 @@ class ReplayBackend:
 
     def _replay(self, entry: dict[str, Any]) -> Iterator[StreamEvent]:
         completion = replace(Completion.from_dict(entry["completion"]), backend=self.name)
+        if self.delay_s:
+            time.sleep(self.delay_s)
         *deltas, last = entry["deltas"] or [""]
         for delta in deltas:
             yield StreamEvent(delta)

@@ -1,0 +1,110 @@
+"""One run as a Ray actor: the orchestrator on whichever node Ray placed it, its checkpoints on
+the buddy ring (with its workspace), its trace in the data folder.
+
+`execute(resume=False)` starts the run in a fresh copy of the batch's workspace;
+`execute(resume=True)` claims the run with a new epoch (fencing its old owner), rebuilds the
+workspace from the latest checkpoint on the ring and continues without repeating a completed
+step. A checkpoint the ring would not acknowledge ends the attempt as `interrupted` (the run stays
+resumable); a run that ends in any other way reports its status.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from pyagent.cluster.membership import RayMembership
+from pyagent.cluster.snapshots import WorkspaceCheckpoints, unpack
+from pyagent.resilience.checkpoint import CheckpointError
+from pyagent.resilience.history import HistoryLog
+from pyagent.resilience.ring_store import RingCheckpointStore
+
+INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True)
+class RingSettings:
+    """How runs replicate: k successors, the write quorum, how long a put waits for enough live
+    nodes, and an optional history file of every put (for audits and the chaos checker)."""
+
+    k: int = 1
+    write_quorum: int | None = None
+    quorum_wait_s: float = 30.0
+    timeout_s: float = 60.0
+    history: str | None = None
+
+    def store(self, membership: Any) -> RingCheckpointStore:
+        return RingCheckpointStore(membership, self.k, self.write_quorum, self.timeout_s,
+                                   self.quorum_wait_s,
+                                   HistoryLog(self.history) if self.history else None)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a node needs to run (or resume) one run of a batch."""
+
+    run_id: str
+    task: str
+    manifest: str
+    data: str
+    workspace_files: str  # the batch's starting workspace, packed
+    mode: str = "sequenced"
+    options: dict[str, Any] = field(default_factory=dict)
+    ring: RingSettings = RingSettings()
+
+    @property
+    def workspace(self) -> Path:
+        return Path(self.data) / "workspaces" / self.run_id
+
+
+class RunOnNode:
+    """The actor's class."""
+
+    def __init__(self, spec: RunSpec):
+        self.spec = spec
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def where(self) -> str:
+        return self.node
+
+    def execute(self, resume: bool) -> dict[str, Any]:
+        from pyagent.fleet.orchestrator import process_identity
+        from pyagent.runtime import Runtime, backend_factory, orchestrator
+
+        spec, started = self.spec, time.time()
+        store = spec.ring.store(RayMembership())
+        checkpoints = WorkspaceCheckpoints(store, spec.workspace)
+        runtime = Runtime.open(Path(spec.data), checkpoints=checkpoints)
+        outcome = {"run_id": spec.run_id, "node": self.node, "resumed": resume,
+                   "started": started}
+        try:
+            if resume:
+                store.claim(spec.run_id)
+                resume = checkpoints.restore(spec.run_id) is not None  # else: never saved
+            if not resume:
+                unpack(spec.workspace_files, spec.workspace)
+            runner = orchestrator(Path(spec.manifest), spec.workspace, spec.mode, runtime,
+                                  backend_factory(spec.options, self._embedded),
+                                  spec.options.get("compact_keep"),
+                                  lambda: {**process_identity(), "node": self.node})
+            result = runner.resume(spec.run_id) if resume else \
+                runner.run(spec.task, spec.run_id, spec.options)
+            outcome.update(status=result.status, error=result.error,
+                           checkpoints=result.checkpoints)
+        except CheckpointError as exc:
+            outcome.update(status=INTERRUPTED, error=str(exc))
+        finally:
+            runtime.close()
+        outcome.update(epoch=store.epoch(spec.run_id), replicas=store.placed.get(spec.run_id),
+                       seconds=time.time() - started)
+        return outcome
+
+    def _embedded(self) -> Any:
+        from pyagent.cluster.engine import RayEngineBackend, node_engine
+
+        return RayEngineBackend(node_engine(self.spec.options.get("model") or "",
+                                            self.spec.options.get("dtype", "float32")))

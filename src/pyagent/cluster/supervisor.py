@@ -1,0 +1,141 @@
+"""The supervisor: fans a batch of runs out over the cluster, keeps the buddy ring whole, and
+resumes on a surviving node every run whose actor died with its node.
+
+Ray restarts actors but does not restore their state; the supervisor does not ask it to. When a
+run's actor dies, the supervisor starts a new one (Ray places it on a live node) that claims the
+run with a new epoch and resumes it from the ring. After every change in membership (and every
+`repair_every_s`) it starts replica hosts on new nodes and runs a repair pass, so each run is back
+to k+1 copies after a death and the ring rebalances after a join.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from pyagent.cluster.membership import RayMembership
+from pyagent.cluster.runs import INTERRUPTED, RunOnNode, RunSpec
+from pyagent.resilience.repair import RepairReport, repair
+
+MAX_ATTEMPTS = 20  # attempts per run before the supervisor gives up on it
+RETRY_PAUSE_S = 1.0  # before resuming a run whose checkpoint found too few live replicas
+
+
+@dataclass
+class Attempt:
+    spec: RunSpec
+    number: int
+    resume: bool
+    actor: Any
+    launched: float
+
+
+@dataclass
+class BatchReport:
+    """How a batch went: each run's final outcome, every failover, every repair pass."""
+
+    outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failovers: list[dict[str, Any]] = field(default_factory=list)
+    repairs: list[RepairReport] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class Supervisor:
+    """Runs batches on the cluster that `ray` is connected to."""
+
+    def __init__(self, ring_dir: str, k: int, cpus_per_run: float = 0.25,
+                 repair_every_s: float = 2.0,
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None):
+        self.membership = RayMembership()
+        self.ring_dir, self.k = ring_dir, k
+        self.cpus_per_run = cpus_per_run
+        self.repair_every_s = repair_every_s
+        self.on_event = on_event or (lambda kind, data: None)
+        self.nodes_seen: set[str] = set()
+
+    def start(self) -> list[str]:
+        """Start the replica hosts; the nodes that have one."""
+        live = self.membership.ensure_hosts(self.ring_dir)
+        self.nodes_seen |= set(live)
+        return live
+
+    def run(self, specs: list[RunSpec], resume: bool = False) -> BatchReport:
+        """Run (or, with `resume`, continue) every spec until each has an outcome."""
+        began = time.monotonic()
+        report = BatchReport()
+        members = self.start()
+        pending: dict[Any, Attempt] = {}
+        for spec in specs:
+            self._launch(pending, spec, 1, resume)
+        last_repair = time.monotonic()
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
+            for ref in ready:
+                self._settle(ref, pending.pop(ref), pending, report)
+            changed = set(self.membership.alive_nodes()) != set(members)
+            if changed or time.monotonic() - last_repair > self.repair_every_s:
+                members = self.repair(report)
+                last_repair = time.monotonic()
+        self.repair(report)
+        report.seconds = time.monotonic() - began
+        return report
+
+    def repair(self, report: BatchReport) -> list[str]:
+        """Start hosts on new nodes and run one repair pass; the nodes with a host."""
+        members = self.start()
+        report.repairs.append(repair(self.membership, self.k, timeout_s=10.0))
+        self.on_event("repair", vars(report.repairs[-1]))
+        return members
+
+    def _settle(self, ref: Any, attempt: Attempt, pending: dict[Any, Attempt],
+                report: BatchReport) -> None:
+        """Record a finished attempt, or start the next one."""
+        spec = attempt.spec
+        try:
+            outcome = ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                ray.exceptions.ObjectLostError) as exc:  # its node (or process) died
+            failover = {"run_id": spec.run_id, "attempt": attempt.number,
+                        "noticed": time.time(), "why": type(exc).__name__}
+            report.failovers.append(failover)
+            self.on_event("failover", failover)
+            self._retry(pending, attempt, report, f"its actor died ({type(exc).__name__})")
+            return
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            report.outcomes[spec.run_id] = {"run_id": spec.run_id, "status": "error",
+                                            "error": str(cause or exc).splitlines()[0],
+                                            "attempts": attempt.number}
+            self.on_event("done", report.outcomes[spec.run_id])
+            return
+        outcome["attempts"] = attempt.number
+        if outcome["status"] == INTERRUPTED:
+            time.sleep(RETRY_PAUSE_S)
+            self._retry(pending, attempt, report, outcome["error"])
+            return
+        report.outcomes[spec.run_id] = outcome
+        self.on_event("done", outcome)
+
+    def _retry(self, pending: dict[Any, Attempt], attempt: Attempt, report: BatchReport,
+               why: str) -> None:
+        spec = attempt.spec
+        if attempt.number >= MAX_ATTEMPTS:
+            report.outcomes[spec.run_id] = {
+                "run_id": spec.run_id, "status": INTERRUPTED, "attempts": attempt.number,
+                "error": f"gave up after {attempt.number} attempts; the last: {why}"}
+            self.on_event("done", report.outcomes[spec.run_id])
+            return
+        self._launch(pending, spec, attempt.number + 1, True)
+
+    def _launch(self, pending: dict[Any, Attempt], spec: RunSpec, number: int,
+                resume: bool) -> None:
+        actor = ray.remote(RunOnNode).options(
+            num_cpus=self.cpus_per_run, max_restarts=0, scheduling_strategy="SPREAD",
+        ).remote(spec)
+        pending[actor.execute.remote(resume)] = Attempt(spec, number, resume, actor,
+                                                        time.time())
+        self.on_event("launch", {"run_id": spec.run_id, "attempt": number, "resume": resume})
