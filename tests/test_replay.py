@@ -35,6 +35,19 @@ def test_the_key_depends_on_every_part_of_the_request():
     assert request_key(base) != request_key(other)
 
 
+def test_the_key_ignores_the_deadline_and_durations_tools_report():
+    from pyagent.types import Message
+
+    def turn(output, timeout):
+        return CompletionRequest(messages=[Message("user", "fix it"),
+                                           Message("user", f"run_tests said: {output}")],
+                                 timeout_s=timeout)
+
+    same = request_key(turn("[exit code 1 after 0.8s]\n1 failed in 0.03s", 599.9))
+    assert same == request_key(turn("[exit code 1 after 1.2s]\n1 failed in 0.41s", 42.0))
+    assert same != request_key(turn("[exit code 0 after 0.8s]\n1 failed in 0.03s", 599.9))
+
+
 def test_a_miss_names_the_file(tiny_engine, tmp_path):
     path = tmp_path / "rec.jsonl"
     ReplayBackend(path, mode="record", inner=EmbeddedBackend(tiny_engine)).complete(ask("x"))

@@ -525,38 +525,168 @@ def bench_memory(
         raise typer.Exit(report.returncode)
 
 
+RayOpt = Annotated[str | None, typer.Option(
+    "--ray", help="Run on a Ray cluster: 'auto' (the one `ray start` runs here) or the head's "
+    "HOST:PORT; checkpoints then go to the buddy ring under <data>/ring on every node.")]
+HistoryOpt = Annotated[Path | None, typer.Option(
+    help="With --ray: append every checkpoint put (invoked, acknowledged, refused) to this "
+         "JSON-lines file, for an audit.")]
+
+
 @app.command("run")
 def run_manifest(
     manifest: Annotated[Path, typer.Argument(help="The manifest YAML file.")],
-    task: Annotated[str, typer.Option(help="What the run should achieve.")],
     workspace: Annotated[Path, typer.Option(help="The project folder the agents work in.")],
+    task: Annotated[str | None, typer.Option(help="What the run should achieve.")] = None,
+    tasks: Annotated[Path | None, typer.Option(
+        help="A batch: one task per line, or JSON lines {\"task\": ..., \"id\": ...}; each "
+             "run works on its own copy of the workspace in <data>/workspaces.")] = None,
     mode: Annotated[str, typer.Option(help="sequenced or handover.")] = "sequenced",
     backend: Annotated[str | None, typer.Option(
-        help="Override every agent's backend: embedded or openai.")] = None,
+        help="Override every agent's backend: embedded, openai or replay.")] = None,
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL.")] = None,
+    recording: Annotated[Path | None, typer.Option(
+        help="With --backend replay: the recording to replay.")] = None,
+    record: Annotated[Path | None, typer.Option(
+        help="Append every completion to this recording (to replay later).")] = None,
+    replay_delay: Annotated[float, typer.Option(
+        help="With --backend replay: seconds each completion waits (a model's latency).")
+    ] = 0.0,
     model: ModelOpt = DEFAULT_MODEL,
     data: DataOpt = Path(".pyagent"),
-    run_id: Annotated[str | None, typer.Option(help="Name the run (default: random).")] = None,
+    run_id: Annotated[str | None, typer.Option(
+        help="Name the run (default: random); with --tasks, the prefix of the runs' names.")
+    ] = None,
     compact_keep: Annotated[int | None, typer.Option(
         help="Shorten old tool results before each step, keeping this many newest whole.")
     ] = None,
+    ray: RayOpt = None,
+    replicas: Annotated[int, typer.Option(
+        help="With --ray: successors that hold a copy of each run's checkpoints besides its "
+             "owner (k; k+1 copies in all).")] = 1,
+    write_quorum: Annotated[int | None, typer.Option(
+        help="With --ray: copies that must be durable before a checkpoint counts as saved "
+             "(default k+1: survives k nodes dying at once; fewer survive fewer).")] = None,
+    cpus_per_run: Annotated[float, typer.Option(
+        help="With --ray: CPUs Ray reserves for each run's actor.")] = 0.25,
+    history: HistoryOpt = None,
 ) -> None:
-    """Run a manifest's steps on a workspace, checkpointing after every step."""
+    """Run a manifest's steps on a workspace, checkpointing after every step; with --tasks, a
+    batch of runs; with --ray, on a Ray cluster that resumes the runs of a node that dies."""
+    import uuid
+
+    from pyagent.fleet.tasks import BatchTask, load_tasks
+
+    if (task is None) == (tasks is None):
+        raise ConfigError("give either --task TEXT or --tasks FILE")
+    options = {"backend": backend, "base_url": base_url, "model": model,
+               "compact_keep": compact_keep, "recording": _absolute(recording),
+               "record": _absolute(record), "replay_delay_s": replay_delay}
+    if ray is not None:
+        prefix = run_id or uuid.uuid4().hex[:8]
+        batch = load_tasks(tasks, prefix) if tasks else [BatchTask(run_id or prefix, task)]
+        _run_on_cluster(ray, batch, manifest, workspace, data, mode, options, replicas,
+                        write_quorum, cpus_per_run, history)
+        return
+    if tasks is not None:
+        _run_batch_here(load_tasks(tasks, run_id or uuid.uuid4().hex[:8]), manifest, workspace,
+                        data, mode, options)
+        return
+    _finish(_run_here(manifest, workspace, data, mode, options, task, run_id), data)
+
+
+def _absolute(path: Path | None) -> str | None:
+    return str(path.resolve()) if path is not None else None
+
+
+def _run_here(manifest: Path, workspace: Path, data: Path, mode: str, options: dict[str, Any],
+              task: str, run_id: str | None):
+    """One run in this process; its result."""
     from pyagent.runtime import Runtime, backend_factory, orchestrator
 
     runtime = Runtime.open(data)
     try:
-        options = {"backend": backend, "base_url": base_url, "model": model,
-                   "compact_keep": compact_keep}
         runner = orchestrator(manifest, workspace, mode, runtime,
-                              backend_factory(options, _embedded_loader(model, runtime)),
-                              compact_keep)
+                              backend_factory(options, _embedded_loader(options["model"],
+                                                                        runtime)),
+                              options["compact_keep"])
         _report_steps(runtime)
         result = runner.run(task, run_id, options)
         err.print(_totals_line(runtime.tokens.totals()))
     finally:
         runtime.close()
-    _finish(result, data)
+    return result
+
+
+def _run_batch_here(batch, manifest: Path, workspace: Path, data: Path, mode: str,
+                    options: dict[str, Any]) -> None:
+    """A batch in this process, one run after another, each on its own copy of `workspace`."""
+    import shutil
+
+    if not workspace.is_dir():
+        raise ConfigError(f"workspace {workspace} is not a directory")
+    codes = []
+    for entry in batch:
+        copy = data / "workspaces" / entry.run_id
+        if copy.exists():
+            raise ConfigError(f"run {entry.run_id!r} already has a workspace at {copy}")
+        shutil.copytree(workspace, copy)
+        codes.append(_outcome(_run_here(manifest, copy, data, mode, options, entry.task,
+                                        entry.run_id), data))
+    _exit_worst(codes)
+
+
+def _exit_worst(codes: list[int]) -> None:
+    """Exit with the worst status among a batch's: error 1, then goal not met 3, else 0."""
+    code = 1 if 1 in codes else max(codes, default=0)
+    if code:
+        raise typer.Exit(code)
+
+
+def _run_on_cluster(address: str, batch, manifest: Path, workspace: Path, data: Path, mode: str,
+                    options: dict[str, Any], replicas: int, write_quorum: int | None,
+                    cpus_per_run: float, history: Path | None) -> None:
+    from pyagent.cluster.batch import batch_specs, run_batch
+    from pyagent.cluster.runs import RingSettings
+
+    ring = RingSettings(replicas, write_quorum, history=_absolute(history))
+    specs = batch_specs(batch, manifest, workspace, data, mode, options, ring)
+    _report_batch(run_batch(address, specs, data, cpus_per_run, _cluster_event), data)
+
+
+def _cluster_event(kind: str, data: dict[str, Any]) -> None:
+    """A line on stderr as the supervisor launches, fails over and finishes runs."""
+    if kind == "launch":
+        verb = "resume" if data["resume"] else "start"
+        err.print(f"[cyan]{verb}[/] {data['run_id']} (attempt {data['attempt']})",
+                  highlight=False)
+    elif kind == "failover":
+        err.print(f"[yellow]failover[/] {data['run_id']}: its actor died ({data['why']}); "
+                  "resuming it on a live node", highlight=False)
+    elif kind == "repair" and data["copied"]:
+        err.print(f"[blue]repair[/] copied {data['copied']} checkpoint(s) "
+                  f"({data['bytes_copied']} bytes) to restore k+1 copies", highlight=False)
+
+
+def _report_batch(report, data: Path) -> None:
+    """A table of a cluster batch's runs; exits with the worst status."""
+    table = Table(title=f"{len(report.outcomes)} runs in {report.seconds:.1f} s, "
+                        f"{len(report.failovers)} failovers")
+    for column in ("run", "status", "node", "epoch", "attempts", "replicas", "s"):
+        table.add_column(column, no_wrap=True)
+    codes = []
+    for run_id, o in sorted(report.outcomes.items()):
+        label, code = OUTCOMES[o["status"]]
+        codes.append(code)
+        table.add_row(run_id, label, (o.get("node") or "")[:12], str(o.get("epoch") or ""),
+                      str(o["attempts"]), " ".join(n[:8] for n in o.get("replicas") or []),
+                      f"{o.get('seconds', 0):.1f}")
+    out.print(table)
+    for run_id, o in sorted(report.outcomes.items()):
+        if o.get("error"):
+            out.print(f"  {run_id}: {escape(o['error'])}", highlight=False)
+    out.print(f"checkpoints on the ring under {data / 'ring'}", highlight=False)
+    _exit_worst(codes)
 
 
 @app.command()
@@ -564,10 +694,17 @@ def resume(run_id: Annotated[str, typer.Argument(help="The run to continue.")],
            data: DataOpt = Path(".pyagent"),
            force: Annotated[bool, typer.Option(
                help="Resume even though the manifest changed since the run started.")] = False,
+           ray: RayOpt = None, history: HistoryOpt = None,
            ) -> None:
     """Continue a run from its latest checkpoint; completed steps do not run again."""
     from pyagent.runtime import Runtime, backend_factory, orchestrator
 
+    if ray is not None:
+        from pyagent.cluster.batch import resume_specs, run_batch
+
+        specs = resume_specs(ray, [run_id], data, _absolute(history))
+        _report_batch(run_batch(ray, specs, data, 0.25, _cluster_event, resume=True), data)
+        return
     runtime = Runtime.open(data, create=False)
     try:
         state = runtime.state(run_id)
@@ -646,10 +783,24 @@ def _finish(result, data: Path) -> None:
 
 
 @runs_app.command("list")
-def runs_list(data: DataOpt = Path(".pyagent")) -> None:
-    """Every recorded run, newest first."""
+def runs_list(data: DataOpt = Path(".pyagent"), ray: RayOpt = None) -> None:
+    """Every recorded run, newest first; with --ray, the runs on the cluster's buddy ring, the
+    node each runs on and the nodes that hold its checkpoints."""
     from pyagent.runtime import Runtime
 
+    if ray is not None:
+        from pyagent.cluster.batch import ring_runs
+
+        table = Table(title=f"runs on the ring of {data}")
+        for column in ("run", "status", "steps done", "node", "epoch", "replicas", "manifest"):
+            table.add_column(column)
+        for row in ring_runs(ray, data):
+            done = sum(1 for o in row.state["outputs"].values() if o["status"] == "ok")
+            table.add_row(row.run_id, row.status, str(done), (row.node or "")[:12],
+                          str(row.epoch), " ".join(n[:8] for n in row.holders),
+                          row.state["manifest"])
+        out.print(table)
+        return
     runtime = Runtime.open(data, create=False)
     try:
         table = Table(title=f"runs in {data}")

@@ -148,30 +148,37 @@ class Runtime:
 def backend_factory(options: dict[str, Any],
                     embedded: Callable[[], Backend]) -> Callable[[AgentSpec], Backend]:
     """Backends per agent: the agent's `backend` kind (or `options["backend"]` for all), with
-    one embedded backend that `embedded` makes when an agent first needs it."""
+    one embedded backend that `embedded` makes when an agent first needs it, one replay of
+    `options["recording"]`, and every completion appended to `options["record"]` if given."""
     cache: dict[tuple[str, str | None], Backend] = {}
+    shared: dict[str, Backend] = {}
+
+    def make(kind: str, agent: AgentSpec) -> Backend:
+        if kind == "embedded":
+            return shared.get(kind) or shared.setdefault(kind, embedded())
+        if kind == "openai":
+            from pyagent.llm.openai import OpenAIBackend
+
+            return OpenAIBackend(options.get("base_url"), model=agent.model)
+        if kind == "replay" and options.get("recording"):
+            from pyagent.llm.replay import ReplayBackend
+
+            return shared.get(kind) or shared.setdefault(kind, ReplayBackend(
+                options["recording"], delay_s=options.get("replay_delay_s", 0.0)))
+        raise ConfigError(f"agent {agent.name!r}: backend {kind!r} cannot run a manifest from "
+                          "the command line" + (" without --recording" if kind == "replay"
+                                                else ""))
 
     def backend_for(agent: AgentSpec) -> Backend:
         kind = options.get("backend") or agent.backend
         key = (kind, agent.model)
         if key not in cache:
-            if kind == "embedded":
-                shared = next((b for (k, _), b in cache.items() if k == "embedded"), None)
-                cache[key] = shared or embedded()
-            elif kind == "openai":
-                from pyagent.llm.openai import OpenAIBackend
-
-                cache[key] = OpenAIBackend(options.get("base_url"), model=agent.model)
-            elif kind == "replay" and options.get("recording"):
+            chosen = make(kind, agent)
+            if options.get("record") and kind != "replay":
                 from pyagent.llm.replay import ReplayBackend
 
-                shared = next((b for (k, _), b in cache.items() if k == "replay"), None)
-                cache[key] = shared or ReplayBackend(options["recording"],
-                                                     delay_s=options.get("replay_delay_s", 0.0))
-            else:
-                raise ConfigError(f"agent {agent.name!r}: backend {kind!r} cannot run a "
-                                  "manifest from the command line" +
-                                  (" without --recording" if kind == "replay" else ""))
+                chosen = ReplayBackend(options["record"], mode="record", inner=chosen)
+            cache[key] = chosen
         return cache[key]
 
     return backend_for

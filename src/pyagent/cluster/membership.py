@@ -10,6 +10,7 @@ machine (as in tests) each get their own file.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import socket
 import time
@@ -27,6 +28,11 @@ from pyagent.resilience.replica_host import Replica, ReplicaHost
 
 HOST_PREFIX = "ring-host-"
 NODES_TTL_S = 0.2  # how long a read of Ray's node table is reused
+
+
+def ring_dir(data: Path) -> str:
+    """Where each node keeps its replicas: `DATA/ring`, a path every node must be able to use."""
+    return str((data / "ring").resolve())
 
 
 class NodeHost(ReplicaHost):
@@ -58,7 +64,10 @@ def _claim_slot(ring_dir: Path) -> tuple[int, Path]:
 class RayMembership:
     """The nodes Ray reports alive that run a replica host, and calls to those hosts."""
 
-    def __init__(self) -> None:
+    def __init__(self, ring_dir: str) -> None:
+        self.ring_dir = ring_dir
+        digest = hashlib.sha256(ring_dir.encode()).hexdigest()[:8]
+        self.prefix = f"{HOST_PREFIX}{digest}-"  # one ring per folder, even on one cluster
         self._handles: dict[str, Any] = {}
         self._alive: list[str] = []
         self._read_at = 0.0
@@ -71,16 +80,16 @@ class RayMembership:
             self._read_at = now
         return self._alive
 
-    def ensure_hosts(self, ring_dir: str, timeout_s: float = 60.0) -> list[str]:
+    def ensure_hosts(self, timeout_s: float = 60.0) -> list[str]:
         """Start a replica host on every live node that lacks one; the nodes with a host."""
         started = {}
         for node in self.alive_nodes():
             if self._handle(node) is None:
                 started[node] = ray.remote(NodeHost).options(
-                    name=HOST_PREFIX + node, namespace=NAMESPACE, lifetime="detached",
+                    name=self.prefix + node, namespace=NAMESPACE, lifetime="detached",
                     get_if_exists=True, num_cpus=0, max_concurrency=16, max_restarts=0,
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-                ).remote(node, ring_dir)
+                ).remote(node, self.ring_dir)
         answers = self._gather({node: h.ping.remote() for node, h in started.items()},
                                timeout_s)
         for node, answer in answers.items():
@@ -135,7 +144,7 @@ class RayMembership:
         handle = self._handles.get(node)
         if handle is None:
             try:
-                handle = ray.get_actor(HOST_PREFIX + node, namespace=NAMESPACE)
+                handle = ray.get_actor(self.prefix + node, namespace=NAMESPACE)
             except ValueError:
                 return None
             self._handles[node] = handle

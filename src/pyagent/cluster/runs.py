@@ -17,11 +17,11 @@ from typing import Any
 
 import ray
 
-from pyagent.cluster.membership import RayMembership
+from pyagent.cluster.membership import RayMembership, ring_dir
 from pyagent.cluster.snapshots import WorkspaceCheckpoints, unpack
 from pyagent.resilience.checkpoint import CheckpointError
 from pyagent.resilience.history import HistoryLog
-from pyagent.resilience.ring_store import RingCheckpointStore
+from pyagent.resilience.ring_store import RingCheckpointStore, check_quorum
 
 INTERRUPTED = "interrupted"
 
@@ -36,6 +36,9 @@ class RingSettings:
     quorum_wait_s: float = 30.0
     timeout_s: float = 60.0
     history: str | None = None
+
+    def __post_init__(self) -> None:
+        check_quorum(self.k, self.write_quorum)
 
     def store(self, membership: Any) -> RingCheckpointStore:
         return RingCheckpointStore(membership, self.k, self.write_quorum, self.timeout_s,
@@ -76,7 +79,7 @@ class RunOnNode:
         from pyagent.runtime import Runtime, backend_factory, orchestrator
 
         spec, started = self.spec, time.time()
-        store = spec.ring.store(RayMembership())
+        store = spec.ring.store(RayMembership(ring_dir(Path(spec.data))))
         checkpoints = WorkspaceCheckpoints(store, spec.workspace)
         runtime = Runtime.open(Path(spec.data), checkpoints=checkpoints)
         outcome = {"run_id": spec.run_id, "node": self.node, "resumed": resume,

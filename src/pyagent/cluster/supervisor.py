@@ -1,9 +1,11 @@
 """The supervisor: fans a batch of runs out over the cluster, keeps the buddy ring whole, and
 resumes on a surviving node every run whose actor died with its node.
 
-Ray restarts actors but does not restore their state; the supervisor does not ask it to. When a
-run's actor dies, the supervisor starts a new one (Ray places it on a live node) that claims the
-run with a new epoch and resumes it from the ring. After every change in membership (and every
+Each run is placed on its owner on the ring (the first node its id hashes to), whose own host
+keeps one of its k+1 copies. Ray restarts actors but does not restore their state; the supervisor
+does not ask it to. When a run's actor dies, the supervisor starts a new one on the run's owner
+among the live nodes (its successor, which already holds a copy) that claims the run with a new
+epoch and resumes it from the ring. After every change in membership (and every
 `repair_every_s`) it starts replica hosts on new nodes and runs a repair pass, so each run is back
 to k+1 copies after a death and the ring rebalances after a join.
 """
@@ -16,10 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pyagent.cluster.membership import RayMembership
 from pyagent.cluster.runs import INTERRUPTED, RunOnNode, RunSpec
 from pyagent.resilience.repair import RepairReport, repair
+from pyagent.resilience.ring import HashRing
 
 MAX_ATTEMPTS = 20  # attempts per run before the supervisor gives up on it
 RETRY_PAUSE_S = 1.0  # before resuming a run whose checkpoint found too few live replicas
@@ -50,8 +54,8 @@ class Supervisor:
     def __init__(self, ring_dir: str, k: int, cpus_per_run: float = 0.25,
                  repair_every_s: float = 2.0,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None):
-        self.membership = RayMembership()
-        self.ring_dir, self.k = ring_dir, k
+        self.membership = RayMembership(ring_dir)
+        self.k = k
         self.cpus_per_run = cpus_per_run
         self.repair_every_s = repair_every_s
         self.on_event = on_event or (lambda kind, data: None)
@@ -59,7 +63,7 @@ class Supervisor:
 
     def start(self) -> list[str]:
         """Start the replica hosts; the nodes that have one."""
-        live = self.membership.ensure_hosts(self.ring_dir)
+        live = self.membership.ensure_hosts()
         self.nodes_seen |= set(live)
         return live
 
@@ -133,8 +137,10 @@ class Supervisor:
 
     def _launch(self, pending: dict[Any, Attempt], spec: RunSpec, number: int,
                 resume: bool) -> None:
+        owner = HashRing(self.membership.live()).replicas(spec.run_id, 1)
+        placement = NodeAffinitySchedulingStrategy(owner[0], soft=True) if owner else "SPREAD"
         actor = ray.remote(RunOnNode).options(
-            num_cpus=self.cpus_per_run, max_restarts=0, scheduling_strategy="SPREAD",
+            num_cpus=self.cpus_per_run, max_restarts=0, scheduling_strategy=placement,
         ).remote(spec)
         pending[actor.execute.remote(resume)] = Attempt(spec, number, resume, actor,
                                                         time.time())

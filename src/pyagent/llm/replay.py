@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -23,11 +24,21 @@ from pyagent.llm.base import Backend, collect
 from pyagent.types import Completion, CompletionRequest, StreamEvent
 
 FORMAT = 1
+_DURATION = re.compile(r"\b\d+(?:\.\d+)?\s?(?:ms|s)\b")
 
 
 def request_key(request: CompletionRequest) -> str:
-    """SHA-256 of the request's canonical JSON: the same request always maps to the same key."""
-    canonical = json.dumps(request.to_dict(), sort_keys=True, separators=(",", ":"))
+    """SHA-256 of the request's canonical JSON: the same request always maps to the same key.
+
+    What differs from one run to the next without changing what is asked does not count, as
+    a cassette's matcher would ignore it: the deadline (`timeout_s`, the time a turn has left)
+    and durations in the messages ("after 0.8s", "in 0.03s": tools report how long they
+    took)."""
+    fields = {k: v for k, v in request.to_dict().items() if k != "timeout_s"}
+    for message in fields.get("messages") or []:
+        if isinstance(message.get("content"), str):
+            message["content"] = _DURATION.sub("<duration>", message["content"])
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -46,6 +46,20 @@ class FencedError(CheckpointError):
     """A newer owner holds the run: this writer was presumed dead and must stop."""
 
 
+def check_quorum(k: int, write_quorum: int | None) -> int:
+    """The write quorum for k successors (default k+1); refuses settings that cannot work."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise CheckpointError(f"k (successors per run) must be an int >= 0, not {k!r}")
+    replicas = k + 1
+    write_quorum = replicas if write_quorum is None else write_quorum
+    if isinstance(write_quorum, bool) or not isinstance(write_quorum, int) or \
+            not replicas // 2 < write_quorum <= replicas:
+        raise CheckpointError(
+            f"write quorum {write_quorum!r} must be a majority of the {replicas} replicas "
+            f"(from {replicas // 2 + 1} to {replicas})")
+    return write_quorum
+
+
 class RingCheckpointStore:
     """A `CheckpointStore` replicated over the nodes that `membership` reports alive."""
 
@@ -53,14 +67,7 @@ class RingCheckpointStore:
                  timeout_s: float = 60.0, quorum_wait_s: float = 0.0,
                  history: HistoryLog | None = None,
                  clock: Callable[[], float] = time.monotonic):
-        replicas = k + 1
-        write_quorum = replicas if write_quorum is None else write_quorum
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise CheckpointError(f"k (successors per run) must be an int >= 0, not {k!r}")
-        if not replicas // 2 < write_quorum <= replicas:
-            raise CheckpointError(
-                f"write quorum {write_quorum} must be a majority of the {replicas} replicas "
-                f"(from {replicas // 2 + 1} to {replicas})")
+        write_quorum = check_quorum(k, write_quorum)
         self.membership = membership
         self.k, self.write_quorum = k, write_quorum
         self.timeout_s, self.quorum_wait_s = timeout_s, quorum_wait_s
@@ -149,6 +156,12 @@ class RingCheckpointStore:
         self._claims[run_id] = fence
         self._fenced.discard(run_id)
         return fence
+
+    def head(self, run_id: str) -> tuple[Checkpoint, int] | None:
+        """The latest checkpoint of `run_id` and the epoch of the owner that wrote it."""
+        self._open()
+        latest = self._latest(run_id)
+        return (_checkpoint(latest), latest.epoch) if latest else None
 
     def epoch(self, run_id: str) -> int | None:
         """The epoch this writer holds `run_id` at, if it claimed it."""
