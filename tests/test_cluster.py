@@ -159,3 +159,33 @@ def test_a_cluster_address_that_does_not_answer_is_one_clear_line(recorded, tmp_
     bad = pyagent(*batch_args(model, recording, tmp_path / "data", tasks, "--ray", "auto",
                               "--replicas", "2", "--write-quorum", "1"))
     assert bad.returncode == 1 and "must be a majority of the 3 replicas" in bad.stderr
+
+
+def test_runs_share_one_embedded_engine_per_node(cluster, recorded, tmp_path):
+    model, _, _ = recorded
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text(TASK + "\n" + TASK + " (again)\n")
+    result = pyagent("run", str(EXAMPLE / "manifest.yaml"), "--tasks", str(tasks),
+                     "--workspace", str(EXAMPLE / "project"), "--model", str(model), "--data",
+                     str(tmp_path / "data"), "--run-id", "e", "--ray", cluster.address)
+    assert result.returncode == 3, result.stderr[-3000:]
+    nodes = {line.split("│")[3].strip() for line in result.stdout.splitlines()
+             if line.startswith("│ e-")}
+    assert f"stopped {len(nodes)} node engine(s)" in result.stderr  # one per node, not per run
+    from pyagent.observe.traces import TraceStore
+
+    with TraceStore(tmp_path / "data" / "traces.db") as traces:
+        for run_id in ("e-1", "e-2"):
+            calls = [s for s in traces.spans(run_id) if s.kind == "llm_call"]
+            assert calls and all(s.attributes.get("gen_ai.usage.output_tokens") for s in calls)
+
+
+def test_too_few_nodes_for_the_quorum_is_refused_before_any_run(cluster, recorded, tmp_path):
+    model, recording, _ = recorded
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text(TASK + "\n")
+    result = pyagent(*batch_args(model, recording, tmp_path / "data", tasks, "--ray",
+                                 cluster.address, "--replicas", "9"))
+    assert result.returncode == 1
+    assert "error: the ring needs 10 live nodes for k=9 and write quorum 10; the cluster has 4" \
+        in result.stderr

@@ -686,6 +686,8 @@ def _report_batch(report, data: Path) -> None:
         if o.get("error"):
             out.print(f"  {run_id}: {escape(o['error'])}", highlight=False)
     out.print(f"checkpoints on the ring under {data / 'ring'}", highlight=False)
+    if report.engines_stopped:
+        err.print(f"stopped {report.engines_stopped} node engine(s)", highlight=False)
     _exit_worst(codes)
 
 

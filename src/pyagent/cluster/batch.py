@@ -35,13 +35,16 @@ def run_batch(address: str, specs: list[RunSpec], data: Path, cpus_per_run: floa
 
     connect(address)
     supervisor = Supervisor(ring_dir(data), specs[0].ring.k, cpus_per_run, on_event=on_event)
+    stopped = 0
     try:
-        return supervisor.run(specs, resume=resume)
+        report = supervisor.run(specs, resume=resume)
     finally:
         models = {(s.options.get("model") or "", s.options.get("dtype", "float32"))
                   for s in specs}
         for model, dtype in models:
-            stop_engines(sorted(supervisor.nodes_seen), model, dtype)
+            stopped += stop_engines(sorted(supervisor.nodes_seen), model, dtype)
+    report.engines_stopped = stopped
+    return report
 
 
 def resume_specs(address: str, run_ids: list[str], data: Path,

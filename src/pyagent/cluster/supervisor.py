@@ -22,8 +22,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pyagent.cluster.membership import RayMembership
 from pyagent.cluster.runs import INTERRUPTED, RunOnNode, RunSpec
+from pyagent.errors import ConfigError
 from pyagent.resilience.repair import RepairReport, repair
 from pyagent.resilience.ring import HashRing
+from pyagent.resilience.ring_store import check_quorum
 
 MAX_ATTEMPTS = 20  # attempts per run before the supervisor gives up on it
 RETRY_PAUSE_S = 1.0  # before resuming a run whose checkpoint found too few live replicas
@@ -46,6 +48,7 @@ class BatchReport:
     failovers: list[dict[str, Any]] = field(default_factory=list)
     repairs: list[RepairReport] = field(default_factory=list)
     seconds: float = 0.0
+    engines_stopped: int = 0  # node engines the batch started and ended
 
 
 class Supervisor:
@@ -72,6 +75,11 @@ class Supervisor:
         began = time.monotonic()
         report = BatchReport()
         members = self.start()
+        needed = check_quorum(self.k, specs[0].ring.write_quorum) if specs else 0
+        if len(members) < needed:
+            raise ConfigError(f"the ring needs {needed} live nodes for k={self.k} and write "
+                              f"quorum {needed}; the cluster has {len(members)} (add nodes or "
+                              "lower --replicas)")
         pending: dict[Any, Attempt] = {}
         for spec in specs:
             self._launch(pending, spec, 1, resume)
