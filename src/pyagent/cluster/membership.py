@@ -28,6 +28,7 @@ from pyagent.resilience.replica_host import Replica, ReplicaHost
 
 HOST_PREFIX = "ring-host-"
 NODES_TTL_S = 0.2  # how long a read of Ray's node table is reused
+INLINE_BYTES = 100 << 10  # Ray's own limit for passing an argument inline
 
 
 def ring_dir(data: Path) -> str:
@@ -59,6 +60,13 @@ def _claim_slot(ring_dir: Path) -> tuple[int, Path]:
             continue
         return fd, ring_dir / f"{host}-{slot}.db"
     raise PyAgentError(f"{ring_dir}: every replica slot of host {host} is taken")
+
+
+def _large(value: Any) -> bool:
+    """Whether a call's argument is worth one copy in the object store for several calls (Ray
+    sends small ones inline with each call, which is faster)."""
+    replicas = value if isinstance(value, list) else [value]
+    return sum(len(r.text) for r in replicas if isinstance(r, Replica)) > INLINE_BYTES
 
 
 class RayMembership:
@@ -103,8 +111,8 @@ class RayMembership:
     def call(self, nodes: Iterable[str], method: str, *args: Any,
              timeout_s: float = 10.0) -> dict[str, Any]:
         nodes = list(nodes)
-        shared = [ray.put(a) if isinstance(a, Replica | list) and len(nodes) > 1 else a
-                  for a in args]  # sent once, whatever the number of replicas
+        shared = [ray.put(a) if len(nodes) > 1 and _large(a) else a
+                  for a in args]  # a large one goes to the object store once
         refs, answers = {}, {}
         for node in nodes:
             handle = self._handle(node)
