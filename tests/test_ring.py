@@ -115,7 +115,7 @@ def test_reads_take_the_highest_epoch_over_a_longer_stale_branch(cluster, tmp_pa
     new.claim("r")
     # the old owner's seq 1 reached one host before the fence did (never acknowledged)
     checkpoint, text = new_checkpoint("r", 1, {"v": "stale"})
-    stray = Replica("r", 1, 1, text, checkpoint.created, checkpoint.checksum)
+    stray = Replica.sealed("r", 1, 1, text, checkpoint.created, checkpoint.checksum)
     spare = next(n for n in NODES if n not in new.replica_set("r"))
     cluster.host(spare).adopt([stray], Fence(1, old.token))
     new.put("r", 1, {"v": "b"})
@@ -131,7 +131,7 @@ def test_a_corrupt_replica_is_skipped_then_repaired(cluster):
     with sqlite3.connect(path) as db:  # flip the owner's bytes on disk
         db.execute("UPDATE replicas SET state = replace(state, '1', '9') WHERE seq = 1")
     assert store.get("r").state == {"v": 1}  # the buddy's copy verifies
-    assert cluster.host(owner).corrupt_seen >= 1
+    assert cluster.host(owner).corrupt_seen == 1  # and the damaged one went to quarantine
     report = repair(cluster, k=1)
     assert report.copied == 1 and not report.under_replicated
     assert [r.seq for r in cluster.host(owner).records("r")] == [0, 1]
@@ -158,7 +158,7 @@ def test_repair_restores_k_plus_1_copies_after_a_death_and_rebalances_after_a_jo
 
 def test_a_damaged_write_on_the_wire_is_refused(tmp_path):
     host = ReplicaHost("n", tmp_path / "n.db")
-    answer = host.put(Replica("r", 1, 0, '{"a":1}', 0.0, "0" * 64), "token")
+    answer = host.put(Replica.sealed("r", 1, 0, '{"a":1}', 0.0, "0" * 64), "token")
     assert isinstance(answer, Refused) and "arrived damaged" in answer.reason
     assert host.runs() == []
 
@@ -198,3 +198,140 @@ def test_random_kills_lose_no_acknowledged_checkpoint(tmp_path):
         history.close()
         cluster.close()
     assert report.acknowledged > 300 and report.ok, report.violations
+
+
+def test_damage_found_at_rest_by_a_scrub_is_repaired(cluster):
+    store = RingCheckpointStore(cluster, k=1)
+    store.put("r", 0, {"v": 0})
+    owner = store.replica_set("r")[0]
+    with sqlite3.connect(cluster.host(owner).path) as db:
+        db.execute("UPDATE replicas SET state = replace(state, '0', '7')")
+    report = repair(cluster, k=1)  # nobody read it: the scrub finds it
+    assert report.damaged == 1 and report.copied == 1
+    assert [r.state for r in store.list("r")] == [{"v": 0}]
+
+
+def test_a_record_moved_to_another_key_on_disk_fails_its_seal(cluster):
+    store = RingCheckpointStore(cluster, k=1)
+    for seq in range(5):
+        store.put("r", seq, {"s": seq})
+    owner = store.replica_set("r")[0]
+    with sqlite3.connect(cluster.host(owner).path) as db:  # seq 0's bytes claim epoch 3
+        db.execute("UPDATE replicas SET epoch = 3 WHERE seq = 0")
+    assert store.get("r").state == {"s": 4} and len(store.list("r")) == 5
+    assert cluster.host(owner).corrupt_seen == 1
+
+
+def test_a_stale_owner_is_refused_even_when_new_nodes_became_its_replica_set(tmp_path):
+    """After a failover, two nodes join and become the run's whole replica set before any
+    repair: they never saw the new owner's fence, but the old owner is still refused."""
+    nodes, joining = [f"n{i}" for i in range(5)], ["n5", "n6"]
+    run = next(f"r{i}" for i in range(10000)
+               if set(HashRing(nodes + joining).replicas(f"r{i}", 2)) == set(joining))
+    cluster = LocalMembership(tmp_path / "disks", nodes)
+    history = HistoryLog(tmp_path / "history.jsonl")
+    old = RingCheckpointStore(cluster, k=1, history=history)
+    new = RingCheckpointStore(cluster, k=1, history=history)
+    for seq in range(3):
+        old.put(run, seq, {"by": "old"})
+    new.claim(run)
+    for node in joining:
+        cluster.join(node)
+    with pytest.raises(FencedError, match="took the run over from epoch 1"):
+        old.put(run, 3, {"by": "old, stale"})
+    new.put(run, 3, {"by": "new"})
+    assert new.get(run).state == {"by": "new"}
+    report = check_history(read_history(history.path), new.get)
+    assert report.ok and report.indeterminate == 1, report.violations
+    cluster.close()
+
+
+class PausedRepair(LocalMembership):
+    """Runs `meanwhile` right after a repair pass read the inventories."""
+
+    meanwhile = None
+
+    def call(self, nodes, method, *args, **kw):
+        answers = super().call(nodes, method, *args, **kw)
+        if method == "inventory" and self.meanwhile:
+            run, self.meanwhile = self.meanwhile, None
+            run()
+        return answers
+
+
+def test_repair_never_drops_a_put_acknowledged_while_it_ran(tmp_path):
+    cluster = PausedRepair(tmp_path / "disks", NODES)
+    store = RingCheckpointStore(cluster, k=1)
+    a, b = store.replica_set("r")
+    store.put("r", 0, {"s": 0})
+    store.put("r", 1, {"s": 1})
+    cluster.kill(b)
+    repair(cluster, k=1)  # a third node takes b's place
+    cluster.join(b)  # b comes back with its disk: three nodes hold the run
+
+    def meanwhile():
+        cluster.kill(b)
+        store.put("r", 2, {"s": 2})  # acknowledged on a and the third node
+
+    cluster.meanwhile = meanwhile
+    repair(cluster, k=1)
+    cluster.kill(a)  # one death after the acknowledgement (k=1)
+    assert store.get("r", 2).state == {"s": 2}
+    cluster.close()
+
+
+def test_one_broken_host_does_not_stop_reads_or_claims(cluster):
+    store = RingCheckpointStore(cluster, k=1, timeout_s=1.0)
+    for i in range(6):
+        store.put(f"r{i}", 0, {"i": i})
+    broken = cluster.host(store.replica_set("r0")[0])
+    broken._db.close()  # its store fails every call, with the node's name
+    assert [store.get(f"r{i}").state for i in range(6)] == [{"i": i} for i in range(6)]
+    assert RingCheckpointStore(cluster, k=1).claim("r3").epoch == 2
+
+
+def test_a_put_that_reached_too_few_replicas_is_indeterminate_never_acknowledged(tmp_path):
+    cluster = LocalMembership(tmp_path / "disks", NODES[:2])
+    history = HistoryLog(tmp_path / "history.jsonl")
+    store = RingCheckpointStore(cluster, k=1, timeout_s=0.3, history=history)
+    store.put("r", 0, {"v": 0})
+    cluster.host(store.replica_set("r")[1])._db.close()
+    with pytest.raises(QuorumError, match="1 of the 2 replicas it needs made it durable"):
+        store.put("r", 1, {"v": 1})
+    report = check_history(read_history(history.path), store.get)
+    assert (report.acknowledged, report.failed, report.indeterminate) == (1, 0, 1)
+    assert report.ok
+    cluster.close()
+
+
+def test_the_checker_catches_a_stale_owner_told_saved_and_a_refused_put_read_back():
+    from types import SimpleNamespace
+
+    def put(phase, epoch, seq, checksum, time, thread=1):
+        return {"op": "put", "phase": phase, "run": "r", "epoch": epoch, "seq": seq,
+                "checksum": checksum, "time": time, "pid": 1, "thread": thread}
+
+    history = [put("invoke", 1, 0, "a", 0.0), put("ok", 1, 0, "a", 0.1),
+               {"op": "claim", "phase": "ok", "run": "r", "epoch": 2, "seq": -1,
+                "checksum": "", "time": 0.2, "pid": 2, "thread": 2},
+               put("invoke", 1, 1, "b", 0.3), put("ok", 1, 1, "b", 0.4),
+               put("invoke", 1, 2, "c", 0.5), put("fail", 1, 2, "c", 0.6)]
+    stored = {0: "a", 1: "b", 2: "c"}
+    report = check_history(history, lambda run, seq: SimpleNamespace(checksum=stored[seq]))
+    assert len(report.violations) == 2
+    assert "acknowledged to a stale owner" in report.violations[0]
+    assert "refused as not saved, yet reads back" in report.violations[1]
+
+
+def test_a_deleted_run_stays_deleted_when_a_node_with_old_copies_comes_back(cluster):
+    store = RingCheckpointStore(cluster, k=1)
+    store.put("r", 0, {"v": 0})
+    away = store.replica_set("r")[0]
+    cluster.kill(away)
+    store.delete_run("r")
+    cluster.join(away)  # back with its copy
+    assert store.get("r") is None and store.runs() == []
+    assert repair(cluster, k=1).buried == 1
+    assert cluster.host(away).records("r") == []
+    with pytest.raises(FencedError, match="deleted"):
+        store.put("r", 1, {"v": 1})

@@ -704,7 +704,7 @@ def resume(run_id: Annotated[str, typer.Argument(help="The run to continue.")],
     if ray is not None:
         from pyagent.cluster.batch import resume_specs, run_batch
 
-        specs = resume_specs(ray, [run_id], data, _absolute(history))
+        specs = resume_specs(ray, [run_id], data, _absolute(history), force)
         _report_batch(run_batch(ray, specs, data, 0.25, _cluster_event, resume=True), data)
         return
     runtime = Runtime.open(data, create=False)

@@ -47,8 +47,8 @@ def run_batch(address: str, specs: list[RunSpec], data: Path, cpus_per_run: floa
     return report
 
 
-def resume_specs(address: str, run_ids: list[str], data: Path,
-                 history: str | None = None) -> list[RunSpec]:
+def resume_specs(address: str, run_ids: list[str], data: Path, history: str | None = None,
+                 force: bool = False) -> list[RunSpec]:
     """Specs that continue `run_ids` from the ring with the settings each run started with."""
     connect(address)
     membership = RayMembership(ring_dir(data))
@@ -62,7 +62,7 @@ def resume_specs(address: str, run_ids: list[str], data: Path,
         state = checkpoint.state
         ring = RingSettings(**state["options"].get("ring", {}), history=history)
         specs.append(RunSpec(run_id, state["task"], state["manifest"], str(data.resolve()), "",
-                             state["mode"], state["options"], ring))
+                             state["mode"], state["options"], ring, force))
     return specs
 
 

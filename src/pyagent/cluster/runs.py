@@ -19,6 +19,8 @@ import ray
 
 from pyagent.cluster.membership import RayMembership, ring_dir
 from pyagent.cluster.snapshots import WorkspaceCheckpoints, unpack
+from pyagent.errors import ConfigError
+from pyagent.fleet.orchestrator import RUN_ID
 from pyagent.resilience.checkpoint import CheckpointError
 from pyagent.resilience.history import HistoryLog
 from pyagent.resilience.ring_store import RingCheckpointStore, check_quorum
@@ -58,6 +60,12 @@ class RunSpec:
     mode: str = "sequenced"
     options: dict[str, Any] = field(default_factory=dict)
     ring: RingSettings = RingSettings()
+    force: bool = False  # resume even though the manifest changed
+
+    def __post_init__(self) -> None:
+        if not RUN_ID.fullmatch(self.run_id):
+            raise ConfigError(f"run id {self.run_id[:80]!r} must be 1 to 128 letters, digits, "
+                              "'.', '_' or '-', starting with a letter or digit")
 
     @property
     def workspace(self) -> Path:
@@ -89,12 +97,15 @@ class RunOnNode:
                 store.claim(spec.run_id)
                 resume = checkpoints.restore(spec.run_id) is not None  # else: never saved
             if not resume:
+                if not spec.workspace_files:
+                    raise CheckpointError(f"run {spec.run_id!r} has no readable checkpoint on "
+                                          "the ring")
                 unpack(spec.workspace_files, spec.workspace)
             runner = orchestrator(Path(spec.manifest), spec.workspace, spec.mode, runtime,
                                   backend_factory(spec.options, self._embedded),
                                   spec.options.get("compact_keep"),
                                   lambda: {**process_identity(), "node": self.node})
-            result = runner.resume(spec.run_id) if resume else \
+            result = runner.resume(spec.run_id, force=spec.force) if resume else \
                 runner.run(spec.task, spec.run_id, spec.options)
             outcome.update(status=result.status, error=result.error,
                            checkpoints=result.checkpoints)

@@ -60,18 +60,26 @@ class WorkspaceCheckpoints:
 
     def __init__(self, inner: CheckpointStore, workspace: Path):
         self.inner, self.workspace = inner, workspace
+        self._restored: dict[str, Checkpoint] = {}
 
     def put(self, run_id: str, seq: int, state: dict[str, Any]) -> Checkpoint:
+        self._restored.pop(run_id, None)
         return self.inner.put(run_id, seq, {**state, KEY: pack(self.workspace)})
 
     def restore(self, run_id: str) -> Checkpoint | None:
-        """Rebuild the workspace from `run_id`'s latest checkpoint (None: it has none)."""
+        """Rebuild the workspace from `run_id`'s latest checkpoint (None: it has none); until
+        the next put, that checkpoint is the latest this store reports, so the state a run
+        resumes from is the one its files came from."""
         checkpoint = self.inner.get(run_id)
         if checkpoint is not None and KEY in checkpoint.state:
             unpack(checkpoint.state[KEY], self.workspace)
+            self._restored[run_id] = checkpoint
         return checkpoint
 
     def get(self, run_id: str, seq: int | None = None) -> Checkpoint | None:
+        restored = self._restored.get(run_id)
+        if restored is not None and seq in (None, restored.seq):
+            return restored
         return self.inner.get(run_id, seq)
 
     def list(self, run_id: str) -> list[Checkpoint]:

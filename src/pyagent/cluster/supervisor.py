@@ -63,10 +63,12 @@ class Supervisor:
         self.repair_every_s = repair_every_s
         self.on_event = on_event or (lambda kind, data: None)
         self.nodes_seen: set[str] = set()
+        self._pending: dict[Any, Attempt] = {}  # result ref -> the attempt it ends
+        self._later: list[tuple[float, RunSpec, int]] = []  # retries due at a time
 
     def start(self) -> list[str]:
         """Start the replica hosts; the nodes that have one."""
-        live = self.membership.ensure_hosts()
+        live = self.membership.ensure_hosts(timeout_s=10.0)
         self.nodes_seen |= set(live)
         return live
 
@@ -80,18 +82,21 @@ class Supervisor:
             raise ConfigError(f"the ring needs {needed} live nodes for k={self.k} and write "
                               f"quorum {needed}; the cluster has {len(members)} (add nodes or "
                               "lower --replicas)")
-        pending: dict[Any, Attempt] = {}
         for spec in specs:
-            self._launch(pending, spec, 1, resume)
-        last_repair = time.monotonic()
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
+            self._launch(spec, 1, resume)
+        alive, last_repair = set(self.membership.alive_nodes()), time.monotonic()
+        while self._pending or self._later:
+            ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=0.2) \
+                if self._pending else ([], [])
             for ref in ready:
-                self._settle(ref, pending.pop(ref), pending, report)
-            changed = set(self.membership.alive_nodes()) != set(members)
-            if changed or time.monotonic() - last_repair > self.repair_every_s:
-                members = self.repair(report)
-                last_repair = time.monotonic()
+                self._settle(ref, self._pending.pop(ref), report)
+            for due in [entry for entry in self._later if entry[0] <= time.monotonic()]:
+                self._later.remove(due)
+                self._launch(due[1], due[2], True)
+            now_alive = set(self.membership.alive_nodes())
+            if now_alive != alive or time.monotonic() - last_repair > self.repair_every_s:
+                self.repair(report)
+                alive, last_repair = now_alive, time.monotonic()
         self.repair(report)
         report.seconds = time.monotonic() - began
         return report
@@ -103,19 +108,19 @@ class Supervisor:
         self.on_event("repair", vars(report.repairs[-1]))
         return members
 
-    def _settle(self, ref: Any, attempt: Attempt, pending: dict[Any, Attempt],
-                report: BatchReport) -> None:
-        """Record a finished attempt, or start the next one."""
+    def _settle(self, ref: Any, attempt: Attempt, report: BatchReport) -> None:
+        """Record a finished attempt, or schedule the next one."""
         spec = attempt.spec
         try:
             outcome = ray.get(ref)
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
                 ray.exceptions.ObjectLostError) as exc:  # its node (or process) died
+            ray.kill(attempt.actor, no_restart=True)  # if it only went silent, it stops now
             failover = {"run_id": spec.run_id, "attempt": attempt.number,
                         "noticed": time.time(), "why": type(exc).__name__}
             report.failovers.append(failover)
             self.on_event("failover", failover)
-            self._retry(pending, attempt, report, f"its actor died ({type(exc).__name__})")
+            self._retry(attempt, report, f"its actor died ({type(exc).__name__})", 0.0)
             return
         except ray.exceptions.RayTaskError as exc:
             cause = getattr(exc, "cause", None)
@@ -126,14 +131,12 @@ class Supervisor:
             return
         outcome["attempts"] = attempt.number
         if outcome["status"] == INTERRUPTED:
-            time.sleep(RETRY_PAUSE_S)
-            self._retry(pending, attempt, report, outcome["error"])
+            self._retry(attempt, report, outcome["error"], RETRY_PAUSE_S)
             return
         report.outcomes[spec.run_id] = outcome
         self.on_event("done", outcome)
 
-    def _retry(self, pending: dict[Any, Attempt], attempt: Attempt, report: BatchReport,
-               why: str) -> None:
+    def _retry(self, attempt: Attempt, report: BatchReport, why: str, after_s: float) -> None:
         spec = attempt.spec
         if attempt.number >= MAX_ATTEMPTS:
             report.outcomes[spec.run_id] = {
@@ -141,15 +144,14 @@ class Supervisor:
                 "error": f"gave up after {attempt.number} attempts; the last: {why}"}
             self.on_event("done", report.outcomes[spec.run_id])
             return
-        self._launch(pending, spec, attempt.number + 1, True)
+        self._later.append((time.monotonic() + after_s, spec, attempt.number + 1))
 
-    def _launch(self, pending: dict[Any, Attempt], spec: RunSpec, number: int,
-                resume: bool) -> None:
+    def _launch(self, spec: RunSpec, number: int, resume: bool) -> None:
         owner = HashRing(self.membership.live()).replicas(spec.run_id, 1)
         placement = NodeAffinitySchedulingStrategy(owner[0], soft=True) if owner else "SPREAD"
         actor = ray.remote(RunOnNode).options(
             num_cpus=self.cpus_per_run, max_restarts=0, scheduling_strategy=placement,
         ).remote(spec)
-        pending[actor.execute.remote(resume)] = Attempt(spec, number, resume, actor,
-                                                        time.time())
+        self._pending[actor.execute.remote(resume)] = Attempt(spec, number, resume, actor,
+                                                              time.time())
         self.on_event("launch", {"run_id": spec.run_id, "attempt": number, "resume": resume})

@@ -1,10 +1,14 @@
 """A history of checkpoint operations and its checker (in the manner of Jepsen).
 
-Writers append each put as it is invoked and as it ends (`ok`: acknowledged; `fail`: refused,
-never claimed saved). After faults and recovery, `check_history` proves the model: every
-acknowledged checkpoint is still readable with exactly the bytes it was acknowledged with. A
-put that was invoked but never ended (its writer died) is indeterminate: either outcome is
-allowed.
+Writers append each put as it is invoked and as it ends: `ok` (acknowledged), `fail` (no replica
+took it: it must never be read), or `info` (indeterminate: some replica took it, or the writer
+learnt afterwards that it had been fenced; either outcome is allowed). Claims of a run by a new
+epoch are logged when they complete. After faults and recovery, `check_history` proves the model:
+- every acknowledged checkpoint is still readable with exactly the bytes it was acknowledged with;
+- no failed put is ever read;
+- no put was acknowledged to an owner whose epoch had already been superseded by a claim that
+  completed before the put began (a stale owner told "saved").
+A put invoked but never ended (its writer died) is indeterminate too.
 
 The log is JSON lines appended with one `write` each (O_APPEND), so processes on one machine can
 share it; a line cut short by a crash is ignored.
@@ -36,7 +40,7 @@ class HistoryLog:
                error: str | None = None) -> None:
         line = json.dumps({"op": op, "phase": phase, "run": run_id, "epoch": epoch, "seq": seq,
                            "checksum": checksum, "time": time.time(), "pid": os.getpid(),
-                           **({"error": error} if error else {})})
+                           "thread": threading.get_ident(), **({"error": error} if error else {})})
         with self._lock:
             os.write(self._fd, (line + "\n").encode())
 
@@ -80,23 +84,38 @@ def read_history(path: str | os.PathLike[str]) -> list[dict]:
 
 def check_history(operations: list[dict],
                   read: Callable[[str, int], Checkpoint | None]) -> HistoryReport:
-    """Check that every acknowledged put is readable, via `read(run, seq)`, with the checksum
-    it was acknowledged with."""
-    ends = {}
-    for op in operations:
-        if op["op"] == "put" and op["phase"] in ("ok", "fail"):
-            ends[(op["run"], op["epoch"], op["seq"], op["pid"])] = op["phase"]
-    invoked = [op for op in operations if op["op"] == "put" and op["phase"] == "invoke"]
+    """Check the operations against the model, reading each checkpoint via `read(run, seq)`."""
+    puts = [op for op in operations if op["op"] == "put"]
+    ends = {_key(op): op for op in puts if op["phase"] != "invoke"}
+    invoked = {_key(op): op for op in puts if op["phase"] == "invoke"}
+    claims = [op for op in operations if op["op"] == "claim" and op["phase"] == "ok"]
+    acknowledged = [op for op in ends.values() if op["phase"] == "ok"]
     violations = []
-    for op in (op for op in operations if op["op"] == "put" and op["phase"] == "ok"):
+    for op in acknowledged:
+        where = f"run {op['run']!r}: acknowledged checkpoint {op['seq']} (epoch {op['epoch']})"
         found = read(op["run"], op["seq"])
         if found is None:
-            violations.append(f"run {op['run']!r}: acknowledged checkpoint {op['seq']} "
-                              f"(epoch {op['epoch']}) is gone")
+            violations.append(f"{where} is gone")
         elif found.checksum != op["checksum"]:
-            violations.append(f"run {op['run']!r}: acknowledged checkpoint {op['seq']} "
-                              f"(epoch {op['epoch']}) now reads different bytes")
-    outcomes = list(ends.values())
+            violations.append(f"{where} now reads different bytes")
+        began = invoked.get(_key(op), op)["time"]
+        newer = [c for c in claims if c["run"] == op["run"] and c["epoch"] > op["epoch"] and
+                 c["time"] < began]
+        if newer:
+            violations.append(f"{where} was acknowledged to a stale owner: epoch "
+                              f"{newer[0]['epoch']} had claimed the run before the put began")
+    saved = {(op["run"], op["seq"], op["checksum"]) for op in acknowledged}
+    for op in (op for op in ends.values() if op["phase"] == "fail"):
+        found = read(op["run"], op["seq"])
+        if found is not None and found.checksum == op["checksum"] and \
+                (op["run"], op["seq"], op["checksum"]) not in saved:
+            violations.append(f"run {op['run']!r}: checkpoint {op['seq']} (epoch {op['epoch']}) "
+                              "was refused as not saved, yet reads back")
+    outcomes = [op["phase"] for op in ends.values()]
     return HistoryReport(outcomes.count("ok"), outcomes.count("fail"),
-                         sum((o["run"], o["epoch"], o["seq"], o["pid"]) not in ends
-                             for o in invoked), violations)
+                         outcomes.count("info") + sum(k not in ends for k in invoked),
+                         violations)
+
+
+def _key(op: dict) -> tuple:
+    return op["run"], op["epoch"], op["seq"], op["pid"], op.get("thread")

@@ -1,15 +1,20 @@
 """`RingCheckpointStore`: each run's checkpoints on its owner node and k successors.
 
-Guarantees, with `k` successors (k+1 replicas) and write quorum `w` (default k+1):
+Guarantees, with `k` successors (k+1 replicas) and write quorum `w` (default k+1), as long as
+no more than w-1 nodes fail at once (die, lose their disk, or stop answering):
 - a `put` returns only after `w` hosts of the run's replica set made the checkpoint durable on
-  their disks; otherwise it raises and nothing claims it was saved;
+  their disks; otherwise it raises, and nothing claims it was saved (copies that reached fewer
+  than `w` hosts may still be read later: such a put is indeterminate, not lost);
 - with w = k+1, an acknowledged checkpoint survives any k nodes dying at once; with a smaller w
   it survives only w-1 (the other replicas are made later, by a repair), in exchange for puts
   that do not wait for the slowest replica and that still succeed while k+1-w replicas are down;
-- each writer first claims the run with a new epoch (fencing every live host), so an owner that
-  was presumed dead and comes back is refused everywhere it would need to write; a write quorum
-  must be a majority of the replicas, or two claimants of one epoch could both be acknowledged;
-- reads ask every live host and take the highest (epoch, seq) whose checksum verifies.
+  a write quorum must be a majority of the replicas;
+- each writer first claims the run with a new epoch, fencing every live host; after its put is
+  acknowledged, a writer checks the fences of every live host, so a writer that was presumed dead
+  and comes back is told `FencedError`, never "saved", even when the ring's membership changed
+  under it (a fenced writer's copies may remain, at an epoch that reads never prefer);
+- reads ask every live host and take the highest (epoch, seq) whose checks pass; up to w-1 hosts
+  may fail to answer (an acknowledged checkpoint is on at least w); a deleted run stays deleted.
 
 Puts that find too few live replicas wait up to `quorum_wait_s` for nodes to come back, and puts
 whose replicas stop answering are retried on the ring as membership changes, until `timeout_s`.
@@ -43,7 +48,7 @@ class QuorumError(CheckpointError):
 
 
 class FencedError(CheckpointError):
-    """A newer owner holds the run: this writer was presumed dead and must stop."""
+    """A newer owner holds the run (or it was deleted): this writer must stop."""
 
 
 def check_quorum(k: int, write_quorum: int | None) -> int:
@@ -67,9 +72,9 @@ class RingCheckpointStore:
                  timeout_s: float = 60.0, quorum_wait_s: float = 0.0,
                  history: HistoryLog | None = None,
                  clock: Callable[[], float] = time.monotonic):
-        write_quorum = check_quorum(k, write_quorum)
+        self.write_quorum = check_quorum(k, write_quorum)
         self.membership = membership
-        self.k, self.write_quorum = k, write_quorum
+        self.k = k
         self.timeout_s, self.quorum_wait_s = timeout_s, quorum_wait_s
         self.history = history
         self.token = uuid.uuid4().hex  # this writer, as fences name it
@@ -88,14 +93,19 @@ class RingCheckpointStore:
             raise FencedError(f"run {run_id!r}: checkpoint {seq} not saved: another owner took "
                               "the run over; this writer stopped writing it")
         fence = self._claims.get(run_id) or self.claim(run_id)
-        replica = Replica(run_id, fence.epoch, seq, text, checkpoint.created, checkpoint.checksum)
-        self._log("invoke", replica)
+        replica = Replica.sealed(run_id, fence.epoch, seq, text, checkpoint.created,
+                                 checkpoint.checksum)
+        self._log("put", "invoke", replica.run_id, replica.epoch, replica.seq, replica.checksum)
+        landed: list[str] = []
         try:
-            self.placed[run_id] = self._replicate(replica, fence)
+            self.placed[run_id] = self._replicate(replica, fence, landed)
+            self._check_fences(replica, fence)
         except CheckpointError as exc:
-            self._log("fail", replica, str(exc))
+            phase = "info" if landed else "fail"  # a copy that landed may be read later
+            self._log("put", phase, replica.run_id, replica.epoch, replica.seq,
+                      replica.checksum, str(exc))
             raise
-        self._log("ok", replica)
+        self._log("put", "ok", replica.run_id, replica.epoch, replica.seq, replica.checksum)
         return checkpoint
 
     def get(self, run_id: str, seq: int | None = None) -> Checkpoint | None:
@@ -130,6 +140,8 @@ class RingCheckpointStore:
         return sorted(run for run in held if self._latest(run) is not None)
 
     def delete_run(self, run_id: str) -> None:
+        """Delete `run_id` on every live host, leaving tombstones (a node that was down comes
+        back with its copies, and the next repair drops them)."""
         self._open()
         self._ask("delete_run", run_id)
         self._claims.pop(run_id, None)
@@ -143,30 +155,35 @@ class RingCheckpointStore:
         """Take over `run_id` with an epoch newer than any host has seen, fencing every live
         host; the writer that held it before is refused from now on."""
         self._open()
-        seen = [f.epoch for f in self._ask("fence", run_id) if f is not None]
-        fence = Fence(max(seen, default=0) + 1, self.token)
+        fences = [f for f in self._ask("fence", run_id) if f is not None]
+        if any(f.deleted for f in fences):
+            raise FencedError(f"run {run_id!r} was deleted")
+        fence = Fence(max((f.epoch for f in fences), default=0) + 1, self.token)
         live = self._live_enough(run_id)
         answers = self.membership.call(live, "claim", run_id, fence, timeout_s=self.timeout_s)
         granted = [n for n in self.replica_set(run_id, live) if answers.get(n) == fence]
         if len(granted) < self.write_quorum:
-            refused = [a.reason for a in answers.values() if isinstance(a, Refused)]
-            raise FencedError(f"run {run_id!r}: could not claim epoch {fence.epoch}: "
-                              f"{len(granted)} of {self.write_quorum} replicas granted it"
-                              + (f" ({refused[0]})" if refused else ""))
+            refused = [a for a in answers.values() if isinstance(a, Refused) and a.stale]
+            error = FencedError if refused else QuorumError
+            why = refused[0].reason if refused else "; ".join(sorted(
+                {str(a) for a in answers.values() if isinstance(a, Exception)}))
+            raise error(f"run {run_id!r}: could not claim epoch {fence.epoch}: "
+                        f"{len(granted)} of {self.write_quorum} replicas granted it ({why})")
         self._claims[run_id] = fence
         self._fenced.discard(run_id)
+        self._log("claim", "ok", run_id, fence.epoch, -1, "")
         return fence
+
+    def epoch(self, run_id: str) -> int | None:
+        """The epoch this writer holds `run_id` at, if it claimed it."""
+        fence = self._claims.get(run_id)
+        return fence.epoch if fence else None
 
     def head(self, run_id: str) -> tuple[Checkpoint, int] | None:
         """The latest checkpoint of `run_id` and the epoch of the owner that wrote it."""
         self._open()
         latest = self._latest(run_id)
         return (_checkpoint(latest), latest.epoch) if latest else None
-
-    def epoch(self, run_id: str) -> int | None:
-        """The epoch this writer holds `run_id` at, if it claimed it."""
-        fence = self._claims.get(run_id)
-        return fence.epoch if fence else None
 
     def replica_set(self, run_id: str, live: list[str] | None = None) -> list[str]:
         """The nodes that should hold `run_id` now: its owner on the ring and k successors."""
@@ -181,9 +198,10 @@ class RingCheckpointStore:
 
     # --- internals -----------------------------------------------------------------------------
 
-    def _replicate(self, replica: Replica, fence: Fence) -> list[str]:
+    def _replicate(self, replica: Replica, fence: Fence, landed: list[str]) -> list[str]:
         """Put `replica` on its replica set until `write_quorum` hosts acknowledge it, following
-        membership changes until the deadline; the acknowledging nodes."""
+        membership changes until the deadline; the acknowledging nodes (`landed` collects every
+        node that took a copy, acknowledged or not)."""
         deadline = self._clock() + self.timeout_s
         while True:
             live = self._live_enough(replica.run_id)
@@ -191,18 +209,18 @@ class RingCheckpointStore:
             left = max(0.1, deadline - self._clock())
             answers = self.membership.call(targets, "put", replica, fence.token, timeout_s=left)
             acks = [n for n in targets if isinstance(answers[n], Replica)]
+            landed += [n for n in acks if n not in landed]
             if len(acks) >= self.write_quorum:
                 return acks
             refusals = [a for a in answers.values() if isinstance(a, Refused)]
             stale = next((r for r in refusals if r.stale), None)
             if stale is not None:
-                self._claims.pop(replica.run_id, None)
-                self._fenced.add(replica.run_id)
+                self._lose(replica.run_id)
                 raise FencedError(f"run {replica.run_id!r}: checkpoint {replica.seq} not saved: "
                                   f"{stale.reason} (another owner took the run over)")
-            if any("already has" in r.reason for r in refusals):
-                raise CheckpointExistsError(next(r.reason for r in refusals
-                                                 if "already has" in r.reason))
+            exists = next((r for r in refusals if r.exists), None)
+            if exists is not None:
+                raise CheckpointExistsError(exists.reason)
             if self._clock() >= deadline:
                 reasons = sorted({str(a) if isinstance(a, Exception) else a.reason
                                   for a in answers.values() if not isinstance(a, Replica)})
@@ -211,6 +229,21 @@ class RingCheckpointStore:
                     f"the {self.write_quorum} replicas it needs made it durable in "
                     f"{self.timeout_s:g} s ({'; '.join(reasons)})")
             time.sleep(RETRY_S)
+
+    def _check_fences(self, replica: Replica, fence: Fence) -> None:
+        """After the acknowledgements: refuse when any live host holds a newer fence (a claim
+        reached it while the replica set changed under this writer)."""
+        answers = self.membership.call(self.membership.live(), "fence", replica.run_id,
+                                       timeout_s=self.timeout_s)
+        newer = [f for f in answers.values() if isinstance(f, Fence) and f.epoch > fence.epoch]
+        if newer:
+            self._lose(replica.run_id)
+            raise FencedError(f"run {replica.run_id!r}: checkpoint {replica.seq} not saved: "
+                              f"epoch {newer[0].epoch} took the run over from epoch {fence.epoch}")
+
+    def _lose(self, run_id: str) -> None:
+        self._claims.pop(run_id, None)
+        self._fenced.add(run_id)
 
     def _live_enough(self, run_id: str) -> list[str]:
         """The live nodes, once there are at least `write_quorum` (waiting up to
@@ -227,30 +260,34 @@ class RingCheckpointStore:
             time.sleep(RETRY_S)
 
     def _latest(self, run_id: str) -> Replica | None:
-        found = [r for r in self._ask("latest", run_id) if r is not None and r.verifies()]
+        heads = self._ask("head", run_id)
+        if any(fence is not None and fence.deleted for fence, _ in heads):
+            return None
+        found = [r for _, r in heads if r is not None and r.verifies()]
         return max(found, key=lambda r: r.key) if found else None
 
     def _ask(self, method: str, *args: Any) -> list[Any]:
-        """Every live host's answer to a read. A host that does not answer may hold the only
-        copy left of an acknowledged write, so the read waits until every host answers or the
-        membership declares it dead, and fails at the deadline."""
+        """The answers of the live hosts to a read. Up to w-1 may fail (every acknowledged
+        checkpoint is on at least w); beyond that the read retries, as the membership declares
+        the silent ones dead, and fails at the deadline."""
         deadline = self._clock() + self.timeout_s
         while True:
             live = self.membership.live()
             left = max(0.1, deadline - self._clock())
             answers = self.membership.call(live, method, *args, timeout_s=left)
-            errors = sorted({str(a) for a in answers.values() if isinstance(a, Exception)})
-            if not errors:
-                return list(answers.values())
+            failed = {n: a for n, a in answers.items() if isinstance(a, Exception)}
+            if len(failed) < self.write_quorum and (len(failed) < len(live) or not live):
+                return [a for n, a in answers.items() if n not in failed]
             if self._clock() >= deadline:
-                raise CheckpointError(f"cannot read the ring: {len(errors)} of {len(live)} "
-                                      f"nodes did not answer ({'; '.join(errors)})")
+                errors = "; ".join(sorted({str(a) for a in failed.values()}))
+                raise CheckpointError(f"cannot read the ring: {len(failed)} of {len(live)} "
+                                      f"nodes did not answer ({errors})")
             time.sleep(RETRY_S)
 
-    def _log(self, phase: str, replica: Replica, error: str | None = None) -> None:
+    def _log(self, op: str, phase: str, run_id: str, epoch: int, seq: int, checksum: str,
+             error: str | None = None) -> None:
         if self.history is not None:
-            self.history.record("put", phase, replica.run_id, replica.epoch, replica.seq,
-                                replica.checksum, error)
+            self.history.record(op, phase, run_id, epoch, seq, checksum, error)
 
     def _open(self) -> None:
         if self._closed:
