@@ -155,6 +155,7 @@ def chaos(kills_wanted: int) -> dict[str, Any]:
             except CheckpointError as exc:
                 refused[type(exc).__name__] += 1
                 seqs[run] += 1  # an unacknowledged put may still have landed: never reuse seq
+            time.sleep(0.01)  # a busy fleet, not a tight loop starving the nodes' processes
 
     kills = simultaneous = 0
     began = time.monotonic()

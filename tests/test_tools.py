@@ -198,7 +198,15 @@ def test_commands_get_a_minimal_environment(root, monkeypatch):
     result = run(root, ["env"], Limits(), env={"EXTRA": "1"})
     variables = dict(line.split("=", 1) for line in result.stdout.splitlines())
     assert set(variables) == {"PATH", "HOME", "LANG", "EXTRA"}
-    assert variables["HOME"] == str(root.resolve())
+    assert variables["HOME"] == "."  # the workspace, which outputs show relative to itself
+
+
+def test_outputs_show_the_workspace_s_paths_relative_to_it(root):
+    sibling = f"{root.resolve()}-other/x"
+    result = run(root, [sys.executable, "-c", f"import os; print(os.getcwd() + '/a.py'); "
+                                               f"print(os.getcwd()); print({sibling!r})"],
+                 Limits())
+    assert result.stdout.splitlines() == ["a.py", ".", sibling]
 
 
 def test_an_unknown_program_is_a_tool_error(root):

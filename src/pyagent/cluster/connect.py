@@ -41,3 +41,21 @@ def connect(address: str, timeout_s: float = 5.0) -> None:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ConfigError(f"--ray {address}: cannot join the cluster: "
                           f"{str(exc).splitlines()[0]}") from None
+    _cluster_messages_to_stderr()
+
+
+def _cluster_messages_to_stderr() -> None:
+    """Ray prints the cluster's error messages (a node died, with its raylet's last log lines)
+    on the driver's standard output; send them to standard error, where diagnostics belong, so
+    that what PyAgent prints on standard output stays its own."""
+    from ray._private import worker
+
+    original = worker.print_to_stdstream
+    if getattr(original, "to_stderr", False):
+        return
+
+    def to_stderr(data: dict, ignore_prefix: bool) -> None:
+        original({**data, "is_err": True}, ignore_prefix)
+
+    to_stderr.to_stderr = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = to_stderr

@@ -53,5 +53,6 @@ class Lint(BaseTool[LintInput]):
 def _finding(item: dict[str, Any], root: str) -> dict[str, Any]:
     """One ruff JSON diagnostic, reduced to what an agent needs."""
     return {"code": item["code"] or "syntax-error", "message": item["message"],
-            "path": os.path.relpath(item["filename"], root), "line": item["location"]["row"],
+            "path": os.path.relpath(os.path.join(root, item["filename"]), root),
+            "line": item["location"]["row"],
             "column": item["location"]["column"], "fixable": item.get("fix") is not None}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import resource
 import shutil
 import signal
@@ -104,10 +105,20 @@ def run_command(argv: Sequence[str], context: ToolContext,
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     duration = time.monotonic() - start
+    root = str(workspace.root)
     return CommandResult(
-        returncode=process.returncode, stdout=stdout.text(), stderr=stderr.text(),
+        returncode=process.returncode, stdout=relative(stdout.text(), root),
+        stderr=relative(stderr.text(), root),
         duration_s=duration, timed_out=timed_out,
         truncated=bool(stdout.dropped or stderr.dropped), sandbox=sandbox.name)
+
+
+def relative(text: str, root: str) -> str:
+    """`text` with the workspace's own paths relative to it: an agent reads the paths its file
+    tools take, and what it reads does not depend on where the workspace lies on this host (so
+    a run reads the same on every node, and its prompts share prefixes with other runs')."""
+    text = text.replace(root + "/", "")
+    return re.sub(re.escape(root) + r"(?![\w.-])", ".", text)
 
 
 def _set_limits(limits: Limits) -> Callable[[], None]:
