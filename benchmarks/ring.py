@@ -3,6 +3,9 @@ deaths lose, how fast runs resume elsewhere, and batch throughput on 1, 2 and 4 
 
     .venv/bin/python benchmarks/ring.py [--quick] [--sections puts,chaos,failover,throughput]
 
+A run of some sections keeps the other sections' latest figures in the result file (each
+section's provenance is under `sections_meta`).
+
 - puts: a writer (this process, a Ray driver) puts checkpoints of 1 KiB to 10 MiB through
   `RingCheckpointStore` on a head and three worker nodes, for k = 0, 1, 2 (write quorum k+1);
   the local `SQLiteCheckpointStore` in the same run is the anchor. Bytes sent per checkpoint: the
@@ -380,8 +383,15 @@ def main() -> None:
         if "throughput" in sections:
             result["throughput"] = throughput(recording, folder, 4 if args.quick else 12)
         shutil.rmtree(folder)
+    stem = "ring-quick" if args.quick else "ring"
+    result["sections_meta"] = {name: result["meta"] for name in sections}
+    earlier = RESULTS / f"{stem}.json"
+    if earlier.exists():  # a run of some sections keeps the others' latest figures
+        kept = json.loads(earlier.read_text())
+        result = {**kept, **result,
+                  "sections_meta": {**kept.get("sections_meta", {}), **result["sections_meta"]}}
     result["targets"] = targets(result)
-    write_result(RESULTS, "ring-quick" if args.quick else "ring", result, table(result))
+    write_result(RESULTS, stem, result, table(result))
 
 
 if __name__ == "__main__":
