@@ -14,7 +14,6 @@ import hashlib
 import os
 import socket
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pyagent.cluster.connect import NAMESPACE
 from pyagent.errors import PyAgentError
-from pyagent.resilience.membership import HostUnavailable
+from pyagent.resilience.membership import HostUnavailable, Plan, SameCall
 from pyagent.resilience.replica_host import Replica, ReplicaHost
 
 HOST_PREFIX = "ring-host-"
@@ -69,7 +68,7 @@ def _large(value: Any) -> bool:
     return sum(len(r.text) for r in replicas if isinstance(r, Replica)) > INLINE_BYTES
 
 
-class RayMembership:
+class RayMembership(SameCall):
     """The nodes Ray reports alive that run a replica host, and calls to those hosts."""
 
     def __init__(self, ring_dir: str) -> None:
@@ -108,18 +107,21 @@ class RayMembership:
     def live(self) -> list[str]:
         return [node for node in self.alive_nodes() if self._handle(node) is not None]
 
-    def call(self, nodes: Iterable[str], method: str, *args: Any,
-             timeout_s: float = 10.0) -> dict[str, Any]:
-        nodes = list(nodes)
-        shared = [ray.put(a) if len(nodes) > 1 and _large(a) else a
-                  for a in args]  # a large one goes to the object store once
+    def call_each(self, plan: Plan, timeout_s: float = 10.0) -> dict[str, Any]:
+        stored: dict[int, Any] = {}  # a large argument goes to the object store once
+
+        def shared(value: Any) -> Any:
+            if len(plan) < 2 or not _large(value):
+                return value
+            return stored.setdefault(id(value), ray.put(value))
+
         refs, answers = {}, {}
-        for node in nodes:
+        for node, (method, args) in plan.items():
             handle = self._handle(node)
             if handle is None:
                 answers[node] = HostUnavailable(f"node {node[:12]} has no replica host")
             else:
-                refs[node] = getattr(handle, method).remote(*shared)
+                refs[node] = getattr(handle, method).remote(*map(shared, args))
         answers.update(self._gather(refs, timeout_s))
         if any(isinstance(a, HostUnavailable) for a in answers.values()):
             self._read_at = 0.0  # read the node table afresh next time

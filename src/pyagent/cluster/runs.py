@@ -73,20 +73,23 @@ class RunSpec:
 
 
 class RunOnNode:
-    """The actor's class."""
+    """The actor's class: one run's attempt, or (started ahead, `warm`) a standby on its node
+    that takes over a run when a node dies, without waiting for a process to start."""
 
-    def __init__(self, spec: RunSpec):
-        self.spec = spec
+    def __init__(self) -> None:
         self.node = ray.get_runtime_context().get_node_id()
 
-    def where(self) -> str:
+    def warm(self) -> str:
+        """Import what a run needs, so that taking one over starts at once; this node's id."""
+        import pyagent.runtime  # noqa: F401
+
         return self.node
 
-    def execute(self, resume: bool) -> dict[str, Any]:
+    def execute(self, spec: RunSpec, resume: bool) -> dict[str, Any]:
         from pyagent.fleet.orchestrator import process_identity
         from pyagent.runtime import Runtime, backend_factory, orchestrator
 
-        spec, started = self.spec, time.time()
+        started = time.time()
         store = spec.ring.store(RayMembership(ring_dir(Path(spec.data))))
         checkpoints = WorkspaceCheckpoints(store, spec.workspace)
         runtime = Runtime.open(Path(spec.data), checkpoints=checkpoints)
@@ -102,7 +105,7 @@ class RunOnNode:
                                           "the ring")
                 unpack(spec.workspace_files, spec.workspace)
             runner = orchestrator(Path(spec.manifest), spec.workspace, spec.mode, runtime,
-                                  backend_factory(spec.options, self._embedded),
+                                  backend_factory(spec.options, lambda: _embedded(spec)),
                                   spec.options.get("compact_keep"),
                                   lambda: {**process_identity(), "node": self.node})
             result = runner.resume(spec.run_id, force=spec.force) if resume else \
@@ -117,8 +120,10 @@ class RunOnNode:
                        seconds=time.time() - started)
         return outcome
 
-    def _embedded(self) -> Any:
-        from pyagent.cluster.engine import RayEngineBackend, node_engine
 
-        return RayEngineBackend(node_engine(self.spec.options.get("model") or "",
-                                            self.spec.options.get("dtype", "float32")))
+def _embedded(spec: RunSpec) -> Any:
+    """The embedded backend through this node's shared engine."""
+    from pyagent.cluster.engine import RayEngineBackend, node_engine
+
+    return RayEngineBackend(node_engine(spec.options.get("model") or "",
+                                        spec.options.get("dtype", "float32")))

@@ -3,15 +3,17 @@ resumes on a surviving node every run whose actor died with its node.
 
 Each run is placed on its owner on the ring (the first node its id hashes to), whose own host
 keeps one of its k+1 copies. Ray restarts actors but does not restore their state; the supervisor
-does not ask it to. When a run's actor dies, the supervisor starts a new one on the run's owner
-among the live nodes (its successor, which already holds a copy) that claims the run with a new
-epoch and resumes it from the ring. After every change in membership (and every
+does not ask it to. When a run's actor dies, the supervisor hands the run to a warm standby (an
+actor kept ready on every node, preferably on the run's owner among the live nodes, which
+already holds a copy), or else a new actor, that claims the run with a new epoch and resumes it
+from the ring. After every change in membership (and every
 `repair_every_s`) it starts replica hosts on new nodes and runs a repair pass, so each run is back
 to k+1 copies after a death and the ring rebalances after a join.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,7 +54,11 @@ class BatchReport:
 
 
 class Supervisor:
-    """Runs batches on the cluster that `ray` is connected to."""
+    """Runs batches on the cluster that `ray` is connected to.
+
+    The main loop only settles attempts and launches the next ones; a maintenance thread starts
+    replica hosts on new nodes, repairs the ring and keeps one warm standby actor per node (its
+    process started and PyAgent imported), which takes over a run whose node died."""
 
     def __init__(self, ring_dir: str, k: int, cpus_per_run: float = 0.25,
                  repair_every_s: float = 2.0,
@@ -65,6 +71,8 @@ class Supervisor:
         self.nodes_seen: set[str] = set()
         self._pending: dict[Any, Attempt] = {}  # result ref -> the attempt it ends
         self._later: list[tuple[float, RunSpec, int]] = []  # retries due at a time
+        self._lock = threading.Lock()
+        self._standbys: dict[str, tuple[Any, Any]] = {}  # node -> (actor, its warm-up ref)
 
     def start(self) -> list[str]:
         """Start the replica hosts; the nodes that have one."""
@@ -84,19 +92,28 @@ class Supervisor:
                               "lower --replicas)")
         for spec in specs:
             self._launch(spec, 1, resume)
-        alive, last_repair = set(self.membership.alive_nodes()), time.monotonic()
-        while self._pending or self._later:
-            ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=0.2) \
-                if self._pending else ([], [])
-            for ref in ready:
-                self._settle(ref, self._pending.pop(ref), report)
-            for due in [entry for entry in self._later if entry[0] <= time.monotonic()]:
-                self._later.remove(due)
-                self._launch(due[1], due[2], True)
-            now_alive = set(self.membership.alive_nodes())
-            if now_alive != alive or time.monotonic() - last_repair > self.repair_every_s:
-                self.repair(report)
-                alive, last_repair = now_alive, time.monotonic()
+        stop = threading.Event()
+        keeper = threading.Thread(target=self._maintain, args=(stop, report), daemon=True,
+                                  name="pyagent-ring-keeper")
+        keeper.start()
+        try:
+            while self._pending or self._later:
+                ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=0.1) \
+                    if self._pending else ([], [])
+                for ref in ready:
+                    self._settle(ref, self._pending.pop(ref), report)
+                for due in [entry for entry in self._later if entry[0] <= time.monotonic()]:
+                    self._later.remove(due)
+                    self._launch(due[1], due[2], True)
+                if not ready:
+                    time.sleep(0.05 if self._later and not self._pending else 0)
+        finally:
+            stop.set()
+            keeper.join()
+            with self._lock:
+                for actor, _ in self._standbys.values():
+                    ray.kill(actor)
+                self._standbys.clear()
         self.repair(report)
         report.seconds = time.monotonic() - began
         return report
@@ -107,6 +124,48 @@ class Supervisor:
         report.repairs.append(repair(self.membership, self.k, timeout_s=10.0))
         self.on_event("repair", vars(report.repairs[-1]))
         return members
+
+    def _maintain(self, stop: threading.Event, report: BatchReport) -> None:
+        """Repair after every change in membership (and every `repair_every_s`); keep a warm
+        standby on every live node."""
+        alive, last = set(self.membership.alive_nodes()), time.monotonic()
+        self._stand_by(alive)
+        while not stop.wait(0.2):
+            now_alive = set(self.membership.alive_nodes())
+            if now_alive != alive or time.monotonic() - last > self.repair_every_s:
+                self._stand_by(now_alive)
+                self.repair(report)
+                alive, last = now_alive, time.monotonic()
+
+    def _stand_by(self, alive: set[str]) -> None:
+        """A standby on each live node that has none (those of dead nodes are forgotten)."""
+        with self._lock:
+            for node in set(self._standbys) - alive:
+                del self._standbys[node]
+            for node in alive - set(self._standbys):
+                actor = ray.remote(RunOnNode).options(
+                    num_cpus=self.cpus_per_run, max_restarts=0,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+                ).remote()
+                self._standbys[node] = (actor, actor.warm.remote())
+
+    def _take_standby(self, wanted: list[str]) -> Any | None:
+        """A warm standby, on the first node of `wanted` that has a ready one if any."""
+        with self._lock:
+            ready = {}
+            for node, (actor, warm) in list(self._standbys.items()):
+                if ray.wait([warm], timeout=0)[1]:
+                    continue  # still starting
+                try:
+                    ray.get(warm)
+                    ready[node] = actor
+                except ray.exceptions.RayError:  # it died with its node
+                    del self._standbys[node]
+            node = next((n for n in wanted if n in ready), next(iter(ready), None))
+            if node is None:
+                return None
+            del self._standbys[node]
+            return ready[node]
 
     def _settle(self, ref: Any, attempt: Attempt, report: BatchReport) -> None:
         """Record a finished attempt, or schedule the next one."""
@@ -147,11 +206,16 @@ class Supervisor:
         self._later.append((time.monotonic() + after_s, spec, attempt.number + 1))
 
     def _launch(self, spec: RunSpec, number: int, resume: bool) -> None:
+        """Start an attempt on the run's owner on the ring: a resumed run on a warm standby
+        when one is ready, else on a new actor."""
         owner = HashRing(self.membership.live()).replicas(spec.run_id, 1)
-        placement = NodeAffinitySchedulingStrategy(owner[0], soft=True) if owner else "SPREAD"
-        actor = ray.remote(RunOnNode).options(
-            num_cpus=self.cpus_per_run, max_restarts=0, scheduling_strategy=placement,
-        ).remote(spec)
-        self._pending[actor.execute.remote(resume)] = Attempt(spec, number, resume, actor,
-                                                              time.time())
+        actor = self._take_standby(owner) if resume else None
+        if actor is None:
+            placement = NodeAffinitySchedulingStrategy(owner[0], soft=True) if owner \
+                else "SPREAD"
+            actor = ray.remote(RunOnNode).options(
+                num_cpus=self.cpus_per_run, max_restarts=0, scheduling_strategy=placement,
+            ).remote()
+        self._pending[actor.execute.remote(spec, resume)] = Attempt(spec, number, resume, actor,
+                                                                    time.time())
         self.on_event("launch", {"run_id": spec.run_id, "attempt": number, "resume": resume})

@@ -23,6 +23,9 @@ class HostUnavailable(CheckpointError):
     """A node's replica host did not answer (its node died, or the call timed out)."""
 
 
+Plan = dict[str, tuple[str, tuple[Any, ...]]]  # node -> (method, args) of one round of calls
+
+
 @runtime_checkable
 class Membership(Protocol):
     """The live nodes of a cluster and their replica hosts."""
@@ -31,14 +34,29 @@ class Membership(Protocol):
         """The ids of the nodes that are alive and have a replica host, sorted."""
         ...
 
+    def call_each(self, plan: Plan, timeout_s: float = 10.0) -> dict[str, Any]:
+        """Make each node's call of `plan` at once; each node's answer, or the exception it
+        raised (`HostUnavailable` when it did not answer within `timeout_s`)."""
+        ...
+
     def call(self, nodes: Iterable[str], method: str, *args: Any,
              timeout_s: float = 10.0) -> dict[str, Any]:
-        """Call `method(*args)` on each node's host at once; each node's answer, or the
-        exception it raised (`HostUnavailable` when it did not answer within `timeout_s`)."""
+        """`method(*args)` on every node in `nodes`, at once (see `call_each`)."""
         ...
 
 
-class LocalMembership:
+class SameCall:
+    """`call` in terms of `call_each`, for membership implementations."""
+
+    def call_each(self, plan: Plan, timeout_s: float = 10.0) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def call(self, nodes: Iterable[str], method: str, *args: Any,
+             timeout_s: float = 10.0) -> dict[str, Any]:
+        return self.call_each({node: (method, args) for node in nodes}, timeout_s)
+
+
+class LocalMembership(SameCall):
     """Replica hosts in this process, one SQLite file per node under `folder`; `kill(node)`
     makes a node vanish as a crash would (its file stays on disk, unused)."""
 
@@ -71,11 +89,10 @@ class LocalMembership:
         with self._lock:
             return sorted(self._hosts)
 
-    def call(self, nodes: Iterable[str], method: str, *args: Any,
-             timeout_s: float = 10.0) -> dict[str, Any]:
+    def call_each(self, plan: Plan, timeout_s: float = 10.0) -> dict[str, Any]:
         with self._lock:
-            targets = {node: self._hosts.get(node) for node in nodes}
-        futures = {node: self._pool.submit(getattr(host, method), *args)
+            targets = {node: self._hosts.get(node) for node in plan}
+        futures = {node: self._pool.submit(getattr(host, plan[node][0]), *plan[node][1])
                    for node, host in targets.items() if host is not None}
         wait(futures.values(), timeout=timeout_s)
         answers: dict[str, Any] = {}

@@ -9,10 +9,11 @@ no more than w-1 nodes fail at once (die, lose their disk, or stop answering):
   it survives only w-1 (the other replicas are made later, by a repair), in exchange for puts
   that do not wait for the slowest replica and that still succeed while k+1-w replicas are down;
   a write quorum must be a majority of the replicas;
-- each writer first claims the run with a new epoch, fencing every live host; after its put is
-  acknowledged, a writer checks the fences of every live host, so a writer that was presumed dead
-  and comes back is told `FencedError`, never "saved", even when the ring's membership changed
-  under it (a fenced writer's copies may remain, at an epoch that reads never prefer);
+- each writer first claims the run with a new epoch, fencing every live host; each put also reads
+  the fences of the live hosts outside the replica set, in the same round, so a writer that was
+  presumed dead and comes back is told `FencedError`, never "saved", even when the ring's
+  membership changed under it (a fenced writer's copies may remain, at an epoch that reads never
+  prefer);
 - reads ask every live host and take the highest (epoch, seq) whose checks pass; up to w-1 hosts
   may fail to answer (an acknowledged checkpoint is on at least w); a deleted run stays deleted.
 
@@ -99,7 +100,6 @@ class RingCheckpointStore:
         landed: list[str] = []
         try:
             self.placed[run_id] = self._replicate(replica, fence, landed)
-            self._check_fences(replica, fence)
         except CheckpointError as exc:
             phase = "info" if landed else "fail"  # a copy that landed may be read later
             self._log("put", phase, replica.run_id, replica.epoch, replica.seq,
@@ -207,10 +207,13 @@ class RingCheckpointStore:
             live = self._live_enough(replica.run_id)
             targets = self.replica_set(replica.run_id, live)
             left = max(0.1, deadline - self._clock())
-            answers = self.membership.call(targets, "put", replica, fence.token, timeout_s=left)
+            plan = {node: ("fence", (replica.run_id,)) for node in live}  # the others' fences
+            plan.update({node: ("put", (replica, fence.token)) for node in targets})
+            answers = self.membership.call_each(plan, timeout_s=left)
             acks = [n for n in targets if isinstance(answers[n], Replica)]
             landed += [n for n in acks if n not in landed]
             if len(acks) >= self.write_quorum:
+                self._check_fences(replica, fence, answers)
                 return acks
             refusals = [a for a in answers.values() if isinstance(a, Refused)]
             stale = next((r for r in refusals if r.stale), None)
@@ -230,11 +233,10 @@ class RingCheckpointStore:
                     f"{self.timeout_s:g} s ({'; '.join(reasons)})")
             time.sleep(RETRY_S)
 
-    def _check_fences(self, replica: Replica, fence: Fence) -> None:
-        """After the acknowledgements: refuse when any live host holds a newer fence (a claim
-        reached it while the replica set changed under this writer)."""
-        answers = self.membership.call(self.membership.live(), "fence", replica.run_id,
-                                       timeout_s=self.timeout_s)
+    def _check_fences(self, replica: Replica, fence: Fence, answers: dict[str, Any]) -> None:
+        """Refuse the acknowledgements when a live host outside the replica set, asked in the
+        same round, holds a newer fence (a claim that completed before this put began reached
+        it, while the replica set changed under this writer)."""
         newer = [f for f in answers.values() if isinstance(f, Fence) and f.epoch > fence.epoch]
         if newer:
             self._lose(replica.run_id)
