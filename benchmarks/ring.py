@@ -193,7 +193,7 @@ def chaos(kills_wanted: int) -> dict[str, Any]:
         membership.ensure_hosts()
         repair(membership, k=2, timeout_s=20.0)
         reader = RingCheckpointStore(RayMembership(str(ring_dir)), k=2)
-        report = check_history(read_history(history.path), reader.get)
+        report = check_history(*chains(reader, read_history(history.path)))
     history.close()
     shutil.rmtree(folder)
     return {"kills": kills, "simultaneous_k_kills": simultaneous, "k": 2, "write_quorum": 3,
@@ -201,6 +201,13 @@ def chaos(kills_wanted: int) -> dict[str, Any]:
             "refused": report.failed, "indeterminate": report.indeterminate,
             "refused_by_kind": dict(refused), "lost": len(report.violations),
             "violations": report.violations[:20]}
+
+
+def chains(store: RingCheckpointStore, operations: list[dict]) -> tuple[list[dict], Any]:
+    """The operations and a reader for the checker that reads each run's chain once
+    (`list`: for each seq, the checkpoint `get` returns), not one read per operation."""
+    found = {run: {c.seq: c for c in store.list(run)} for run in {op["run"] for op in operations}}
+    return operations, lambda run, seq: found[run].get(seq)
 
 
 # --- failover and throughput ----------------------------------------------------------------

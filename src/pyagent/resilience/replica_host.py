@@ -220,11 +220,11 @@ class ReplicaHost:
         fence = self.fence(run_id)
         if fence is not None and fence.deleted:
             return fence, None
-        return fence, next(iter(self._verified(run_id, "ORDER BY epoch DESC, seq DESC")), None)
+        return fence, self._first(run_id, "ORDER BY epoch DESC, seq DESC")
 
     def get(self, run_id: str, seq: int) -> Replica | None:
         """Checkpoint `seq` of `run_id` from its newest epoch that verifies here."""
-        return next(iter(self._verified(run_id, "AND seq = ? ORDER BY epoch DESC", seq)), None)
+        return self._first(run_id, "AND seq = ? ORDER BY epoch DESC", seq)
 
     def records(self, run_id: str) -> list[Replica]:
         """Every record of `run_id` that verifies, by (epoch, seq)."""
@@ -282,6 +282,19 @@ class ReplicaHost:
             self._db.close()
 
     # --- internals ---------------------------------------------------------------------------
+
+    def _first(self, run_id: str, clause: str, *params: object) -> Replica | None:
+        """The first record in `clause`'s order that verifies (reading one at a time, so a read
+        costs one record however long the run's history, unless some are damaged)."""
+        while True:
+            found = self._verified(run_id, clause + " LIMIT 1", *params)
+            if found:
+                return found[0]
+            with self._read() as db:
+                left = db.execute(f"SELECT 1 FROM replicas WHERE run_id = ? {clause} LIMIT 1",
+                                  (run_id, *params)).fetchone()
+            if left is None:  # none left: the damaged one (if any) went to quarantine
+                return None
 
     def _verified(self, run_id: str, clause: str, *params: object) -> list[Replica]:
         with self._read() as db:
