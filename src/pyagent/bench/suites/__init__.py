@@ -1,0 +1,1 @@
+"""Benchmark suites: reasoning-pattern families and code-repair tasks, graded by programs."""
