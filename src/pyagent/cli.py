@@ -480,6 +480,121 @@ def bench_kv_recall(
     console.print(f"wrote {out / stem}.json and .md")
 
 
+@bench_app.command("run")
+def bench_run(
+    suites: Annotated[list[str], typer.Argument(
+        help="Suites (reasoning, repair), suite.family (reasoning.lateral) or family names.")],
+    backend: Annotated[str, typer.Option(help="embedded, openai or replay.")] = "embedded",
+    model: ModelOpt = DEFAULT_MODEL,
+    dtype: DtypeOpt = "float32",
+    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL.")] = None,
+    recording: Annotated[Path | None, typer.Option(help="Recording to replay from.")] = None,
+    record: Annotated[Path | None, typer.Option(help="Append every completion here.")] = None,
+    kv_policy: PolicyOpt = "full",
+    kv_budget: BudgetOpt = None,
+    manifest: Annotated[Path | None, typer.Option(
+        help="Run fleet tasks (repair) through this manifest, e.g. "
+             "examples/bugfix/manifest.yaml.")] = None,
+    mode: Annotated[str, typer.Option(help="With --manifest: sequenced or handover.")] =
+        "sequenced",
+    style: Annotated[str, typer.Option(
+        help="chat (instruction-tuned models) or completion (base models: worked examples, "
+             "then Q:/A:).")] = "chat",
+    split: Annotated[str, typer.Option(help="train, validation or test.")] = "test",
+    limit: Annotated[int, typer.Option(help="Items per family and difficulty.")] = 20,
+    difficulty: Annotated[str | None, typer.Option(
+        help="Difficulties, comma-separated (default: each family's three).")] = None,
+    concurrency: Annotated[int, typer.Option(help="Items in flight at once.")] = 1,
+    executor: Annotated[str, typer.Option(
+        help="threads, or asyncio (one event loop; the embedded engine serves its tasks "
+             "without a thread each).")] = "threads",
+    repeat: Annotated[int, typer.Option(help="Attempts per item (pass^k; needs "
+                                             "--temperature above 0).")] = 1,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Which items, and the sampling seeds.")] = 0,
+    prices: PricesOpt = None,
+    output: Annotated[Path, typer.Option("--out", help="Folder for the JSON, SQLite, CSV and "
+                                                       "HTML.")] = Path("bench-results"),
+) -> None:
+    """Run benchmark suites and grade them by program: accuracy with 95% intervals against
+    random and majority baselines, pass^k, latency, tokens, cost and peak memory."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from pyagent.bench.prices import PriceTable
+    from pyagent.bench.provenance import provenance
+    from pyagent.bench.runner import RunSettings
+    from pyagent.bench.suiterun import plan, run_suites, write_outputs
+    from pyagent.bench.suites.registry import select
+
+    settings = RunSettings(style=style, concurrency=concurrency, executor=executor,
+                           repeat=repeat, temperature=temperature, seed=seed,
+                           model=model if backend != "embedded" else "gemma-3-270m", mode=mode)
+    levels = _integers(difficulty, "--difficulty") if difficulty else None
+    selections = select(suites)
+    total = len(plan(selections, split, limit, seed, levels)) * repeat
+    if manifest is not None and not manifest.is_file():
+        raise ConfigError(f"--manifest {manifest}: no such file")
+    chosen = _backend(backend, model, dtype, base_url, recording, record, kv_policy, kv_budget)
+    engine = getattr(chosen, "engine", None)
+    reference = None
+    if engine is not None and kv_policy != "full":
+        from pyagent.engine.generate import Engine
+        from pyagent.llm.embedded import EmbeddedBackend
+
+        reference = EmbeddedBackend(Engine(engine.loaded, engine.context_length))
+    table = PriceTable(prices) if prices else None
+    columns = (*Progress.get_default_columns()[:2], MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, BarColumn(bar_width=None), console=err, transient=True) as bar:
+        task = bar.add_task("grading", total=total * (2 if reference else 1))
+        result = run_suites(
+            chosen, selections, settings, split=split, limit=limit, difficulties=levels,
+            manifest=manifest, folder=output / "runs", reference=reference,
+            kv_bytes=(lambda: engine.cache.memory().bytes) if engine is not None else None,
+            progress=lambda _r: bar.advance(task), prices=table)
+    result["meta"] = provenance(Path.cwd())
+    for path in write_outputs(result, output):
+        out.print(f"wrote {path}", highlight=False)
+    _print_suites(result)
+    errors = [r for r in result["records"] if r["error"]]
+    if errors:
+        raise ConfigError(f"{len(errors)} of {len(result['records'])} attempts ended with an "
+                          f"error (first: {errors[0]['item_id']}: {errors[0]['error']})")
+
+
+def _integers(text: str, option: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{option} must be integers separated by commas: {text!r}") from None
+
+
+def _print_suites(result: dict[str, Any]) -> None:
+    def percent(value: float | None) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f}"
+
+    table = Table(title=f"accuracy % by family and difficulty, 95% CI (measured, "
+                        f"{result['config']['backend']})")
+    reference = result["config"]["reference"] is not None
+    for column in ("family", "d", "items", "accuracy", "95% CI", "random", "majority",
+                   *(("full cache",) if reference else ()), "p50 s", "tokens"):
+        table.add_column(column)
+    for row in [*result["difficulties"], {"family": "overall", "difficulty": "",
+                                          **result["overall"]}]:
+        table.add_row(row["family"], str(row["difficulty"]), str(row["items"]),
+                      percent(row["accuracy"]),
+                      f"{percent(row['ci_low'])}-{percent(row['ci_high'])}",
+                      percent(row.get("random")), percent(row.get("majority")),
+                      *((percent(row.get("reference")),) if reference else ()),
+                      f"{row['latency_p50_s']:.2f}" if row["latency_p50_s"] is not None
+                      else "n/a", f"{row['prompt_tokens'] + row['completion_tokens']:,}")
+    out.print(table)
+    throughput = result["throughput"]
+    out.print(f"{throughput['attempts']} attempts in {throughput['wall_s']:.1f} s "
+              f"({throughput['items_per_s']:.2f}/s, {throughput['executor']} x "
+              f"{throughput['concurrency']}); peak RSS "
+              f"{result['memory']['peak_rss'] / 2**20:.0f} MiB", highlight=False)
+
+
 @bench_app.command("report")
 def bench_report(
     results: Annotated[list[Path], typer.Argument(

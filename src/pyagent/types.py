@@ -220,6 +220,7 @@ class Timings:
     time_to_first_token_s: float
     total_s: float
     completion_tokens: int
+    queue_s: float | None = None  # waiting for a batch slot or KV budget (None: not known)
 
     @property
     def tokens_per_s(self) -> float:

@@ -43,6 +43,7 @@ class Decoder:
         self.finish = "length"
         self.done = False
         self.started = time.perf_counter()
+        self.admitted_at: float | None = None  # when the scheduler let it in
         self.first_token_at: float | None = None
 
     def advance(self, logits: torch.Tensor) -> str:
@@ -113,7 +114,8 @@ class Decoder:
             usage=Usage(prompt_tokens=len(self.prompt_ids),
                         completion_tokens=len(self.generated), cached_tokens=cached_tokens),
             timings=Timings(time_to_first_token_s=(self.first_token_at or end) - self.started,
-                            total_s=end - self.started, completion_tokens=len(self.generated)),
+                            total_s=end - self.started, completion_tokens=len(self.generated),
+                            queue_s=(self.admitted_at or end) - self.started),
             model=self.model,
             backend="embedded",
             logprobs=None if self.request.sampling.logprobs is None else tuple(

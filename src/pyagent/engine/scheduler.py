@@ -346,6 +346,7 @@ class Scheduler:
             job = self._waiting.popleft()
             if job.ticket.cancelled:
                 continue
+            job.decoder.admitted_at = time.perf_counter()
             self._running.append(job)
             admitted.append(job)
             self.most_running = max(self.most_running, len(self._running))

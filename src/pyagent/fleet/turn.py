@@ -128,6 +128,8 @@ def run_turn(agent: AgentSpec, transcript: list[Message], team: Team, span: Span
                          "gen_ai.response.finish_reasons": [completion.finish_reason]})
             if completion.kv_peak_bytes is not None:
                 call.set("pyagent.kv.peak_bytes", completion.kv_peak_bytes)
+            if completion.timings.queue_s is not None:
+                call.set("pyagent.queue_s", completion.timings.queue_s)
         result.usage = _add(result.usage, completion.usage)
         result.messages.append(Message("assistant", completion.text,
                                        tool_calls=completion.tool_calls))

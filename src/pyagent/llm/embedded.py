@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 from pyagent.engine.generate import Engine
@@ -22,3 +23,12 @@ class EmbeddedBackend:
 
     def stream(self, request: CompletionRequest) -> Iterator[StreamEvent]:
         return self.engine.stream(request)
+
+    async def acomplete(self, request: CompletionRequest) -> Completion:
+        """Run `request` from an event loop: the engine's scheduler serves it with the others
+        in flight, and no thread waits for it."""
+        completion = None
+        async for event in self.engine.submit(request, asyncio.get_running_loop()):
+            completion = event.completion or completion
+        assert completion is not None
+        return completion

@@ -80,3 +80,25 @@ def indexed(series: Mapping[str, Sequence[float]], title: str, ylabel: str) -> s
     if 1 < len(series) <= 12:
         axes.legend(fontsize="small")
     return svg(figure)
+
+
+def intervals(names: Sequence[str], values: Sequence[float], lows: Sequence[float],
+              highs: Sequence[float], markers: Mapping[str, Sequence[float | None]], title: str,
+              ylabel: str) -> str:
+    """A point with its interval per name (horizontal), and reference markers (baselines)."""
+    figure, axes = plt.subplots(figsize=(WIDTH, max(1.6, 0.32 * len(names) + 1.2)))
+    rows = range(len(names))
+    axes.errorbar(values, rows, xerr=[[v - lo for v, lo in zip(values, lows, strict=True)],
+                                      [hi - v for v, hi in zip(values, highs, strict=True)]],
+                  fmt="o", capsize=3, label="measured (95% CI)")
+    for (label, points), symbol in zip(markers.items(), "x+|", strict=False):
+        shown = [(p, r) for p, r in zip(points, rows, strict=True) if p is not None]
+        if shown:
+            axes.scatter([p for p, _ in shown], [r for _, r in shown], marker=symbol,
+                         label=label, zorder=3)
+    axes.set_yticks(list(rows), list(names))
+    axes.invert_yaxis()
+    axes.set_title(title)
+    axes.set_xlabel(ylabel)
+    axes.legend(fontsize=7, loc="lower right")
+    return svg(figure)

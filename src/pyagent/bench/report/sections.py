@@ -196,6 +196,16 @@ def _labels(labels: Mapping[str, str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in labels.items()) or "(all)"
 
 
+def _suites(name: str, data: Data) -> list[Section]:
+    from pyagent.bench.report.suites import suites_section
+
+    try:
+        return suites_section(name, data)
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(f"{name}: not a complete suite result ({type(exc).__name__}: {exc})"
+                          ) from None
+
+
 Render = Callable[[str, Data], list[Section]]
 RECOGNIZERS: list[tuple[Callable[[Data], bool], Render]] = [
     (lambda d: shapes.looks_like(d, shapes.TokenAccounting), shapes.guarded(
@@ -206,6 +216,7 @@ RECOGNIZERS: list[tuple[Callable[[Data], bool], Render]] = [
         shapes.MemoryProfile, "memory profile", memory_section)),
     (lambda d: shapes.looks_like(d, shapes.HealthReport), shapes.guarded(
         shapes.HealthReport, "health report", health_section)),
+    (lambda d: d.get("benchmark") == "suites" and "records" in d, _suites),
     (lambda d: isinstance(d.get("meta"), Mapping) or {"benchmark", "command", "git"} <= d.keys()
      or {"plan", "rows", "summary"} <= d.keys(), benchmark_section),
 ]
