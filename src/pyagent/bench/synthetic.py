@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,24 +187,32 @@ def _layout(rng: np.random.Generator, start: float, steps: int, failing: set[int
     return root, dict(run.truth)
 
 
-def publish(bus: EventBus, run_id: str, span: SpanSpec, parent: str | None = None) -> None:
+def publish(bus: EventBus, run_id: str, span: SpanSpec, parent: str | None = None,
+            jitter: Callable[[], float] = lambda: 0.0) -> None:
     """Publish `span` and its children as the events a live run would (start, children, end
-    or error), at the span's own times."""
+    or error), at the span's own times plus `jitter()` seconds each."""
     span_id = uuid.uuid4().hex[:16]
+    start, end = span.start + jitter(), span.end + jitter()
     bus.publish(Event(span.kind, "start", span.name, run_id, span_id, parent,  # type: ignore[arg-type]
-                      span.start, {}))
+                      start, {}))
     for child in span.children:
-        publish(bus, run_id, child, span_id)
-    attributes = {**span.attributes, "duration_s": span.end - span.start}
+        publish(bus, run_id, child, span_id, jitter)
+    attributes = {**span.attributes, "duration_s": end - start}
     if span.error:
         attributes["error.type"], attributes["exception.message"] = span.error
     bus.publish(Event(span.kind, "error" if span.error else "end",  # type: ignore[arg-type]
-                      span.name, run_id, span_id, parent, span.end, attributes))
+                      span.name, run_id, span_id, parent, end, attributes))
 
 
-def trace_set(path: Path, injected: str, seed: int, runs: int = 2) -> TraceSet:
-    """Write a trace store of `runs` runs with `injected` as the known bottleneck."""
+def trace_set(path: Path, injected: str, seed: int, runs: int = 2,
+              jitter_s: float = 0.0) -> TraceSet:
+    """Write a trace store of `runs` runs with `injected` as the known bottleneck; each event's
+    time is off by normal noise of `jitter_s` seconds (clocks read a little apart)."""
     rng = np.random.default_rng(seed)
+
+    def jitter() -> float:
+        return float(rng.normal(0.0, jitter_s)) if jitter_s else 0.0
+
     shares = _shares(rng, injected)
     truth: dict[str, float] = defaultdict(float)
     bus = EventBus()
@@ -212,7 +221,7 @@ def trace_set(path: Path, injected: str, seed: int, runs: int = 2) -> TraceSet:
         t = T0
         for index in range(runs):
             root, seconds = _plan_run(rng, t, shares, rng.uniform(20, 60))
-            publish(bus, f"run-{index}", root, None)
+            publish(bus, f"run-{index}", root, None, jitter)
             for kind, value in seconds.items():
                 truth[kind] += value
             t = root.end + rng.uniform(1, 5)
