@@ -106,6 +106,35 @@ def test_prefix_caching_estimate_from_measured_prefill(tmp_path):
     assert prefix.share == pytest.approx(1.1 / 5.2)
 
 
+def test_compaction_estimate_from_old_tool_results(tmp_path):
+    steps, t = [], 0.0
+
+    def call(prompt: int) -> SpanSpec:
+        nonlocal t
+        t += 0.001 * prompt + 0.5  # prefill at 1 ms a token, then decode
+        return SpanSpec("llm_call", "chat m", t - 0.001 * prompt - 0.5, t, {
+            "gen_ai.usage.input_tokens": prompt, "gen_ai.usage.output_tokens": 10,
+            "pyagent.usage.cached_tokens": 0, "pyagent.time_to_first_token_s": 0.001 * prompt})
+
+    for index in range(4):  # each step: a call, a 2,200-character tool result, a call
+        start = t
+        first = call(1000 + 1200 * index)
+        t += 0.1
+        tool = SpanSpec("tool_call", "execute_tool shell", t - 0.1, t, {
+            "gen_ai.tool.name": "shell", "pyagent.tool.output_chars": 2200})
+        second = call(1600 + 1200 * index)
+        steps.append(SpanSpec("step", f"step {index}", start, t, children=[
+            SpanSpec("agent", "invoke_agent a", start, t, children=[first, tool, second])]))
+    root = SpanSpec("run", "run x", 0.0, t, {"pyagent.mode": "handover"}, children=steps)
+    analysis = analyze_traces(write(tmp_path / "traces.db", {"r1": root}))
+    compaction = next(o for o in analysis.opportunities if o.lever == "compaction")
+    # only step 3 carries a result older than the 2 newest: 2,000 characters cut, 500 tokens,
+    # in each of its two calls, at the measured 1 ms of prefill a token
+    assert compaction.flag == "--compact-keep 2"
+    assert compaction.evidence["prompt_tokens_saved"] == 1000
+    assert compaction.saving_s == pytest.approx(1.0)
+
+
 def suite(path: Path, rng: np.random.Generator, decode_scale: float = 1.0,
           errors: int = 0) -> Path:
     records = []
@@ -166,6 +195,7 @@ def test_improvements_follow_the_metric_direction():
     assert compare_samples("throughput_tok_s", base, base / 1.5, "higher").verdict == \
         "regression"
     assert compare_samples("widgets", base, base * 1.5, "unknown").verdict == "changed"
+    assert compare_samples("delta_s", -base, -base * 1.5, "lower").verdict == "no ratio"
 
 
 def test_a_significant_change_below_the_factor_is_not_a_regression():

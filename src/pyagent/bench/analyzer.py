@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from pyagent.bench.analysis_md import render
 from pyagent.bench.breakdown import Breakdown, MemorySeries, from_suite, from_traces
 from pyagent.bench.critical_path import KINDS
 from pyagent.bench.forecast import MetricTrend, metric_trends, points
@@ -120,8 +121,6 @@ class Analysis:
         return [c for c in self.changes if c.verdict == "regression"]
 
     def markdown(self) -> str:
-        from pyagent.bench.analysis_md import render
-
         return render(self)
 
 
@@ -291,11 +290,11 @@ def _memory(b: Breakdown, share: float) -> tuple[str, dict[str, Any]]:
     series = [{"name": m.name, "pattern": m.pattern, "growth": m.growth,
                "full_share": m.full_share} for m in b.memory]
     growing = [m for m in b.memory if m.growing]
-    text = f"{share:.0%} of the wall time lost to {refusals} KV refusals"
+    parts = [f"{share:.0%} of the wall time lost to {refusals} KV refusals"] if refusals else []
     if growing:
         worst = max(growing, key=lambda m: m.growth)
-        text += f"; {worst.name} grows ({worst.pattern}, {worst.growth:+.0%})"
-    return text, {"lost_s": b.kind_seconds()["memory"], "kv_refusals": refusals,
+        parts.append(f"{worst.name} grows ({worst.pattern}, {worst.growth:+.0%})")
+    return "; ".join(parts), {"lost_s": b.kind_seconds()["memory"], "kv_refusals": refusals,
                   "evicted": sum(c.evicted for c in b.calls), "series": series}
 
 

@@ -34,7 +34,7 @@ from pyagent.bench.memory import RSS_RESOLUTION
 from pyagent.bench.results import load_json, suite_records
 from pyagent.errors import ConfigError
 from pyagent.observe.metrics.trend import classify
-from pyagent.observe.traces import SpanRecord, TraceReader
+from pyagent.observe.traces import Sample, SpanRecord, TraceReader
 
 GROWING = ("linear", "exponential", "step")  # patterns of a series that keeps growing
 FULL_KV = 0.95  # KV bytes at or above this share of capacity: the budget is full
@@ -291,15 +291,16 @@ def _concurrency(intervals: list[tuple[float, float]]) -> tuple[float | None, in
     return (total / busy if busy > 0 else 1.0), peak
 
 
-def _samples(reader: TraceReader) -> list[Any]:
-    out, cursor = [], 0
+def _samples(reader: TraceReader) -> list[Sample]:
+    out: list[Sample] = []
+    cursor = 0
     while batch := reader.samples_after(cursor):
         out += [s for s in batch if s.name in (KV_GAUGE, KV_CAPACITY)]
         cursor = batch[-1].id
     return out
 
 
-def _kv_series(samples: list[Any], window: tuple[float, float]) -> list[MemorySeries]:
+def _kv_series(samples: list[Sample], window: tuple[float, float]) -> list[MemorySeries]:
     """One series per engine (source and labels) of KV bytes within `window`."""
     series: dict[tuple[str, str], dict[float, float]] = defaultdict(dict)
     capacity: dict[tuple[str, str], float] = {}

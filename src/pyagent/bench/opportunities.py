@@ -8,16 +8,17 @@ Estimates (seconds of critical path, or request time for suite results):
   agent turn), a call repeats the previous call's prompt and output; the repeated tokens not
   served from cache x measured prefill seconds per uncached prompt token, weighted by each
   call's share on the critical path;
-- compaction, `--compact-keep N`: where a run's prompt tokens grow (Mann-Kendall, p < 0.05),
-  each call's prompt carries earlier steps' tool results; all but the N newest would shrink to
-  about `compact_min_chars`: those characters / `chars_per_token` x the call's uncached share
-  x the prefill seconds per token, weighted as above;
+- compaction, `--compact-keep N`: where a run's prompt tokens grow (Mann-Kendall, p < 0.05,
+  over its calls that report usage), each call's prompt carries earlier steps' tool results;
+  all but the N newest would shrink to about `compact_min_chars`: those characters /
+  `chars_per_token` x the call's uncached share x the prefill seconds per token, weighted as
+  above;
 - batching, `--max-batch N` (twice the larger of the peak calls in flight and `batch_slots`):
   queue seconds (waiting for a batch slot or the KV budget), all saved if every request were
-  admitted at once (an upper bound); `--concurrency N`: runs that
-  ran one at a time (mean calls in flight under 1.5) could share the engine, N = min(runs,
-  `batch_slots`) at once: model seconds x (1 - 1 / speedup(N)), speedup(N) interpolated
-  linearly from 1 at one stream to `batch_speedup` at `batch_slots`;
+  admitted at once (an upper bound); `--concurrency N`: runs that ran one at a time (mean
+  calls in flight under 1.5) could share the engine, N = min(runs, `batch_slots`) at once:
+  model seconds x (1 - 1 / speedup(N)), speedup(N) interpolated linearly from 1 at one stream
+  to `batch_speedup` at `batch_slots`;
 - KV eviction, `--kv-policy pyagent --kv-budget 0.5`: seconds lost to KV refusals (attempts
   failed and repeated), not lost when the engine evicts down to a budget instead.
 """
@@ -188,8 +189,8 @@ def _compaction(b: Breakdown, levers: Levers) -> Opportunity | None:
         by_run[call.run_id].append(call)
     tokens = saving = 0.0
     slopes = []
-    for run_id, calls in by_run.items():
-        calls.sort(key=lambda c: c.start)
+    for run_id, found in by_run.items():
+        calls = sorted((c for c in found if c.prompt_tokens > 0), key=lambda c: c.start)
         if len(calls) < MIN_TREND_POINTS:
             continue
         trend = mann_kendall([c.prompt_tokens for c in calls], alpha=GROWTH_ALPHA)

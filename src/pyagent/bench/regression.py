@@ -9,7 +9,8 @@ with n samples a side is 2 / C(2n, n), which is below 0.002 only from 7 a side, 
 from 5: typical benchmark repeats (5 to 20) can reach 0.01. The factor gate keeps the false
 alarms a p-value alone would give on many metrics rare (the synthetic benchmark measures it).
 Fewer samples than the test needs to ever reach alpha is reported as "insufficient samples";
-a single value a side is compared by ratio only and never called significant.
+a single value a side is compared by ratio only and never called significant; a negative center
+has no ratio, so its metric is tested but never flagged ("no ratio").
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from pyagent.bench.results import Metrics
 ALPHA = 0.01
 FACTOR = 1.1
 Better = Literal["lower", "higher", "unknown"]
-Verdict = Literal["regression", "improvement", "changed", "below factor", "unchanged",
-                  "insufficient samples", "single value"]
+Verdict = Literal["regression", "improvement", "changed", "below factor", "no ratio",
+                  "unchanged", "insufficient samples", "single value"]
 FLAGGED = ("regression", "improvement", "changed")
 # Rules on one dotted component, first match wins; components are read from the last.
 RULES: tuple[tuple[re.Pattern[str], Better], ...] = (
@@ -109,7 +110,9 @@ def compare_samples(metric: str, baseline: Sequence[float], candidate: Sequence[
     p = float(mannwhitneyu(baseline, candidate, alternative="two-sided").pvalue)
     if p >= alpha:
         return made(p, "unchanged")
-    if ratio is None or 1 / factor < ratio < factor:
+    if ratio is None:
+        return made(p, "no ratio")
+    if 1 / factor < ratio < factor:
         return made(p, "below factor")
     if better == "unknown":
         return made(p, "changed")

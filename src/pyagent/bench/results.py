@@ -39,7 +39,9 @@ def load_json(path: str | Path) -> Any:
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not JSON (not UTF-8 text)") from None
+    except OSError as exc:
         raise ConfigError(f"{path}: cannot read it ({exc})") from None
     try:
         return json.loads(text)

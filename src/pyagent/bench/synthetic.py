@@ -71,6 +71,7 @@ class _Run:
         self.scale = scale
         self.truth: dict[str, float] = defaultdict(float)
         self.lost = False
+        self.calls = 0  # the conversation grows by every call (a sequenced run)
 
     def wait(self, kind: str, raw: float) -> float:
         seconds = raw * self.scale["memory" if self.lost else kind]
@@ -81,12 +82,13 @@ class _Run:
     def gap(self) -> None:
         self.wait("other", self.rng.uniform(0.2, 1.0))
 
-    def llm(self, index: int, fail: tuple[str, str] | None = None) -> SpanSpec:
+    def llm(self, fail: tuple[str, str] | None = None) -> SpanSpec:
         span = SpanSpec("llm_call", "chat m", self.t)
         queue = self.wait("queue", self.rng.uniform(0.2, 1.0))
         prefill = self.wait("model", self.rng.uniform(0.2, 1.0))
         decode = self.wait("model", self.rng.uniform(0.2, 1.0))
-        prompt = 400 + 350 * index + int(self.rng.integers(0, 50))
+        prompt = 400 + 350 * self.calls + int(self.rng.integers(0, 50))
+        self.calls += 1
         span.end, span.error = self.t, fail
         span.attributes = {"gen_ai.usage.input_tokens": prompt,
                            "gen_ai.usage.output_tokens": max(1, int(decode * 18)),
@@ -111,11 +113,11 @@ class _Run:
         span = SpanSpec("agent", "invoke_agent coder", self.t,
                         attributes={"pyagent.attempt": attempt})
         rounds = int(self.rng.integers(2, 5))
-        for index in range(rounds):
-            span.children += [self.llm(index), self.tool()]
+        for _ in range(rounds):
+            span.children += [self.llm(), self.tool()]
             self.gap()
         refusal = REFUSALS[int(self.rng.integers(0, 2))] if fail else None
-        span.children.append(self.llm(rounds, refusal))
+        span.children.append(self.llm(refusal))
         span.end, span.error = self.t, refusal
         self.lost = False
         return span
