@@ -561,6 +561,65 @@ def bench_run(
                           f"error (first: {errors[0]['item_id']}: {errors[0]['error']})")
 
 
+@bench_app.command("analyze")
+def bench_analyze(
+    sources: Annotated[list[Path], typer.Argument(
+        help="A trace store (traces.db, or a data folder holding one), or result JSON files "
+             "(suite results from `bench run`; with --baseline or --trend, any result).")],
+    run: Annotated[list[str] | None, typer.Option(
+        "--run", help="With a trace store: only this run (repeatable).")] = None,
+    after: Annotated[list[Path] | None, typer.Option(
+        help="The same measured with a lever applied: measured changes next to the "
+             "estimates (repeatable).")] = None,
+    baseline: Annotated[list[Path] | None, typer.Option(
+        help="Compare: baseline results (repeatable); the sources are the candidate.")] = None,
+    trend: Annotated[bool, typer.Option(
+        help="The sources are results over time: trends and forecasts per metric.")] = False,
+    fail_on_regression: Annotated[bool, typer.Option(
+        help="With --baseline: exit with status 1 when a significant regression is found.")
+    ] = False,
+    output: Annotated[Path | None, typer.Option(
+        "--out", help="Folder for analysis.json, analysis.md and analysis.html.")] = None,
+) -> None:
+    """Bottlenecks (model compute, queueing, tools, memory pressure) on the critical path, the
+    levers against them with estimated savings, regressions (Mann-Whitney U and a 1.1x factor),
+    trends with forecasts, and a 0-100 score whose formula the output states."""
+    from pyagent.bench import analyzer
+
+    if baseline:
+        analysis = analyzer.compare(baseline, sources)
+    elif trend:
+        analysis = analyzer.trends(sources)
+    elif all(p.is_dir() or p.suffix == ".db" for p in sources):
+        if len(sources) != 1:
+            raise ConfigError("give one trace store at a time (or result JSON files)")
+        store = sources[0] / "traces.db" if sources[0].is_dir() else sources[0]
+        later = None if not after else (after[0] / "traces.db" if after[0].is_dir()
+                                        else after[0])
+        analysis = analyzer.analyze_traces(store, run, after=later)
+    else:
+        analysis = analyzer.analyze_results(sources, after=after)
+    text = analysis.markdown()
+    out.print(text, highlight=False, markup=False)
+    if output is not None:
+        _write_analysis(analysis.to_dict(), text, output)
+    if fail_on_regression and analysis.regressions:
+        raise ConfigError(f"{len(analysis.regressions)} significant regression(s): "
+                          + ", ".join(c.metric for c in analysis.regressions[:5]))
+
+
+def _write_analysis(data: dict[str, Any], text: str, folder: Path) -> None:
+    from pyagent.bench.provenance import provenance, write_atomic
+    from pyagent.bench.report.html import build_report
+
+    path = folder / "analysis.json"
+    write_atomic(path, json.dumps({**data, "meta": provenance(Path.cwd())}, indent=1) + "\n")
+    write_atomic(folder / "analysis.md", text)
+    for written in [path, folder / "analysis.md",
+                    *build_report([path], folder / "analysis.html", "PyAgent analysis")]:
+        out.print(f"wrote {written}", highlight=False)
+
+
 def _integers(text: str, option: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",")]
