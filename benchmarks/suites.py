@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pyagent.bench.analyzer import analyze_traces
 from pyagent.bench.provenance import provenance, write_result
 from pyagent.bench.runner import RunSettings
 from pyagent.bench.scores import wilson
@@ -143,16 +144,19 @@ def parallel(engine: Engine) -> dict[str, Any]:
 def repair(engine: Engine, limit: int) -> dict[str, Any]:
     backend = EmbeddedBackend(engine)
     found = {}
-    with tempfile.TemporaryDirectory(prefix="pyagent-repair-") as folder:
-        for mode in ("sequenced", "handover"):
-            result = run_suites(backend, select(["repair"]),
-                                RunSettings(concurrency=4, mode=mode), limit=limit,
-                                difficulties=[2], manifest=MANIFEST,
-                                folder=Path(folder) / mode)
-            found[mode] = {**_summary(result), "answers": {
-                r["item_id"]: [r["run_status"] if "run_status" in r else r["error"],
-                               r["correct"], r["detail"]] for r in result["records"]}}
-            print(f"repair {mode}: {result['overall']['accuracy']:.3f}", flush=True)
+    folder = Path(tempfile.mkdtemp(prefix="pyagent-repair-"))
+    for mode in ("sequenced", "handover"):
+        result = run_suites(backend, select(["repair"]), RunSettings(concurrency=4, mode=mode),
+                            limit=limit, difficulties=[2], manifest=MANIFEST,
+                            folder=folder / mode)
+        analysis = analyze_traces(folder / mode / "traces.db").to_dict()
+        found[mode] = {**_summary(result), "answers": {
+            r["item_id"]: [r.get("run_status", r["error"]), r["correct"], r["detail"]]
+            for r in result["records"]},
+            "analysis": {k: analysis[k] for k in ("score", "time", "bottlenecks",
+                                                  "opportunities")},
+            "traces": str(folder / mode / "traces.db")}
+        print(f"repair {mode}: {result['overall']['accuracy']:.3f}", flush=True)
     return found
 
 
@@ -215,6 +219,8 @@ def main() -> None:
     kept = json.loads(earlier.read_text()) if earlier.exists() else {}
     engine = Engine.load()
     result: dict[str, Any] = {"benchmark": "suites-bench"}
+    if sections & {"quality", "server", "parallel"}:
+        select(["reasoning"])  # fail early if a suite is missing
     if "quality" in sections or "server" in sections:
         local = quality(engine, args.limit) if "quality" in sections else kept["quality"]
         result["quality"] = local

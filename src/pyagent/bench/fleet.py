@@ -40,7 +40,7 @@ class FleetRun:
     usages: list[Usage]  # each LLM call's
     llm_calls: int
     tool_calls: int
-    first_token_s: float | None  # the first LLM call's time to first token
+    first_token_s: float | None  # time to first token, summed over the LLM calls
     queue_s: float | None  # summed over calls that report it
 
 
@@ -69,7 +69,7 @@ def run_manifest(manifest: Manifest, workspace: Path, task: str, backend: Backen
         result.run_id, result.status, result.error, result.outputs, wall,
         Usage(totals.input_tokens, totals.output_tokens, totals.cached_tokens), usages,
         totals.llm_calls, totals.tool_calls,
-        calls[0].get("pyagent.time_to_first_token_s") if calls else None,
+        sum(a.get("pyagent.time_to_first_token_s", 0.0) for a in calls) if calls else None,
         sum(queues) if queues else None)
 
 

@@ -72,7 +72,7 @@ class Attempt:
         self.answers: list[str] = []
         self.grades: list[Grade] = []
         self.usage = Usage(0, 0, 0)
-        self.ttft_s: float | None = None
+        self.ttft_s: float | None = None  # summed over the attempt's calls, as queue_s is
         self.queue_s: float | None = None
         self.calls = 0
         self.started = time.perf_counter()
@@ -86,8 +86,7 @@ class Attempt:
                            self.usage.completion_tokens + usage.completion_tokens,
                            self.usage.cached_tokens + usage.cached_tokens)
         self.calls += 1
-        if self.ttft_s is None:
-            self.ttft_s = timings.time_to_first_token_s
+        self.ttft_s = (self.ttft_s or 0.0) + timings.time_to_first_token_s
         if timings.queue_s is not None:
             self.queue_s = (self.queue_s or 0.0) + timings.queue_s
 
