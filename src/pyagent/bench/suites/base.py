@@ -174,7 +174,7 @@ def first_line(text: str) -> str:
         line = line.strip()
         if line:
             line = re.sub(r"^(?:A|Answer)\s*:\s*", "", line, flags=re.IGNORECASE).strip()
-            return line.strip("`\"' ").rstrip(".").strip()
+            return line.strip("`\"' ").rstrip(".").strip("`\"' ")
     return ""
 
 
