@@ -208,8 +208,8 @@ class FamilySuite:
             for difficulty in difficulties or family.difficulties:
                 shots = self._problems(family, difficulty, "train", 2, -1 - seed)
                 examples = tuple(p.turns[0] for p in shots)
-                for index, problem in enumerate(
-                        self._problems(family, difficulty, split, count, seed)):
+                for index, problem in enumerate(self._problems(
+                        family, difficulty, split, count, seed, frozenset(p.key() for p in shots))):
                     items.append(Item(
                         id=f"{family.name}/d{difficulty}/{split}/{seed}/{index}",
                         suite=self.name, family=family.name, difficulty=difficulty,
@@ -220,9 +220,10 @@ class FamilySuite:
         return items
 
     def _problems(self, family: Family, difficulty: int, split: str, count: int,
-                  seed: int) -> list[Problem]:
+                  seed: int, shown: frozenset[str] = frozenset()) -> list[Problem]:
+        """`count` distinct problems of `split`, none of them one of the worked examples."""
         found: list[Problem] = []
-        seen: set[str] = set()
+        seen: set[str] = set(shown)
         budget = MAX_DRAWS * max(count, 1)
         for rng in draws(f"{family.name}:{difficulty}", seed):
             if len(found) == count:
