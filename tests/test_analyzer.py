@@ -11,17 +11,31 @@ import numpy as np
 import pytest
 
 from pyagent.bench.analyzer import analyze_results, analyze_traces, compare, score, trends
+from pyagent.bench.breakdown import memory_series
 from pyagent.bench.critical_path import critical_path
 from pyagent.bench.regression import compare_samples, direction, smallest_p
-from pyagent.bench.synthetic import INJECTED, SpanSpec, publish, result_pair, trace_set
+from pyagent.bench.synthetic import (
+    BALANCED_MAX,
+    INJECTED,
+    KV_REFUSAL,
+    OVERLOADED,
+    Scenario,
+    SpanSpec,
+    balanced,
+    double,
+    publish,
+    result_pair,
+    single,
+    trace_set,
+)
 from pyagent.errors import ConfigError
 from pyagent.observe.events import EventBus
 from pyagent.observe.traces import SpanRecord, TraceStore
 
 
 def span(span_id: str, parent: str | None, kind: str, start: float, end: float,
-         **attributes: object) -> SpanRecord:
-    return SpanRecord(span_id, "r", parent, kind, f"{kind} {span_id}", "ok", start, end,
+         status: str = "ok", **attributes: object) -> SpanRecord:
+    return SpanRecord(span_id, "r", parent, kind, f"{kind} {span_id}", status, start, end,
                       end - start, dict(attributes))
 
 
@@ -49,12 +63,65 @@ def test_an_injected_bottleneck_is_found_ranked_first_with_its_share(tmp_path, k
     assert sum(analysis.time["shares"].values()) == pytest.approx(1.0)
 
 
-def test_memory_pressure_shows_refusals_and_the_growing_kv_gauge(tmp_path):
-    analysis = analyze_traces(trace_set(tmp_path / "traces.db", "memory", 3).path)
-    memory = analysis.bottlenecks[0]
-    assert memory.evidence["kv_refusals"] >= 1
-    assert [s["pattern"] for s in memory.evidence["series"]] == ["linear"]
-    assert analysis.opportunities[0].flag == "--kv-policy pyagent --kv-budget 0.5"
+def test_memory_pressure_shows_refusals_and_a_leaking_kv_gauge_separately(tmp_path):
+    refusals = analyze_traces(trace_set(tmp_path / "refusals.db", "memory", 3).path)
+    memory = refusals.bottlenecks[0]
+    assert memory.kind == "memory" and memory.evidence["kv_refusals"] >= 1
+    assert not any(s["growing"] for s in memory.evidence["series"])
+    assert refusals.opportunities[0].flag == "--kv-policy pyagent --kv-budget 0.5"
+    time = single(np.random.default_rng(3), "tools", 0.75, 0.8, others=("model", "other"))
+    leak = Scenario("kv_leak", time.shares, (), "leak-linear", 0.5)
+    found = trace_set(tmp_path / "leak.db", leak, 3)
+    analysis = analyze_traces(found.path)
+    assert [b.kind for b in analysis.bottlenecks] == found.bottlenecks() == ["tools", "memory"]
+    assert analysis.bottlenecks[1].share == 0.0
+    assert [s["pattern"] for s in analysis.bottlenecks[1].evidence["series"]] == ["linear"]
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_a_balanced_store_reports_no_bottleneck(tmp_path, seed):
+    found = trace_set(tmp_path / "traces.db", balanced(np.random.default_rng(seed)), seed,
+                      jitter_s=0.005)
+    assert max(found.truth.values()) <= BALANCED_MAX and found.bottlenecks() == []
+    analysis = analyze_traces(found.path)
+    assert analysis.bottlenecks == []
+    for kind, share in analysis.time["shares"].items():
+        assert share == pytest.approx(found.truth[kind], abs=0.005)
+
+
+def test_a_kind_injected_below_the_threshold_is_not_reported_and_two_above_rank(tmp_path):
+    below = single(np.random.default_rng(6), "queue", 0.15, 0.2)
+    found = trace_set(tmp_path / "below.db", below, 6, jitter_s=0.005)
+    assert found.truth["queue"] < 0.25
+    reported = [b.kind for b in analyze_traces(found.path).bottlenecks]
+    assert "queue" not in reported and reported == found.bottlenecks()
+    two = double(np.random.default_rng(7), ("model", "tools"))
+    found = trace_set(tmp_path / "two.db", two, 7, jitter_s=0.005)
+    assert [b.kind for b in analyze_traces(found.path).bottlenecks] == list(two.injected)
+
+
+def test_time_lost_to_a_refusal_goes_to_its_cause():
+    def failed(error_type: str, message: str) -> list[SpanRecord]:
+        error = {"error.type": error_type, "exception.message": message}
+        return [span("a", None, "agent", 0, 4, "error", **error),
+                span("t", "a", "tool_call", 0, 3, **{"gen_ai.tool.name": "shell"}),
+                span("l", "a", "llm_call", 3, 4, "error", **error)]
+
+    kv = critical_path("r", failed(*KV_REFUSAL)).seconds()
+    assert kv == {"model": 0.0, "queue": 0.0, "tools": 0.0, "memory": 4.0, "other": 0.0}
+    busy = critical_path("r", failed(*OVERLOADED)).seconds()
+    assert busy == {"model": 0.0, "queue": 4.0, "tools": 0.0, "memory": 0.0, "other": 0.0}
+
+
+def test_memory_used_and_released_by_each_run_does_not_keep_growing():
+    rng = np.random.default_rng(8)
+    times = np.arange(120.0)
+    teeth = 0.15 + 0.4 * (times % 60) / 60 + rng.normal(0, 0.01, times.size)
+    ramp = 0.15 + 0.4 * times / 120 + rng.normal(0, 0.01, times.size)
+    used = memory_series("kv", times, teeth * 2**29, 2**29)
+    leak = memory_series("kv", times, ramp * 2**29, 2**29)
+    assert used.growth > 0.2 and used.released > 0.3 and not used.growing
+    assert leak.growing and leak.released == 0.0
 
 
 def test_critical_path_takes_the_child_that_ends_last_and_skips_parallel_ones():

@@ -100,10 +100,11 @@ def _opportunities(a: Analysis) -> list[str]:
 def _memory(a: Analysis) -> list[str]:
     if not a.memory:
         return []
-    rows = [(m.name, m.samples, m.pattern, f"{m.growth:+.1%}", _pct(m.full_share), m.reason)
-            for m in a.memory]
+    rows = [(m.name, m.samples, m.pattern, f"{m.growth:+.1%}", f"{m.released:.1%}",
+             "yes" if m.growing else "no", _pct(m.full_share), m.reason) for m in a.memory]
     return ["## Memory", "",
-            *table(("series", "samples", "pattern", "growth", "at capacity", "why"), rows)]
+            *table(("series", "samples", "pattern", "growth", "released", "keeps growing",
+                    "at capacity", "why"), rows)]
 
 
 def _changes(a: Analysis) -> list[str]:

@@ -9,8 +9,10 @@
 Bottlenecks: time is split into model compute (prefill, decode), queueing, tools, memory
 pressure and other (orchestration) along each run's critical path (`critical_path`); a kind is
 a bottleneck when its share of the wall time is at least `bottleneck_share` (0.25), or, for
-memory, when a memory series keeps growing (linear, exponential or step) by `memory_growth`
-(0.2) of its first level or more. Bottlenecks rank by share.
+memory, when a memory series keeps growing (linear, exponential or step, not given back by a
+sharp fall) by `memory_growth` (0.2) of its first level, or of capacity, or more. Bottlenecks
+rank by share. Time lost to refusals goes to their cause: a KV refusal to memory, an
+overloaded engine (its queue full) to queueing.
 
 Score: 100 minus five penalties, each computed from the data and nondecreasing in its input
 (components that were not measured cost nothing):
@@ -35,7 +37,7 @@ import numpy as np
 
 from pyagent.bench.analysis_md import render
 from pyagent.bench.breakdown import Breakdown, MemorySeries, from_suite, from_traces
-from pyagent.bench.critical_path import KINDS
+from pyagent.bench.critical_path import KINDS, LOST
 from pyagent.bench.forecast import MetricTrend, metric_trends, points
 from pyagent.bench.opportunities import Levers, Measured, Opportunity, measure, opportunities
 from pyagent.bench.regression import ALPHA, FACTOR, Better, Change, compare_metrics
@@ -271,12 +273,18 @@ def _model(b: Breakdown, share: float) -> tuple[str, dict[str, Any]]:
 def _queue(b: Breakdown, share: float) -> tuple[str, dict[str, Any]]:
     waits = [c.queue_s for c in b.calls if c.queue_s > 0]
     median = float(np.median(waits)) if waits else 0.0
+    rejected = sum(c.overloaded for c in b.calls)
+    lost = b.seconds.get("queue", {}).get(LOST["queue"][1], 0.0)
     evidence = {"queue_s": b.kind_seconds()["queue"], "calls_waited": len(waits),
                 "calls": len(b.calls), "median_wait_s": median,
                 "p95_wait_s": float(np.quantile(waits, 0.95)) if waits else 0.0,
-                "peak_concurrency": b.peak_concurrency}
-    return (f"requests wait for admission {share:.0%} of the wall time: {len(waits)} of "
-            f"{len(b.calls)} calls waited, median {median:.2f} s", evidence)
+                "peak_concurrency": b.peak_concurrency, "rejected": rejected, "lost_s": lost}
+    summary = (f"requests wait for admission {share:.0%} of the wall time: {len(waits)} of "
+               f"{len(b.calls)} calls waited, median {median:.2f} s")
+    if rejected:
+        summary += (f"; {rejected} rejected by an overloaded engine, "
+                    f"{lost / b.wall_s if b.wall_s else 0.0:.0%} of the wall time lost")
+    return summary, evidence
 
 
 def _tools(b: Breakdown, share: float) -> tuple[str, dict[str, Any]]:
@@ -288,7 +296,8 @@ def _tools(b: Breakdown, share: float) -> tuple[str, dict[str, Any]]:
 def _memory(b: Breakdown, share: float) -> tuple[str, dict[str, Any]]:
     refusals = sum(c.memory_error for c in b.calls)
     series = [{"name": m.name, "pattern": m.pattern, "growth": m.growth,
-               "full_share": m.full_share} for m in b.memory]
+               "released": m.released, "full_share": m.full_share, "growing": m.growing}
+              for m in b.memory]
     growing = [m for m in b.memory if m.growing]
     parts = [f"{share:.0%} of the wall time lost to {refusals} KV refusals"] if refusals else []
     if growing:

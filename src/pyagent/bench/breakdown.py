@@ -5,10 +5,14 @@ opportunity analyses read.
 From traces, time is critical-path time (`critical_path`), summed over the runs. From suite
 results, attempts may overlap and carry no start times, so time is request time: each attempt's
 latency split into queue (`queue_s`), prefill (`ttft_s` - `queue_s`) and decode (`latency_s` -
-`ttft_s`), or all of it lost to memory when its error is a KV refusal.
+`ttft_s`), or all of it lost to memory when its error is a KV refusal, or to queue when the
+engine was overloaded.
 
 Memory series: the engine's KV bytes gauge (from the trace store's samples, within the runs'
-time) or the suite's RSS and KV samples, each classified by `trend.classify`.
+time) or the suite's RSS and KV samples, each classified by `trend.classify`. A series keeps
+growing when its shape is linear, exponential or a step up, and no sharp fall gives back half
+of its rise or more: memory that climbs while a run's conversation grows and is released when
+the run ends is used, not kept.
 """
 
 from __future__ import annotations
@@ -24,10 +28,13 @@ import numpy as np
 
 from pyagent.bench.critical_path import (
     KINDS,
+    LOST,
     MEMORY_ERROR,
+    OVERLOAD_ERROR,
     RunPath,
     critical_path,
     is_memory_error,
+    is_overload_error,
     number,
 )
 from pyagent.bench.memory import RSS_RESOLUTION
@@ -38,6 +45,7 @@ from pyagent.observe.traces import Sample, SpanRecord, TraceReader
 
 GROWING = ("linear", "exponential", "step")  # patterns of a series that keeps growing
 FULL_KV = 0.95  # KV bytes at or above this share of capacity: the budget is full
+RELEASED = 0.5  # a sharp fall giving back this share of a series' rise: memory released
 KV_GAUGE, KV_CAPACITY = "pyagent_kv_bytes", "pyagent_kv_capacity_bytes"
 MAX_ANCESTORS = 64
 
@@ -59,8 +67,9 @@ class Call:
     cached_tokens: int
     output_tokens: int
     on_path: float
-    memory_error: bool
+    memory_error: bool  # failed on a KV refusal
     evicted: float  # what attributes naming eviction report (0 when none do)
+    overloaded: bool = False  # rejected by an overloaded engine (its queue full)
 
 
 @dataclass(frozen=True)
@@ -77,7 +86,8 @@ class ToolOutput:
 class MemorySeries:
     """A memory gauge over time and its shape: `growth` is the rise from the first to the last
     level (medians of the first and last fifth) over the first level, or over the capacity
-    when it is known; `full_share` the share of samples at FULL_KV of capacity or more."""
+    when it is known; `released` the deepest sharp fall (`classify`'s drops) on the same
+    scale; `full_share` the share of samples at FULL_KV of capacity or more."""
 
     name: str
     samples: int
@@ -88,10 +98,14 @@ class MemorySeries:
     peak: float
     growth: float
     full_share: float | None
+    released: float = 0.0
 
     @property
     def growing(self) -> bool:
-        return self.pattern in GROWING and self.growth > 0
+        """Whether the series keeps growing: a growing shape, and no sharp fall giving back
+        RELEASED of the rise or more."""
+        return self.pattern in GROWING and self.growth > 0 and \
+            self.released < RELEASED * self.growth
 
 
 @dataclass
@@ -170,8 +184,9 @@ def from_suite(paths: Sequence[str | Path]) -> Breakdown:
             call = _attempt(record)
             calls.append(call)
             errors += bool(record.get("error"))
-            if call.memory_error:
-                seconds["memory"]["lost to a KV refusal"] += call.duration_s
+            if call.memory_error or call.overloaded:
+                kind, detail = LOST["memory" if call.memory_error else "queue"]
+                seconds[kind][detail] += call.duration_s
                 continue
             seconds["queue"]["admission"] += call.queue_s
             if call.prefill_s is None or call.decode_s is None:
@@ -193,8 +208,9 @@ def memory_series(name: str, times: Sequence[float], values: Sequence[float],
     first, last = float(np.median(array[:fifth])), float(np.median(array[-fifth:]))
     base = capacity if capacity else max(first, 1.0)
     full = float(np.mean(array >= FULL_KV * capacity)) if capacity else None
+    released = max((-drop.size for drop in pattern.drops), default=0.0) / base
     return MemorySeries(name, int(array.size), pattern.kind, pattern.reason, first, last,
-                        float(array.max()), (last - first) / base, full)
+                        float(array.max()), (last - first) / base, full, released)
 
 
 def _plain(seconds: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -209,14 +225,15 @@ def _attempt(record: dict[str, Any]) -> Call:
     ttft = number(record, "ttft_s")
     prefill = None if ttft is None else max(0.0, min(ttft, latency) - queue)
     decode = None if ttft is None else max(0.0, latency - max(ttft, queue))
-    error = record.get("error")
+    error = str(record.get("error") or "")
+    memory = bool(MEMORY_ERROR.search(error))
 
     def count(key: str) -> int:
         return int(number(record, key) or 0)
 
     return Call(str(record.get("item_id", "")), None, None, 0.0, latency, queue, prefill, decode,
                 count("prompt_tokens"), count("cached_tokens"), count("completion_tokens"), 1.0,
-                bool(error) and bool(MEMORY_ERROR.search(str(error))), 0.0)
+                memory, 0.0, not memory and bool(OVERLOAD_ERROR.search(error)))
 
 
 def _run_calls(spans: list[SpanRecord], path: RunPath) -> tuple[list[Call], list[ToolOutput]]:
@@ -257,7 +274,8 @@ def _run_calls(spans: list[SpanRecord], path: RunPath) -> tuple[list[Call], list
             int(number(attributes, "gen_ai.usage.output_tokens") or 0),
             min(1.0, on_path[span.span_id] / duration) if duration > 0 else 0.0,
             is_memory_error(span),
-            sum(v for k, v in attributes.items() if "evict" in k and number(attributes, k))))
+            sum(v for k, v in attributes.items() if "evict" in k and number(attributes, k)),
+            is_overload_error(span)))
     return calls, outputs
 
 

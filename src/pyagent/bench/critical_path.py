@@ -13,6 +13,9 @@ attributed to a kind:
 - `tools`, by tool name (a goal's checks count as the tool `goal check`);
 - `memory`: all time inside a span that failed on a KV refusal (`is_memory_error`): the work
   was lost and is repeated;
+- `queue` also: all time inside a span that failed because the engine was overloaded (its
+  waiting queue full, the request rejected at admission: `is_overload_error`), lost and
+  repeated as well;
 - `other`: self time of runs, steps, agents and `delegate` calls (orchestration), and gaps
   between a run's top spans (`idle`).
 """
@@ -28,8 +31,10 @@ from typing import Any
 from pyagent.observe.traces import SpanRecord
 
 KINDS = ("model", "queue", "tools", "memory", "other")
-MEMORY_ERROR = re.compile(r"kv[ _.-]?budget|overload|engine is busy|out of memory|outofmemory",
-                          re.IGNORECASE)
+MEMORY_ERROR = re.compile(r"kv[ _.-]?budget|out of memory|outofmemory", re.IGNORECASE)
+OVERLOAD_ERROR = re.compile(r"overload|engine is busy", re.IGNORECASE)
+LOST = {"memory": ("memory", "lost to a KV refusal"),
+        "queue": ("queue", "lost to an overloaded engine")}
 
 
 @dataclass(frozen=True)
@@ -60,13 +65,29 @@ class RunPath:
         return out
 
 
-def is_memory_error(span: SpanRecord) -> bool:
-    """Whether `span` failed on memory pressure: its error type or message names a KV budget,
-    an overloaded engine or running out of memory."""
+def _error_text(span: SpanRecord) -> str:
     if span.status != "error":
-        return False
-    text = f"{span.attributes.get('error.type', '')} {span.attributes.get('exception.message', '')}"
-    return bool(MEMORY_ERROR.search(text))
+        return ""
+    return f"{span.attributes.get('error.type', '')} {span.attributes.get('exception.message', '')}"
+
+
+def is_memory_error(span: SpanRecord) -> bool:
+    """Whether `span` failed on memory pressure: its error type or message names a KV budget
+    or running out of memory."""
+    return bool(MEMORY_ERROR.search(_error_text(span)))
+
+
+def is_overload_error(span: SpanRecord) -> bool:
+    """Whether `span` failed because the engine turned the request away at admission (an
+    `OverloadedError`: its waiting queue full), and not on memory."""
+    text = _error_text(span)
+    return bool(OVERLOAD_ERROR.search(text)) and not MEMORY_ERROR.search(text)
+
+
+def lost_to(span: SpanRecord) -> str | None:
+    """The kind the time inside a failed `span` is lost to: memory (a KV refusal), queue (an
+    overloaded engine), or None (it did not fail so)."""
+    return "memory" if is_memory_error(span) else "queue" if is_overload_error(span) else None
 
 
 def number(attributes: dict[str, Any], key: str) -> float | None:
@@ -90,7 +111,7 @@ def critical_path(run_id: str, spans: Iterable[SpanRecord]) -> RunPath:
     start = min(s.start for s in children[None])  # type: ignore[type-var]
     end = max(ends[s.span_id] for s in children[None])
     walk = _Walk(children, ends)
-    walk.cover(children[None], start, end, ("other", "idle", None), lost=False)
+    walk.cover(children[None], start, end, ("other", "idle", None), lost=None)
     return RunPath(run_id, start, end - start, walk.segments)
 
 
@@ -112,7 +133,7 @@ class _Walk:
         self.segments: list[Segment] = []
 
     def cover(self, kids: list[SpanRecord], lo: float, hi: float,
-              own: tuple[str, str, str | None], lost: bool) -> None:
+              own: tuple[str, str, str | None], lost: str | None) -> None:
         """Partition [lo, hi] between `kids` (on the path) and `own` self time, back from hi."""
         cursor = hi
         for kid in sorted(kids, key=lambda s: (self.ends[s.span_id], s.start), reverse=True):
@@ -129,9 +150,10 @@ class _Walk:
             cursor = max(kid.start, lo)
         self._self(own, lo, cursor, lost)
 
-    def span(self, span: SpanRecord, lo: float, hi: float, lost: bool) -> None:
-        """Walk `span` over [lo, hi], the part of it on the path."""
-        lost = lost or is_memory_error(span)
+    def span(self, span: SpanRecord, lo: float, hi: float, lost: str | None) -> None:
+        """Walk `span` over [lo, hi], the part of it on the path; `lost`: the kind the time of
+        a failed span around it is lost to."""
+        lost = lost or lost_to(span)
         kids = self.children.get(span.span_id, [])
         if kids:
             self.cover(kids, lo, hi, (*_own(span), span.span_id), lost)
@@ -153,12 +175,13 @@ class _Walk:
                       ("model", "decode", self.ends[span.span_id])]
         begin = span.start
         for kind, detail, mark in marks:
-            self._self((kind, detail, span.span_id), max(lo, begin), min(hi, mark), False)
+            self._self((kind, detail, span.span_id), max(lo, begin), min(hi, mark), None)
             begin = mark
 
-    def _self(self, own: tuple[str, str, str | None], lo: float, hi: float, lost: bool) -> None:
+    def _self(self, own: tuple[str, str, str | None], lo: float, hi: float,
+              lost: str | None) -> None:
         if hi > lo:
-            kind, detail, span_id = ("memory", "lost to a KV refusal", own[2]) if lost else own
+            kind, detail, span_id = (*LOST[lost], own[2]) if lost else own
             self.segments.append(Segment(kind, detail, hi - lo, span_id))
 
 
