@@ -61,3 +61,23 @@ def test_bench_run_bad_input_is_one_clear_error(tmp_path: Path):
     fails_with(pyagent("bench", "run", "reasoning", "--limit", "0", "--out", out),
                "--limit must be at least 1")
     assert not Path(out).exists()
+
+
+def test_bench_analyze_finds_the_bottleneck_and_gates_on_regressions(tmp_path: Path):
+    from pyagent.bench.synthetic import result_pair, trace_set
+
+    store = trace_set(tmp_path / "traces.db", "tools", seed=3).path
+    analyzed = pyagent("bench", "analyze", str(store), "--out", str(tmp_path / "analysis"))
+    assert analyzed.returncode == 0, analyzed.stderr
+    assert "## Bottlenecks" in analyzed.stdout and "| 1 | tools |" in analyzed.stdout
+    data = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
+    assert data["bottlenecks"][0]["kind"] == "tools" and data["meta"]["command"]
+    assert (tmp_path / "analysis" / "analysis.html").is_file()
+    baseline, candidate = result_pair(tmp_path, seed=5, n=20, shift=("latency_s", 1.8))
+    gated = pyagent("bench", "analyze", "--baseline", str(baseline), str(candidate),
+                    "--fail-on-regression")
+    fails_with(gated, "significant regression(s): latency_s")
+    same = pyagent("bench", "analyze", "--baseline", str(baseline), str(baseline),
+                   "--fail-on-regression")
+    assert same.returncode == 0, same.stderr
+    fails_with(pyagent("bench", "analyze", str(tmp_path / "missing.json")), "missing.json")
