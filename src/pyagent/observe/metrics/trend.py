@@ -31,6 +31,7 @@ TOOTH_RISE = 2 / 3  # a tooth climbs in rises each at most this share of its fal
 STEP_GAIN = 0.5  # a step fit must leave at most this share of the linear fit's squared error
 STEP_NOISES = 5.0  # ... and be at least this many noise standard deviations high
 SEASONAL_STRENGTH = 0.6  # STL seasonal strength from which a series is seasonal
+SEASONAL_ALPHA = 0.001  # ... and the phases' means must differ (one-way ANOVA) at this level
 ACF_PEAK = 0.3  # least autocorrelation of a detected period
 EXP_MIN_RATE = math.log(2)  # exponential: the slope at least doubles across the series
 EXP_ALPHA = 0.001  # F-test of the exponential fit against the linear one
@@ -255,6 +256,17 @@ def _period(resid: np.ndarray) -> int | None:
     return int(peaks[0]) if peaks.size else None
 
 
+def _phases_differ(resid: np.ndarray, period: int) -> bool:
+    """Whether the detrended series' mean differs by phase (one-way ANOVA over `t mod period`):
+    a clean trend's remainder can look periodic to STL, but its phases share one mean."""
+    from scipy import stats
+
+    groups = [resid[phase::period] for phase in range(period)]
+    if min(g.size for g in groups) < 2:
+        return False
+    return bool(stats.f_oneway(*groups).pvalue < SEASONAL_ALPHA)
+
+
 def _seasonal_strength(y: np.ndarray, period: int) -> float:
     from statsmodels.tsa.seasonal import STL
 
@@ -276,8 +288,9 @@ def classify(values: Sequence[float], times: Sequence[float] | None = None,
       least half of them ending a tooth: a climb since the previous drop that won back at least
       half the fall, in rises each at most 2/3 of the fall (gradual, or in steps with pauses);
     - seasonal: a period (given, or the first autocorrelation peak of the linearly detrended
-      series at lag >= 2 above 0.3) with at least two cycles, and STL (robust) seasonal strength
-      1 - Var(remainder)/Var(seasonal + remainder) >= 0.6;
+      series at lag >= 2 above 0.3) with at least two cycles, STL (robust) seasonal strength
+      1 - Var(remainder)/Var(seasonal + remainder) >= 0.6, and phases whose means differ (a
+      one-way ANOVA of the detrended series by `t mod period`, p < 0.001);
     - step: the best two-level fit leaves at most half the squared error of the linear fit and
       less than the exponential fit, and its size is at least 5 sigma;
     - exponential / linear: Mann-Kendall p < 0.01 and the Sen slope's change over the series
@@ -317,7 +330,8 @@ def classify(values: Sequence[float], times: Sequence[float] | None = None,
 
     if teeth >= 2 and teeth >= len(drops) / 2:
         return Pattern("sawtooth", f"{teeth} sharp drops after climbs", **evidence)
-    if strength is not None and strength >= SEASONAL_STRENGTH:
+    if strength is not None and strength >= SEASONAL_STRENGTH \
+            and _phases_differ(lin_resid, found):
         return Pattern("seasonal", f"period {found} samples, STL strength {strength:.2f}",
                        **evidence)
     if (sse_step <= STEP_GAIN * sse_lin and sse_step < sse_exp
