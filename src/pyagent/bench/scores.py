@@ -87,11 +87,12 @@ Grader = Callable[[Item, int, str], Grade]
 
 
 def random_baseline(item: Item, grade: Grader) -> float | None:
-    """The expected score of a uniform guess among the item's choices over its scored turns;
-    None for open answers (a guess is then almost never right, and no figure is claimed)."""
+    """The chance that uniform guesses among the item's choices get every scored turn fully
+    right (what accuracy counts); None for open answers (a guess is then almost never right,
+    and no figure is claimed)."""
     if not item.choices:
         return None
-    return float(np.mean([np.mean([grade(item, turn, choice).score for choice in item.choices])
+    return float(np.prod([np.mean([grade(item, turn, choice).correct for choice in item.choices])
                           for turn in item.scored]))
 
 
@@ -102,7 +103,7 @@ def majority_answer(train: Sequence[Item]) -> str | None:
 
 
 def majority_baseline(item: Item, answer: str | None, grade: Grader) -> float | None:
-    """The score of always giving `answer` on the item's scored turns."""
+    """1.0 when always giving `answer` gets every scored turn fully right, else 0.0."""
     if answer is None:
         return None
-    return float(np.mean([grade(item, turn, answer).score for turn in item.scored]))
+    return float(all(grade(item, turn, answer).correct for turn in item.scored))

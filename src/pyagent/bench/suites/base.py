@@ -179,11 +179,23 @@ def first_line(text: str) -> str:
 
 
 MAX_DRAWS = 200  # draws per item a generator may use to find one of the wanted split
+SHOT_POOL = 16  # train problems per family and difficulty that worked examples come from
+SHOTS = 2
+
+
+def worked_examples(problem: Problem, pool: Sequence[Problem]) -> tuple[Turn, ...]:
+    """Two worked examples for `problem`: first turns of pool problems of the same kind of task
+    (`data["kind"]`, e.g. arithmetic or lookup), else of any kind."""
+    kind = problem.data.get("kind")
+    same = [p for p in pool if kind is not None and p.data.get("kind") == kind]
+    chosen = same if len(same) >= SHOTS else list(pool)
+    return tuple(p.turns[0] for p in chosen[:SHOTS])
 
 
 class FamilySuite:
     """A suite of reasoning families: per family and difficulty, items of one split, each with
-    two worked examples of the same difficulty from the train split (for completion prompts)."""
+    two worked examples of the same difficulty and kind of task from the train split (what
+    completion prompts and chat prompts show before the question)."""
 
     def __init__(self, name: str, description: str, families: Sequence[Family]):
         self.name = name
@@ -206,10 +218,10 @@ class FamilySuite:
         items = []
         for family in chosen:
             for difficulty in difficulties or family.difficulties:
-                shots = self._problems(family, difficulty, "train", 2, -1 - seed)
-                examples = tuple(p.turns[0] for p in shots)
+                shots = self._problems(family, difficulty, "train", SHOT_POOL, -1 - seed)
                 for index, problem in enumerate(self._problems(
                         family, difficulty, split, count, seed, frozenset(p.key() for p in shots))):
+                    examples = worked_examples(problem, shots)
                     items.append(Item(
                         id=f"{family.name}/d{difficulty}/{split}/{seed}/{index}",
                         suite=self.name, family=family.name, difficulty=difficulty,

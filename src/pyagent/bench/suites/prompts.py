@@ -2,9 +2,9 @@
 instruction-tuned ones), and the feedback an episode gives after each answer.
 
 Completion style: the family's instruction, two worked examples as `Q: ... / A: ...`, the turns so
-far with their answers and feedback, then `Q: <question> / A:`; generation stops at the end of the
-line. Chat style: the instruction as a system message, the worked examples as earlier exchanges,
-then the episode as a conversation.
+far with their answers and feedback, then `Q: <question> / A:`. Chat style: the instruction as a
+system message, the worked examples as earlier exchanges, then the episode as a conversation.
+Either way generation stops at the end of the line: every family asks for a one-line answer.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def request_for(item: Item, turn: int, answers: Sequence[str], verdicts: Sequenc
     """The request that asks turn `turn` of `item`, after `answers` to the turns before it were
     judged `verdicts`."""
     sampling = SamplingParams(max_tokens=item.max_tokens, temperature=temperature, seed=seed,
-                              stop=("\n",) if style == "completion" else ())
+                              stop=("\n",))  # every family asks for a one-line answer
     if style == "completion":
         return CompletionRequest(prompt=_completion_prompt(item, turn, answers, verdicts),
                                  sampling=sampling)
