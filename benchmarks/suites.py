@@ -172,14 +172,15 @@ def table(result: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     if "quality" in result:
         lines += ["| family | d | chat: accuracy [95% CI] | completion: accuracy [95% CI] | "
-                  "random | majority |", "|---|---|---|---|---|---|"]
+                  "random | majority | chat: score | completion: score | random score | "
+                  "majority score |", "|---|---|---|---|---|---|---|---|---|---|"]
         chat, completion = (result["quality"][s]["difficulties"] for s in ("chat", "completion"))
-        for a, b in zip(chat, completion, strict=True):
-            lines.append(f"| {a['family']} | {a['difficulty']} | {_ci(a)} | {_ci(b)} | "
-                         f"{_percent(a['random'])} | {_percent(a['majority'])} |")
         overall = [result["quality"][s]["overall"] for s in ("chat", "completion")]
-        lines.append(f"| all | | {_ci(overall[0])} | {_ci(overall[1])} | "
-                     f"{_percent(overall[0]['random'])} | {_percent(overall[0]['majority'])} |")
+        for a, b in [*zip(chat, completion, strict=True), overall]:
+            lines.append(f"| {a.get('family', 'all')} | {a.get('difficulty', '')} | {_ci(a)} | "
+                         f"{_ci(b)} | {_percent(a['random'])} | {_percent(a['majority'])} | "
+                         f"{_percent(a['mean_score'])} | {_percent(b['mean_score'])} | "
+                         f"{_percent(a['random_score'])} | {_percent(a['majority_score'])} |")
         lines.append("")
     if "server" in result:
         agreement = result["server"]["agreement"]

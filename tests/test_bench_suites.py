@@ -125,11 +125,12 @@ def test_splits_follow_content_and_never_overlap(suite):
 
 def test_baselines_grade_every_choice_and_the_majority_answer(suite):
     item = suite.items("test", 1, difficulties=[1])[0]
-    assert random_baseline(item, suite.grade) == pytest.approx(0.25)  # two turns right by chance
+    assert random_baseline(item, suite.grade) == pytest.approx((0.25, 0.5))  # both turns; each
     answer = majority_answer(suite.items("train", 50, difficulties=[1]))
     assert answer in ("odd", "even")
-    expected = float(all(t.answer == answer for t in item.turns))
-    assert majority_baseline(item, answer, suite.grade) == expected
+    right = [t.answer == answer for t in item.turns]
+    assert majority_baseline(item, answer, suite.grade) == (float(all(right)),
+                                                            sum(right) / len(right))
 
 
 @pytest.mark.parametrize("executor", ["threads", "asyncio"])
@@ -169,6 +170,7 @@ def test_a_run_writes_json_sqlite_csv_and_html(suite, tmp_path: Path):
     assert result["overall"]["items"] == 8 and result["overall"]["accuracy"] == 0.5
     by_level = {r["difficulty"]: r for r in result["difficulties"]}
     assert by_level[1]["random"] == pytest.approx(0.25)
+    assert by_level[1]["random_score"] == pytest.approx(0.5)
     written = {p.name for p in write_outputs(result, tmp_path)}
     assert {"suites.json", "suites.sqlite", "suites.html", "suites-attempts.csv"} <= written
     with (tmp_path / "suites-attempts.csv").open() as handle:

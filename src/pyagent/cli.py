@@ -635,7 +635,7 @@ def _print_suites(result: dict[str, Any]) -> None:
                         f"{result['config']['backend']})")
     reference = result["config"]["reference"] is not None
     for column in ("family", "d", "items", "accuracy", "95% CI", "random", "majority",
-                   *(("full cache",) if reference else ()), "p50 s", "tokens"):
+                   *(("full cache",) if reference else ()), "mean score", "p50 s", "tokens"):
         table.add_column(column)
     for row in [*result["difficulties"], {"family": "overall", "difficulty": "",
                                           **result["overall"]}]:
@@ -644,6 +644,7 @@ def _print_suites(result: dict[str, Any]) -> None:
                       f"{percent(row['ci_low'])}-{percent(row['ci_high'])}",
                       percent(row.get("random")), percent(row.get("majority")),
                       *((percent(row.get("reference")),) if reference else ()),
+                      percent(row["mean_score"]),
                       f"{row['latency_p50_s']:.2f}" if row["latency_p50_s"] is not None
                       else "n/a", f"{row['prompt_tokens'] + row['completion_tokens']:,}")
     out.print(table)

@@ -86,14 +86,15 @@ def grouped(records: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[d
 Grader = Callable[[Item, int, str], Grade]
 
 
-def random_baseline(item: Item, grade: Grader) -> float | None:
-    """The chance that uniform guesses among the item's choices get every scored turn fully
-    right (what accuracy counts); None for open answers (a guess is then almost never right,
-    and no figure is claimed)."""
+def random_baseline(item: Item, grade: Grader) -> tuple[float, float] | None:
+    """Uniform guesses among the item's choices: the chance they get every scored turn fully
+    right (what accuracy counts) and their expected score (what mean score counts); None for
+    open answers (a guess is then almost never right, and no figure is claimed)."""
     if not item.choices:
         return None
-    return float(np.prod([np.mean([grade(item, turn, choice).correct for choice in item.choices])
-                          for turn in item.scored]))
+    turns = [[grade(item, turn, choice) for choice in item.choices] for turn in item.scored]
+    return (float(np.prod([np.mean([g.correct for g in grades]) for grades in turns])),
+            float(np.mean([np.mean([g.score for g in grades]) for grades in turns])))
 
 
 def majority_answer(train: Sequence[Item]) -> str | None:
@@ -102,8 +103,11 @@ def majority_answer(train: Sequence[Item]) -> str | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
-def majority_baseline(item: Item, answer: str | None, grade: Grader) -> float | None:
-    """1.0 when always giving `answer` gets every scored turn fully right, else 0.0."""
+def majority_baseline(item: Item, answer: str | None, grade: Grader
+                      ) -> tuple[float, float] | None:
+    """Always giving `answer`: 1.0 when that gets every scored turn fully right (else 0.0),
+    and its mean score over the scored turns."""
     if answer is None:
         return None
-    return float(all(grade(item, turn, answer).correct for turn in item.scored))
+    grades = [grade(item, turn, answer) for turn in item.scored]
+    return float(all(g.correct for g in grades)), float(np.mean([g.score for g in grades]))

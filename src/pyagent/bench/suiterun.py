@@ -1,10 +1,11 @@
 """`pyagent bench run`: items from suites, run and graded, with baselines, throughput and memory,
 written as JSON, SQLite, CSV and a self-contained HTML report.
 
-Baselines per family and difficulty: `random` is the expected accuracy of a uniform guess among an
-item's choices (only where answers come from a finite set); `majority` always gives the most
-common reference answer of 100 train-split items of the same family and difficulty; `reference`
-is the same items on a second backend (the full-cache engine when a KV policy is under test).
+Baselines per family and difficulty, each as accuracy (every scored turn fully right) and as mean
+score (`random_score`, `majority_score`): `random` guesses uniformly among an item's choices (only
+where answers come from a finite set); `majority` always gives the most common reference answer
+of 100 train-split items of the same family and difficulty; `reference` is the same items on a
+second backend (the full-cache engine when a KV policy is under test).
 """
 
 from __future__ import annotations
@@ -51,23 +52,30 @@ def plan(selections: Sequence[Selection], split: str, limit: int, seed: int = 0,
             for item in s.suite.items(split, limit, seed, difficulties, s.families)]
 
 
+BASELINES = ("random", "majority")
+
+
 def baselines(items: Sequence[Item], suites: Mapping[str, Suite], seed: int = 0
               ) -> dict[str, dict[str, float | None]]:
-    """Per item id: the random and majority baselines' expected scores (None: not defined)."""
+    """Per item id: the random and majority baselines' accuracy and mean score (None: not
+    defined)."""
     majority: dict[tuple[str, str, int], str | None] = {}
     found: dict[str, dict[str, float | None]] = {}
     for item in items:
-        if item.is_fleet_task:
-            found[item.id] = {"random": None, "majority": None}
-            continue
-        suite = suites[item.suite]
-        key = (item.suite, item.family, item.difficulty)
-        if key not in majority:
-            train = suite.items("train", MAJORITY_SAMPLE, seed, [item.difficulty],
-                                [item.family])
-            majority[key] = majority_answer(train)
-        found[item.id] = {"random": random_baseline(item, suite.grade),
-                          "majority": majority_baseline(item, majority[key], suite.grade)}
+        figures: dict[str, tuple[float, float] | None] = dict.fromkeys(BASELINES)
+        if not item.is_fleet_task:
+            suite = suites[item.suite]
+            key = (item.suite, item.family, item.difficulty)
+            if key not in majority:
+                train = suite.items("train", MAJORITY_SAMPLE, seed, [item.difficulty],
+                                    [item.family])
+                majority[key] = majority_answer(train)
+            figures = {"random": random_baseline(item, suite.grade),
+                       "majority": majority_baseline(item, majority[key], suite.grade)}
+        found[item.id] = {}
+        for name, pair in figures.items():
+            found[item.id][name] = None if pair is None else pair[0]
+            found[item.id][f"{name}_score"] = None if pair is None else pair[1]
     return found
 
 
@@ -79,7 +87,7 @@ def _mean(values: Sequence[float | None]) -> float | None:
 def with_baselines(rows: list[dict[str, Any]], records: Sequence[Mapping[str, Any]],
                    keys: Sequence[str], expected: Mapping[str, Mapping[str, float | None]],
                    reference: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
-    """`rows` (grouped by `keys`) with each group's baseline accuracies."""
+    """`rows` (grouped by `keys`) with each group's baselines."""
     items: dict[tuple[Any, ...], set[str]] = defaultdict(set)
     for record in records:
         items[tuple(record[k] for k in keys)].add(record["item_id"])
@@ -88,10 +96,11 @@ def with_baselines(rows: list[dict[str, Any]], records: Sequence[Mapping[str, An
     for row in rows:
         key = tuple(row[k] for k in keys)
         ids = sorted(items[key])
-        row["random"] = _mean([expected[i]["random"] for i in ids])
-        row["majority"] = _mean([expected[i]["majority"] for i in ids])
+        for name in (*BASELINES, *(f"{b}_score" for b in BASELINES)):
+            row[name] = _mean([expected[i][name] for i in ids])
         if reference is not None:
             row["reference"] = references.get(key, {}).get("accuracy")
+            row["reference_score"] = references.get(key, {}).get("mean_score")
     return rows
 
 

@@ -13,8 +13,9 @@ from pyagent.bench.report.sections import Section
 from pyagent.bench.report.tables import table
 
 COLUMNS = ("suite", "family", "difficulty", "items", "attempts", "accuracy", "ci_low", "ci_high",
-           "mean_score", "random", "majority", "reference", "latency_p50_s", "latency_p95_s",
-           "prompt_tokens", "completion_tokens", "cost_usd", "errors")
+           "random", "majority", "reference", "mean_score", "random_score", "majority_score",
+           "reference_score", "latency_p50_s", "latency_p95_s", "prompt_tokens",
+           "completion_tokens", "cost_usd", "errors")
 BASELINES = ("random", "majority", "reference")
 
 
