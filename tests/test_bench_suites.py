@@ -180,3 +180,14 @@ def test_a_run_writes_json_sqlite_csv_and_html(suite, tmp_path: Path):
     html = (tmp_path / "suites.html").read_text()
     assert "accuracy by family and difficulty" in html and "<script" not in html
     assert json.loads((tmp_path / "suites.json").read_text())["overall"]["items"] == 8
+
+
+def test_asking_for_more_items_than_a_family_has_is_a_clear_error(suite):
+    class Coin(Parity):
+        def generate(self, rng: random.Random, difficulty: int) -> Problem:
+            side = rng.choice(("heads", "tails", "edge", "up", "down"))
+            return Problem((Turn(f"{side}?", "odd"),))
+
+    small = FamilySuite("coins", "five problems in all", [Coin()])
+    with pytest.raises(ConfigError, match="fewer than 50 distinct test items"):
+        small.items("test", 50, difficulties=[1])

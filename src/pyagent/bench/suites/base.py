@@ -178,7 +178,7 @@ def first_line(text: str) -> str:
     return ""
 
 
-MAX_DRAWS = 200  # draws per item a generator may use to find one of the wanted split
+MAX_MISSES = 2000  # draws in a row without a new item of the split before giving up
 SHOT_POOL = 16  # train problems per family and difficulty that worked examples come from
 SHOTS = 2
 
@@ -218,7 +218,8 @@ class FamilySuite:
         items = []
         for family in chosen:
             for difficulty in difficulties or family.difficulties:
-                shots = self._problems(family, difficulty, "train", SHOT_POOL, -1 - seed)
+                shots = self._problems(family, difficulty, "train", SHOT_POOL, -1 - seed,
+                                       required=False)
                 for index, problem in enumerate(self._problems(
                         family, difficulty, split, count, seed, frozenset(p.key() for p in shots))):
                     examples = worked_examples(problem, shots)
@@ -232,23 +233,28 @@ class FamilySuite:
         return items
 
     def _problems(self, family: Family, difficulty: int, split: str, count: int,
-                  seed: int, shown: frozenset[str] = frozenset()) -> list[Problem]:
-        """`count` distinct problems of `split`, none of them one of the worked examples."""
+                  seed: int, shown: frozenset[str] = frozenset(), required: bool = True
+                  ) -> list[Problem]:
+        """`count` distinct problems of `split`, none of them one of the worked examples (or,
+        not `required`, as many as there are up to `count`)."""
         found: list[Problem] = []
         seen: set[str] = set(shown)
-        budget = MAX_DRAWS * max(count, 1)
+        misses = 0
         for rng in draws(f"{family.name}:{difficulty}", seed):
             if len(found) == count:
                 break
-            budget -= 1
-            if budget < 0:
+            if misses > MAX_MISSES:
+                if not required:
+                    break
                 raise ConfigError(f"family {family.name!r} at difficulty {difficulty} has fewer "
-                                  f"than {count} distinct {split} items")
+                                  f"than {count} distinct {split} items (found {len(found)})")
             problem = family.generate(rng, difficulty)
             key = problem.key()
+            misses += 1
             if key not in seen and split_of(f"{family.name}\x1e{key}") == split:
                 seen.add(key)
                 found.append(problem)
+                misses = 0
         return found
 
     def grade(self, item: Item, turn: int, answer: str) -> Grade:
