@@ -69,10 +69,14 @@ def tiny_engine(tiny_model_dir: Path) -> Engine:
 
 
 @pytest.fixture(scope="session")
-def agent_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+def agent_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with room for agent transcripts and tool descriptions (8k positions)."""
-    directory = build_tiny_model(tmp_path_factory.mktemp("tiny-agent"), context=8192)
-    return Engine(load(resolve_model(str(directory))))
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-agent"), context=8192)
+
+
+@pytest.fixture(scope="session")
+def agent_engine(agent_model_dir: Path) -> Engine:
+    return Engine(load(resolve_model(str(agent_model_dir))))
 
 
 @pytest.fixture(scope="session")

@@ -22,11 +22,11 @@ def fails_with(result: subprocess.CompletedProcess, message: str) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_bench_run_writes_every_format_and_replays_to_the_same_grades(tiny_model_dir,
+def test_bench_run_writes_every_format_and_replays_to_the_same_grades(agent_model_dir,
                                                                       tmp_path: Path):
     recording, first, second = tmp_path / "rec.jsonl", tmp_path / "first", tmp_path / "second"
-    common = ("bench", "run", "reasoning", "--limit", "1", "--difficulty", "1,2")
-    ran = pyagent(*common, "--model", str(tiny_model_dir), "--record", str(recording),
+    common = ("bench", "run", "reasoning", "--limit", "1")
+    ran = pyagent(*common, "--model", str(agent_model_dir), "--record", str(recording),
                   "--concurrency", "4", "--out", str(first))
     assert ran.returncode == 0, ran.stderr
     assert "accuracy % by family and difficulty" in ran.stdout
@@ -37,9 +37,9 @@ def test_bench_run_writes_every_format_and_replays_to_the_same_grades(tiny_model
     families = {r["family"] for r in result["records"]}
     assert len(families) == 7 and result["meta"]["command"]
     with (first / "suites-attempts.csv").open() as handle:
-        assert len(list(csv.DictReader(handle))) == len(result["records"]) == 14
+        assert len(list(csv.DictReader(handle))) == len(result["records"]) == 21
     with sqlite3.connect(first / "suites.sqlite") as db:
-        assert db.execute("SELECT COUNT(*) FROM attempts").fetchone() == (14,)
+        assert db.execute("SELECT COUNT(*) FROM attempts").fetchone() == (21,)
     replayed = pyagent(*common, "--backend", "replay", "--recording", str(recording),
                        "--executor", "asyncio", "--concurrency", "4", "--out", str(second))
     assert replayed.returncode == 0, replayed.stderr
@@ -60,6 +60,10 @@ def test_bench_run_bad_input_is_one_clear_error(tmp_path: Path):
                "--difficulty must be integers")
     fails_with(pyagent("bench", "run", "reasoning", "--limit", "0", "--out", out),
                "--limit must be at least 1")
+    fails_with(pyagent("bench", "run", "lateral", "--difficulty", "1", "--out", out),
+               "family 'lateral' cannot make items at difficulty 1")
+    fails_with(pyagent("bench", "run", "convergent", "--difficulty", "0", "--out", out),
+               "difficulties must be integers >= 1")
     assert not Path(out).exists()
 
 

@@ -214,6 +214,9 @@ class FamilySuite:
               difficulties: Sequence[int] | None = None,
               families: Sequence[str] | None = None) -> list[Item]:
         check_split(split)
+        if difficulties is not None and not all(
+                isinstance(d, int) and d >= 1 for d in difficulties):
+            raise ConfigError(f"difficulties must be integers >= 1, got {list(difficulties)}")
         chosen = [self.family(n) for n in (families or self.families)]
         items = []
         for family in chosen:
@@ -248,7 +251,13 @@ class FamilySuite:
                     break
                 raise ConfigError(f"family {family.name!r} at difficulty {difficulty} has fewer "
                                   f"than {count} distinct {split} items (found {len(found)})")
-            problem = family.generate(rng, difficulty)
+            try:
+                problem = family.generate(rng, difficulty)
+            except (IndexError, ValueError, KeyError) as exc:
+                raise ConfigError(f"family {family.name!r} cannot make items at difficulty "
+                                  f"{difficulty} ({type(exc).__name__}: {exc}); its "
+                                  f"difficulties: {', '.join(map(str, family.difficulties))}"
+                                  ) from None
             key = problem.key()
             misses += 1
             if key not in seen and split_of(f"{family.name}\x1e{key}") == split:
