@@ -152,6 +152,20 @@ def test_run_tests_parses_passed_and_failed_counts(context, root):
     assert (only_ok.data["passed"], only_ok.data["failed"], only_ok.data["returncode"]) == (1, 0, 0)
 
 
+def test_run_tests_sees_a_fix_made_within_the_second_at_the_same_size(context, root):
+    import os
+
+    (root / "calc.py").write_text("def add(a, b):\n    return a - b\n")
+    (root / "test_calc.py").write_text("from calc import add\n\n\ndef test_add():\n"
+                                       "    assert add(2, 2) == 4\n")
+    assert call(context, "run_tests").data["failed"] == 1
+    stamp = (root / "calc.py").stat()
+    (root / "calc.py").write_text("def add(a, b):\n    return a + b\n")  # same size
+    os.utime(root / "calc.py", ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # same mtime
+    assert call(context, "run_tests").data["passed"] == 1
+    assert not (root / "__pycache__").exists()
+
+
 def test_run_tests_that_only_errored_or_exited_early_ran_nothing(context, root):
     (root / "test_broken_import.py").write_text("import no_such_module\n")
     with pytest.raises(ToolError, match=r"(?s)no tests ran \(pytest reported none passed or "

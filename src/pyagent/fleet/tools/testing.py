@@ -55,7 +55,9 @@ class RunTests(BaseTool[RunTestsInput]):
         ran no test at all (nothing collected, a path that does not exist, a bad option, only
         collection errors, a conftest that exits early)."""
         root = str(context.workspace.root)
-        argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        # -B: no bytecode caches, which go stale when a file is rewritten within the second
+        # at the same size, so a fix would be tested as the old code
+        argv = [sys.executable, "-B", "-m", "pytest", "-q", "-p", "no:cacheprovider",
                 "--rootdir", root, "--confcutdir", root]
         if args.keyword is not None:
             argv += ["-k", args.keyword]
