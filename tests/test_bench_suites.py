@@ -191,3 +191,13 @@ def test_asking_for_more_items_than_a_family_has_is_a_clear_error(suite):
     small = FamilySuite("coins", "five problems in all", [Coin()])
     with pytest.raises(ConfigError, match="fewer than 50 distinct test items"):
         small.items("test", 50, difficulties=[1])
+
+
+def test_wilson_intervals_hold_their_share_and_plot_at_the_edges():
+    from pyagent.bench.report.figures import intervals
+
+    for n in range(1, 120):
+        for k in range(n + 1):
+            share, low, high = wilson(k, n)
+            assert low <= share <= high
+    assert intervals(["none", "all"], [0.0, 1.0], [1e-18, 0.9], [0.3, 1 - 1e-16], {}, "t", "x")

@@ -32,7 +32,8 @@ def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float, floa
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(max(p * (1 - p) / n + z * z / (4 * n * n), 0.0)) / denominator
-    return p, max(0.0, centre - half), min(1.0, centre + half)
+    # the interval holds p; rounding must not put p outside it (0 or 1 successes)
+    return p, min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
 
 
 def pass_hat_k(correct_per_item: Iterable[Sequence[bool]], k: int) -> float:

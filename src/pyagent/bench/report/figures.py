@@ -88,8 +88,9 @@ def intervals(names: Sequence[str], values: Sequence[float], lows: Sequence[floa
     """A point with its interval per name (horizontal), and reference markers (baselines)."""
     figure, axes = plt.subplots(figsize=(WIDTH, max(1.6, 0.32 * len(names) + 1.2)))
     rows = range(len(names))
-    axes.errorbar(values, rows, xerr=[[v - lo for v, lo in zip(values, lows, strict=True)],
-                                      [hi - v for v, hi in zip(values, highs, strict=True)]],
+    below = [max(0.0, v - lo) for v, lo in zip(values, lows, strict=True)]  # never negative,
+    above = [max(0.0, hi - v) for v, hi in zip(values, highs, strict=True)]  # rounding aside
+    axes.errorbar(values, rows, xerr=[below, above],
                   fmt="o", capsize=3, label="measured (95% CI)")
     for (label, points), symbol in zip(markers.items(), "x+|", strict=False):
         shown = [(p, r) for p, r in zip(points, rows, strict=True) if p is not None]
