@@ -12,7 +12,9 @@ agents:
       paths: ["src/**", "tests/**"]
       commands: []
     limits: {max_tokens: 512, wall_time_s: 300, max_tool_calls: 8}
+    defenses: {spotlight: datamark, sandwich: true}   # against injected instructions
 ```
+`defenses` are described in `fleet/defenses.py`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pyagent.fleet.defenses import Defenses
 from pyagent.yamlfile import config_error, load_yaml, validate
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
@@ -69,6 +72,7 @@ class AgentSpec(BaseModel):
     subagents: list[str] = Field(default_factory=list)
     permissions: Permissions = Field(default_factory=Permissions)
     limits: Limits = Field(default_factory=Limits)
+    defenses: Defenses = Field(default_factory=Defenses)
 
 
 class AgentsFile(BaseModel):

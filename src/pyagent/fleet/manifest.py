@@ -22,12 +22,17 @@ steps:
     when: "steps.test.data.get('returncode') == 0"
     instruction: "Review the change. Test report: {{ steps.test.output }}"
     timeout_s: 120
+    tools: [lint]                      # least privilege: this step may use only these
 ```
 Instructions are Jinja templates over `task`, `steps.<id>` (`output`, `data`, `status`) and
 `loop.iteration`; `when` and `until` are Jinja expressions over the same names. A template may
 only name steps that run before it (or, inside a loop, any step of that loop). A step's `data` is
 that of its last successful tool call; a test step whose pytest ran no test has none, so a
 condition on `returncode` never mistakes "nothing ran" for "nothing failed".
+
+`tools` narrows a step to some of its agent's tools. `conditions: state` (at the top) refuses a
+`when` or `until` that reads a step's `output` (the model's own words, which injected text can
+steer): only `data` and `status`, which tools and the runtime set, may decide.
 
 The goal is what decides a run's outcome: `succeeded` when its check passes, `goal_not_met`
 otherwise (with the check's output, and any loop that ran out of rounds), `error` when a step
@@ -39,7 +44,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from jinja2 import TemplateSyntaxError, meta, nodes
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
@@ -64,6 +69,7 @@ class StepSpec(BaseModel):
     when: str | None = None
     retries: int = Field(0, ge=0, le=10)
     timeout_s: float | None = Field(None, gt=0)
+    tools: list[str] | None = None
 
 
 class LoopBody(BaseModel):
@@ -120,6 +126,7 @@ class ManifestFile(BaseModel):
     name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
     agents: str
+    conditions: Literal["any", "state"] = "any"
     goal: GoalSpec
     steps: list[Annotated[Annotated[StepSpec, Tag(STEP)] | Annotated[LoopSpec, Tag(LOOP)],
                           Discriminator(_kind)]] = Field(min_length=1)
@@ -156,11 +163,25 @@ def load_manifest(path: Path, known_tools: set[str] | None = None) -> Manifest:
     if not agents_path.is_file():
         raise config_error(path, lines, ("agents",), f"agents: no agents file at {agents_path}")
     agents = load_agents(agents_path, known_tools)
-    checker = _Checker(path, lines)
+    checker = _Checker(path, lines, state_only=spec.conditions == "state")
     checker.steps(spec, agents)
     checker.goal(spec.goal, known_tools)
     return Manifest(path.resolve(), spec.name, spec.description, spec.goal, tuple(spec.steps),
                     agents, checker.sources, (path.resolve(), agents_path))
+
+
+def _key(node: nodes.Getattr | nodes.Getitem) -> object:
+    return node.attr if isinstance(node, nodes.Getattr) else getattr(node.arg, "value", None)
+
+
+def _state_only(tree: nodes.Template) -> bool:
+    """Whether every use of `steps` in `tree` is `steps.<id>.data` or `steps.<id>.status`."""
+    lookups = list(tree.find_all((nodes.Getattr, nodes.Getitem)))
+    steps = [n for n in lookups if isinstance(n.node, nodes.Name) and n.node.name == "steps"]
+    allowed = {id(n.node) for n in lookups
+               if any(n.node is step for step in steps) and _key(n) in ("data", "status")}
+    names = sum(1 for n in tree.find_all(nodes.Name) if n.name == "steps")
+    return names == len(steps) and all(id(step) in allowed for step in steps)
 
 
 def _flatten(item: StepSpec | LoopSpec) -> list[StepSpec]:
@@ -170,8 +191,9 @@ def _flatten(item: StepSpec | LoopSpec) -> list[StepSpec]:
 class _Checker:
     """Checks a manifest's references and templates, and records where each template is."""
 
-    def __init__(self, path: Path, lines: Lines) -> None:
+    def __init__(self, path: Path, lines: Lines, state_only: bool = False) -> None:
         self.path, self.lines = path, lines
+        self.state_only = state_only
         self.env = TemplateEnvironment()
         self.sources: dict[tuple[str, str], str] = {}
 
@@ -207,6 +229,12 @@ class _Checker:
             raise self.error((*where, "agent"), f"unknown agent {step.agent!r}; the agents file "
                              f"defines {', '.join(sorted(agents))}")
         self.text(step.id, "instruction", step.instruction, (*where, "instruction"), visible)
+        agent = agents[step.agent]
+        extra = [tool for tool in step.tools or () if tool not in agent.tools]
+        if extra:
+            raise self.error((*where, "tools"), f"step {step.id!r} may use only tools of its "
+                             f"agent {agent.name!r} ({', '.join(agent.tools) or 'none'}); "
+                             f"not {', '.join(extra)}")
         if step.when is not None:
             self.text(step.id, "when", step.when, (*where, "when"), visible, expression=True)
 
@@ -258,9 +286,12 @@ class _Checker:
         if unknown:
             raise self.error(where, f"{field}: unknown names {sorted(unknown)}; use "
                              f"{', '.join(sorted(names))}")
+        if expression and self.state_only and not _state_only(tree):
+            raise self.error(where, f"{field}: reads more of a step than its data and status (its "
+                             "output is the model's words, which injected text can steer); "
+                             "conditions: state allows only steps.<id>.data and .status")
         for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
-            key = node.attr if isinstance(node, nodes.Getattr) else getattr(node.arg, "value",
-                                                                            None)
+            key = _key(node)
             if isinstance(key, str) and key.startswith("_"):
                 raise self.error(where, f"{field}: refers to {key!r}; names starting with _ "
                                  "are internal and not available to templates")
@@ -268,3 +299,4 @@ class _Checker:
             if isinstance(target, nodes.Name) and target.name == "steps" and key not in visible:
                 raise self.error(where, f"{field}: refers to step {key!r}, which does not run "
                                  "before it")
+

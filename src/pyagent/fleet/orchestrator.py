@@ -27,18 +27,19 @@ import re
 import socket
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from pyagent.errors import ConfigError, PyAgentError
 from pyagent.fleet.agent import AgentSpec
 from pyagent.fleet.compaction import Compaction
+from pyagent.fleet.defenses import Screen
 from pyagent.fleet.manifest import CheckSpec, LoopSpec, Manifest, StepSpec
 from pyagent.fleet.templates import Templates
-from pyagent.fleet.tools.base import Limits, ToolContext, ToolError, Workspace
+from pyagent.fleet.tools.base import Limits, Tool, ToolContext, ToolError, Workspace
 from pyagent.fleet.tools.registry import make_tool
-from pyagent.fleet.turn import Team, offered_tools, run_turn, system_prompt
+from pyagent.fleet.turn import Team, guard_for, offered_tools, run_turn, system_prompt
 from pyagent.llm.base import Backend
 from pyagent.observe.events import EventBus, Span
 from pyagent.observe.traces import TraceStore
@@ -77,18 +78,25 @@ class Orchestrator:
 
     With `traces` (the store the bus feeds), `resume` closes the killed attempt's spans as
     interrupted and refuses when the checkpoint store lost checkpoints the trace saw written.
-    `identity` names the process that runs it (default: host, pid and start time)."""
+    `identity` names the process that runs it (default: host, pid and start time). `tools` makes
+    the agents' tools by name (default: the registry's); `screen` is the injection detector for
+    agents whose defenses use one (default: the shipped one, loaded when an agent needs it)."""
 
     def __init__(self, manifest: Manifest, backend_for: Callable[[AgentSpec], Backend],
                  workspace: Path, bus: EventBus, store: CheckpointStore,
                  mode: Mode = "sequenced", compaction: Compaction | None = None,
                  traces: TraceStore | None = None,
-                 identity: Callable[[], dict[str, Any]] | None = None):
+                 identity: Callable[[], dict[str, Any]] | None = None,
+                 tools: Callable[[str], Tool] = make_tool, screen: Screen | None = None):
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.manifest = manifest
         self.workspace = Workspace(workspace)
-        self.team = Team(manifest.agents, backend_for, self.workspace)
+        if screen is None and any(a.defenses.detector is not None
+                                  for a in manifest.agents.values()):
+            from pyagent.fleet.detector import InjectionDetector
+            screen = InjectionDetector.load().score
+        self.team = Team(manifest.agents, backend_for, self.workspace, tools, screen)
         self.shared_tools = offered_tools(manifest.agents.values())
         self.bus = bus
         self.store = store
@@ -101,8 +109,10 @@ class Orchestrator:
     # --- entry points ------------------------------------------------------------------------
 
     def run(self, task: str, run_id: str | None = None,
-            options: dict[str, Any] | None = None) -> RunResult:
-        """Start a run; `options` (JSON data) are kept with it for `resume`."""
+            options: dict[str, Any] | None = None,
+            history: list[Message] | None = None) -> RunResult:
+        """Start a run; `options` (JSON data) are kept with it for `resume`; `history` is an
+        earlier conversation the run continues (the first step reads it)."""
         run_id = run_id or uuid.uuid4().hex[:12]
         if not RUN_ID.fullmatch(run_id):
             raise ConfigError(f"run id {run_id[:80]!r} must be 1 to 128 letters, digits, '.', "
@@ -115,7 +125,8 @@ class Orchestrator:
                  "manifest_sha256": manifest_hash(self.manifest),
                  "workspace": str(self.workspace.root),
                  "options": options or {}, "cursor": {"item": 0, "iteration": 1, "inner": 0},
-                 "outputs": {}, "transcript": [], "exhausted": [], "goal": None,
+                 "outputs": {}, "transcript": [_record(m) for m in history or ()],
+                 "exhausted": [], "goal": None,
                  "status": RUNNING, "error": None, "seq": -1}
         self._save(state)
         return self._execute(state, resumed=False)
@@ -218,6 +229,8 @@ class Orchestrator:
         before the step's span closes, so a span the trace shows complete is always in a
         checkpoint."""
         agent = self.manifest.agents[step.agent]
+        if step.tools is not None:  # least privilege: only what this step needs
+            agent = agent.model_copy(update={"tools": step.tools})
         if step.timeout_s is not None:
             agent = agent.model_copy(update={"limits": agent.limits.model_copy(
                 update={"wall_time_s": min(agent.limits.wall_time_s, step.timeout_s)})})
@@ -299,7 +312,10 @@ class Orchestrator:
         if self.mode == "sequenced":
             turn = Message("user", f"[{agent.name}] {system_prompt(agent)}\n\n{instruction}")
             return [*earlier, turn], turn
-        history = "\n\n".join(_as_text(m) for m in earlier)
+        guard = guard_for(agent, [Message("user", instruction)], self.team, state["run_id"])
+        history = "\n\n".join(_as_text(m if m.role != "tool" else
+                                         replace(m, content=guard.untrusted(m.content)))
+                              for m in earlier)
         handed = f"Transcript so far:\n{history}\n\n{instruction}" if earlier else instruction
         return ([Message("system", system_prompt(agent)), Message("user", handed)],
                 Message("user", f"[{agent.name}] {instruction}"))

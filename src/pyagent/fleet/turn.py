@@ -21,7 +21,8 @@ from typing import Any
 
 from pyagent.errors import BackendError, PyAgentError
 from pyagent.fleet.agent import AgentSpec
-from pyagent.fleet.tools.base import ToolContext, ToolError, ToolResult, Workspace
+from pyagent.fleet.defenses import Guard, Screen
+from pyagent.fleet.tools.base import Tool, ToolContext, ToolError, ToolResult, Workspace
 from pyagent.fleet.tools.registry import make_tool, tool_specs
 from pyagent.llm.base import Backend
 from pyagent.observe.events import Span
@@ -60,11 +61,14 @@ class TurnResult:
 @dataclass(frozen=True)
 class Team:
     """What a turn reaches beyond its agent: the run's agents (to delegate to), a backend for each,
-    and the workspace their tools work in."""
+    the workspace their tools work in, where tools come from (by name), and the injection
+    detector for agents whose defenses use one."""
 
     agents: Mapping[str, AgentSpec]
     backend_for: Callable[[AgentSpec], Backend]
     workspace: Workspace
+    tool: Callable[[str], Tool] = make_tool
+    screen: Screen | None = None
 
     def context(self, agent: AgentSpec) -> ToolContext:
         """What `agent`'s tools may touch."""
@@ -106,10 +110,11 @@ def run_turn(agent: AgentSpec, transcript: list[Message], team: Team, span: Span
     backend = team.backend_for(agent)
     result = TurnResult(output="")
     deadline = time.monotonic() + agent.limits.wall_time_s
+    guard = guard_for(agent, transcript, team, span.run_id)
     while True:
         may_call = result.tool_calls < agent.limits.max_tool_calls and bool(allowed)
         request = CompletionRequest(
-            messages=tuple(transcript + result.messages), model=agent.model,
+            messages=tuple(guard.view(transcript + result.messages)), model=agent.model,
             sampling=SamplingParams(max_tokens=agent.limits.max_tokens), tools=tools,
             tool_choice="auto" if may_call else "none",
             allowed_tools=tuple(allowed) if tools else None)
@@ -131,6 +136,8 @@ def run_turn(agent: AgentSpec, transcript: list[Message], team: Team, span: Span
             if completion.timings.queue_s is not None:
                 call.set("pyagent.queue_s", completion.timings.queue_s)
         result.usage = _add(result.usage, completion.usage)
+        if guard.flagged:
+            span.set("pyagent.defense.flagged", guard.flagged)
         result.messages.append(Message("assistant", completion.text,
                                        tool_calls=completion.tool_calls))
         if not completion.tool_calls:
@@ -146,6 +153,13 @@ def run_turn(agent: AgentSpec, transcript: list[Message], team: Team, span: Span
                 output = (f"not run: agent {agent.name!r} has used all "
                           f"{agent.limits.max_tool_calls} of its tool calls")
             result.messages.append(Message("tool", output, tool_call_id=tool_call.id))
+
+
+def guard_for(agent: AgentSpec, transcript: list[Message], team: Team, seed: str) -> Guard:
+    """The guard that applies `agent`'s defenses to a turn on `transcript`, whose last user
+    message is the instruction it repeats when sandwiching."""
+    instruction = next((m.content for m in reversed(transcript) if m.role == "user"), "")
+    return Guard(agent.defenses, instruction, seed, team.screen)
 
 
 def _complete(backend: Backend, request: CompletionRequest, deadline: float,
@@ -196,7 +210,7 @@ def _call_tool(tool_call: ToolCall, agent: AgentSpec, allowed: list[str], team: 
             if name == DELEGATE:
                 outcome = _delegate(agent, arguments, team, call, depth, result)
             else:
-                outcome = make_tool(name).call(arguments, team.context(agent))
+                outcome = team.tool(name).call(arguments, team.context(agent))
             call.update({"pyagent.tool.output_chars": len(outcome.output),
                          "gen_ai.tool.call.result": _clip(outcome.output)})
     except ToolError as exc:
