@@ -113,11 +113,8 @@ def run_turn(agent: AgentSpec, transcript: list[Message], team: Team, span: Span
     guard = guard_for(agent, transcript, team, span.run_id)
     while True:
         may_call = result.tool_calls < agent.limits.max_tool_calls and bool(allowed)
-        request = CompletionRequest(
-            messages=tuple(guard.view(transcript + result.messages)), model=agent.model,
-            sampling=SamplingParams(max_tokens=agent.limits.max_tokens), tools=tools,
-            tool_choice="auto" if may_call else "none",
-            allowed_tools=tuple(allowed) if tools else None)
+        request = turn_request(agent, guard.view(transcript + result.messages), tools, allowed,
+                               may_call)
         with span.child("llm_call", f"chat {agent.model or backend.name}",
                         **{"gen_ai.operation.name": "chat",
                            "gen_ai.request.model": agent.model or ""}) as call:
@@ -153,6 +150,16 @@ def run_turn(agent: AgentSpec, transcript: list[Message], team: Team, span: Span
                 output = (f"not run: agent {agent.name!r} has used all "
                           f"{agent.limits.max_tool_calls} of its tool calls")
             result.messages.append(Message("tool", output, tool_call_id=tool_call.id))
+
+
+def turn_request(agent: AgentSpec, messages: list[Message], tools: tuple[ToolSpec, ...],
+                 allowed: list[str], may_call: bool = True) -> CompletionRequest:
+    """The request a turn sends its backend for `messages` (as the model reads them)."""
+    return CompletionRequest(
+        messages=tuple(messages), model=agent.model,
+        sampling=SamplingParams(max_tokens=agent.limits.max_tokens), tools=tools,
+        tool_choice="auto" if may_call else "none",
+        allowed_tools=tuple(allowed) if tools else None)
 
 
 def guard_for(agent: AgentSpec, transcript: list[Message], team: Team, seed: str) -> Guard:
