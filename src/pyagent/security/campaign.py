@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pyagent.errors import ConfigError
+from pyagent.observe.events import EventBus
 from pyagent.observe.traces import TraceStore
 from pyagent.security.attacks import Attack
 from pyagent.security.cases import GEMMA_MARKERS, POSITIONS, Case, DefenseSet, armed, environment
@@ -162,10 +163,37 @@ def run_case(case: Case, target: Target, traces: TraceStore | None = None,
             shutil.copytree(workdir, keep / run_id)
         shutil.rmtree(workdir, ignore_errors=True)
     if case.attack is not None:
-        verdict = JUDGES[case.attack.goal](outcome.evidence, case.env)
-        return Attempt(case, outcome, verdict, {})
-    controls = {goal: JUDGES[goal](outcome.evidence, case.env).hit for goal in target.goals}
-    return Attempt(case, outcome, None, controls)
+        attempt = Attempt(case, outcome, JUDGES[case.attack.goal](outcome.evidence, case.env), {})
+    else:
+        controls = {goal: JUDGES[goal](outcome.evidence, case.env).hit for goal in target.goals}
+        attempt = Attempt(case, outcome, None, controls)
+    if traces is not None:
+        publish_verdict(attempt, run_id, traces)
+    return attempt
+
+
+def publish_verdict(attempt: Attempt, run_id: str, traces: TraceStore) -> None:
+    """The attempt's verdict as a `goal` span of its run in `traces`: what `pyagent observe`
+    turns into the fuzzer's metrics (attempts by outcome, ASR gauges) and alerts."""
+    case, verdict = attempt.case, attempt.verdict
+    outcome = "benign" if verdict is None else "hit" if verdict.hit else \
+        "attempted" if verdict.attempted else "miss"
+    bus = EventBus()
+    detach = traces.attach(bus)
+    try:
+        with bus.span("goal", f"judge {case.attack.goal if case.attack else 'utility'}", run_id,
+                      **{"pyagent.fuzz.outcome": outcome, "pyagent.fuzz.target": case.target,
+                         "pyagent.fuzz.task": case.task, "pyagent.fuzz.defense": case.defense.name,
+                         "pyagent.fuzz.family": case.attack.family if case.attack else "",
+                         "pyagent.fuzz.goal": case.attack.goal if case.attack else "",
+                         "pyagent.fuzz.channel": case.channel or "",
+                         "pyagent.fuzz.utility": attempt.outcome.utility,
+                         "pyagent.fuzz.breaches": attempt.outcome.evidence.breaches,
+                         "pyagent.fuzz.detail": verdict.detail if verdict else ""}):
+            pass
+    finally:
+        detach()
+        traces.flush()
 
 
 def run_cases(cases: Iterable[Case], targets: dict[str, Target], log: Log | None = None,

@@ -8,6 +8,11 @@ and `pyagent_tool_latency_seconds{tool}`. From `step` spans: `pyagent_steps_tota
 span that ends in phase "error" counts in `pyagent_errors_total{kind,error_type}`, `kind` being the
 span's kind. Latencies come from spans that end well; `status` is "ok" or "error".
 
+From the fuzzer's verdicts (`goal` spans carrying `pyagent.fuzz.outcome`):
+`pyagent_fuzz_attempts_total{target,family,channel,defense,outcome}` (outcome: hit, attempted,
+miss, benign), `pyagent_fuzz_utility_total{defense,attacked,status}`, and the gauge
+`pyagent_fuzz_attack_success_ratio{defense}`: hits over attacks since the observer started.
+
 An LLM call's agent is the `gen_ai.agent.name` of its parent `agent` span: the feed remembers
 open agent spans by id and forgets each when it ends.
 """
@@ -44,6 +49,16 @@ class MetricsFeed:
         self.errors = registry.counter("pyagent_errors_total", "Spans that ended in an error.",
                                        ("kind", "error_type"))
         self.steps = registry.counter("pyagent_steps_total", "Manifest steps run.", ("status",))
+        self.fuzz_attempts = registry.counter(
+            "pyagent_fuzz_attempts_total", "Fuzzer attempts, by outcome.",
+            ("target", "family", "channel", "defense", "outcome"))
+        self.fuzz_utility = registry.counter(
+            "pyagent_fuzz_utility_total", "Fuzzed tasks by whether their checker passed.",
+            ("defense", "attacked", "status"))
+        self.fuzz_asr = registry.gauge(
+            "pyagent_fuzz_attack_success_ratio", "Attacks that reached their goal, of all "
+            "attacks judged since the observer started.", ("defense",))
+        self._fuzz: dict[str, list[int]] = {}  # defense -> [hits, attacks]
         self._agents: dict[str, str] = {}  # open agent span id -> agent name
 
     def attach(self, bus: EventBus) -> Callable[[], None]:
@@ -75,6 +90,25 @@ class MetricsFeed:
                 self.tool_latency.labels(tool=tool).observe(event.attributes["duration_s"])
         elif event.kind == "step":
             self.steps.labels(status=status).inc()
+        elif event.kind == "goal" and "pyagent.fuzz.outcome" in event.attributes:
+            self._fuzz_verdict(event.attributes)
+
+    def _fuzz_verdict(self, attributes: dict) -> None:
+        outcome, defense = str(attributes["pyagent.fuzz.outcome"]), \
+            str(attributes.get("pyagent.fuzz.defense", ""))
+        self.fuzz_attempts.labels(target=str(attributes.get("pyagent.fuzz.target", "")),
+                                  family=str(attributes.get("pyagent.fuzz.family", "")),
+                                  channel=str(attributes.get("pyagent.fuzz.channel", "")),
+                                  defense=defense, outcome=outcome).inc()
+        attacked = outcome != "benign"
+        self.fuzz_utility.labels(defense=defense, attacked=str(attacked).lower(),
+                                 status="passed" if attributes.get("pyagent.fuzz.utility")
+                                 else "failed").inc()
+        if attacked:
+            tally = self._fuzz.setdefault(defense, [0, 0])
+            tally[0] += outcome == "hit"
+            tally[1] += 1
+            self.fuzz_asr.labels(defense=defense).set(tally[0] / tally[1])
 
     def _llm_call(self, event: Event, status: str) -> None:
         attributes = event.attributes

@@ -1,0 +1,171 @@
+"""`pyagent fuzz`: a campaign, the adaptive search, or continuous attack, with their outputs.
+
+Outputs in the chosen folder: `fuzz.report.jsonl` and `fuzz.hitlog.jsonl` (garak's layout),
+`traces.db` (every attempt's spans and its verdict, which `pyagent observe` turns into ASR gauges
+and alerts), `fuzz.json` (the summary with Wilson intervals) and `fuzz.html`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyagent.errors import ConfigError
+from pyagent.fleet.defenses import Screen
+from pyagent.llm.base import Backend
+from pyagent.observe.traces import TraceStore
+from pyagent.security.attacks import CHANNELS, Attack
+from pyagent.security.campaign import Attempt, Log, plan, run_cases
+from pyagent.security.cases import Case, DefenseSet
+from pyagent.security.summary import summarize
+from pyagent.security.targets import TARGETS, AssistantTarget, FleetTarget, Target
+
+REPORT, HITLOG, SUMMARY, TRACES = "fuzz.report.jsonl", "fuzz.hitlog.jsonl", "fuzz.json", \
+    "traces.db"
+
+
+@dataclass
+class Plan:
+    """What to attack and how."""
+
+    targets: list[str]
+    attacks: list[Attack]
+    defenses: list[DefenseSet]
+    channels: list[str] | None = None
+    mutators: list[tuple[str, ...]] = field(default_factory=lambda: [()])
+    positions: list[str] = field(default_factory=lambda: ["end"])
+    repeat: int = 1
+    seed: int = 0
+    limit: int | None = None
+    every_task: bool = False
+    benign: bool = True
+
+    def cases(self, targets: Sequence[Target], seed: int | None = None) -> list[Case]:
+        unknown = [c for c in self.channels or () if c not in CHANNELS]
+        if unknown:
+            raise ConfigError(f"unknown channel {unknown[0]!r}; channels: {', '.join(CHANNELS)}")
+        return plan(targets, self.attacks, self.channels, self.defenses, self.mutators,
+                    self.benign, self.repeat, self.seed if seed is None else seed,
+                    self.positions, self.every_task, self.limit)
+
+
+def make_targets(names: Sequence[str], backend: Backend, example: Path | None,
+                 screen: Screen | None, threshold: float | None) -> dict[str, Target]:
+    """The named targets on `backend`; the fleet target runs `example`."""
+    targets: dict[str, Target] = {}
+    for name in names:
+        if name not in TARGETS:
+            raise ConfigError(f"unknown target {name!r}; targets: {', '.join(TARGETS)}")
+        if name == "fleet":
+            if example is None:
+                raise ConfigError("the fleet target needs --example (for example "
+                                  "examples/bugfix)")
+            targets[name] = FleetTarget(backend, example, screen, threshold)
+        else:
+            targets[name] = AssistantTarget(backend, screen, threshold)
+    return targets
+
+
+def detector_screen(defenses: Sequence[DefenseSet]) -> tuple[Screen | None, float | None]:
+    """The shipped injection detector and its tuned threshold, when a defense set uses it."""
+    if not any(d.detector for d in defenses):
+        return None, None
+    from pyagent.fleet.detector import InjectionDetector
+
+    detector = InjectionDetector.load()
+    return detector.score, detector.threshold
+
+
+def campaign(plan_: Plan, targets: dict[str, Target], out: Path, backend: Backend | None = None,
+             progress: Callable[[Attempt], None] | None = None,
+             stop: Callable[[], bool] = lambda: False, meta: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
+    """Run the plan once; write the logs, traces, summary and HTML report into `out`."""
+    cases = plan_.cases(list(targets.values()))
+    log = Log(out, meta={"cases": len(cases), **(meta or {})})
+    traces = TraceStore(out / TRACES)
+    try:
+        attempts = run_cases(cases, targets, log, traces, backend, progress, stop)
+    finally:
+        traces.close()
+    records = [a.record() for a in attempts]
+    summary = summarize(records)
+    log.close(summary.get("headline"))
+    write_summary(summary, records, out, meta, complete=len(attempts) == len(cases))
+    return summary
+
+
+def write_summary(summary: dict[str, Any], records: list[dict[str, Any]], out: Path,
+                  meta: dict[str, Any] | None, complete: bool = True,
+                  extra: dict[str, Any] | None = None) -> list[Path]:
+    """`fuzz.json` and `fuzz.html` from a summary and its records."""
+    from pyagent.security.report import write_html
+
+    data = {"meta": meta or {}, "complete": complete, "summary": summary, "records": records,
+            **(extra or {})}
+    path = out / SUMMARY
+    path.write_text(json.dumps(data, indent=1, default=str))
+    return [path, write_html(data, out / "fuzz.html")]
+
+
+def read_records(report: Path) -> list[dict[str, Any]]:
+    """The attempts logged in a report JSONL (a continuous run's, for example)."""
+    records = []
+    try:
+        lines = report.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"{report}: cannot read: {exc.strerror or exc}") from None
+    for number, line in enumerate(lines, start=1):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            raise ConfigError(f"{report}:{number}: not a JSON line") from None
+        if entry.get("entry_type") == "attempt":
+            records.append(entry)
+    return records
+
+
+class Continuous:
+    """Keeps attacking: a round of the plan (fresh canaries and secrets, a fresh sample), then a
+    pause, until stopped. Each attempt goes to the report JSONL and the trace store as it ends;
+    a stop (SIGTERM, SIGINT) lets the case in flight finish, then closes both cleanly."""
+
+    def __init__(self, plan_: Plan, targets: dict[str, Target], out: Path,
+                 interval_s: float = 60.0, rounds: int | None = None,
+                 backend: Backend | None = None, meta: dict[str, Any] | None = None):
+        self.plan, self.targets, self.out = plan_, targets, out
+        self.interval_s, self.rounds, self.backend, self.meta = interval_s, rounds, backend, meta
+        self.stopping = threading.Event()
+
+    def stop(self, *_: Any) -> None:
+        """Ask the loop to end after the case in flight (safe from a signal handler)."""
+        self.stopping.set()
+
+    def run(self, progress: Callable[[Attempt], None] | None = None) -> dict[str, Any]:
+        log = Log(self.out, meta={"mode": "continuous", "interval_s": self.interval_s,
+                                  **(self.meta or {})})
+        traces = TraceStore(self.out / TRACES)
+        attempts: list[Attempt] = []
+        round_ = 0
+        try:
+            while not self.stopping.is_set() and (self.rounds is None or round_ < self.rounds):
+                cases = self.plan.cases(list(self.targets.values()), self.plan.seed + round_)
+                random.Random(f"{self.plan.seed}/{round_}").shuffle(cases)
+                attempts += run_cases(cases, self.targets, log, traces, self.backend, progress,
+                                      self.stopping.is_set)
+                round_ += 1
+                if self.rounds is None or round_ < self.rounds:
+                    self.stopping.wait(self.interval_s)
+        finally:
+            traces.close()
+            records = [a.record() for a in attempts]
+            summary = summarize(records)
+            log.close(summary.get("headline"))
+            write_summary(summary, records, self.out, self.meta,
+                          complete=not self.stopping.is_set(), extra={"rounds": round_})
+        return summary
