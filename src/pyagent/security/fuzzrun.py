@@ -169,3 +169,93 @@ class Continuous:
             write_summary(summary, records, self.out, self.meta,
                           complete=not self.stopping.is_set(), extra={"rounds": round_})
         return summary
+
+
+def select_attacks(corpus: Sequence[Attack], families: Sequence[str] = (),
+                   goals: Sequence[str] = (), ids: Sequence[str] = ()) -> list[Attack]:
+    """The attacks of `corpus` in the given families, goals and ids (each filter optional);
+    a name that matches nothing is an error naming what exists."""
+    for chosen, kind, known in ((families, "family", {a.family for a in corpus}),
+                                (goals, "goal", {a.goal for a in corpus}),
+                                (ids, "attack", {a.id for a in corpus})):
+        missing = [name for name in chosen if name not in known]
+        if missing:
+            raise ConfigError(f"no {kind} {missing[0]!r} in the corpus; it has "
+                              f"{', '.join(sorted(known))}")
+    return [a for a in corpus if (not families or a.family in families)
+            and (not goals or a.goal in goals) and (not ids or a.id in ids)]
+
+
+def mutator_chains(texts: Sequence[str]) -> list[tuple[str, ...]]:
+    """`base64`, `rot13+repeat`, `-` (none) as chains of mutator names, each name checked."""
+    from pyagent.security.mutators import MUTATORS
+
+    chains = []
+    for text in texts:
+        chain = tuple(name for name in text.split("+") if name and name != "-")
+        unknown = [name for name in chain if name not in MUTATORS]
+        if unknown:
+            raise ConfigError(f"--mutator {text!r}: unknown mutator {unknown[0]!r}; mutators: "
+                              f"{', '.join(MUTATORS)}")
+        chains.append(chain)
+    return chains
+
+
+def adaptive_against_static(target: AssistantTarget, engine: Any, corpus: Sequence[Attack],
+                            goals: Sequence[str], defense: DefenseSet, budget: int,
+                            seed: int = 0, progress: Callable[[str, Any], None] | None = None
+                            ) -> dict[str, Any]:
+    """For each goal: the static corpus (seeded order) and the adaptive search, each given
+    `budget` model calls, on the same target and defense; their summaries and the best attacks
+    the adaptive search found."""
+    from pyagent.security.campaign import run_case, with_environment
+    from pyagent.security.evolve import Evolver, Search, static_search
+
+    by_goal: dict[str, dict[str, Any]] = {}
+    searches: dict[str, list[Search]] = {"static": [], "adaptive": []}
+    best: list[dict[str, Any]] = []
+    for goal in goals:
+        attacks = [a for a in corpus if a.goal == goal]
+        if not attacks or goal not in target.goals:
+            continue
+        cases = [with_environment(Case(target.name, task, defense, attack, channel,
+                                       seed=index, hard_negative=target.hard_negative(task)),
+                                  target, seed)
+                 for index, (attack, channel, task) in enumerate(
+                     (a, c, t) for a in attacks for c in target.channels
+                     for t in target.tasks())]
+        random.Random(f"{seed}/static/{goal}").shuffle(cases)
+        static = static_search(cases, budget, lambda case: run_case(case, target),
+                               lambda trial: progress and progress("static", trial))
+        evolver = Evolver(target, engine, goal, corpus, defense, seed)
+        adaptive = evolver.run(budget, lambda trial: progress and progress("adaptive", trial))
+        searches["static"].append(static)
+        searches["adaptive"].append(adaptive)
+        by_goal[goal] = {"static": static.summary(), "adaptive": adaptive.summary()}
+        winners = {t.gene.id: t for t in adaptive.trials if t.hit}
+        best += [{"goal": goal, "id": t.gene.id, "channel": t.gene.channel,
+                  "position": t.gene.position, "mutators": "+".join(t.gene.mutators) or "-",
+                  "lineage": " > ".join(t.gene.lineage), "logprob": t.logprob,
+                  "text": t.gene.text} for t in winners.values()]
+    return {"budget_per_goal": budget, "defense": defense.name, "by_goal": by_goal,
+            "static": _merged("static", searches["static"]),
+            "adaptive": _merged("adaptive", searches["adaptive"]), "best": best}
+
+
+def _merged(name: str, searches: Sequence[Any]) -> dict[str, Any]:
+    """Several goals' searches as one: fielded attacks and hits summed, curves laid end to end."""
+    from pyagent.security.summary import rate
+
+    trials = [t for s in searches for t in s.trials]
+    curve, offset, hits = [], 0, 0
+    for search in searches:
+        for point in search.curve():
+            curve.append({"calls": offset + point["calls"], "fielded": len(curve) + 1,
+                          "hits": hits + point["hits"]})
+        offset += search.calls
+        hits += sum(t.hit for t in search.trials)
+    return {"name": name, "calls": sum(s.calls for s in searches),
+            "white_box_passes": sum(s.scored for s in searches), "fielded": len(trials),
+            "asr": rate(sum(t.hit for t in trials), len(trials)),
+            "distinct_successful_attacks": len({t.gene.id for t in trials if t.hit}),
+            "curve": curve}
