@@ -1141,6 +1141,9 @@ def fuzz(
     limit: Annotated[int | None, typer.Option(
         help="Attacked cases per defense and target (a seeded sample, the same under every "
              "defense).")] = None,
+    task: Annotated[list[str], typer.Option(
+        help="Only these tasks (assistant: meeting-time, order-city, wifi-note, owner-name, "
+             "deploy-checklist, reviewer-note; fleet: the example's name).")] = [],  # noqa: B006
     every_task: Annotated[bool, typer.Option(
         help="Every attack on every task (default: tasks in turn).")] = False,
     benign: Annotated[bool, typer.Option(help="Also run each task without attack (utility)."
@@ -1180,7 +1183,8 @@ def fuzz(
     chosen = fuzzrun.select_attacks(corpus, family, goal, attack)
     sets = defense_sets(defense)
     plan = fuzzrun.Plan(target, chosen, sets, channel or None, fuzzrun.mutator_chains(mutator),
-                        position, repeat, seed, limit, every_task, benign)
+                        position, repeat, seed, limit, every_task, benign, task or None)
+    plan.check()
     if adaptive is not None and (backend != "embedded" or target != ["assistant"]):
         raise ConfigError("--adaptive needs the embedded backend (its white-box signal) and "
                           "--target assistant")

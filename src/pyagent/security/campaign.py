@@ -62,12 +62,13 @@ def plan(targets: Sequence[Target], attacks: Sequence[Attack], channels: Sequenc
          defenses: Sequence[DefenseSet], mutators: Sequence[tuple[str, ...]] = ((),),
          benign: bool = True, repeat: int = 1, seed: int = 0,
          positions: Sequence[str] = ("end",), every_task: bool = False,
-         limit: int | None = None) -> list[Case]:
+         limit: int | None = None, tasks: Sequence[str] | None = None) -> list[Case]:
     """The cases to run: for each defense, benign runs of every task, then every attack on every
     channel the target offers, with every mutator chain and position. An attack runs on one task
     (in turn), or on all with `every_task`. `limit` keeps that many attacked cases per defense,
     drawn by `seed`, the same ones under every defense (so defenses compare on equal cases).
-    Each case's environment (canary, secret) comes from `seed` and the case."""
+    `tasks` keeps only those tasks (of the targets that have them). Each case's environment
+    (canary, secret) comes from `seed` and the case."""
     for position in positions:
         if position not in POSITIONS:
             raise ConfigError(f"unknown position {position!r}; positions: {', '.join(POSITIONS)}")
@@ -75,7 +76,11 @@ def plan(targets: Sequence[Target], attacks: Sequence[Attack], channels: Sequenc
     for target in targets:
         chosen = target.channels if channels is None else \
             [c for c in channels if c in target.channels]
-        tasks = target.tasks()
+        offered = target.tasks()
+        chosen_tasks = offered if tasks is None else [t for t in offered if t in tasks]
+        if not chosen_tasks:
+            raise ConfigError(f"target {target.name!r} has none of the tasks "
+                              f"{', '.join(tasks or ())}; its tasks: {', '.join(offered)}")
         attacked = [(attack, channel, tuple(chain), position)
                     for attack in attacks if attack.goal in target.goals
                     for channel in chosen for chain in mutators for position in positions]
@@ -85,9 +90,11 @@ def plan(targets: Sequence[Target], attacks: Sequence[Attack], channels: Sequenc
             for round_ in range(repeat):
                 if benign:
                     cases += [Case(target.name, task, defense, seed=round_,
-                                   hard_negative=target.hard_negative(task)) for task in tasks]
+                                   hard_negative=target.hard_negative(task))
+                              for task in chosen_tasks]
                 for index, (attack, channel, chain, position) in enumerate(attacked):
-                    for task in tasks if every_task else [tasks[index % len(tasks)]]:
+                    for task in chosen_tasks if every_task else \
+                            [chosen_tasks[index % len(chosen_tasks)]]:
                         cases.append(Case(target.name, task, defense, attack, channel, chain,
                                           position, round_,
                                           hard_negative=target.hard_negative(task)))

@@ -168,8 +168,10 @@ class Evolver:
         search = Search("adaptive")
         pool = [Candidate(self.seed_gene()) for _ in range(self.population)]
         while search.calls < budget:
+            runs = [t.record["llm_calls"] for t in search.trials]
+            reserve = self.fielded * (sum(runs) / len(runs) if runs else 3)  # to field some
             for candidate in pool:
-                if candidate.logprob is None and search.calls < budget:
+                if candidate.logprob is None and search.calls + reserve < budget:
                     candidate.logprob = self.score(candidate.gene)
                     search.calls += 1
                     search.scored += 1

@@ -21,7 +21,7 @@ from pyagent.llm.base import Backend
 from pyagent.observe.traces import TraceStore
 from pyagent.security.attacks import CHANNELS, Attack
 from pyagent.security.campaign import Attempt, Log, plan, run_cases
-from pyagent.security.cases import Case, DefenseSet
+from pyagent.security.cases import POSITIONS, Case, DefenseSet
 from pyagent.security.summary import summarize
 from pyagent.security.targets import TARGETS, AssistantTarget, FleetTarget, Target
 
@@ -44,14 +44,22 @@ class Plan:
     limit: int | None = None
     every_task: bool = False
     benign: bool = True
+    tasks: list[str] | None = None
+
+    def check(self) -> None:
+        """Refuse unknown targets, channels and positions before anything loads."""
+        for names, kind, known in ((self.targets, "target", tuple(TARGETS)),
+                                   (self.channels or (), "channel", CHANNELS),
+                                   (self.positions, "position", POSITIONS)):
+            unknown = [name for name in names if name not in known]
+            if unknown:
+                raise ConfigError(f"unknown {kind} {unknown[0]!r}; {kind}s: {', '.join(known)}")
 
     def cases(self, targets: Sequence[Target], seed: int | None = None) -> list[Case]:
-        unknown = [c for c in self.channels or () if c not in CHANNELS]
-        if unknown:
-            raise ConfigError(f"unknown channel {unknown[0]!r}; channels: {', '.join(CHANNELS)}")
+        self.check()
         return plan(targets, self.attacks, self.channels, self.defenses, self.mutators,
                     self.benign, self.repeat, self.seed if seed is None else seed,
-                    self.positions, self.every_task, self.limit)
+                    self.positions, self.every_task, self.limit, self.tasks)
 
 
 def make_targets(names: Sequence[str], backend: Backend, example: Path | None,
