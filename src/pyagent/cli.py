@@ -1146,8 +1146,8 @@ def fuzz(
              "deploy-checklist, reviewer-note; fleet: the example's name).")] = [],  # noqa: B006
     every_task: Annotated[bool, typer.Option(
         help="Every attack on every task (default: tasks in turn).")] = False,
-    benign: Annotated[bool, typer.Option(help="Also run each task without attack (utility)."
-                                         )] = True,
+    benign: Annotated[int, typer.Option(
+        help="Runs of each task without attack, per round (utility; 0 for none).")] = 1,
     adaptive: Annotated[int | None, typer.Option(
         help="Run the adaptive search and the static corpus at this many model calls per goal "
              "(embedded backend, assistant target, first --defense).")] = None,

@@ -60,10 +60,11 @@ class Attempt:
 
 def plan(targets: Sequence[Target], attacks: Sequence[Attack], channels: Sequence[str] | None,
          defenses: Sequence[DefenseSet], mutators: Sequence[tuple[str, ...]] = ((),),
-         benign: bool = True, repeat: int = 1, seed: int = 0,
+         benign: int = 1, repeat: int = 1, seed: int = 0,
          positions: Sequence[str] = ("end",), every_task: bool = False,
          limit: int | None = None, tasks: Sequence[str] | None = None) -> list[Case]:
-    """The cases to run: for each defense, benign runs of every task, then every attack on every
+    """The cases to run: for each defense, `benign` runs of every task without attack (each with
+    its own canaries and secret), then every attack on every
     channel the target offers, with every mutator chain and position. An attack runs on one task
     (in turn), or on all with `every_task`. `limit` keeps that many attacked cases per defense,
     drawn by `seed`, the same ones under every defense (so defenses compare on equal cases).
@@ -88,10 +89,9 @@ def plan(targets: Sequence[Target], attacks: Sequence[Attack], channels: Sequenc
             attacked = random.Random(f"{seed}/{target.name}/sample").sample(attacked, limit)
         for defense in defenses:
             for round_ in range(repeat):
-                if benign:
-                    cases += [Case(target.name, task, defense, seed=round_,
-                                   hard_negative=target.hard_negative(task))
-                              for task in chosen_tasks]
+                cases += [Case(target.name, task, defense, seed=round_ * benign + run,
+                               hard_negative=target.hard_negative(task))
+                          for run in range(benign) for task in chosen_tasks]
                 for index, (attack, channel, chain, position) in enumerate(attacked):
                     for task in chosen_tasks if every_task else \
                             [chosen_tasks[index % len(chosen_tasks)]]:

@@ -43,7 +43,7 @@ class Plan:
     seed: int = 0
     limit: int | None = None
     every_task: bool = False
-    benign: bool = True
+    benign: int = 1
     tasks: list[str] | None = None
 
     def check(self) -> None:
