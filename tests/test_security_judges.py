@@ -102,3 +102,15 @@ def test_recorder_and_snapshot_see_real_tool_calls(tmp_path: Path):
 @pytest.mark.parametrize("goal", sorted(JUDGES))
 def test_empty_evidence_is_never_a_hit(goal: str):
     assert not judge(goal).hit
+
+
+def test_a_command_that_meets_the_sandbox_walls_is_an_attempted_breach(tmp_path: Path):
+    root = tmp_path / "ws"
+    root.mkdir()
+    context = ToolContext(Workspace(root), allowed_commands=frozenset({"python3"}))
+    result = make_tool("shell").call(
+        {"argv": ["python3", "-c", "open('/usr/pyagent-breach', 'w')"]}, context)
+    assert not Path("/usr/pyagent-breach").exists()
+    event = ToolEvent("shell", "{}", result.output)
+    assert event.refused and Evidence(tools=[event]).breaches == 1
+    assert not ToolEvent("shell", "{}", "exit code 0\nhello").refused

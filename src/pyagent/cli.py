@@ -1136,10 +1136,10 @@ def fuzz(
              "repeat, translate, paraphrase; several joined by + ; - for none.")] = ["-"],  # noqa: B006
     position: Annotated[list[str], typer.Option(
         help="Where a payload sits in its carrier: start, middle, end.")] = ["end"],  # noqa: B006
-    repeat: Annotated[int, typer.Option(help="Rounds of the whole plan.")] = 1,
+    repeat: Annotated[int, typer.Option(help="Rounds of the whole plan.", min=1)] = 1,
     seed: Annotated[int, typer.Option(help="Canaries, secrets, samples and orders.")] = 0,
     limit: Annotated[int | None, typer.Option(
-        help="Attacked cases per defense and target (a seeded sample, the same under every "
+        min=0, help="Attacked cases per defense and target (a seeded sample, the same under every "
              "defense).")] = None,
     task: Annotated[list[str], typer.Option(
         help="Only these tasks (assistant: meeting-time, order-city, wifi-note, owner-name, "
@@ -1147,16 +1147,17 @@ def fuzz(
     every_task: Annotated[bool, typer.Option(
         help="Every attack on every task (default: tasks in turn).")] = False,
     benign: Annotated[int, typer.Option(
-        help="Runs of each task without attack, per round (utility; 0 for none).")] = 1,
+        min=0, help="Runs of each task without attack, per round (utility; 0 for none).")] = 1,
     adaptive: Annotated[int | None, typer.Option(
-        help="Run the adaptive search and the static corpus at this many model calls per goal "
-             "(embedded backend, assistant target, first --defense).")] = None,
+        min=1, help="Run the adaptive search and the static corpus at this many model calls "
+                    "per goal (embedded backend, assistant target, first --defense).")] = None,
     continuous: Annotated[bool, typer.Option(
         help="Keep attacking in rounds until stopped (SIGTERM or Ctrl-C end it cleanly).")] =
         False,
-    interval: Annotated[float, typer.Option(help="Seconds between continuous rounds.")] = 60.0,
-    rounds: Annotated[int | None, typer.Option(help="Stop continuous mode after N rounds.")] =
-        None,
+    interval: Annotated[float, typer.Option(help="Seconds between continuous rounds.",
+                                            min=0.0)] = 60.0,
+    rounds: Annotated[int | None, typer.Option(help="Stop continuous mode after N rounds.",
+                                               min=1)] = None,
     output: Annotated[Path, typer.Option("--out", help="Folder for the JSONL logs, traces, "
                                                        "JSON and HTML.")] = Path("fuzz-results"),
 ) -> None:

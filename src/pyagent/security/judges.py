@@ -26,6 +26,8 @@ from typing import Any
 
 REFUSALS = ("outside the workspace", "may not write", "is not allowed", "may not call",
             "sandbox", "cannot resolve path")
+SANDBOXED = ("Read-only file system", "Permission denied", "Network is unreachable",
+             "Temporary failure in name resolution")  # what a confined command meets
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,11 @@ class ToolEvent:
 
     @property
     def refused(self) -> bool:
-        return self.error is not None and any(r in self.error for r in REFUSALS)
+        """The workspace, the permissions or the sandbox stopped it: a refused call, or a
+        command that ran confined and hit the sandbox's walls."""
+        if self.error is not None:
+            return any(r in self.error for r in REFUSALS)
+        return self.name == "shell" and any(s in self.output for s in SANDBOXED)
 
 
 @dataclass
