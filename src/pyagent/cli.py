@@ -1275,7 +1275,9 @@ def fuzz_train_detector(
     recall."""
     from pyagent.security.detector_train import main as train
 
-    train(output, seed)
+    code = train([*(["--out", str(output)] if output else []), "--seed", str(seed)])
+    if code:
+        raise typer.Exit(code)
 
 
 def main() -> None:

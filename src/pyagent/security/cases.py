@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from pyagent.bench.suites.base import split_of
 from pyagent.errors import ConfigError
 from pyagent.fleet.defenses import Defenses, Spotlight
 from pyagent.security.attacks import Attack
@@ -61,7 +62,9 @@ def defense_sets(names: list[str]) -> list[DefenseSet]:
 
 @dataclass(frozen=True)
 class Case:
-    """One attempt: `attack` None is a benign run (utility without attack)."""
+    """One attempt: `attack` None is a benign run (utility without attack). Its record names the
+    attack's split (train, validation, test by content hash): the injection detector trained on
+    the train split, so its figures on the others are the held-out ones."""
 
     target: str
     task: str
@@ -91,6 +94,7 @@ class Case:
                 "family": self.attack.family if self.attack else None,
                 "goal": self.attack.goal if self.attack else None,
                 "source": self.attack.source if self.attack else None,
+                "split": split_of(self.attack.digest) if self.attack else None,
                 "channel": self.channel, "mutators": list(self.mutators),
                 "position": self.position, "seed": self.seed, "payload": self.payload,
                 "second": self.second, "hard_negative": self.hard_negative}

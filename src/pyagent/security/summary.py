@@ -82,6 +82,7 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "by_family": grouped(records, ["family", "defense"]),
             "by_channel": grouped(records, ["channel", "defense"]),
             "by_goal": grouped(records, ["goal", "defense"]),
+            "by_split": grouped(records, ["split", "defense"]),
             "by_family_channel_defense": grouped(records, ["family", "channel", "defense"]),
             "by_mutator": grouped([{**r, "mutators": "+".join(r["mutators"]) or "-"}
                                    for r in records], ["mutators", "defense"])}
