@@ -168,6 +168,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=40,
                         help="attacked cases per defense on the assistant")
     parser.add_argument("--budget", type=int, default=120, help="model calls per goal")
+    parser.add_argument("--defenses", default=",".join(ASSISTANT_DEFENSES),
+                        help="defense sets on the assistant")
     parser.add_argument("--fleet-limit", type=int, default=8,
                         help="attacked cases per defense on the fleet")
     args = parser.parse_args()
@@ -177,7 +179,8 @@ def main() -> None:
     result: dict[str, Any] = {"benchmark": "fuzz-bench"}
     backend = EmbeddedBackend(Engine.load()) if sections - {"detector"} else None
     if "defenses" in sections:
-        result["defenses"] = defenses(backend, args.limit)
+        result["defenses"] = defenses(backend, args.limit,
+                                      names=tuple(args.defenses.split(",")))
     if "adaptive" in sections:
         result["adaptive"] = adaptive(backend, args.budget)
     if "fleet" in sections:
