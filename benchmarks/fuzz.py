@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pyagent.bench.provenance import provenance, write_result
+from pyagent.bench.provenance import write_sections
 from pyagent.engine.generate import Engine
 from pyagent.llm.embedded import EmbeddedBackend
 from pyagent.security.attacks import load_corpus
@@ -174,8 +174,6 @@ def main() -> None:
                         help="attacked cases per defense on the fleet")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
-    earlier = RESULTS / f"{STEM}.json"
-    kept = json.loads(earlier.read_text()) if earlier.exists() else {}
     result: dict[str, Any] = {"benchmark": "fuzz-bench"}
     backend = EmbeddedBackend(Engine.load()) if sections - {"detector"} else None
     if "defenses" in sections:
@@ -187,11 +185,7 @@ def main() -> None:
         result["fleet"] = defenses(backend, args.fleet_limit, "fleet", FLEET_DEFENSES, benign=1)
     if "detector" in sections:
         result["detector"] = detector()
-    result["meta"] = provenance(ROOT)
-    result["sections_meta"] = {name: result["meta"] for name in sections}
-    result = {**kept, **result,
-              "sections_meta": {**kept.get("sections_meta", {}), **result["sections_meta"]}}
-    write_result(RESULTS, STEM, result, table(result))
+    write_sections(ROOT, RESULTS, STEM, result, sections, table)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from pyagent.bench.analyzer import analyze_traces
-from pyagent.bench.provenance import provenance, write_result
+from pyagent.bench.provenance import write_sections
 from pyagent.bench.runner import RunSettings
 from pyagent.bench.scores import wilson
 from pyagent.bench.suiterun import run_suites
@@ -216,14 +216,13 @@ def main() -> None:
                         help="repair tasks per mutation operator")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
-    earlier = RESULTS / f"{STEM}.json"
-    kept = json.loads(earlier.read_text()) if earlier.exists() else {}
     engine = Engine.load()
     result: dict[str, Any] = {"benchmark": "suites-bench"}
     if sections & {"quality", "server", "parallel"}:
         select(["reasoning"])  # fail early if a suite is missing
     if "quality" in sections or "server" in sections:
-        local = quality(engine, args.limit) if "quality" in sections else kept["quality"]
+        local = quality(engine, args.limit) if "quality" in sections else \
+            json.loads((RESULTS / f"{STEM}.json").read_text())["quality"]
         result["quality"] = local
         if "server" in sections:
             result["server"] = server(args.limit, local)
@@ -231,11 +230,7 @@ def main() -> None:
         result["parallel"] = parallel(engine)
     if "repair" in sections:
         result["repair"] = repair(engine, args.repair_limit)
-    result["meta"] = provenance(ROOT)
-    result["sections_meta"] = {name: result["meta"] for name in sections}
-    result = {**kept, **result,
-              "sections_meta": {**kept.get("sections_meta", {}), **result["sections_meta"]}}
-    write_result(RESULTS, STEM, result, table(result))
+    write_sections(ROOT, RESULTS, STEM, result, sections, table)
 
 
 if __name__ == "__main__":

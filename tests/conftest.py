@@ -8,6 +8,8 @@ import importlib.util
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -207,3 +209,16 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
                                 red=True, bold=True)
     terminalreporter.write_line("Install chromium (apt-get install chromium) to run them; "
                                 "with CI=true they fail instead of being skipped.", red=True)
+
+
+def pyagent(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The `pyagent` command run as a user runs it, in a new process."""
+    return subprocess.run([sys.executable, "-m", "pyagent", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def fails_with(result: subprocess.CompletedProcess, message: str) -> None:
+    """The command failed with one clear line holding `message`, and no traceback."""
+    assert result.returncode == 1, result.stderr
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

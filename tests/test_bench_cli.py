@@ -6,20 +6,9 @@ from __future__ import annotations
 import csv
 import json
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
-
-def pyagent(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pyagent", *args], capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def fails_with(result: subprocess.CompletedProcess, message: str) -> None:
-    assert result.returncode == 1, result.stderr
-    assert message in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
+from conftest import fails_with, pyagent
 
 
 def test_bench_run_writes_every_format_and_replays_to_the_same_grades(agent_model_dir,

@@ -9,16 +9,7 @@ import time
 import openai
 import pytest
 
-
-def pyagent(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pyagent", *args], capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def fails_with(result: subprocess.CompletedProcess, message: str) -> None:
-    assert result.returncode == 1, result.stderr
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+from conftest import fails_with, pyagent
 
 
 @pytest.mark.parametrize("command", [[], ["models"], ["models", "list"], ["models", "prepare"],

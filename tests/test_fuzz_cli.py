@@ -13,22 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import fails_with, pyagent
 from pyagent.observe.events import EventBus
 from pyagent.observe.metrics import MetricsFeed, MetricsRegistry
 from pyagent.observe.traces import TraceReader
 from pyagent.security.fuzzrun import read_records
-
-
-def pyagent(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pyagent", *args], capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def fails_with(result: subprocess.CompletedProcess, message: str) -> None:
-    assert result.returncode == 1, result.stderr
-    assert message in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
-
 
 CAMPAIGN = ("fuzz", "--attack", "direct-canary-call", "--attack", "important-tool",
             "--channel", "tool_output", "--defense", "none", "--defense", "least_privilege",

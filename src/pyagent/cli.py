@@ -63,6 +63,10 @@ KVDtypeOpt = Annotated[str, typer.Option(
 TokenOpt = Annotated[str | None, typer.Option(
     help="Bearer token clients must send (default: the PYAGENT_TOKEN environment variable); "
          "required to bind an address other than loopback.")]
+BackendOpt = Annotated[str, typer.Option(help="embedded, openai or replay.")]
+BaseUrlOpt = Annotated[str | None, typer.Option(help="OpenAI-compatible base URL.")]
+RecordingOpt = Annotated[Path | None, typer.Option(help="Recording to replay from.")]
+RecordOpt = Annotated[Path | None, typer.Option(help="Append every completion here.")]
 ShareOpt = Annotated[bool, typer.Option(
     "--prefix-sharing/--no-prefix-sharing", help="Reuse the KV of prompt prefixes seen before.")]
 
@@ -150,7 +154,7 @@ def _backend(backend: str, model: str, dtype: str, base_url: str | None,
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="Prompt text, or - to read it from stdin.")],
-    backend: Annotated[str, typer.Option(help="embedded, openai or replay.")] = "embedded",
+    backend: BackendOpt = "embedded",
     model: ModelOpt = DEFAULT_MODEL,
     dtype: DtypeOpt = "float32",
     kv_policy: PolicyOpt = "full",
@@ -164,8 +168,8 @@ def generate(
     top_k: Annotated[int, typer.Option(help="0 disables top-k.")] = 0,
     seed: Annotated[int | None, typer.Option()] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
-    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL.")] = None,
-    recording: Annotated[Path | None, typer.Option(help="Recording to replay from.")] = None,
+    base_url: BaseUrlOpt = None,
+    recording: RecordingOpt = None,
     record: Annotated[Path | None, typer.Option(help="Append this run to a recording.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the completion as JSON.")] = False,
 ) -> None:
@@ -487,12 +491,12 @@ def bench_kv_recall(
 def bench_run(
     suites: Annotated[list[str], typer.Argument(
         help="Suites (reasoning, repair), suite.family (reasoning.lateral) or family names.")],
-    backend: Annotated[str, typer.Option(help="embedded, openai or replay.")] = "embedded",
+    backend: BackendOpt = "embedded",
     model: ModelOpt = DEFAULT_MODEL,
     dtype: DtypeOpt = "float32",
-    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL.")] = None,
-    recording: Annotated[Path | None, typer.Option(help="Recording to replay from.")] = None,
-    record: Annotated[Path | None, typer.Option(help="Append every completion here.")] = None,
+    base_url: BaseUrlOpt = None,
+    recording: RecordingOpt = None,
+    record: RecordOpt = None,
     kv_policy: PolicyOpt = "full",
     kv_budget: BudgetOpt = None,
     manifest: Annotated[Path | None, typer.Option(
@@ -722,7 +726,7 @@ def run_manifest(
     mode: Annotated[str, typer.Option(help="sequenced or handover.")] = "sequenced",
     backend: Annotated[str | None, typer.Option(
         help="Override every agent's backend: embedded, openai or replay.")] = None,
-    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL.")] = None,
+    base_url: BaseUrlOpt = None,
     recording: Annotated[Path | None, typer.Option(
         help="With --backend replay: the recording to replay.")] = None,
     record: Annotated[Path | None, typer.Option(
@@ -1109,12 +1113,12 @@ def fuzz(
         "run of --example).")] = ["assistant"],  # noqa: B006
     example: Annotated[Path, typer.Option(help="The fleet target's example folder.")] =
         Path("examples/bugfix"),
-    backend: Annotated[str, typer.Option(help="embedded, openai or replay.")] = "embedded",
+    backend: BackendOpt = "embedded",
     model: ModelOpt = DEFAULT_MODEL,
     dtype: DtypeOpt = "float32",
-    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL.")] = None,
-    recording: Annotated[Path | None, typer.Option(help="Recording to replay from.")] = None,
-    record: Annotated[Path | None, typer.Option(help="Append every completion here.")] = None,
+    base_url: BaseUrlOpt = None,
+    recording: RecordingOpt = None,
+    record: RecordOpt = None,
     attacks: Annotated[Path | None, typer.Option(
         help="An attack corpus YAML (default: PyAgent's own).")] = None,
     import_garak: Annotated[Path | None, typer.Option(

@@ -7,6 +7,7 @@ import platform
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -102,3 +103,20 @@ def write_result(folder: Path, stem: str, result: dict[str, Any], table: list[st
     write_atomic(folder / f"{stem}.json", json.dumps(result, indent=1) + "\n")
     write_atomic(folder / f"{stem}.md", "\n".join(table) + "\n")
     print("\n".join(table))
+
+
+def write_sections(root: Path, folder: Path, stem: str, result: dict[str, Any],
+                   sections: set[str], table: Callable[[dict[str, Any]], list[str]]
+                   ) -> dict[str, Any]:
+    """Write a benchmark of the project at `root` whose run measured only `sections`: the other
+    sections' latest figures in `stem`.json are kept, and each section's provenance is under
+    `sections_meta`."""
+    import json
+
+    earlier = folder / f"{stem}.json"
+    kept = json.loads(earlier.read_text()) if earlier.exists() else {}
+    result["meta"] = provenance(root)
+    measured = {name: result["meta"] for name in sections}
+    merged = {**kept, **result, "sections_meta": {**kept.get("sections_meta", {}), **measured}}
+    write_result(folder, stem, merged, table(merged))
+    return merged
