@@ -132,3 +132,16 @@ def test_a_corrupt_corpus_names_its_line(tmp_path: Path):
     corpus.write_text("attacks:\n  - id: a\n    family: direct\n    goal: fly\n    text: x\n")
     fails_with(pyagent("fuzz", "--attacks", str(corpus), "--out", str(tmp_path / "o")),
                "attacks.yaml")
+
+
+def test_report_skips_a_last_line_cut_by_a_kill_and_names_a_bad_one(tmp_path: Path):
+    report = tmp_path / "fuzz.report.jsonl"
+    attempt = {"entry_type": "attempt", "defense": "none", "attack": None, "utility": True,
+               "hit": False, "attempted": False, "controls": {}, "mutators": []}
+    report.write_text(json.dumps(attempt) + '\n{"entry_type": "attem')
+    assert len(read_records(report)) == 1
+    report.write_text('{"entry_type": "att\n' + json.dumps(attempt) + "\n")
+    fails_with(pyagent("fuzz", "report", str(tmp_path)), "fuzz.report.jsonl:1: not a JSON line")
+    fails_with(pyagent("fuzz", "report", str(tmp_path / "nowhere")), "cannot read")
+    report.write_text(json.dumps({"entry_type": "attempt", "hit": True}) + "\n")
+    fails_with(pyagent("fuzz", "report", str(tmp_path)), "an attempt without attack, attempted")

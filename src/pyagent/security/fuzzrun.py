@@ -25,6 +25,7 @@ from pyagent.security.cases import POSITIONS, Case, DefenseSet
 from pyagent.security.summary import summarize
 from pyagent.security.targets import TARGETS, AssistantTarget, FleetTarget, Target
 
+REQUIRED = frozenset({"defense", "attack", "hit", "attempted", "utility", "mutators"})
 REPORT, HITLOG, SUMMARY, TRACES = "fuzz.report.jsonl", "fuzz.hitlog.jsonl", "fuzz.json", \
     "traces.db"
 
@@ -122,18 +123,25 @@ def write_summary(summary: dict[str, Any], records: list[dict[str, Any]], out: P
 
 
 def read_records(report: Path) -> list[dict[str, Any]]:
-    """The attempts logged in a report JSONL (a continuous run's, for example)."""
+    """The attempts logged in a report JSONL (a continuous run's, for example). A last line cut
+    short (the process was killed while writing it) is skipped; a bad line elsewhere is an
+    error naming it."""
     records = []
     try:
-        lines = report.read_text().splitlines()
+        lines = report.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError as exc:
         raise ConfigError(f"{report}: cannot read: {exc.strerror or exc}") from None
     for number, line in enumerate(lines, start=1):
         try:
             entry = json.loads(line)
         except ValueError:
+            if number == len(lines):
+                break
             raise ConfigError(f"{report}:{number}: not a JSON line") from None
-        if entry.get("entry_type") == "attempt":
+        if isinstance(entry, dict) and entry.get("entry_type") == "attempt":
+            missing = sorted(REQUIRED - set(entry))
+            if missing:
+                raise ConfigError(f"{report}:{number}: an attempt without {', '.join(missing)}")
             records.append(entry)
     return records
 
