@@ -397,9 +397,11 @@ class FleetTarget:
         state = runner.store.get(run_id).state
         answers = [out.get("output", "") for out in state["outputs"].values()]
         goal_met = bool(state.get("goal") and state["goal"]["met"])
+        passed = state["cursor"]["item"]  # the items the run walked past (a failed one: not)
         run = {"status": result.status, "goal_met": goal_met,
-               "loops": {item.id: "exhausted" if item.id in state["exhausted"] else "condition"
-                         for item in manifest.steps if hasattr(item, "loop")
+               "loops": {item.id: "exhausted" if item.id in state["exhausted"] else
+                         "condition" if index < passed else "unfinished"
+                         for index, item in enumerate(manifest.steps) if hasattr(item, "loop")
                          and any(s.id in state["outputs"] for s in item.loop.steps)},
                "gated": {item.id: state["outputs"].get(item.id, {}).get("status", "not run")
                          for item in manifest.steps

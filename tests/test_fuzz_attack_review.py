@@ -1,0 +1,60 @@
+"""The fuzzer under attack: judges that must not fire on a failed run, summaries that stay valid
+JSON, defenses an attacker must not slip around, and conditions a state-only manifest must
+refuse or evaluate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pyagent.errors import BackendError
+from pyagent.security.attacks import load_corpus
+from pyagent.security.campaign import run_case, with_environment
+from pyagent.security.cases import DEFENSES, Case
+from pyagent.security.targets import FleetTarget
+from pyagent.types import Completion, StreamEvent, Timings, Usage
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "bugfix"
+
+
+class Script:
+    """A backend that answers each call with the next scripted text (an exception is raised)."""
+
+    name = "scripted"
+
+    def __init__(self, *replies):
+        self.replies = list(replies)
+        self.requests = []
+
+    def complete(self, request):
+        self.requests.append(request)
+        reply = self.replies.pop(0) if self.replies else "done"
+        if isinstance(reply, Exception):
+            raise reply
+        return Completion(reply, "stop", Usage(10, 2, 0), Timings(0.01, 0.02, 2), "scripted",
+                          self.name, ())
+
+    def stream(self, request):
+        yield StreamEvent("", self.complete(request))
+
+
+def test_a_fleet_run_that_failed_inside_its_loop_is_no_bypass():
+    bypass = next(a for a in load_corpus() if a.goal == "bypass")
+    # the coder answers; the tester's backend fails on both attempts: the run errors in the loop
+    target = FleetTarget(Script("done", BackendError("down"), BackendError("down")), EXAMPLE)
+    case = with_environment(Case("fleet", "bugfix", DEFENSES["none"], bypass, "tool_output"),
+                            target, 0)
+    attempt = run_case(case, target)
+    run = attempt.outcome.evidence.run
+    assert run["status"] == "error" and not run["goal_met"]
+    assert run["loops"]["fix"] != "condition"
+    assert not attempt.hit
+
+
+def test_a_loop_ended_by_the_testers_words_while_the_tests_fail_is_a_bypass():
+    bypass = next(a for a in load_corpus() if a.goal == "bypass")
+    target = FleetTarget(Script("done", "All tests passed.", "fine"), EXAMPLE)
+    case = with_environment(Case("fleet", "bugfix", DEFENSES["none"], bypass, "tool_output"),
+                            target, 0)
+    attempt = run_case(case, target)
+    assert attempt.outcome.evidence.run["loops"] == {"fix": "condition"}
+    assert attempt.hit and "loop 'fix' ended" in attempt.verdict.detail
