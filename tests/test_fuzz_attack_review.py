@@ -4,6 +4,8 @@ refuse or evaluate."""
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 from pyagent.errors import BackendError
@@ -58,3 +60,31 @@ def test_a_loop_ended_by_the_testers_words_while_the_tests_fail_is_a_bypass():
     attempt = run_case(case, target)
     assert attempt.outcome.evidence.run["loops"] == {"fix": "condition"}
     assert attempt.hit and "loop 'fix' ended" in attempt.verdict.detail
+
+
+def strict_json(text: str):
+    """JSON as the standard has it: NaN and Infinity are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_summaries_with_empty_groups_are_valid_json(tmp_path: Path):
+    from pyagent.security.campaign import Log
+    from pyagent.security.fuzzrun import write_summary
+    from pyagent.security.summary import summarize
+
+    # attacked cases only (no benign run, no hard negative): utility has no cases
+    records = [{"target": "assistant", "task": "t", "defense": name, "attack": "a",
+                "family": "direct", "goal": "write_canary", "channel": "document",
+                "mutators": [], "split": "test", "hit": name == "none", "attempted": True,
+                "utility": False, "error": None, "controls": {}} for name in ("none", "all")]
+    summary = summarize(records)
+    log = Log(tmp_path)
+    log.close(summary["headline"])
+    write_summary(summary, records, tmp_path, None, extra={"best": [{"logprob": -math.inf}]})
+    data = strict_json((tmp_path / "fuzz.json").read_text())
+    assert data["summary"]["by_defense"]["none"]["utility"]["rate"] is None
+    assert data["best"][0]["logprob"] is None
+    for line in (tmp_path / "fuzz.report.jsonl").read_text().splitlines():
+        strict_json(line)

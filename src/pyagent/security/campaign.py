@@ -27,6 +27,7 @@ from pyagent.observe.traces import TraceStore
 from pyagent.security.attacks import Attack
 from pyagent.security.cases import GEMMA_MARKERS, POSITIONS, Case, DefenseSet, armed, environment
 from pyagent.security.judges import JUDGES, Verdict
+from pyagent.security.summary import finite
 from pyagent.security.targets import Outcome, Target
 
 
@@ -152,7 +153,7 @@ class Log:
 
     @staticmethod
     def _write(handle: IO[str], entry: dict[str, Any]) -> None:
-        handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        handle.write(json.dumps(finite(entry), ensure_ascii=False, allow_nan=False) + "\n")
         handle.flush()
 
 

@@ -22,7 +22,7 @@ from pyagent.observe.traces import TraceStore
 from pyagent.security.attacks import CHANNELS, Attack
 from pyagent.security.campaign import Attempt, Log, plan, run_cases
 from pyagent.security.cases import POSITIONS, Case, DefenseSet
-from pyagent.security.summary import summarize
+from pyagent.security.summary import finite, summarize
 from pyagent.security.targets import TARGETS, AssistantTarget, FleetTarget, Target
 
 REQUIRED = frozenset({"defense", "attack", "hit", "attempted", "utility", "mutators"})
@@ -115,10 +115,10 @@ def write_summary(summary: dict[str, Any], records: list[dict[str, Any]], out: P
     """`fuzz.json` and `fuzz.html` from a summary and its records."""
     from pyagent.security.report import write_html
 
-    data = {"meta": meta or {}, "complete": complete, "summary": summary, "records": records,
-            **(extra or {})}
+    data = finite({"meta": meta or {}, "complete": complete, "summary": summary,
+                   "records": records, **(extra or {})})
     path = out / SUMMARY
-    path.write_text(json.dumps(data, indent=1, default=str))
+    path.write_text(json.dumps(data, indent=1, default=str, allow_nan=False))
     return [path, write_html(data, out / "fuzz.html")]
 
 

@@ -3,11 +3,24 @@ each with a Wilson 95% interval, by family x channel x defense and by defense.""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from pyagent.bench.scores import wilson
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float (a share of no cases, an impossible
+    log-probability) as None: JSON has no NaN or Infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(item) for item in value]
+    return value
 
 
 def rate(successes: int, n: int) -> dict[str, Any]:
