@@ -6,14 +6,20 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from pyagent.errors import BackendError
+from pyagent.fleet.manifest import load_manifest
+from pyagent.fleet.orchestrator import Orchestrator
+from pyagent.fleet.tools.registry import TOOLS
+from pyagent.observe.events import EventBus
+from pyagent.resilience.memory_store import MemoryCheckpointStore
 from pyagent.security.attacks import load_corpus
 from pyagent.security.campaign import run_case, with_environment
 from pyagent.security.cases import DEFENSES, Case
 from pyagent.security.targets import FleetTarget
-from pyagent.types import Completion, StreamEvent, Timings, Usage
+from pyagent.types import Completion, StreamEvent, Timings, ToolCall, Usage
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "bugfix"
 
@@ -32,8 +38,9 @@ class Script:
         reply = self.replies.pop(0) if self.replies else "done"
         if isinstance(reply, Exception):
             raise reply
-        return Completion(reply, "stop", Usage(10, 2, 0), Timings(0.01, 0.02, 2), "scripted",
-                          self.name, ())
+        text, calls = (reply, ()) if isinstance(reply, str) else reply
+        return Completion(text, "tool_calls" if calls else "stop", Usage(10, 2, 0),
+                          Timings(0.01, 0.02, 2), "scripted", self.name, tuple(calls))
 
     def stream(self, request):
         yield StreamEvent("", self.complete(request))
@@ -88,3 +95,31 @@ def test_summaries_with_empty_groups_are_valid_json(tmp_path: Path):
     assert data["best"][0]["logprob"] is None
     for line in (tmp_path / "fuzz.report.jsonl").read_text().splitlines():
         strict_json(line)
+
+
+HANDOVER = """name: h
+agents: agents.yaml
+goal:
+  description: anything
+  checks: [{tool: list_files}]
+steps:
+  - {id: look, agent: reader, instruction: List the files.}
+  - {id: sum, agent: reader, instruction: Sum up what you saw.}
+"""
+
+
+def test_handed_over_tool_results_use_the_markers_the_system_prompt_names(tmp_path: Path):
+    (tmp_path / "agents.yaml").write_text(
+        "agents:\n  - {name: reader, role: You read., tools: [list_files],\n"
+        "     defenses: {spotlight: delimit}}\n")
+    (tmp_path / "manifest.yaml").write_text(HANDOVER)
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "doc.txt").write_text("text\n")
+    model = Script(("", [ToolCall("c1", "list_files", "{}")]), "one file", "done")
+    runner = Orchestrator(load_manifest(tmp_path / "manifest.yaml", set(TOOLS)),
+                          lambda _a: model, tmp_path / "ws", EventBus(), MemoryCheckpointStore(),
+                          "handover")
+    assert runner.run("look", "r1").status == "succeeded"
+    system, handed = model.requests[-1].messages[:2]
+    tags = set(re.findall(r"<<data-(\w+)>>", handed.content))
+    assert len(tags) == 1 and f"<<data-{tags.pop()}>>" in system.content

@@ -57,9 +57,11 @@ class Defenses(BaseModel):
 class Guard:
     """Applies one agent's defenses to the messages its model reads.
 
-    `seed` (for example the run id) makes the delimiters unguessable by content yet stable within
-    a run, so a conversation re-renders to the same tokens and its KV prefix is reused; `screen`
-    is the detector (needed when `defenses.detector` is set)."""
+    `seed` (for example the run id) makes the delimiters unguessable by content yet the same for
+    every turn of a run, so a conversation re-renders to the same tokens (its KV prefix is
+    reused) and a transcript handed from one agent to the next carries the markers the next
+    agent's system prompt names; `screen` is the detector (needed when `defenses.detector` is
+    set)."""
 
     def __init__(self, defenses: Defenses, instruction: str, seed: str = "",
                  screen: Screen | None = None):
@@ -69,7 +71,7 @@ class Guard:
         self.defenses = defenses
         self.instruction = instruction
         self.screen = screen
-        self.tag = hashlib.sha256(f"{seed}\x00{instruction}".encode()).hexdigest()[:8]
+        self.tag = hashlib.sha256(f"{seed}\x00delimit".encode()).hexdigest()[:8]
         self.flagged = 0  # tool results the detector withheld
         self._scores: dict[str, float] = {}
 
