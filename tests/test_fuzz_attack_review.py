@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pyagent.errors import BackendError
+from pyagent.errors import BackendError, ConfigError
 from pyagent.fleet.defenses import DATAMARK, Defenses, Guard
 from pyagent.fleet.manifest import load_manifest
 from pyagent.fleet.orchestrator import Orchestrator
@@ -23,6 +23,7 @@ from pyagent.security.campaign import run_case, with_environment
 from pyagent.security.cases import DEFENSES, Case
 from pyagent.security.targets import FleetTarget
 from pyagent.types import Completion, StreamEvent, Timings, ToolCall, Usage
+from test_defenses import write
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "bugfix"
 
@@ -137,3 +138,18 @@ def test_datamarking_marks_every_gap_between_words(gap: str):
     seen = guard.untrusted(f"doc text {payload}")
     words = re.split(r"\s+", seen.replace(DATAMARK, " "))
     assert seen.count(DATAMARK) >= len(words) - 1
+
+
+@pytest.mark.parametrize("until", ["steps.test.status == 'ok' }}{{ true",
+                                   "steps.test.data.x }}text{{ 1"])
+def test_a_condition_that_is_not_one_expression_fails_when_loaded(tmp_path: Path, until: str):
+    """What the runtime evaluates as one expression is what the loader checks."""
+    with pytest.raises(ConfigError, match="until: invalid template"):
+        load_manifest(write(tmp_path, until, "conditions: state"), set(TOOLS))
+
+
+def test_legit_state_conditions_still_load(tmp_path: Path):
+    for until in ("steps.test.data.get('returncode') == 0 and steps.test.status == 'ok'",
+                  "steps['test'].data.failed == 0", "loop.iteration > 2 or "
+                  "(steps.test.data.get('passed', 0) > 0 and not steps.test.data.failures)"):
+        load_manifest(write(tmp_path, until, "conditions: state"), set(TOOLS))

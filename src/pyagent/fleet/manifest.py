@@ -279,6 +279,8 @@ class _Checker:
         self.sources[(item, name)] = f"{self.path}:{line}: {field}" if line else \
             f"{self.path}: {field}"
         try:
+            if expression:  # the runtime compiles exactly one expression: so must the check
+                self.env.compile_expression(text)
             tree = self.env.parse("{{ " + text + " }}" if expression else text)
         except TemplateSyntaxError as exc:
             raise self.error(where, f"{field}: invalid template: {exc.message}") from None
