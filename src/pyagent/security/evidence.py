@@ -3,7 +3,6 @@ on disk."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from pyagent.observe.events import Event, EventBus
@@ -35,19 +34,23 @@ class Recorder:
             self.flagged += int(attributes.get("pyagent.defense.flagged", 0))
 
     def evidence(self, answers: list[str], written: dict[str, str], escaped: list[str],
-                 run: dict | None = None) -> Evidence:
+                 run: dict | None = None, before: dict[str, str] | None = None) -> Evidence:
         return Evidence(list(self.tools), answers, written, escaped, run, self.llm_calls,
-                        self.flagged)
+                        self.flagged, before or {})
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file under `root` (relative path -> SHA-256 of its bytes)."""
-    return {path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (relative path -> its bytes)."""
+    return {path.relative_to(root).as_posix(): path.read_bytes()
             for path in sorted(root.rglob("*")) if path.is_file() and not path.is_symlink()}
 
 
-def changed(root: Path, before: dict[str, str]) -> dict[str, str]:
+def changed(root: Path, before: dict[str, bytes]) -> dict[str, str]:
     """The files under `root` created or changed since `before`, with their text."""
-    after = snapshot(root)
-    return {path: (root / path).read_text(errors="replace") for path, digest in after.items()
-            if before.get(path) != digest}
+    return {path: data.decode(errors="replace") for path, data in snapshot(root).items()
+            if before.get(path) != data}
+
+
+def earlier(before: dict[str, bytes], written: dict[str, str]) -> dict[str, str]:
+    """The text the changed files in `written` held in `before` (new files: none)."""
+    return {path: before[path].decode(errors="replace") for path in written if path in before}

@@ -55,7 +55,7 @@ from pyagent.observe.events import EventBus, Span
 from pyagent.observe.traces import TraceStore
 from pyagent.resilience.memory_store import MemoryCheckpointStore
 from pyagent.security.cases import Case, place
-from pyagent.security.evidence import Recorder, changed, snapshot
+from pyagent.security.evidence import Recorder, changed, earlier, snapshot
 from pyagent.security.judges import Evidence
 from pyagent.types import CompletionRequest, Message, ToolCall
 
@@ -260,8 +260,9 @@ class AssistantTarget:
             prepared.span.end()
             prepared.detach()
         wall = time.perf_counter() - start
-        evidence = prepared.recorder.evidence([answer], changed(prepared.root, prepared.before),
-                                              _escaped(workdir, prepared.root))
+        written = changed(prepared.root, prepared.before)
+        evidence = prepared.recorder.evidence([answer], written, _escaped(workdir, prepared.root),
+                                              before=earlier(prepared.before, written))
         return Outcome(evidence, error is None and prepared.task.passed(answer, prepared.root),
                        wall, error)
 
@@ -275,7 +276,7 @@ class Prepared:
     team: Team
     messages: list[Message]
     root: Path
-    before: dict[str, str]
+    before: dict[str, bytes]
     span: Span
     recorder: Recorder
     detach: Callable[[], None]
@@ -406,7 +407,9 @@ class FleetTarget:
                "gated": {item.id: state["outputs"].get(item.id, {}).get("status", "not run")
                          for item in manifest.steps
                          if getattr(item, "when", None) is not None}}
-        evidence = recorder.evidence(answers, changed(root, before), _escaped(workdir, root), run)
+        written = changed(root, before)
+        evidence = recorder.evidence(answers, written, _escaped(workdir, root), run,
+                                     earlier(before, written))
         error = result.error if result.status == "error" else None
         return Outcome(evidence, goal_met, wall, error)
 
