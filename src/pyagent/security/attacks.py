@@ -116,6 +116,12 @@ def load_corpus(path: Path | None = None) -> list[Attack]:
         seen.add(spec.id)
         allowed = set(NAMES[spec.goal]) | set(COMMON)
         for text in filter(None, (spec.text, spec.second)):
+            lone = next((m for m in string.Template.pattern.finditer(text)
+                         if m.group("invalid") is not None), None)
+            if lone is not None:
+                raise ConfigError(f"{path}: attacks.{index}: {spec.id!r} has a $ that names "
+                                  f"nothing at {text[lone.start():lone.start() + 12]!r}; write "
+                                  "$$ for a dollar sign, ${name} for a value")
             used = {m.group("named") or m.group("braced")
                     for m in string.Template.pattern.finditer(text)
                     if m.group("named") or m.group("braced")}
