@@ -142,8 +142,33 @@ def read_records(report: Path) -> list[dict[str, Any]]:
             missing = sorted(REQUIRED - set(entry))
             if missing:
                 raise ConfigError(f"{report}:{number}: an attempt without {', '.join(missing)}")
+            wrong = _mistyped(entry)
+            if wrong:
+                raise ConfigError(f"{report}:{number}: {wrong}")
             records.append(entry)
     return records
+
+
+def _mistyped(entry: dict[str, Any]) -> str | None:
+    """What is wrong with the types of an attempt's fields that the summary reads, or None."""
+    for name in ("hit", "attempted", "utility", "hard_negative"):
+        if name in entry and not isinstance(entry[name], bool):
+            return f"{name} must be true or false, got {entry[name]!r:.60}"
+    for name in ("defense", "attack", "family", "goal", "channel", "split"):
+        if entry.get(name) is not None and not isinstance(entry[name], str):
+            return f"{name} must be a string, got {entry[name]!r:.60}"
+    if not isinstance(entry["defense"], str):
+        return f"defense must be a string, got {entry['defense']!r:.60}"
+    if not (isinstance(entry["mutators"], list)
+            and all(isinstance(m, str) for m in entry["mutators"])):
+        return f"mutators must be a list of names, got {entry['mutators']!r:.60}"
+    controls = entry.get("controls", {})
+    if not (isinstance(controls, dict) and all(isinstance(v, bool) for v in controls.values())):
+        return f"controls must map goals to true or false, got {controls!r:.60}"
+    for name in ("breaches", "flagged", "llm_calls"):
+        if name in entry and (isinstance(entry[name], bool) or not isinstance(entry[name], int)):
+            return f"{name} must be a whole number, got {entry[name]!r:.60}"
+    return None
 
 
 class Continuous:
