@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,13 @@ def test_report_names_an_attempt_whose_fields_have_the_wrong_type(tmp_path: Path
     report = tmp_path / "fuzz.report.jsonl"
     report.write_text(json.dumps({**attempt, field: value}) + "\n")
     fails_with(pyagent("fuzz", "report", str(tmp_path)), f"fuzz.report.jsonl:1: {field} ")
+
+
+@pytest.mark.parametrize("missing", ["task.txt", "agents.yaml", "project"])
+def test_a_fleet_example_without_its_parts_is_one_clear_error(tmp_path: Path, missing: str):
+    example = tmp_path / "example"
+    shutil.copytree(EXAMPLE, example)
+    target = example / missing
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(ConfigError, match=f"{missing}"):
+        FleetTarget(Script(), example)

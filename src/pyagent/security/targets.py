@@ -341,9 +341,12 @@ class FleetTarget:
         self.backend, self.example, self.screen, self.threshold = backend, example, screen, \
             threshold
         self.mode = mode
-        if not (example / "manifest.yaml").is_file():
-            raise ConfigError(f"{example}: no manifest.yaml (the fleet target runs an example "
-                              "folder such as examples/bugfix)")
+        for part, is_there in (("manifest.yaml", Path.is_file), ("agents.yaml", Path.is_file),
+                               ("task.txt", Path.is_file), ("project", Path.is_dir)):
+            if not is_there(example / part):
+                raise ConfigError(f"{example}: no {part} (the fleet target runs an example "
+                                  "folder such as examples/bugfix: manifest.yaml, agents.yaml, "
+                                  "task.txt and project/)")
         self.task_text = (example / "task.txt").read_text().strip()
         self.source = _source_file(example / "project")
 
