@@ -105,7 +105,9 @@ def _pct(share: dict[str, Any]) -> str:
 
 def _cut(head: dict[str, Any]) -> str:
     """How much the defenses cut ASR, and at what cost in utility."""
-    if head["reduction"]:
+    if not head["asr_before"]["n"] or not head["asr_after"]["n"]:
+        cut = "no ASR to compare (a side ran no attacked case)"
+    elif head["reduction"]:
         cut = f"ASR cut {head['reduction']:.1f}x"
     elif head["asr_before"]["k"]:
         cut = (f"ASR cut to zero (at least {head['reduction_at_least']:.1f}x at the 95% upper "

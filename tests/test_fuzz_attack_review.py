@@ -218,3 +218,14 @@ def test_a_fleet_example_without_its_parts_is_one_clear_error(tmp_path: Path, mi
     shutil.rmtree(target) if target.is_dir() else target.unlink()
     with pytest.raises(ConfigError, match=f"{missing}"):
         FleetTarget(Script(), example)
+
+
+def test_the_headline_claims_no_reduction_when_a_side_has_no_attacked_case():
+    from pyagent.security.summary import headline, rate
+
+    figures = {"none": {"asr": rate(3, 4), "utility": rate(1, 1)},
+               "all": {"asr": rate(0, 0), "utility": rate(1, 1)}}
+    head = headline(figures)
+    assert head["reduction"] is None and head["reduction_at_least"] is None
+    head = headline({"none": figures["all"], "all": figures["none"]})
+    assert head["reduction"] is None and head["reduction_at_least"] is None

@@ -78,11 +78,12 @@ def headline(defenses: Mapping[str, Mapping[str, Any]], baseline: str = "none",
         return None
     before, after = defenses[baseline], defenses[defended]
     asr_before, asr_after = before["asr"]["rate"], after["asr"]["rate"]
-    factor = None if not asr_after else asr_before / asr_after
+    measured = before["asr"]["n"] > 0 and after["asr"]["n"] > 0  # no case, no figure
+    factor = asr_before / asr_after if measured and asr_after else None
     return {"baseline": baseline, "defended": defended, "asr_before": before["asr"],
             "asr_after": after["asr"], "reduction": factor,
-            "reduction_at_least": None if asr_after else
-            (asr_before / after["asr"]["high"] if after["asr"]["high"] else None),
+            "reduction_at_least": asr_before / after["asr"]["high"]
+            if measured and not asr_after and after["asr"]["high"] else None,
             "utility_before": before["utility"], "utility_after": after["utility"],
             "utility_loss_points": 100 * (before["utility"]["rate"] - after["utility"]["rate"])
             if before["utility"]["n"] and after["utility"]["n"] else None}
