@@ -90,22 +90,70 @@ def write(tmp_path: Path, until: str, conditions: str = "", tools: str = "") -> 
     return path
 
 
-@pytest.mark.parametrize("until", ["steps.test.data.get('returncode') == 0",
-                                   "steps.test.status == 'ok'"])
-def test_state_conditions_accept_data_and_status(tmp_path: Path, until: str):
-    load_manifest(write(tmp_path, until, "conditions: state"), set(TOOLS))
+def test_state_conditions_accept_status(tmp_path: Path):
+    load_manifest(write(tmp_path, "steps.test.status == 'ok'", "conditions: state"), set(TOOLS))
 
 
 @pytest.mark.parametrize("until", ["'passed' in steps.test.output",
                                    "'passed' in steps['test']['output']",
                                    "steps.test.get('output') == 'ok'",
                                    "steps.test | string | length > 3",
-                                   "steps | length > 0"])
-def test_state_conditions_refuse_the_models_words(tmp_path: Path, until: str):
+                                   "steps | length > 0",
+                                   # data of calls whose arguments the model chose
+                                   "steps.test.data.get('returncode') == 0",
+                                   "steps['test'].data.failed == 0"])
+def test_state_conditions_refuse_what_the_model_steers(tmp_path: Path, until: str):
     path = write(tmp_path, until, "conditions: state")
-    with pytest.raises(ConfigError, match=r"manifest.yaml:\d+: .*data and status"):
+    with pytest.raises(ConfigError, match=r"manifest.yaml:\d+: .*conditions: state allows only"):
         load_manifest(path, set(TOOLS))
     load_manifest(write(tmp_path, until), set(TOOLS))  # allowed without the option
+
+
+CHECKED = """name: m
+agents: agents.yaml
+conditions: state
+goal:
+  description: tests pass
+  checks: [{{tool: run_tests}}]
+steps:
+  - id: fix
+    loop:
+      max_iterations: 2
+{ending}
+      steps:
+        - id: test
+          agent: tester
+          instruction: "{{% if loop.iteration > 1 %}}{{{{ steps.fix.output }}}}{{% endif %}}"
+  - {{id: audit, agent: tester, instruction: Report., when: "{when}"}}
+"""
+
+
+def checked(tmp_path: Path, when: str, ending: str = "      check: {tool: run_tests}") -> Path:
+    (tmp_path / "agents.yaml").write_text(
+        "agents:\n  - {name: tester, role: Tests., tools: [run_tests, shell]}\n")
+    path = tmp_path / "manifest.yaml"
+    path.write_text(CHECKED.format(ending=ending, when=when))
+    return path
+
+
+def test_a_loops_check_is_state_later_steps_may_decide_on(tmp_path: Path):
+    for when in ("steps.fix.status == 'passed'", "steps.fix.data.failed == 0"):
+        manifest = load_manifest(checked(tmp_path, when), set(TOOLS))
+        assert manifest.steps[0].loop.check.tool == "run_tests"
+    with pytest.raises(ConfigError, match=r"manifest.yaml:\d+: .*conditions: state allows only"):
+        load_manifest(checked(tmp_path, "'passed' in steps.fix.output"), set(TOOLS))
+
+
+@pytest.mark.parametrize("ending, message", [
+    ("      until: 'true'\n      check: {tool: run_tests}", "exactly one of `until`"),
+    ("", "exactly one of `until`"),
+    ("      check: {tool: nope}", r"steps.0.loop.check.tool: unknown tool 'nope'"),
+    ("      check: {tool: run_tests, expect: 'data.failed =='}", "invalid template"),
+    ("      check: {tool: write_file, arguments: {path: a, content: b}}", "may not write"),
+    ("      until: \"steps.test.status == 'ok'\"", "refers to step 'fix'")])
+def test_a_bad_loop_ending_is_one_error_naming_its_line(tmp_path: Path, ending, message):
+    with pytest.raises(ConfigError, match=rf"manifest.yaml:\d+: .*{message}"):
+        load_manifest(checked(tmp_path, "steps.fix.status == 'passed'", ending), set(TOOLS))
 
 
 def test_step_tools_must_belong_to_the_agent(tmp_path: Path):

@@ -153,9 +153,8 @@ def test_a_condition_that_is_not_one_expression_fails_when_loaded(tmp_path: Path
 
 
 def test_legit_state_conditions_still_load(tmp_path: Path):
-    for until in ("steps.test.data.get('returncode') == 0 and steps.test.status == 'ok'",
-                  "steps['test'].data.failed == 0", "loop.iteration > 2 or "
-                  "(steps.test.data.get('passed', 0) > 0 and not steps.test.data.failures)"):
+    for until in ("steps.test.status == 'ok'", "steps['test'].status != 'skipped'",
+                  "loop.iteration > 2 or (steps.test.status == 'ok' and not steps.test.status)"):
         load_manifest(write(tmp_path, until, "conditions: state"), set(TOOLS))
 
 
@@ -229,3 +228,20 @@ def test_the_headline_claims_no_reduction_when_a_side_has_no_attacked_case():
     assert head["reduction"] is None and head["reduction_at_least"] is None
     head = headline({"none": figures["all"], "all": figures["none"]})
     assert head["reduction"] is None and head["reduction_at_least"] is None
+
+
+def test_a_tester_who_narrows_the_test_run_cannot_end_the_shipped_loop(tmp_path: Path):
+    """The shipped manifest's loop ends on the runtime's own test run, not on the tester's: a
+    run of one passing test (data.returncode 0) ends neither the loop nor opens the audit."""
+    narrowed = ("", [ToolCall("t1", "run_tests", json.dumps({"keyword": "test_add"}))])
+    replies = [reply for _ in range(3) for reply in ("no change", narrowed, "all tests pass")]
+    manifest = load_manifest(EXAMPLE / "manifest.yaml", set(TOOLS))
+    shutil.copytree(EXAMPLE / "project", tmp_path / "ws")
+    model = Script(*replies)
+    result = Orchestrator(manifest, lambda _a: model, tmp_path / "ws", EventBus(),
+                          MemoryCheckpointStore()).run("Fix it", "r1")
+    assert result.outputs["test"]["data"]["returncode"] == 0  # what the old `until` read
+    assert result.outputs["fix"]["status"] == "failed" and result.outputs["fix"]["iteration"] == 3
+    assert "failed" in result.outputs["fix"]["output"]
+    assert result.outputs["audit"]["status"] == "skipped"
+    assert result.status == "goal_not_met" and "loop 'fix' ran out of rounds" in result.error

@@ -100,7 +100,8 @@ def test_fleet_variants_and_a_judged_fleet_run(backend, tmp_path: Path):
     loose = yaml.safe_load(target._variant(undefended, tmp_path / "a").read_text())
     strict = yaml.safe_load(target._variant(defended, tmp_path / "b").read_text())
     assert "output" in loose["steps"][0]["loop"]["until"] and "conditions" not in loose
-    assert strict["conditions"] == "state"
+    assert "check" not in loose["steps"][0]["loop"] and "steps.fix" not in str(loose)
+    assert strict["conditions"] == "state" and strict["steps"][0]["loop"]["check"]
     agents = yaml.safe_load((tmp_path / "b" / "agents.yaml").read_text())["agents"]
     assert all(a["defenses"]["spotlight"] == "datamark" for a in agents)
     cases = plan([target], [bypass], ["tool_output"], [DEFENSES["none"]], benign=0)

@@ -188,7 +188,7 @@ def test_a_template_failing_at_run_time_ends_the_run_as_error(tmp_path, setup, a
     result = Orchestrator(broken, lambda agent: CountingBackend(agent_engine), workspace, bus,
                           store).run("Fix remove()", run_id="broken")
     assert result.status == "error"
-    assert result.error == (f"{path}:17: steps.0.loop.steps.0.instruction: cannot render: "
+    assert result.error == (f"{path}:20: steps.0.loop.steps.0.instruction: cannot render: "
                             "UndefinedError: 'dict object' has no attribute 'test'")
     assert store.get("broken").state["status"] == "error"
     assert [r.status for r in traces.runs() if r.run_id == "broken"] == ["ok"]  # span closed

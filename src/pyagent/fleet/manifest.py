@@ -4,6 +4,7 @@ anything runs.
 ```yaml
 name: code-test-audit
 agents: agents.yaml                    # relative to this file
+conditions: state                      # when/until decide on state the runtime computed
 goal:                                  # checked by the runtime on the workspace after the last step
   description: The project's tests pass.
   checks:                              # all must pass; each is a tool call and what must hold
@@ -13,26 +14,33 @@ steps:
   - id: fix                            # a bounded loop: Code -> Test until the tests pass
     loop:
       max_iterations: 3
-      until: "steps.test.data.get('returncode') == 0"
+      check: {tool: run_tests}         # run by the runtime after every round (or `until:`)
       steps:
         - {id: code, agent: coder, instruction: "Fix this bug: {{ task }}"}
         - {id: test, agent: tester, instruction: "Run the tests.", retries: 1}
   - id: audit
     agent: auditor
-    when: "steps.test.data.get('returncode') == 0"
-    instruction: "Review the change. Test report: {{ steps.test.output }}"
+    when: "steps.fix.status == 'passed'"
+    instruction: "Review the change. Test report: {{ steps.fix.output }}"
     timeout_s: 120
     tools: [lint]                      # least privilege: this step may use only these
 ```
 Instructions are Jinja templates over `task`, `steps.<id>` (`output`, `data`, `status`) and
 `loop.iteration`; `when` and `until` are Jinja expressions over the same names. A template may
-only name steps that run before it (or, inside a loop, any step of that loop). A step's `data` is
-that of its last successful tool call; a test step whose pytest ran no test has none, so a
-condition on `returncode` never mistakes "nothing ran" for "nothing failed".
+only name steps that run before it (or, inside a loop, any step of that loop and the loop itself).
+A step's `data` is that of its last successful tool call; a test step whose pytest ran no test has
+none, so a condition on `returncode` never mistakes "nothing ran" for "nothing failed".
 
-`tools` narrows a step to some of its agent's tools. `conditions: state` (at the top) refuses a
-`when` or `until` that reads a step's `output` (the model's own words, which injected text can
-steer): only `data` and `status`, which tools and the runtime set, may decide.
+A loop ends when its `until` holds or, with a `check` instead, when the check passes: a tool call
+with arguments the manifest pins, run by the runtime on the workspace after every round, like the
+goal's. The loop's own `steps.<loop id>` is then the latest check's `output` and `data`, with
+`status` `passed` or `failed`.
+
+`tools` narrows a step to some of its agent's tools. `conditions: state` (at the top) lets a
+`when` or `until` decide only on what an agent cannot steer: any step's `status`, and the `data`
+of a loop's check. A step's `output` is the model's words, and its `data` comes from tool calls
+whose arguments the model chose (a test run narrowed to one passing test, any command that exits
+0), so injected text can steer both.
 
 The goal is what decides a run's outcome: `succeeded` when its check passes, `goal_not_met`
 otherwise (with the check's output, and any loop that ran out of rounds), `error` when a step
@@ -72,16 +80,31 @@ class StepSpec(BaseModel):
     tools: list[str] | None = None
 
 
+class CheckSpec(BaseModel):
+    """A tool the runtime calls on the workspace, and an expression over the call's `data` and
+    `output` that must hold (default: the call succeeds and, where it reports one, its
+    `returncode` is 0)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tool: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    expect: str = "data.get('returncode', 0) == 0"
+    timeout_s: float = Field(300.0, gt=0)
+
+
 class LoopBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     steps: list[StepSpec] = Field(min_length=1)
-    until: str
+    until: str | None = None
+    check: CheckSpec | None = None
     max_iterations: int = Field(ge=1, le=100)
 
 
 class LoopSpec(BaseModel):
-    """Steps repeated until a condition holds, at most `max_iterations` times."""
+    """Steps repeated until a condition holds (`until`) or a check the runtime runs after each
+    round passes (`check`), at most `max_iterations` times."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -96,19 +119,6 @@ def _kind(value: Any) -> str:
     is_loop = isinstance(value, dict | LoopSpec) and (
         isinstance(value, LoopSpec) or "loop" in value)
     return LOOP if is_loop else STEP
-
-
-class CheckSpec(BaseModel):
-    """A tool the runtime calls on the workspace, and an expression over the call's `data` and
-    `output` that must hold (default: the call succeeds and, where it reports one, its
-    `returncode` is 0)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    tool: str
-    arguments: dict[str, Any] = Field(default_factory=dict)
-    expect: str = "data.get('returncode', 0) == 0"
-    timeout_s: float = Field(300.0, gt=0)
 
 
 class GoalSpec(BaseModel):
@@ -149,8 +159,8 @@ class Manifest:
         return [s.id for item in self.steps for s in _flatten(item)]
 
     def where(self, item: str, name: str) -> str:
-        """`file:line: field` of field `name` (instruction, when, until; `checks.N.expect` of
-        `goal`) of step, loop or `goal` `item`, for error messages."""
+        """`file:line: field` of field `name` (instruction, when, until, `check.expect`;
+        `checks.N.expect` of `goal`) of step, loop or `goal` `item`, for error messages."""
         return self.sources.get((item, name), f"{self.path}: {item}.{name}")
 
 
@@ -163,9 +173,9 @@ def load_manifest(path: Path, known_tools: set[str] | None = None) -> Manifest:
     if not agents_path.is_file():
         raise config_error(path, lines, ("agents",), f"agents: no agents file at {agents_path}")
     agents = load_agents(agents_path, known_tools)
-    checker = _Checker(path, lines, state_only=spec.conditions == "state")
+    checker = _Checker(path, lines, known_tools, state_only=spec.conditions == "state")
     checker.steps(spec, agents)
-    checker.goal(spec.goal, known_tools)
+    checker.goal(spec.goal)
     return Manifest(path.resolve(), spec.name, spec.description, spec.goal, tuple(spec.steps),
                     agents, checker.sources, (path.resolve(), agents_path))
 
@@ -174,12 +184,13 @@ def _key(node: nodes.Getattr | nodes.Getitem) -> object:
     return node.attr if isinstance(node, nodes.Getattr) else getattr(node.arg, "value", None)
 
 
-def _state_only(tree: nodes.Template) -> bool:
-    """Whether every use of `steps` in `tree` is `steps.<id>.data` or `steps.<id>.status`."""
+def _state_only(tree: nodes.Template, checked: set[str]) -> bool:
+    """Whether every use of `steps` in `tree` is `steps.<id>.status` or, for a loop in
+    `checked` (one with a runtime check), `steps.<loop id>.data`."""
     lookups = list(tree.find_all((nodes.Getattr, nodes.Getitem)))
     steps = [n for n in lookups if isinstance(n.node, nodes.Name) and n.node.name == "steps"]
-    allowed = {id(n.node) for n in lookups
-               if any(n.node is step for step in steps) and _key(n) in ("data", "status")}
+    allowed = {id(n.node) for n in lookups for step in steps if n.node is step and (
+        _key(n) == "status" or (_key(n) == "data" and _key(step) in checked))}
     names = sum(1 for n in tree.find_all(nodes.Name) if n.name == "steps")
     return names == len(steps) and all(id(step) in allowed for step in steps)
 
@@ -191,9 +202,11 @@ def _flatten(item: StepSpec | LoopSpec) -> list[StepSpec]:
 class _Checker:
     """Checks a manifest's references and templates, and records where each template is."""
 
-    def __init__(self, path: Path, lines: Lines, state_only: bool = False) -> None:
-        self.path, self.lines = path, lines
+    def __init__(self, path: Path, lines: Lines, known_tools: set[str] | None,
+                 state_only: bool = False) -> None:
+        self.path, self.lines, self.known_tools = path, lines, known_tools
         self.state_only = state_only
+        self.checked: set[str] = set()  # loops with a runtime check
         self.env = TemplateEnvironment()
         self.sources: dict[tuple[str, str], str] = {}
 
@@ -201,6 +214,10 @@ class _Checker:
         return config_error(self.path, self.lines, where, message)
 
     def steps(self, spec: ManifestFile, agents: dict[str, AgentSpec]) -> None:
+        loops = {item.id: item.loop.check is not None for item in spec.steps
+                 if isinstance(item, LoopSpec)}
+        self.checked = {name for name, checked in loops.items() if checked}
+        silent = set(loops) - self.checked  # a loop with `until` has no output of its own
         seen: set[str] = set()
         for index, item in enumerate(spec.steps):
             where: tuple[Any, ...] = ("steps", index)
@@ -214,14 +231,17 @@ class _Checker:
                 if repeated:
                     raise self.error((*where, "loop", "steps"),
                                      f"step ids {sorted(repeated)} are used twice")
-                visible = seen | inner
+                if (item.loop.until is None) == (item.loop.check is None):
+                    raise self.error((*where, "loop"), f"steps.{index}.loop: loop {item.id!r} "
+                                     "needs exactly one of `until` (a condition) and `check` (a "
+                                     "tool call the runtime runs after each round)")
+                visible = (seen - silent) | inner
                 for j, step in enumerate(item.loop.steps):
                     self.step(step, (*where, "loop", "steps", j), visible, agents)
-                self.text(item.id, "until", item.loop.until, (*where, "loop", "until"), visible,
-                          expression=True)
+                self.ending(item, (*where, "loop"), visible)
                 seen |= inner
             else:
-                self.step(item, where, seen - {item.id}, agents)
+                self.step(item, where, seen - silent - {item.id}, agents)
 
     def step(self, step: StepSpec, where: tuple[Any, ...], visible: set[str],
              agents: dict[str, AgentSpec]) -> None:
@@ -238,19 +258,32 @@ class _Checker:
         if step.when is not None:
             self.text(step.id, "when", step.when, (*where, "when"), visible, expression=True)
 
-    def goal(self, goal: GoalSpec, known_tools: set[str] | None) -> None:
+    def ending(self, item: LoopSpec, where: tuple[Any, ...], visible: set[str]) -> None:
+        """A loop's `until` condition or its `check`."""
+        loop = item.loop
+        if loop.until is not None:
+            self.text(item.id, "until", loop.until, (*where, "until"), visible, expression=True)
+        else:
+            assert loop.check is not None
+            self.check(item.id, "check.expect", loop.check, (*where, "check"))
+
+    def goal(self, goal: GoalSpec) -> None:
         for index, check in enumerate(goal.checks):
-            where = ("goal", "checks", index)
-            if known_tools is not None and check.tool not in known_tools:
-                raise self.error((*where, "tool"), f"goal.checks.{index}.tool: unknown tool "
-                                 f"{check.tool!r}; known tools: {', '.join(sorted(known_tools))}")
-            self.text("goal", f"checks.{index}.expect", check.expect, (*where, "expect"), set(),
-                      expression=True, names=GOAL_NAMES)
-            if check.tool in TOOLS:
-                self.arguments(check, (*where, "arguments"))
+            self.check("goal", f"checks.{index}.expect", check, ("goal", "checks", index))
+
+    def check(self, item: str, name: str, check: CheckSpec, where: tuple[Any, ...]) -> None:
+        """A check's tool must exist, its arguments suit the tool and its `expect` parse."""
+        field = ".".join(map(str, where))
+        if self.known_tools is not None and check.tool not in self.known_tools:
+            raise self.error((*where, "tool"), f"{field}.tool: unknown tool {check.tool!r}; "
+                             f"known tools: {', '.join(sorted(self.known_tools))}")
+        self.text(item, name, check.expect, (*where, "expect"), set(), expression=True,
+                  names=GOAL_NAMES)
+        if check.tool in TOOLS:
+            self.arguments(check, (*where, "arguments"))
 
     def arguments(self, check: CheckSpec, where: tuple[Any, ...]) -> None:
-        """A goal check's arguments must suit its tool, and a `shell` check's program exist,
+        """A check's arguments must suit its tool, and a `shell` check's program exist,
         so that a check that can never run fails before the run, not after it."""
         field = ".".join(str(part) for part in where)
         try:
@@ -261,7 +294,7 @@ class _Checker:
             raise self.error(where, f"{field}{'.' + inner if inner else ''}: {error['msg']}") \
                 from None
         if check.tool == "write_file":
-            raise self.error(where, f"{field}: a goal check reads the workspace; it may not "
+            raise self.error(where, f"{field}: a check reads the workspace; it may not "
                              "write to it")
         path = getattr(parsed, "path", None)
         if isinstance(path, str) and (path.startswith("/") or ".." in Path(path).parts):
@@ -288,10 +321,11 @@ class _Checker:
         if unknown:
             raise self.error(where, f"{field}: unknown names {sorted(unknown)}; use "
                              f"{', '.join(sorted(names))}")
-        if expression and self.state_only and not _state_only(tree):
-            raise self.error(where, f"{field}: reads more of a step than its data and status (its "
-                             "output is the model's words, which injected text can steer); "
-                             "conditions: state allows only steps.<id>.data and .status")
+        if expression and self.state_only and not _state_only(tree, self.checked):
+            raise self.error(where, f"{field}: decides on what an agent can steer (a step's "
+                             "output is the model's words; its data, tool calls whose arguments "
+                             "the model chose); conditions: state allows only steps.<id>.status "
+                             "and steps.<loop>.data of a loop with a `check`")
         for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
             key = _key(node)
             if isinstance(key, str) and key.startswith("_"):

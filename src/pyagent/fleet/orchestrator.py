@@ -207,7 +207,11 @@ class Orchestrator:
                 while cursor["inner"] < len(body):
                     self._step(body[cursor["inner"]], state, span, cursor["iteration"],
                                lambda: cursor.update(inner=cursor["inner"] + 1))
-                done = self._holds(item.id, "until", item.loop.until, state, cursor["iteration"])
+                if item.loop.check is not None:
+                    done = self._loop_check(item, state, span, cursor["iteration"])
+                else:
+                    done = self._holds(item.id, "until", item.loop.until or "", state,
+                                       cursor["iteration"])
                 if done:
                     cursor.update(item=cursor["item"] + 1, iteration=1, inner=0)
                 elif cursor["iteration"] >= item.loop.max_iterations:
@@ -273,11 +277,12 @@ class Orchestrator:
         goal = self.manifest.goal
         with run_span.child("goal", "check_goal",
                             **{"pyagent.goal.description": goal.description}) as span:
-            results = [self._check(index, check) for index, check in enumerate(goal.checks)]
-            met = all(passed for passed, _ in results)
+            results = [self._check(check, self.manifest.where("goal", f"checks.{index}.expect"))
+                       for index, check in enumerate(goal.checks)]
+            met = all(passed for passed, _, _ in results)
             span.set("pyagent.goal.met", met)
         failed = [f"{goal.checks[i].tool}: {_gist(output)}"
-                  for i, (passed, output) in enumerate(results) if not passed]
+                  for i, (passed, output, _) in enumerate(results) if not passed]
         reasons = [f"goal check failed ({goal.description}): {'; '.join(failed)}"] if failed \
             else []
         reasons += [f"loop {loop!r} ran out of rounds without its condition holding"
@@ -285,24 +290,40 @@ class Orchestrator:
         state["goal"] = {"description": goal.description, "met": met,
                          "checks": [{"tool": c.tool, "passed": passed,
                                      "output": output[-GOAL_OUTPUT_CHARS:]}
-                                    for c, (passed, output) in zip(goal.checks, results,
-                                                                   strict=True)]}
+                                    for c, (passed, output, _) in zip(goal.checks, results,
+                                                                      strict=True)]}
         state["status"] = SUCCEEDED if met else GOAL_NOT_MET
         state["error"] = None if met else "; ".join(reasons)
 
-    def _check(self, index: int, check: CheckSpec) -> tuple[bool, str]:
-        """Whether one goal check passes, and the output of its tool call."""
+    def _loop_check(self, loop: LoopSpec, state: dict[str, Any], run_span: Span,
+                    iteration: int) -> bool:
+        """Run a loop's check after a round; `steps.<loop id>` becomes its result."""
+        check = loop.loop.check
+        assert check is not None
+        with run_span.child("goal", f"check {loop.id}", **{"pyagent.check.loop": loop.id,
+                                                           "pyagent.loop.iteration": iteration,
+                                                           "gen_ai.tool.name": check.tool}
+                            ) as span:
+            passed, output, data = self._check(check, self.manifest.where(loop.id,
+                                                                          "check.expect"))
+            span.set("pyagent.check.passed", passed)
+        state["outputs"][loop.id] = {"output": output[-GOAL_OUTPUT_CHARS:], "data": data,
+                                     "status": "passed" if passed else "failed",
+                                     "iteration": iteration}
+        return passed
+
+    def _check(self, check: CheckSpec, where: str) -> tuple[bool, str, dict[str, Any]]:
+        """Whether a check passes, and the output and data of its tool call."""
         context = ToolContext(self.workspace, limits=Limits(timeout_s=check.timeout_s),
                               allowed_commands=frozenset(_goal_commands(check.arguments)),
                               writable=())
         try:
             outcome = make_tool(check.tool).call(check.arguments, context)
         except ToolError as exc:
-            return False, f"failed: {exc}"
-        where = self.manifest.where("goal", f"checks.{index}.expect")
+            return False, f"failed: {exc}", {}
         passed = self.templates.holds(check.expect, where, data=dict(outcome.data),
                                       output=outcome.output)
-        return passed, outcome.output
+        return passed, outcome.output, dict(outcome.data)
 
     def _transcript(self, agent: AgentSpec, instruction: str,
                     state: dict[str, Any]) -> tuple[list[Message], Message]:

@@ -19,7 +19,8 @@ A split payload's second half goes into the other tool result (assistant) or the
 
 Undefended, every agent holds every tool (a shared toolbox) and the fleet's loop ends on the
 tester's words; the `least_privilege` and `state_conditions` defenses narrow the tools to what the
-task or step needs and decide on tool state only, as `examples/bugfix` ships.
+task or step needs and decide on the runtime's own test run (the loop's `check`) only, as
+`examples/bugfix` ships.
 """
 
 from __future__ import annotations
@@ -399,7 +400,7 @@ class FleetTarget:
             detach()
         wall = time.perf_counter() - start
         state = runner.store.get(run_id).state
-        answers = [out.get("output", "") for out in state["outputs"].values()]
+        answers = [out["output"] for out in state["outputs"].values() if "agent" in out]
         goal_met = bool(state.get("goal") and state["goal"]["met"])
         passed = state["cursor"]["item"]  # the items the run walked past (a failed one: not)
         run = {"status": result.status, "goal_met": goal_met,
@@ -432,6 +433,7 @@ class FleetTarget:
         if case.defense.state_conditions:
             manifest["conditions"] = "state"
         else:
+            manifest.pop("conditions", None)
             _text_conditions(manifest)
         manifest["agents"] = "agents.yaml"
         (folder / "agents.yaml").write_text(yaml.safe_dump(agents, sort_keys=False))
@@ -440,13 +442,17 @@ class FleetTarget:
 
 
 def _text_conditions(manifest: dict[str, Any]) -> None:
-    """Conditions on the tester's words instead of the test tool's state, as frameworks that
-    let a model report the outcome do."""
+    """Conditions on the tester's words instead of the runtime's checks, as frameworks that let
+    a model report the outcome do; instructions quote the tester's report instead of a check's."""
+    checked = [item["id"] for item in manifest["steps"] if item.get("loop", {}).pop("check", 0)]
     for item in manifest["steps"]:
         if "loop" in item:
             item["loop"]["until"] = TEXT_UNTIL
         elif "when" in item:
             item["when"] = TEXT_UNTIL
+        for step in item.get("loop", {}).get("steps", [item]):
+            for loop in checked:
+                step["instruction"] = step["instruction"].replace(f"steps.{loop}.", "steps.test.")
 
 
 def _source_file(project: Path) -> str:
