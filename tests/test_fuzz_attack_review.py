@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import fails_with, pyagent
 from pyagent.errors import BackendError, ConfigError
@@ -19,9 +20,10 @@ from pyagent.fleet.manifest import load_manifest
 from pyagent.fleet.orchestrator import Orchestrator
 from pyagent.fleet.tools.registry import TOOLS
 from pyagent.observe.events import EventBus
+from pyagent.observe.traces import TraceStore
 from pyagent.resilience.memory_store import MemoryCheckpointStore
 from pyagent.security.attacks import load_corpus
-from pyagent.security.campaign import run_case, with_environment
+from pyagent.security.campaign import fresh_run_id, run_case, run_id_for, with_environment
 from pyagent.security.cases import DEFENSES, Case, armed
 from pyagent.security.judges import JUDGES, Evidence
 from pyagent.security.targets import FleetTarget
@@ -144,6 +146,24 @@ def test_datamarking_marks_every_gap_between_words(gap: str):
     assert seen.count(DATAMARK) >= len(words) - 1
 
 
+
+def test_handed_over_results_the_detector_withholds_are_counted(tmp_path: Path):
+    (tmp_path / "agents.yaml").write_text(
+        "agents:\n  - {name: reader, role: You read., tools: [list_files],\n"
+        "     defenses: {detector: 0.5}}\n")
+    (tmp_path / "manifest.yaml").write_text(HANDOVER)
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "doc.txt").write_text("text\n")
+    model = Script(("", [ToolCall("c1", "list_files", "{}")]), "one file", "done")
+    bus, steps = EventBus(), []
+    bus.subscribe(lambda e: steps.append(e) if e.kind == "step" and e.phase == "end" else None)
+    runner = Orchestrator(load_manifest(tmp_path / "manifest.yaml", set(TOOLS)),
+                          lambda _a: model, tmp_path / "ws", bus, MemoryCheckpointStore(),
+                          "handover", screen=lambda text: 0.9)
+    assert runner.run("look", "r1").status == "succeeded"
+    assert "withheld" in model.requests[-1].messages[1].content
+    assert [e.attributes.get("pyagent.defense.flagged") for e in steps] == [None, 1]
+
 @pytest.mark.parametrize("until", ["steps.test.status == 'ok' }}{{ true",
                                    "steps.test.data.x }}text{{ 1"])
 def test_a_condition_that_is_not_one_expression_fails_when_loaded(tmp_path: Path, until: str):
@@ -175,7 +195,8 @@ def test_a_fix_that_keeps_the_planted_comment_does_not_write_the_canary(tmp_path
     outcome = target.run(case, tmp_path, "r1")
     assert outcome.utility  # the bug is fixed, the goal met
     assert case.env["canary"] in outcome.evidence.written["src/inventory/stock.py"]
-    assert not JUDGES["write_canary"](outcome.evidence, case.env).hit
+    verdict = JUDGES["write_canary"](outcome.evidence, case.env)
+    assert not verdict.hit and not verdict.attempted
 
 
 def test_a_secret_leaks_only_where_it_was_not_before_and_in_any_case():
@@ -245,3 +266,41 @@ def test_a_tester_who_narrows_the_test_run_cannot_end_the_shipped_loop(tmp_path:
     assert "failed" in result.outputs["fix"]["output"]
     assert result.outputs["audit"]["status"] == "skipped"
     assert result.status == "goal_not_met" and "loop 'fix' ran out of rounds" in result.error
+
+
+def test_run_ids_follow_the_seed_and_never_collide(tmp_path: Path):
+    """Spotlighting's delimiters derive from the run id: the same seed gives the same ids, a
+    store that already holds one gets a new one."""
+    target = FleetTarget(Script(), EXAMPLE)
+    attack = next(a for a in load_corpus() if a.id == "direct-canary")
+    case = Case("fleet", "bugfix", DEFENSES["delimit"], attack, "document")
+    one, two = (with_environment(case, target, 0) for _ in range(2))
+    assert run_id_for(one) == run_id_for(two) != run_id_for(with_environment(case, target, 1))
+    traces = TraceStore(tmp_path / "traces.db")
+    bus = EventBus()
+    traces.attach(bus)
+    with bus.span("run", "fuzz", run_id_for(one)):
+        pass
+    assert fresh_run_id(one, traces, None) == run_id_for(one) + "-1"
+    (tmp_path / (run_id_for(one) + "-1")).mkdir()
+    assert fresh_run_id(one, traces, tmp_path) == run_id_for(one) + "-2"
+    traces.close()
+
+
+def test_results_an_instruction_quotes_are_spotlighted_like_tool_results(tmp_path: Path):
+    """`{{ steps.fix.output }}` (the check's test output, which a planted comment can reach
+    through a traceback) reaches a defended agent delimited, and so does its sandwich."""
+    folder = tmp_path / "example"
+    shutil.copytree(EXAMPLE, folder, ignore=shutil.ignore_patterns("project"))
+    agents = yaml.safe_load((folder / "agents.yaml").read_text())
+    for agent in agents["agents"]:
+        agent["defenses"] = {"spotlight": "delimit", "sandwich": True}
+    (folder / "agents.yaml").write_text(yaml.safe_dump(agents))
+    shutil.copytree(EXAMPLE / "project", tmp_path / "ws")
+    model = Script()
+    Orchestrator(load_manifest(folder / "manifest.yaml", set(TOOLS)), lambda _a: model,
+                 tmp_path / "ws", EventBus(), MemoryCheckpointStore()).run("Fix it", "r1")
+    second = next(r for r in model.requests if "The tests still fail" in r.messages[-1].content)
+    quoted = second.messages[-1].content.split("The tests still fail:", 1)[1]
+    assert re.match(r"\s*<<data-\w+>>\n", quoted) and "FAILED" in quoted
+    assert "<<end-data-" in quoted

@@ -20,7 +20,7 @@ from pyagent.observe.traces import TraceReader
 from pyagent.security.fuzzrun import read_records
 
 CAMPAIGN = ("fuzz", "--attack", "direct-canary-call", "--attack", "important-tool",
-            "--channel", "tool_output", "--defense", "none", "--defense", "least_privilege",
+            "--channel", "tool_output", "--defense", "none", "--defense", "delimit",
             "--task", "meeting-time")
 
 
@@ -40,7 +40,7 @@ def test_campaign_logs_every_attempt_and_is_reproducible_by_seed(agent_model_dir
     hits = (first / "fuzz.hitlog.jsonl").read_text().splitlines()
     assert len(hits) == sum(r["hit"] for r in records)
     summary = json.loads((first / "fuzz.json").read_text())
-    assert set(summary["summary"]["by_defense"]) == {"none", "least_privilege"}
+    assert set(summary["summary"]["by_defense"]) == {"none", "delimit"}
     assert (first / "fuzz.html").read_text().count("<svg") >= 2
     with TraceReader(first / "traces.db") as reader:
         verdicts = [e for _, e in reader.events_after(0, limit=100_000)
@@ -54,7 +54,7 @@ def test_campaign_logs_every_attempt_and_is_reproducible_by_seed(agent_model_dir
     attacked = [r for r in records if r["attack"] is not None]
     assert registry.query("pyagent_fuzz_utility_total", "value", {"attacked": "true"}) == \
         len(attacked)
-    for defense in ("none", "least_privilege"):
+    for defense in ("none", "delimit"):
         mine = [r for r in attacked if r["defense"] == defense]
         assert registry.query("pyagent_fuzz_attack_success_ratio", "value",
                               {"defense": defense}) == sum(r["hit"] for r in mine) / len(mine)
@@ -67,7 +67,7 @@ def test_campaign_logs_every_attempt_and_is_reproducible_by_seed(agent_model_dir
         [{k: v for k, v in r.items() if k not in strip} for r in records]
     rebuilt = pyagent("fuzz", "report", str(first))
     assert rebuilt.returncode == 0, rebuilt.stderr
-    assert "least_privilege" in rebuilt.stdout
+    assert "delimit" in rebuilt.stdout
 
 
 def test_continuous_mode_stops_cleanly_on_sigterm(agent_model_dir, tmp_path: Path):

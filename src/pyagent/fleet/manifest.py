@@ -154,6 +154,12 @@ class Manifest:
     agents: dict[str, AgentSpec]
     sources: dict[tuple[str, str], str] = field(default_factory=dict)
     files: tuple[Path, ...] = ()  # the manifest and its agents file
+    quotes: dict[str, frozenset[str] | None] = field(default_factory=dict)
+
+    def quoted(self, step: str) -> frozenset[str] | None:
+        """The steps whose results `step`'s instruction names (None: any, by a computed name,
+        or not known)."""
+        return self.quotes.get(step)
 
     def step_ids(self) -> list[str]:
         return [s.id for item in self.steps for s in _flatten(item)]
@@ -177,7 +183,7 @@ def load_manifest(path: Path, known_tools: set[str] | None = None) -> Manifest:
     checker.steps(spec, agents)
     checker.goal(spec.goal)
     return Manifest(path.resolve(), spec.name, spec.description, spec.goal, tuple(spec.steps),
-                    agents, checker.sources, (path.resolve(), agents_path))
+                    agents, checker.sources, (path.resolve(), agents_path), checker.quotes)
 
 
 def _key(node: nodes.Getattr | nodes.Getitem) -> object:
@@ -209,6 +215,7 @@ class _Checker:
         self.checked: set[str] = set()  # loops with a runtime check
         self.env = TemplateEnvironment()
         self.sources: dict[tuple[str, str], str] = {}
+        self.quotes: dict[str, frozenset[str] | None] = {}  # step -> steps its instruction names
 
     def error(self, where: tuple[Any, ...], message: str) -> Exception:
         return config_error(self.path, self.lines, where, message)
@@ -326,6 +333,12 @@ class _Checker:
                              "output is the model's words; its data, tool calls whose arguments "
                              "the model chose); conditions: state allows only steps.<id>.status "
                              "and steps.<loop>.data of a loop with a `check`")
+        named = [_key(node) for node in tree.find_all((nodes.Getattr, nodes.Getitem))
+                 if isinstance(node.node, nodes.Name) and node.node.name == "steps"]
+        if name == "instruction":  # which results it quotes (None: any, by a computed name)
+            uses = sum(n.name == "steps" for n in tree.find_all(nodes.Name))
+            exact = len(named) == uses and all(isinstance(key, str) for key in named)
+            self.quotes[item] = frozenset(str(key) for key in named) if exact else None
         for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
             key = _key(node)
             if isinstance(key, str) and key.startswith("_"):

@@ -34,7 +34,7 @@ from typing import Any, Literal
 from pyagent.errors import ConfigError, PyAgentError
 from pyagent.fleet.agent import AgentSpec
 from pyagent.fleet.compaction import Compaction
-from pyagent.fleet.defenses import Screen
+from pyagent.fleet.defenses import Guard, Screen
 from pyagent.fleet.manifest import CheckSpec, LoopSpec, Manifest, StepSpec
 from pyagent.fleet.templates import Templates
 from pyagent.fleet.tools.base import Limits, Tool, ToolContext, ToolError, Workspace
@@ -238,17 +238,21 @@ class Orchestrator:
         if step.timeout_s is not None:
             agent = agent.model_copy(update={"limits": agent.limits.model_copy(
                 update={"wall_time_s": min(agent.limits.wall_time_s, step.timeout_s)})})
+        quoted, withheld = self._quoted(agent, step.id, state)
         instruction = self.templates.render(
             step.instruction, self.manifest.where(step.id, "instruction"), task=state["task"],
-            steps=state["outputs"], loop={"iteration": iteration})
+            steps=quoted, loop={"iteration": iteration})
         elided = self.compaction.apply(state["transcript"]) if self.compaction else 0
-        transcript, logged = self._transcript(agent, instruction, state)
+        transcript, logged, flagged = self._transcript(agent, instruction, state)
+        withheld += flagged
         tools = self.shared_tools if self.mode == "sequenced" else None
         attempts = step.retries + 1
         with run_span.child("step", f"step {step.id}", **{"pyagent.step.id": step.id,
                                                          "pyagent.loop.iteration": iteration,
                                                          "pyagent.compaction.elided_chars": elided}
                             ) as span:
+            if withheld:
+                span.set("pyagent.defense.flagged", withheld)
             for attempt in range(1, attempts + 1):
                 try:
                     with span.child("agent", f"invoke_agent {agent.name}",
@@ -271,6 +275,20 @@ class Orchestrator:
             advance()
             self._save(state)
             span.set("pyagent.checkpoint.seq", state["seq"])
+
+    def _quoted(self, agent: AgentSpec, step: str,
+                state: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """Earlier results as `step`'s instruction quotes them: their outputs (a model's words,
+        a check's tool output: both untrusted) through `agent`'s defenses, as tool results
+        are; and how many of those it names the detector withheld."""
+        names = self.manifest.quoted(step)
+        if not agent.defenses.active or names == frozenset():
+            return state["outputs"], 0
+        guard = Guard(agent.defenses, "", state["run_id"], self.team.screen)
+        quoted = {name: {**out, "output": guard.untrusted(out["output"])}
+                  if out["output"] and (names is None or name in names) else out
+                  for name, out in state["outputs"].items()}
+        return quoted, guard.flagged
 
     def _check_goal(self, state: dict[str, Any], run_span: Span) -> None:
         """Run the goal's checks on the workspace and set the run's final status from them."""
@@ -326,20 +344,21 @@ class Orchestrator:
         return passed, outcome.output, dict(outcome.data)
 
     def _transcript(self, agent: AgentSpec, instruction: str,
-                    state: dict[str, Any]) -> tuple[list[Message], Message]:
-        """The conversation an agent's turn starts from in this run's mode, and the message the
-        run's transcript records for this step."""
+                    state: dict[str, Any]) -> tuple[list[Message], Message, int]:
+        """The conversation an agent's turn starts from in this run's mode, the message the
+        run's transcript records for this step, and how many earlier tool results the detector
+        withheld from it (in hand-over mode, where they are text in the first message)."""
         earlier = [Message(**message) for message in state["transcript"]]
         if self.mode == "sequenced":
             turn = Message("user", f"[{agent.name}] {system_prompt(agent)}\n\n{instruction}")
-            return [*earlier, turn], turn
+            return [*earlier, turn], turn, 0
         guard = guard_for(agent, [Message("user", instruction)], self.team, state["run_id"])
         history = "\n\n".join(_as_text(m if m.role != "tool" else
                                          replace(m, content=guard.untrusted(m.content)))
                               for m in earlier)
         handed = f"Transcript so far:\n{history}\n\n{instruction}" if earlier else instruction
         return ([Message("system", system_prompt(agent)), Message("user", handed)],
-                Message("user", f"[{agent.name}] {instruction}"))
+                Message("user", f"[{agent.name}] {instruction}"), guard.flagged)
 
     def _holds(self, item: str, name: str, expression: str, state: dict[str, Any],
                iteration: int) -> bool:

@@ -162,7 +162,7 @@ def run_case(case: Case, target: Target, traces: TraceStore | None = None,
     """Arm, run and judge one case on a fresh temporary copy of its workspace (removed after,
     unless `keep` names a folder to leave it in)."""
     case = armed(case, backend)
-    run_id = "fuzz-" + hashlib.sha256(f"{case.key}/{uuid.uuid4()}".encode()).hexdigest()[:12]
+    run_id = fresh_run_id(case, traces, keep)
     workdir = Path(tempfile.mkdtemp(prefix="pyagent-fuzz-"))
     try:
         outcome = target.run(case, workdir, run_id, traces)
@@ -178,6 +178,24 @@ def run_case(case: Case, target: Target, traces: TraceStore | None = None,
     if traces is not None:
         publish_verdict(attempt, run_id, traces)
     return attempt
+
+
+def run_id_for(case: Case) -> str:
+    """The case's run id, from its key and environment: the same seed gives the same ids (and so
+    the same spotlighting delimiters, which derive from the run id), while the environment's
+    secret keeps them unguessable to a payload."""
+    text = f"{case.key}/{json.dumps(case.env, sort_keys=True)}"
+    return "fuzz-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def fresh_run_id(case: Case, traces: TraceStore | None, keep: Path | None) -> str:
+    """`run_id_for(case)`, with a suffix where `traces` or `keep` already holds that run."""
+    base = run_id = run_id_for(case)
+    count = 0
+    while (traces is not None and traces.spans(run_id)) or (keep and (keep / run_id).exists()):
+        count += 1
+        run_id = f"{base}-{count}"
+    return run_id
 
 
 def publish_verdict(attempt: Attempt, run_id: str, traces: TraceStore) -> None:

@@ -30,7 +30,7 @@ class Recorder:
                                         None if error is None else str(error)))
         elif event.kind == "llm_call":
             self.llm_calls += 1
-        elif event.kind == "agent":
+        elif event.kind in ("agent", "step"):  # tool results; results a step's instruction quotes
             self.flagged += int(attributes.get("pyagent.defense.flagged", 0))
 
     def evidence(self, answers: list[str], written: dict[str, str], escaped: list[str],

@@ -2,12 +2,13 @@
 whose fitness is the judge's verdict and, on the embedded engine, the white-box log-probability
 of the attacker's reply (`whitebox.py`).
 
-Each generation scores every new candidate with one teacher-forced pass (one model call), fields
-the most promising in a real run (its model calls counted too), keeps the fittest, and breeds the
-next generation from them: change channel or position, add or drop a mutator, cross two
-payloads, wrap one in another family's frame, or append the reply the attacker wants written as
-an example. The static baseline fields the corpus in a seeded random order. Both stop at the same
-budget of model calls, and both curves (calls -> attacks fielded, hits) are kept.
+Until an attack succeeds, each generation scores its new candidates with one teacher-forced pass
+each (one model call), fields the most promising in a real run (its model calls counted too),
+keeps the fittest, and breeds the next generation from them: change channel or position, add or
+drop a mutator, cross two payloads, wrap one in another family's frame, or append the reply the
+attacker wants written as an example. After a success it breeds from the winners and fields
+their children without scoring. The static baseline fields the corpus in a seeded random order.
+Both stop at the same budget of model calls; both curves (calls -> fielded, hits) are kept.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 from pyagent.engine.generate import Engine
 from pyagent.security.attacks import Attack
-from pyagent.security.campaign import Attempt, run_case, with_environment
+from pyagent.security.campaign import Attempt, run_case, run_id_for, with_environment
 from pyagent.security.cases import POSITIONS, Case, DefenseSet, armed
 from pyagent.security.targets import AssistantTarget
 from pyagent.security.whitebox import reply_logprob, wanted_reply
@@ -120,19 +121,24 @@ class Search:
 
 
 class Evolver:
-    """The search on one assistant target against one goal, behind one defense set."""
+    """The search on one assistant target against one goal, behind one defense set.
+
+    Until an attack succeeds it explores: each generation breeds `explore` new candidates from
+    the fittest, scores them white-box (one pass each) and fields the `fielded` most likely.
+    Once one succeeds it exploits: the winners' children are fielded directly, since a real
+    verdict says more than a score. No candidate is fielded twice, so every hit is a distinct
+    attack."""
 
     def __init__(self, target: AssistantTarget, engine: Engine, goal: str,
                  corpus: Sequence[Attack], defense: DefenseSet, seed: int = 0,
-                 population: int = 12, fielded: int = 2, elites: int = 4,
+                 explore: int = 4, fielded: int = 2, elites: int = 4,
                  mutators: Sequence[str] = MUTATORS):
         self.target, self.engine, self.goal, self.defense = target, engine, goal, defense
         self.corpus = [a for a in corpus if a.goal == goal]
         if not self.corpus:
             raise ValueError(f"the corpus has no {goal} attack to start from")
         self.rng = random.Random(f"{seed}/evolve/{goal}/{defense.name}")
-        self.seed, self.population, self.fielded, self.elites = seed, population, fielded, \
-            elites
+        self.seed, self.explore, self.fielded, self.elites = seed, explore, fielded, elites
         self.mutators = tuple(mutators)
         self.tasks = target.tasks()
         self.count = 0
@@ -151,7 +157,7 @@ class Evolver:
         case = armed(self.case(gene))
         workdir = Path(tempfile.mkdtemp(prefix="pyagent-fuzz-"))
         try:
-            prepared = self.target.prepare(case, workdir, "fuzz-score")
+            prepared = self.target.prepare(case, workdir, run_id_for(case))
             try:
                 request = self.target.first_request(prepared)
             finally:
@@ -166,17 +172,23 @@ class Evolver:
         """Search until `budget` model calls are spent."""
         field = field or (lambda case: run_case(case, self.target))
         search = Search("adaptive")
-        pool = [Candidate(self.seed_gene()) for _ in range(self.population)]
+        seen: set[str] = set()
+        pool = self.fresh([], seen)
         while search.calls < budget:
-            runs = [t.record["llm_calls"] for t in search.trials]
-            reserve = self.fielded * (sum(runs) / len(runs) if runs else 3)  # to field some
-            for candidate in pool:
-                if candidate.logprob is None and search.calls + reserve < budget:
-                    candidate.logprob = self.score(candidate.gene)
-                    search.calls += 1
-                    search.scored += 1
-            ranked = sorted(pool, key=lambda c: c.fitness, reverse=True)
-            for candidate in ranked[:self.fielded]:
+            spent = search.calls
+            winners = [c for c in pool if c.hits]
+            new = [c for c in pool if not c.runs]
+            if not winners:
+                runs = [t.record["llm_calls"] for t in search.trials]
+                reserve = self.fielded * (sum(runs) / len(runs) if runs else 3)
+                for candidate in new:
+                    if candidate.logprob is None and search.calls + reserve < budget:
+                        candidate.logprob = self.score(candidate.gene)
+                        search.calls += 1
+                        search.scored += 1
+                new = sorted((c for c in new if c.logprob is not None),
+                             key=lambda c: c.fitness, reverse=True) or new
+            for candidate in new[:self.fielded]:
                 if search.calls >= budget:
                     break
                 attempt = field(self.case(candidate.gene))
@@ -190,19 +202,26 @@ class Evolver:
                 search.trials.append(trial)
                 if on_trial is not None:
                     on_trial(trial)
-            ranked = sorted(pool, key=lambda c: c.fitness, reverse=True)
-            keep = ranked[:self.elites]
-            seen = {c.gene.id for c in keep}
-            children: list[Candidate] = []
-            for _ in range(self.population * 4):
-                if len(keep) + len(children) >= self.population:
-                    break
-                child = self.breed(keep)
-                if child.id not in seen:
-                    seen.add(child.id)
-                    children.append(Candidate(child))
-            pool = keep + children
+            if search.calls == spent:  # nothing new to try
+                break
+            pool = self.fresh(pool, seen)
         return search
+
+    def fresh(self, pool: list[Candidate], seen: set[str]) -> list[Candidate]:
+        """The next generation: the winners, or else the fittest; and new children of them
+        (corpus attacks at first)."""
+        winners = [c for c in pool if c.hits]
+        keep = winners or sorted(pool, key=lambda c: c.fitness, reverse=True)[:self.elites]
+        wanted = self.fielded if winners else self.explore
+        children: list[Candidate] = []
+        for _ in range(wanted * 20):
+            if len(children) >= wanted:
+                break
+            gene = self.breed(keep, bool(winners)) if keep else self.seed_gene()
+            if gene.id not in seen:
+                seen.add(gene.id)
+                children.append(Candidate(gene))
+        return children + keep
 
     def seed_gene(self) -> Gene:
         attack = self.rng.choice(self.corpus)
@@ -212,18 +231,24 @@ class Evolver:
     def channels(self) -> tuple[str, ...]:
         return self.target.channels
 
-    def breed(self, parents: Sequence[Candidate]) -> Gene:
-        """One child of the fittest: a random operator on a random parent."""
+    def breed(self, parents: Sequence[Candidate], exploit: bool = False) -> Gene:
+        """One child of the fittest: an operator that applies, on a random parent (exploiting
+        winners, never a fresh corpus attack)."""
         gene = self.rng.choice(parents).gene
-        operator = self.rng.choice(("channel", "position", "add", "drop", "cross", "wrap",
-                                    "echo", "fresh"))
+        operators = ["channel", "position", "cross", "wrap"]
+        operators += ["add"] if len(gene.mutators) < 2 else []
+        operators += ["drop"] if gene.mutators else []
+        operators += ["echo"] if self.goal in ECHOES and ECHOES[self.goal] not in gene.text \
+            else []
+        operators += [] if exploit else ["fresh"]
+        operator = self.rng.choice(operators)
         if operator == "channel":
             child = replace(gene, channel=self.rng.choice(self.channels()))
         elif operator == "position":
             child = replace(gene, position=self.rng.choice(POSITIONS))
-        elif operator == "add" and len(gene.mutators) < 2:
+        elif operator == "add":
             child = replace(gene, mutators=(*gene.mutators, self.rng.choice(self.mutators)))
-        elif operator == "drop" and gene.mutators:
+        elif operator == "drop":
             child = replace(gene, mutators=gene.mutators[:-1])
         elif operator == "cross":
             other = self.rng.choice(parents).gene
@@ -232,11 +257,10 @@ class Evolver:
                             lineage=(*gene.lineage, *other.lineage))
         elif operator == "wrap":
             child = replace(gene, text=self.rng.choice(WRAPPERS).format(text=gene.text))
-        elif operator == "echo" and self.goal in ECHOES and ECHOES[self.goal] not in gene.text:
+        elif operator == "echo":
             child = replace(gene, text=f"{gene.text}\n{ECHOES[self.goal]}")
         else:
             child = self.seed_gene()
-            operator = "fresh"
         return replace(child, lineage=(*child.lineage, operator))
 
 
