@@ -11,9 +11,10 @@ A run of some sections keeps the other sections' latest figures in the result fi
   without attack; ASR, utility and utility under attack with Wilson 95% intervals.
 - adaptive: for each of the assistant's goals, the static corpus (seeded order) and the adaptive
   search, `--budget` model calls each (a white-box pass counts as one).
-- fleet: the Code -> Test -> Audit example run by the fleet, undefended (shared toolbox, loop
-  ending on the tester's words) and with all defenses: `--fleet-limit` sampled attacks and one
-  benign run each.
+- fleet: the Code -> Test -> Audit example run by the fleet, undefended (a shared toolbox, the
+  loop ending on the tester's words), with state-only conditions (the loop ends on the runtime's
+  own test run), with least-privilege tools, and with all defenses: `--fleet-limit` sampled
+  attacks and one benign run under each.
 - detector: the shipped detector's held-out figures (from its training report) and its measured
   cost per call on this machine.
 """
