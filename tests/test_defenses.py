@@ -66,7 +66,7 @@ def test_detector_withholds_flagged_results_and_counts_them():
         Guard(Defenses(detector=0.5), "x")
 
 
-MANIFEST = """name: m
+HEAD = """name: m
 agents: agents.yaml
 {conditions}
 goal:
@@ -76,7 +76,8 @@ steps:
   - id: fix
     loop:
       max_iterations: 2
-      until: "{until}"
+"""
+MANIFEST = HEAD + """      until: "{until}"
       steps:
         - {{id: test, agent: tester, instruction: Run the tests.{tools}}}
 """
@@ -109,17 +110,7 @@ def test_state_conditions_refuse_what_the_model_steers(tmp_path: Path, until: st
     load_manifest(write(tmp_path, until), set(TOOLS))  # allowed without the option
 
 
-CHECKED = """name: m
-agents: agents.yaml
-conditions: state
-goal:
-  description: tests pass
-  checks: [{{tool: run_tests}}]
-steps:
-  - id: fix
-    loop:
-      max_iterations: 2
-{ending}
+CHECKED = HEAD + """{ending}
       steps:
         - id: test
           agent: tester
@@ -132,7 +123,7 @@ def checked(tmp_path: Path, when: str, ending: str = "      check: {tool: run_te
     (tmp_path / "agents.yaml").write_text(
         "agents:\n  - {name: tester, role: Tests., tools: [run_tests, shell]}\n")
     path = tmp_path / "manifest.yaml"
-    path.write_text(CHECKED.format(ending=ending, when=when))
+    path.write_text(CHECKED.format(conditions="conditions: state", ending=ending, when=when))
     return path
 
 

@@ -9,6 +9,7 @@ import math
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -118,18 +119,24 @@ steps:
 """
 
 
-def test_handed_over_tool_results_use_the_markers_the_system_prompt_names(tmp_path: Path):
+def handover_run(tmp_path: Path, defenses: str, **options) -> tuple[Script, Any]:
+    """A two-step hand-over run of a reader with `defenses` over one listed file."""
     (tmp_path / "agents.yaml").write_text(
         "agents:\n  - {name: reader, role: You read., tools: [list_files],\n"
-        "     defenses: {spotlight: delimit}}\n")
+        f"     defenses: {defenses}}}\n")
     (tmp_path / "manifest.yaml").write_text(HANDOVER)
     (tmp_path / "ws").mkdir()
     (tmp_path / "ws" / "doc.txt").write_text("text\n")
     model = Script(("", [ToolCall("c1", "list_files", "{}")]), "one file", "done")
     runner = Orchestrator(load_manifest(tmp_path / "manifest.yaml", set(TOOLS)),
-                          lambda _a: model, tmp_path / "ws", EventBus(), MemoryCheckpointStore(),
-                          "handover")
-    assert runner.run("look", "r1").status == "succeeded"
+                          lambda _a: model, tmp_path / "ws", options.pop("bus", EventBus()),
+                          MemoryCheckpointStore(), "handover", **options)
+    return model, runner.run("look", "r1")
+
+
+def test_handed_over_tool_results_use_the_markers_the_system_prompt_names(tmp_path: Path):
+    model, result = handover_run(tmp_path, "{spotlight: delimit}")
+    assert result.status == "succeeded"
     system, handed = model.requests[-1].messages[:2]
     tags = set(re.findall(r"<<data-(\w+)>>", handed.content))
     assert len(tags) == 1 and f"<<data-{tags.pop()}>>" in system.content
@@ -146,21 +153,11 @@ def test_datamarking_marks_every_gap_between_words(gap: str):
     assert seen.count(DATAMARK) >= len(words) - 1
 
 
-
 def test_handed_over_results_the_detector_withholds_are_counted(tmp_path: Path):
-    (tmp_path / "agents.yaml").write_text(
-        "agents:\n  - {name: reader, role: You read., tools: [list_files],\n"
-        "     defenses: {detector: 0.5}}\n")
-    (tmp_path / "manifest.yaml").write_text(HANDOVER)
-    (tmp_path / "ws").mkdir()
-    (tmp_path / "ws" / "doc.txt").write_text("text\n")
-    model = Script(("", [ToolCall("c1", "list_files", "{}")]), "one file", "done")
     bus, steps = EventBus(), []
     bus.subscribe(lambda e: steps.append(e) if e.kind == "step" and e.phase == "end" else None)
-    runner = Orchestrator(load_manifest(tmp_path / "manifest.yaml", set(TOOLS)),
-                          lambda _a: model, tmp_path / "ws", bus, MemoryCheckpointStore(),
-                          "handover", screen=lambda text: 0.9)
-    assert runner.run("look", "r1").status == "succeeded"
+    model, result = handover_run(tmp_path, "{detector: 0.5}", bus=bus, screen=lambda text: 0.9)
+    assert result.status == "succeeded"
     assert "withheld" in model.requests[-1].messages[1].content
     assert [e.attributes.get("pyagent.defense.flagged") for e in steps] == [None, 1]
 
