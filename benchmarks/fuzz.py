@@ -119,6 +119,19 @@ def _cut(head: dict[str, Any]) -> str:
     return cut + ("" if loss is None else f", utility loss {loss:.1f} points")
 
 
+def _ratios(static: dict[str, Any], adaptive: dict[str, Any]) -> str:
+    """The adaptive search's ASR and successful attacks as multiples of the static corpus's."""
+    parts = []
+    for label, mine, theirs in (
+            ("ASR", adaptive["asr"]["rate"], static["asr"]["rate"]),
+            ("successful attacks", adaptive["asr"]["k"], static["asr"]["k"]),
+            ("distinct successful attacks", adaptive["distinct_successful_attacks"],
+             static["distinct_successful_attacks"])):
+        parts.append(f"{label} {mine / theirs:.2f}x" if theirs else
+                     f"{label} {mine} against none")
+    return ", ".join(parts)
+
+
 def table(result: dict[str, Any]) -> list[str]:
     lines = [f"# Fuzzer ({result['meta']['date']}, {result['meta']['machine']})", ""]
     for key, title in (("defenses", "assistant target"), ("fleet", "fleet target")):
@@ -157,7 +170,7 @@ def table(result: dict[str, Any]) -> list[str]:
             s = part[name]
             lines.append(f"| all | {name} | {s['calls']} | {s['fielded']} | {_pct(s['asr'])} | "
                          f"{s['distinct_successful_attacks']} |")
-        lines.append("")
+        lines += ["", f"adaptive against static: {_ratios(part['static'], part['adaptive'])}", ""]
     if "detector" in result:
         part = result["detector"]
         lines += ["## Injection detector", "", "```", json.dumps(part, indent=1)[:3000], "```",
