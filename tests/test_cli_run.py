@@ -124,7 +124,7 @@ def test_bad_input_is_one_clear_error(tiny_long, workspace, tmp_path):
     shutil.copy(EXAMPLE / "agents.yaml", tmp_path / "agents.yaml")
     result = pyagent("run", str(broken), "--task", "x", "--workspace", str(workspace),
                      "--model", str(tiny_long), "--data", str(tmp_path / "d"))
-    assert result.returncode == 1 and "broken.yaml:22: unknown agent 'nobody'" in result.stderr
+    assert result.returncode == 1 and "broken.yaml:25: unknown agent 'nobody'" in result.stderr
     assert "Traceback" not in result.stderr
     for command in (("resume", "nope"), ("runs", "show", "nope"), ("runs", "list"),
                     ("runs", "report", "nope")):
