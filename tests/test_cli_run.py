@@ -159,7 +159,7 @@ def test_a_template_that_fails_at_run_time_marks_the_run_failed(tiny_long, works
     result = pyagent("run", str(path), "--task", "x", "--workspace", str(workspace),
                      "--model", str(tiny_long), "--data", str(data), "--run-id", "big")
     assert result.returncode == 1 and "Traceback" not in result.stderr + result.stdout
-    assert (f"{path}:17: steps.0.loop.steps.0.instruction: cannot render: SecurityError: the "
+    assert (f"{path}:20: steps.0.loop.steps.0.instruction: cannot render: SecurityError: the "
             "template asks for 10,000,000,000 characters") in result.stdout
     listed = pyagent("runs", "list", "--data", str(data))
     assert "│ big " in listed.stdout and "error" in listed.stdout
