@@ -98,6 +98,13 @@ class Embedder:
         return [Window(tuple(ids[s:s + size]), offsets[s][0],
                        offsets[min(s + size, len(ids)) - 1][1]) for s in starts]
 
+    def sentences(self, texts: Sequence[str]) -> np.ndarray:
+        """One unit-length embedding per text, of its first MAX_WINDOW tokens (the model's
+        max_seq_length, where sentence-transformers truncates), shape (len(texts), DIMENSIONS)."""
+        firsts = [self.windows(text, MAX_WINDOW, MAX_WINDOW - 2)[:1] or [Window((), 0, 0)]
+                  for text in texts]
+        return self.embed([group[0] for group in firsts])
+
     def embed(self, windows: Sequence[Window]) -> np.ndarray:
         """One unit-length embedding per window, shape (len(windows), DIMENSIONS)."""
         import torch

@@ -39,7 +39,7 @@ from pyagent.fleet.manifest import CheckSpec, LoopSpec, Manifest, StepSpec
 from pyagent.fleet.templates import Templates
 from pyagent.fleet.tools.base import Limits, Tool, ToolContext, ToolError, Workspace
 from pyagent.fleet.tools.registry import make_tool
-from pyagent.fleet.turn import Team, guard_for, offered_tools, run_turn, system_prompt
+from pyagent.fleet.turn import Team, clip, guard_for, offered_tools, run_turn, system_prompt
 from pyagent.llm.base import Backend
 from pyagent.observe.events import EventBus, Span
 from pyagent.observe.traces import TraceStore
@@ -174,6 +174,7 @@ class Orchestrator:
             self._save(state)  # a run killed before its next checkpoint still names its owner
         with self.bus.span("run", f"run {self.manifest.name}", run_id,
                            **{"pyagent.mode": self.mode, "pyagent.resumed": resumed,
+                              "pyagent.task": clip(state["task"]),
                               "pyagent.manifest.agents": self._definitions()}
                            ) as span:
             try:

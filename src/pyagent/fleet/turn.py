@@ -139,6 +139,7 @@ def run_turn(agent: AgentSpec, transcript: list[Message], team: Team, span: Span
                                        tool_calls=completion.tool_calls))
         if not completion.tool_calls:
             result.output = completion.text
+            span.set("pyagent.agent.output", clip(completion.text))
             return result
         for tool_call in completion.tool_calls:
             if time.monotonic() > deadline:
@@ -208,7 +209,7 @@ def _call_tool(tool_call: ToolCall, agent: AgentSpec, allowed: list[str], team: 
         with span.child("tool_call", f"execute_tool {name}",
                         **{"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": name,
                            "gen_ai.tool.call.id": tool_call.id,
-                           "gen_ai.tool.call.arguments": _clip(tool_call.arguments or "")}
+                           "gen_ai.tool.call.arguments": clip(tool_call.arguments or "")}
                         ) as call:
             if name not in allowed:
                 raise ToolError(f"agent {agent.name!r} may not call {name!r}; its tools: "
@@ -219,16 +220,16 @@ def _call_tool(tool_call: ToolCall, agent: AgentSpec, allowed: list[str], team: 
             else:
                 outcome = team.tool(name).call(arguments, team.context(agent))
             call.update({"pyagent.tool.output_chars": len(outcome.output),
-                         "gen_ai.tool.call.result": _clip(outcome.output)})
+                         "gen_ai.tool.call.result": clip(outcome.output)})
     except ToolError as exc:
         return f"failed: {exc}"
     result.data = dict(outcome.data)
     return outcome.output[-TOOL_OUTPUT_CHARS:]
 
 
-def _clip(text: str) -> str:
-    """A tool's arguments or result as its span records them: at most TRACE_CHARS, the end
-    elided."""
+def clip(text: str) -> str:
+    """A text as a span records it (a tool's arguments or result, an answer, a task): at most
+    TRACE_CHARS, the end elided."""
     if len(text) <= TRACE_CHARS:
         return text
     return f"{text[:TRACE_CHARS]}... [{len(text) - TRACE_CHARS} more characters]"

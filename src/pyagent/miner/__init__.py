@@ -1,0 +1,1 @@
+"""The expert miner: failed traces become specialist agents, promoted only on held-out evidence."""
