@@ -13,14 +13,22 @@ agents:
       commands: []
     limits: {max_tokens: 512, wall_time_s: 300, max_tool_calls: 8}
     defenses: {spotlight: datamark, sandwich: true}   # against injected instructions
+    demonstrations:              # worked examples the model reads before its own task
+      - task: The tests in tests/test_solution.py fail. ...
+        steps:
+          - {call: read_file, arguments: {path: src/solution.py}, result: "def add(a, b): ..."}
+        answer: Fixed the comparison in add.
+        source: run 3f2a... of repair item off_by_one/d1/train/0   # where it came from
 ```
-`defenses` are described in `fleet/defenses.py`.
+`defenses` are described in `fleet/defenses.py`. Demonstrations are shown to the model as earlier
+exchanges, just before the agent's instruction, on every request of its turns; they are never part
+of the run's transcript.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -59,6 +67,27 @@ class Limits(BaseModel):
     max_tool_calls: int = Field(8, ge=0)
 
 
+class DemoStep(BaseModel):
+    """One tool call of a demonstration and what the tool returned."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    call: str = Field(min_length=1)
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    result: str = ""
+
+
+class Demonstration(BaseModel):
+    """A worked example: a task, the calls that solved it, the answer, and its provenance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(min_length=1)
+    steps: list[DemoStep] = Field(default_factory=list)
+    answer: str = ""
+    source: str | None = None
+
+
 class AgentSpec(BaseModel):
     """One agent."""
 
@@ -73,6 +102,7 @@ class AgentSpec(BaseModel):
     permissions: Permissions = Field(default_factory=Permissions)
     limits: Limits = Field(default_factory=Limits)
     defenses: Defenses = Field(default_factory=Defenses)
+    demonstrations: list[Demonstration] = Field(default_factory=list)
 
 
 class AgentsFile(BaseModel):
@@ -97,6 +127,15 @@ def load_agents(path: Path, known_tools: set[str] | None = None) -> dict[str, Ag
                     path, lines, ("agents", index, "tools", tool_index),
                     f"agents.{index}.tools.{tool_index}: unknown tool {tool!r}; known tools: "
                     f"{', '.join(sorted(known_tools))}")
+        for demo_index, demo in enumerate(agent.demonstrations):
+            for step_index, step in enumerate(demo.steps):
+                if step.call not in agent.tools:
+                    where = ("agents", index, "demonstrations", demo_index, "steps", step_index,
+                             "call")
+                    raise config_error(
+                        path, lines, where,
+                        f"{'.'.join(map(str, where))}: {step.call!r} is not one of the agent's "
+                        f"tools ({', '.join(agent.tools) or 'none'})")
         by_name[agent.name] = agent
     for index, agent in enumerate(agents):
         for sub_index, sub in enumerate(agent.subagents):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pyagent.errors import BackendError, PyAgentError
-from pyagent.fleet.agent import AgentSpec
+from pyagent.fleet.agent import AgentSpec, Demonstration
 from pyagent.fleet.defenses import Guard, Screen
 from pyagent.fleet.tools.base import Tool, ToolContext, ToolError, ToolResult, Workspace
 from pyagent.fleet.tools.registry import make_tool, tool_specs
@@ -113,8 +113,8 @@ def run_turn(agent: AgentSpec, transcript: list[Message], team: Team, span: Span
     guard = guard_for(agent, transcript, team, span.run_id)
     while True:
         may_call = result.tool_calls < agent.limits.max_tool_calls and bool(allowed)
-        request = turn_request(agent, guard.view(transcript + result.messages), tools, allowed,
-                               may_call)
+        request = turn_request(agent, guard.view(shown(agent, transcript) + result.messages),
+                               tools, allowed, may_call)
         with span.child("llm_call", f"chat {agent.model or backend.name}",
                         **{"gen_ai.operation.name": "chat",
                            "gen_ai.request.model": agent.model or ""}) as call:
@@ -151,6 +151,28 @@ def run_turn(agent: AgentSpec, transcript: list[Message], team: Team, span: Span
                 output = (f"not run: agent {agent.name!r} has used all "
                           f"{agent.limits.max_tool_calls} of its tool calls")
             result.messages.append(Message("tool", output, tool_call_id=tool_call.id))
+
+
+def shown(agent: AgentSpec, transcript: list[Message]) -> list[Message]:
+    """`transcript` with the agent's demonstrations as earlier exchanges just before its last
+    message (the instruction), so the conversation before it stays a shared prefix."""
+    if not agent.demonstrations:
+        return transcript
+    return [*transcript[:-1], *demonstration_messages(agent.demonstrations), *transcript[-1:]]
+
+
+def demonstration_messages(demos: Iterable[Demonstration]) -> list[Message]:
+    """Worked examples as the messages of a finished exchange: the task, each call and its
+    result, the answer."""
+    messages = []
+    for index, demo in enumerate(demos):
+        messages.append(Message("user", demo.task))
+        for number, step in enumerate(demo.steps):
+            call = ToolCall(f"example-{index}-{number}", step.call, json.dumps(step.arguments))
+            messages += [Message("assistant", "", tool_calls=(call,)),
+                         Message("tool", step.result, tool_call_id=call.id)]
+        messages.append(Message("assistant", demo.answer))
+    return messages
 
 
 def turn_request(agent: AgentSpec, messages: list[Message], tools: tuple[ToolSpec, ...],
