@@ -286,3 +286,18 @@ def test_files_that_are_too_big_or_not_utf8_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"m.yaml: 5,000,022 bytes; a definition file may have "
                                           r"at most 4,194,304"):
         load_manifest(path, TOOLS)
+
+
+def test_a_demonstration_may_only_call_the_agents_own_tools(tmp_path):
+    demo = ('    demonstrations:\n      - task: Fix it.\n        steps:\n'
+            '          - {call: read_file, arguments: {path: src/a.py}, result: "x = 1"}\n'
+            '          - {call: run_tests, result: "1 passed"}\n')
+    message = error_for(tmp_path, agents=AGENTS.replace('    permissions: {paths: ["src/**"]}\n',
+                                                        '    permissions: {paths: ["src/**"]}\n'
+                                                        + demo))
+    assert ("agents.yaml:10: agents.0.demonstrations.0.steps.1.call: 'run_tests' is not one of "
+            "the agent's tools (read_file, write_file)") in message
+    message = error_for(tmp_path, agents=AGENTS.replace(
+        '    permissions: {paths: ["src/**"]}\n',
+        '    permissions: {paths: ["src/**"]}\n    demonstrations: [{task: ""}]\n'))
+    assert "agents.yaml:6" in message and "demonstrations.0.task" in message

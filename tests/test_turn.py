@@ -188,3 +188,28 @@ def test_the_wall_time_interrupts_a_server_that_sends_no_reply(world, pings):
         release.set()
         server.shutdown()
         server.server_close()
+
+
+def test_demonstrations_come_before_the_instruction_and_stay_out_of_the_transcript(world):
+    root, bus, traces = world
+    demo = {"task": "What is in a.txt?", "answer": "It says hi.", "source": "run r0",
+            "steps": [{"call": "read_file", "arguments": {"path": "a.txt"}, "result": "hi"}]}
+    reader = AgentSpec(name="reader", role="You read.", tools=["read_file"],
+                       demonstrations=[demo])
+    model = ScriptedModel(("", [call("read_file", {"path": "notes.txt"})]), ("42", []))
+    team = Team({"reader": reader}, lambda agent: model, Workspace(root))
+    earlier = [Message("user", "Earlier step."), Message("assistant", "Done.")]
+    with bus.span("run", "run test", "r3") as span:
+        result = run_turn(reader, [*earlier, Message("user", "Read notes.txt.")], team, span)
+    first, second = (r.messages for r in model.requests)
+    assert [m.role for m in first] == ["user", "assistant", "user", "assistant", "tool",
+                                       "assistant", "user"]
+    assert first[:2] == tuple(earlier)  # the conversation before stays a shared prefix
+    assert first[2].content == "What is in a.txt?"
+    assert first[3].tool_calls[0].name == "read_file"
+    assert json.loads(first[3].tool_calls[0].arguments) == {"path": "a.txt"}
+    assert first[4] == Message("tool", "hi", tool_call_id=first[3].tool_calls[0].id)
+    assert first[5].content == "It says hi." and first[6].content == "Read notes.txt."
+    assert second[:7] == first and "the answer is 42" in second[-1].content
+    assert [m.role for m in result.messages] == ["assistant", "tool", "assistant"]
+    assert result.output == "42"
