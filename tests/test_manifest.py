@@ -301,3 +301,24 @@ def test_a_demonstration_may_only_call_the_agents_own_tools(tmp_path):
         '    permissions: {paths: ["src/**"]}\n',
         '    permissions: {paths: ["src/**"]}\n    demonstrations: [{task: ""}]\n'))
     assert "agents.yaml:6" in message and "demonstrations.0.task" in message
+
+
+ROUTED = MANIFEST.replace(
+    "          agent: coder\n",
+    "          agent: coder\n          routes:\n            - {agent: auditor, when: \"'lint' in task\"}\n"
+    "            - {agent: tester}\n")
+
+
+def test_routes_name_known_agents_and_decide_on_the_task_alone(tmp_path):
+    manifest = load_manifest(write(tmp_path, ROUTED), TOOLS)
+    code = manifest.steps[0].loop.steps[0]
+    assert [(r.agent, r.when) for r in code.routes] == [("auditor", "'lint' in task"),
+                                                        ("tester", None)]
+    message = error_for(tmp_path, ROUTED.replace("{agent: tester}", "{agent: nobody}"))
+    assert ("manifest.yaml:13: steps.0.loop.steps.0.routes.1.agent: unknown agent 'nobody'"
+            in message)
+    message = error_for(tmp_path, ROUTED.replace("'lint' in task", "steps.test.output"))
+    assert "routes.0.when: unknown names ['steps']; use task" in message
+    narrowed = ROUTED.replace("          routes:", "          tools: [read_file]\n          routes:")
+    message = error_for(tmp_path, narrowed)
+    assert "step 'code' may use only tools of its agent 'auditor'" in message

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pyagent.errors import ConfigError, PyAgentError
-from pyagent.fleet.manifest import load_manifest
+from pyagent.fleet.manifest import RouteSpec, load_manifest
 from pyagent.fleet.orchestrator import Orchestrator
 from pyagent.fleet.tools.registry import TOOLS
 from pyagent.llm.embedded import EmbeddedBackend
@@ -287,3 +287,19 @@ def test_a_step_killed_after_its_agent_ended_shows_as_interrupted(tmp_path):
         runtime.close()
     assert [(r.step, r.agent, r.status, r.tokens.calls) for r in rows] == [
         ("code", "coder", "ok", 0), ("code", "", "interrupted", 0)]
+
+
+def test_a_route_hands_a_step_to_another_agent_by_the_task(setup, agent_engine):
+    manifest = setup[0]
+    fix = manifest.steps[0]
+    code = fix.loop.steps[0].model_copy(update={"routes": [
+        RouteSpec(agent="auditor", when="'lint' in task")]})
+    routed = fix.model_copy(update={"loop": fix.loop.model_copy(update={
+        "steps": [code, *fix.loop.steps[1:]], "max_iterations": 1})})
+    manifest = dataclasses.replace(manifest, steps=(routed, *manifest.steps[1:]))
+    backend = CountingBackend(agent_engine)
+    runner = Orchestrator(manifest, lambda agent: backend, *setup[1:3], setup[4])
+    taken = runner.run("lint the stock module")
+    kept = runner.run("Fix remove() in src/inventory/stock.py")
+    assert taken.outputs["code"]["agent"] == "auditor"
+    assert kept.outputs["code"]["agent"] == "coder"

@@ -24,6 +24,8 @@ steps:
     instruction: "Review the change. Test report: {{ steps.fix.output }}"
     timeout_s: 120
     tools: [lint]                      # least privilege: this step may use only these
+    routes:                            # another agent takes the step for some tasks
+      - {agent: strict-auditor, when: "'security' in task"}
 ```
 Instructions are Jinja templates over `task`, `steps.<id>` (`output`, `data`, `status`) and
 `loop.iteration`; `when` and `until` are Jinja expressions over the same names. A template may
@@ -36,7 +38,9 @@ with arguments the manifest pins, run by the runtime on the workspace after ever
 goal's. The loop's own `steps.<loop id>` is then the latest check's `output` and `data`, with
 `status` `passed` or `failed`.
 
-`tools` narrows a step to some of its agent's tools. `conditions: state` (at the top) lets a
+`routes` hand a step to another agent: the first route whose `when` (an expression over `task`
+alone, so the model's words never choose who acts) holds, or that has none, takes it; otherwise the
+step's own `agent` does. `tools` narrows a step to some of its agent's tools. `conditions: state` (at the top) lets a
 `when` or `until` decide only on what an agent cannot steer: any step's `status`, and the `data`
 of a loop's check. A step's `output` is the model's words, and its `data` comes from tool calls
 whose arguments the model chose (a test run narrowed to one passing test, any command that exits
@@ -63,7 +67,17 @@ from pyagent.fleet.tools.registry import TOOLS
 from pyagent.yamlfile import Lines, config_error, load_yaml, validate
 
 STEP_NAMES = frozenset({"task", "steps", "loop"})
+ROUTE_NAMES = frozenset({"task"})
 GOAL_NAMES = frozenset({"data", "output"})
+
+
+class RouteSpec(BaseModel):
+    """An agent that takes a step over for the tasks where `when` holds (always, without it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    agent: str
+    when: str | None = None
 
 
 class StepSpec(BaseModel):
@@ -78,6 +92,7 @@ class StepSpec(BaseModel):
     retries: int = Field(0, ge=0, le=10)
     timeout_s: float | None = Field(None, gt=0)
     tools: list[str] | None = None
+    routes: list[RouteSpec] = Field(default_factory=list)
 
 
 class CheckSpec(BaseModel):
@@ -252,16 +267,25 @@ class _Checker:
 
     def step(self, step: StepSpec, where: tuple[Any, ...], visible: set[str],
              agents: dict[str, AgentSpec]) -> None:
-        if step.agent not in agents:
-            raise self.error((*where, "agent"), f"unknown agent {step.agent!r}; the agents file "
-                             f"defines {', '.join(sorted(agents))}")
+        takers = [(step.agent, (*where, "agent"))] + [
+            (route.agent, (*where, "routes", i, "agent")) for i, route in enumerate(step.routes)]
+        for name, at in takers:
+            if name not in agents:
+                field = f"{'.'.join(map(str, at))}: " if "routes" in at else ""
+                raise self.error(at, f"{field}unknown agent {name!r}; the agents file defines "
+                                 f"{', '.join(sorted(agents))}")
         self.text(step.id, "instruction", step.instruction, (*where, "instruction"), visible)
-        agent = agents[step.agent]
-        extra = [tool for tool in step.tools or () if tool not in agent.tools]
-        if extra:
-            raise self.error((*where, "tools"), f"step {step.id!r} may use only tools of its "
-                             f"agent {agent.name!r} ({', '.join(agent.tools) or 'none'}); "
-                             f"not {', '.join(extra)}")
+        for name, _ in takers:
+            agent = agents[name]
+            extra = [tool for tool in step.tools or () if tool not in agent.tools]
+            if extra:
+                raise self.error((*where, "tools"), f"step {step.id!r} may use only tools of "
+                                 f"its agent {agent.name!r} ({', '.join(agent.tools) or 'none'}"
+                                 f"); not {', '.join(extra)}")
+        for i, route in enumerate(step.routes):
+            if route.when is not None:
+                self.text(step.id, f"routes.{i}.when", route.when, (*where, "routes", i, "when"),
+                          set(), expression=True, names=ROUTE_NAMES)
         if step.when is not None:
             self.text(step.id, "when", step.when, (*where, "when"), visible, expression=True)
 

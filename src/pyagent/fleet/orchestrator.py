@@ -233,7 +233,7 @@ class Orchestrator:
         """One step's turn; its output, the cursor's `advance` and the checkpoint are saved
         before the step's span closes, so a span the trace shows complete is always in a
         checkpoint."""
-        agent = self.manifest.agents[step.agent]
+        agent = self.manifest.agents[self._taker(step, state)]
         if step.tools is not None:  # least privilege: only what this step needs
             agent = agent.model_copy(update={"tools": step.tools})
         if step.timeout_s is not None:
@@ -360,6 +360,16 @@ class Orchestrator:
         handed = f"Transcript so far:\n{history}\n\n{instruction}" if earlier else instruction
         return ([Message("system", system_prompt(agent)), Message("user", handed)],
                 Message("user", f"[{agent.name}] {instruction}"), guard.flagged)
+
+    def _taker(self, step: StepSpec, state: dict[str, Any]) -> str:
+        """The agent that takes `step` for this run's task: its first route that holds, or its
+        own agent."""
+        for index, route in enumerate(step.routes):
+            if route.when is None or self.templates.holds(
+                    route.when, self.manifest.where(step.id, f"routes.{index}.when"),
+                    task=state["task"]):
+                return route.agent
+        return step.agent
 
     def _holds(self, item: str, name: str, expression: str, state: dict[str, Any],
                iteration: int) -> bool:
