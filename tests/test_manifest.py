@@ -305,7 +305,8 @@ def test_a_demonstration_may_only_call_the_agents_own_tools(tmp_path):
 
 ROUTED = MANIFEST.replace(
     "          agent: coder\n",
-    "          agent: coder\n          routes:\n            - {agent: auditor, when: \"'lint' in task\"}\n"
+    "          agent: coder\n          routes:\n"
+    "            - {agent: auditor, when: \"'lint' in task\"}\n"
     "            - {agent: tester}\n")
 
 
@@ -319,6 +320,7 @@ def test_routes_name_known_agents_and_decide_on_the_task_alone(tmp_path):
             in message)
     message = error_for(tmp_path, ROUTED.replace("'lint' in task", "steps.test.output"))
     assert "routes.0.when: unknown names ['steps']; use task" in message
-    narrowed = ROUTED.replace("          routes:", "          tools: [read_file]\n          routes:")
+    narrowed = ROUTED.replace("          routes:",
+                              "          tools: [read_file]\n          routes:")
     message = error_for(tmp_path, narrowed)
     assert "step 'code' may use only tools of its agent 'auditor'" in message

@@ -3,6 +3,7 @@
 import random
 
 import pytest
+
 from pyagent.errors import ConfigError
 from pyagent.miner.promotion import compare, decide
 

@@ -191,7 +191,7 @@ def test_the_wall_time_interrupts_a_server_that_sends_no_reply(world, pings):
 
 
 def test_demonstrations_come_before_the_instruction_and_stay_out_of_the_transcript(world):
-    root, bus, traces = world
+    root, bus, _ = world
     demo = {"task": "What is in a.txt?", "answer": "It says hi.", "source": "run r0",
             "steps": [{"call": "read_file", "arguments": {"path": "a.txt"}, "result": "hi"}]}
     reader = AgentSpec(name="reader", role="You read.", tools=["read_file"],

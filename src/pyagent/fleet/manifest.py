@@ -40,11 +40,12 @@ goal's. The loop's own `steps.<loop id>` is then the latest check's `output` and
 
 `routes` hand a step to another agent: the first route whose `when` (an expression over `task`
 alone, so the model's words never choose who acts) holds, or that has none, takes it; otherwise the
-step's own `agent` does. `tools` narrows a step to some of its agent's tools. `conditions: state` (at the top) lets a
-`when` or `until` decide only on what an agent cannot steer: any step's `status`, and the `data`
-of a loop's check. A step's `output` is the model's words, and its `data` comes from tool calls
-whose arguments the model chose (a test run narrowed to one passing test, any command that exits
-0), so injected text can steer both.
+step's own `agent` does. `tools` narrows a step to some of its agent's tools.
+
+`conditions: state` (at the top) lets a `when` or `until` decide only on what an agent cannot
+steer: any step's `status`, and the `data` of a loop's check. A step's `output` is the model's
+words, and its `data` comes from tool calls whose arguments the model chose (a test run narrowed
+to one passing test, any command that exits 0), so injected text can steer both.
 
 The goal is what decides a run's outcome: `succeeded` when its check passes, `goal_not_met`
 otherwise (with the check's output, and any loop that ran out of rounds), `error` when a step
