@@ -50,6 +50,7 @@ class Signature:
     verdict: str = ""
     exhausted: tuple[str, ...] = ()
     broken: tuple[str, ...] = ()  # files written whose Python no longer parses
+    repeats: int = 0  # calls that repeated an earlier call of the run exactly
     words: str = ""
     tokens: int = 0
     wall_s: float = 0.0
@@ -135,10 +136,15 @@ def run_signature(spans: list[SpanRecord], record: Mapping[str, Any] | None = No
         return None
 
     tools, errors, broken, words = [], [], [], []
+    made: set[tuple[str, str]] = set()
+    repeats = 0
     wrong: SpanRecord | None = None
     for span in spans:
         if span.kind == "tool_call":
             name = span.attributes.get("gen_ai.tool.name", span.name)
+            made_call = (name, str(span.attributes.get("gen_ai.tool.call.arguments", "")))
+            repeats += made_call in made
+            made.add(made_call)
             failed = span.status == "error"
             tools.append(f"{name}!" if failed else name)
             if failed:
@@ -170,7 +176,8 @@ def run_signature(spans: list[SpanRecord], record: Mapping[str, Any] | None = No
         score=float(record["score"]) if record else 0.0,
         step=wrong.attributes.get("pyagent.step.id") if wrong else None, agent=agent,
         tools=tuple(tools), errors=tuple(errors), verdict=verdict, exhausted=exhausted,
-        broken=tuple(broken), words=" | ".join(words)[:WORDS_CHARS], tokens=tokens,
+        broken=tuple(broken), repeats=repeats, words=" | ".join(words)[:WORDS_CHARS],
+        tokens=tokens,
         wall_s=float(run.duration_s or 0.0))
     return _with_symptoms(signature)
 
@@ -202,6 +209,8 @@ def _with_symptoms(signature: Signature) -> Signature:
             symptoms.append("no file written")
     symptoms += [f"{path.rsplit('.', 1)[-1]} file written with a syntax error"
                  for path in signature.broken]
+    if signature.repeats:
+        symptoms.append("the same call repeated")
     symptoms += ["loop ran out of rounds" for _ in signature.exhausted]
     if signature.verdict:
         symptoms.append(f"verdict: {normalize(signature.verdict.split(';')[0])}")
