@@ -1284,6 +1284,68 @@ def fuzz_train_detector(
         raise typer.Exit(code)
 
 
+@app.command("mine")
+def mine_command(
+    data: Annotated[Path, typer.Option(help="A folder of recorded attempts (traces.db and "
+                                             "suite results), such as a `bench run` output.")],
+    suite: Annotated[str, typer.Option(help="The suite whose tasks validate and test the "
+                                            "specialists (repair).")] = "repair",
+    manifest: Annotated[Path, typer.Option(help="The incumbent manifest (its agents are the "
+                                                "incumbents).")] =
+        Path("examples/bugfix/manifest.yaml"),
+    output: Annotated[Path, typer.Option("--out", help="Folder for the proposed files, the "
+                                                       "report and the traces.")] =
+        Path("mine-results"),
+    backend: BackendOpt = "embedded",
+    model: ModelOpt = DEFAULT_MODEL,
+    dtype: DtypeOpt = "float32",
+    base_url: BaseUrlOpt = None,
+    recording: RecordingOpt = None,
+    record: RecordOpt = None,
+    clusters: Annotated[int, typer.Option(min=1, help="Specialists to synthesize, from the "
+                                                      "largest clusters.")] = 2,
+    min_cluster: Annotated[int, typer.Option(min=2, help="Smallest cluster.")] = 3,
+    validation: Annotated[int, typer.Option(min=1, help="Validation tasks per family.")] = 4,
+    test: Annotated[int, typer.Option(min=1, help="Test tasks per family.")] = 4,
+    difficulty: Annotated[list[int], typer.Option(help="Task difficulties (1-3).")] = [1],  # noqa: B006
+    family: Annotated[list[str], typer.Option(help="Only these families.")] = [],  # noqa: B006
+    rationalize: Annotated[bool, typer.Option(
+        help="Also solve failed training tasks with the fix as a hint, for demonstrations "
+             "the checker accepts (STaR).")] = True,
+    alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Family-wise level of the "
+                                                               "promotion tests.")] = 0.05,
+    concurrency: Annotated[int, typer.Option(min=1, help="Runs at once.")] = 4,
+    seed: Annotated[int, typer.Option(help="Task samples, bootstrap and the control.")] = 0,
+) -> None:
+    """Mine failed attempts into specialist agents; promote one only on a significant gain on
+    the validation split; claim on the test split. Writes proposed files, never edits yours."""
+    from pyagent.bench.suites.registry import SUITES
+    from pyagent.fleet.detector import Embedder
+    from pyagent.miner.pipeline import Miner, MineSettings
+
+    if suite not in SUITES:
+        raise ConfigError(f"--suite {suite!r}: unknown; suites: {', '.join(SUITES)}")
+    if not data.is_dir():
+        raise ConfigError(f"--data {data}: no such folder")
+    if output.resolve() == data.resolve():
+        raise ConfigError("--out must differ from --data: the miner's own runs would be mined")
+    settings = MineSettings(data, manifest, output, clusters, min_cluster, 1.0, validation,
+                            test, tuple(difficulty), tuple(family) or None, rationalize, alpha,
+                            seed, concurrency)
+    chosen = _backend(backend, model, dtype, base_url, recording, record, "full", None)
+    report = Miner(settings, SUITES[suite](), chosen, Embedder(),
+                   lambda line: err.print(escape(line), highlight=False)).run()
+    for decision in report["validation"]["decisions"]:
+        mark = "promoted" if decision["promoted"] else "not promoted"
+        out.print(f"{decision['candidate']}: {mark}: {escape(decision['reason'])}")
+    claim = report["test"]["against_incumbent"].get(report["test"]["after"])
+    if claim:
+        out.print(f"test split: {claim['before']:.2f} -> {claim['after']:.2f} solved, gain "
+                  f"{claim['gain']:+.2f} [{claim['low']:+.2f}, {claim['high']:+.2f}]")
+    for name in ("manifest.yaml", "agents.yaml", "mine.json", "mine.html", "traces.db"):
+        out.print(f"  {output / name}")
+
+
 def main() -> None:
     """Entry point: PyAgent errors become one line on stderr and exit status 1."""
     try:

@@ -112,13 +112,16 @@ class Attempt:
 
 
 class SuiteRunner:
-    """Runs items of `suites` (by name) on `backend`, or through `manifest` for fleet items."""
+    """Runs items of `suites` (by name) on `backend`, or through `manifest` for fleet items
+    (their spans in `folder`/traces.db, their workspaces in `folder`/workspaces)."""
 
     def __init__(self, backend: Backend, suites: Mapping[str, Suite], settings: RunSettings,
                  prices: PriceTable | None = None, manifest: Path | None = None,
                  folder: Path | None = None,
-                 progress: Callable[[dict[str, Any]], None] = lambda _record: None):
+                 progress: Callable[[dict[str, Any]], None] = lambda _record: None,
+                 label: str = ""):
         self.backend, self.suites, self.settings = backend, suites, settings
+        self.label = label  # before each fleet run's id, so that several runners share a folder
         self.prices = prices or PriceTable()
         self.manifest, self.folder, self.progress = manifest, folder, progress
         self._lock = threading.Lock()
@@ -217,7 +220,7 @@ class SuiteRunner:
 
         assert self.manifest is not None and self._traces is not None
         attempt = Attempt(item, repeat)
-        name = f"{_safe(item.id)}-r{repeat}"
+        name = f"{self.label}{_safe(item.id)}-r{repeat}"
         workspace = self._traces.path.parent / "workspaces" / name
         try:
             run = run_on_workspace(self.manifest, item.files or {}, item.task, workspace,

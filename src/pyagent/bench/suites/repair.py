@@ -222,6 +222,25 @@ class RepairSuite:
                                      f"{seed}/{index}") for index, bug in enumerate(bugs)]
         return items
 
+    def item(self, item_id: str) -> Item:
+        """The item named `item_id` (`family/d<difficulty>/split/seed/index`, as `items` names
+        them), rebuilt."""
+        parts = item_id.split("/")
+        if len(parts) != 5 or not parts[1].startswith("d") or not all(
+                p.isdigit() for p in (parts[1][1:], parts[3], parts[4])):
+            raise ConfigError(f"{item_id!r} is not a repair item id "
+                              "(family/d<difficulty>/split/seed/index)")
+        family, difficulty, split, seed, index = parts
+        return self.items(split, int(index) + 1, int(seed), [int(difficulty[1:])],
+                          [family])[int(index)]
+
+    def hint(self, item: Item) -> str:
+        """The fix itself, in words: what a rationalizing learner (STaR) is told so that it can
+        find a solution a checker accepts, then learn it without the hint."""
+        line = item.data["line"]
+        original = item.data["original"].splitlines()[line - 1].strip()
+        return f"Hint: line {line} of {item.data['path']} must read `{original}`."
+
     def _bugs(self, pool: list[Program], family: str, split: str, count: int,
               seed: int) -> list[Bug]:
         """Killed mutants of `count` programs of the pool, each program's in its own seeded
