@@ -1307,7 +1307,8 @@ def mine_command(
     min_cluster: Annotated[int, typer.Option(min=2, help="Smallest cluster.")] = 3,
     validation: Annotated[int, typer.Option(min=1, help="Validation tasks per family.")] = 4,
     test: Annotated[int, typer.Option(min=1, help="Test tasks per family.")] = 4,
-    difficulty: Annotated[list[int], typer.Option(help="Task difficulties (1-3).")] = [1],  # noqa: B006
+    difficulty: Annotated[str, typer.Option(
+        help="Task difficulties, comma-separated (1 names the line, 3 nothing).")] = "1",
     family: Annotated[list[str], typer.Option(help="Only these families.")] = [],  # noqa: B006
     rationalize: Annotated[bool, typer.Option(
         help="Also solve failed training tasks with the fix as a hint, for demonstrations "
@@ -1330,7 +1331,8 @@ def mine_command(
     if output.resolve() == data.resolve():
         raise ConfigError("--out must differ from --data: the miner's own runs would be mined")
     settings = MineSettings(data, manifest, output, clusters, min_cluster, 1.0, validation,
-                            test, tuple(difficulty), tuple(family) or None, rationalize, alpha,
+                            test, tuple(_integers(difficulty, "--difficulty")),
+                            tuple(family) or None, rationalize, alpha,
                             seed, concurrency)
     chosen = _backend(backend, model, dtype, base_url, recording, record, "full", None)
     report = Miner(settings, SUITES[suite](), chosen, Embedder(),
