@@ -19,10 +19,13 @@ agents:
           - {call: read_file, arguments: {path: src/solution.py}, result: "def add(a, b): ..."}
         answer: Fixed the comparison in add.
         source: run 3f2a... of repair item off_by_one/d1/train/0   # where it came from
+    procedure: [read_file, write_file]   # the order of its calls; then it answers
 ```
 `defenses` are described in `fleet/defenses.py`. Demonstrations are shown to the model as earlier
 exchanges, just before the agent's instruction, on every request of its turns; they are never part
-of the run's transcript.
+of the run's transcript. A `procedure` fixes which tool each call of a turn uses, in order: the
+n-th call may only be to its n-th tool (the grammar enforces it on the embedded engine; other
+backends get a named `tool_choice`), and after the last one the agent answers.
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ class AgentSpec(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     defenses: Defenses = Field(default_factory=Defenses)
     demonstrations: list[Demonstration] = Field(default_factory=list)
+    procedure: list[str] = Field(default_factory=list)
 
 
 class AgentsFile(BaseModel):
@@ -136,6 +140,12 @@ def load_agents(path: Path, known_tools: set[str] | None = None) -> dict[str, Ag
                         path, lines, where,
                         f"{'.'.join(map(str, where))}: {step.call!r} is not one of the agent's "
                         f"tools ({', '.join(agent.tools) or 'none'})")
+        for step_index, call in enumerate(agent.procedure):
+            if call not in agent.tools:
+                raise config_error(
+                    path, lines, ("agents", index, "procedure", step_index),
+                    f"agents.{index}.procedure.{step_index}: {call!r} is not one of the agent's "
+                    f"tools ({', '.join(agent.tools) or 'none'})")
         by_name[agent.name] = agent
     for index, agent in enumerate(agents):
         for sub_index, sub in enumerate(agent.subagents):

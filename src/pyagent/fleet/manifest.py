@@ -64,7 +64,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 
 from pyagent.fleet.agent import NAME_PATTERN, AgentSpec, load_agents
 from pyagent.fleet.templates import TemplateEnvironment
-from pyagent.fleet.tools.registry import TOOLS
+from pyagent.fleet.tools.registry import EDITS, TOOLS
 from pyagent.yamlfile import Lines, config_error, load_yaml, validate
 
 STEP_NAMES = frozenset({"task", "steps", "loop"})
@@ -325,7 +325,7 @@ class _Checker:
             inner = ".".join(str(part) for part in error["loc"])
             raise self.error(where, f"{field}{'.' + inner if inner else ''}: {error['msg']}") \
                 from None
-        if check.tool == "write_file":
+        if check.tool in EDITS:
             raise self.error(where, f"{field}: a check reads the workspace; it may not "
                              "write to it")
         path = getattr(parsed, "path", None)

@@ -112,9 +112,10 @@ def run_turn(agent: AgentSpec, transcript: list[Message], team: Team, span: Span
     deadline = time.monotonic() + agent.limits.wall_time_s
     guard = guard_for(agent, transcript, team, span.run_id)
     while True:
-        may_call = result.tool_calls < agent.limits.max_tool_calls and bool(allowed)
+        now = next_tools(agent, allowed, result.tool_calls)
         request = turn_request(agent, guard.view(shown(agent, transcript) + result.messages),
-                               tools, allowed, may_call)
+                               tools, now or allowed, bool(now),
+                               required=bool(now) and bool(agent.procedure))
         with span.child("llm_call", f"chat {agent.model or backend.name}",
                         **{"gen_ai.operation.name": "chat",
                            "gen_ai.request.model": agent.model or ""}) as call:
@@ -144,12 +145,16 @@ def run_turn(agent: AgentSpec, transcript: list[Message], team: Team, span: Span
         for tool_call in completion.tool_calls:
             if time.monotonic() > deadline:
                 raise _past_wall_time(agent)
-            if result.tool_calls < agent.limits.max_tool_calls:
-                result.tool_calls += 1
-                output = _call_tool(tool_call, agent, allowed, team, span, depth, result)
-            else:
+            expected = next_tools(agent, allowed, result.tool_calls)
+            if result.tool_calls >= agent.limits.max_tool_calls:
                 output = (f"not run: agent {agent.name!r} has used all "
                           f"{agent.limits.max_tool_calls} of its tool calls")
+            elif agent.procedure and tool_call.name not in expected:
+                output = (f"not run: agent {agent.name!r}'s procedure calls "
+                          f"{expected[0] if expected else 'nothing more'} next")
+            else:
+                result.tool_calls += 1
+                output = _call_tool(tool_call, agent, allowed, team, span, depth, result)
             result.messages.append(Message("tool", output, tool_call_id=tool_call.id))
 
 
@@ -175,13 +180,25 @@ def demonstration_messages(demos: Iterable[Demonstration]) -> list[Message]:
     return messages
 
 
+def next_tools(agent: AgentSpec, allowed: list[str], calls: int) -> list[str]:
+    """The tools `agent` may call after `calls` calls in its turn: none once its limit or its
+    procedure is used up, the procedure's next tool while it lasts, else all it is `allowed`."""
+    if calls >= agent.limits.max_tool_calls:
+        return []
+    if agent.procedure:
+        return [agent.procedure[calls]] if calls < len(agent.procedure) else []
+    return allowed
+
+
 def turn_request(agent: AgentSpec, messages: list[Message], tools: tuple[ToolSpec, ...],
-                 allowed: list[str], may_call: bool = True) -> CompletionRequest:
-    """The request a turn sends its backend for `messages` (as the model reads them)."""
+                 allowed: list[str], may_call: bool = True,
+                 required: bool = False) -> CompletionRequest:
+    """The request a turn sends its backend for `messages` (as the model reads them); with
+    `required`, the model must call one of `allowed`."""
     return CompletionRequest(
         messages=tuple(messages), model=agent.model,
         sampling=SamplingParams(max_tokens=agent.limits.max_tokens), tools=tools,
-        tool_choice="auto" if may_call else "none",
+        tool_choice=("required" if required else "auto") if may_call else "none",
         allowed_tools=tuple(allowed) if tools else None)
 
 

@@ -4,7 +4,8 @@ Requests always stream (with `stream_options.include_usage`), so time to first t
 here, at the caller, and usage comes from the server's own fields, cache reads and writes included
 (`usage_from` reads OpenAI's and Anthropic's shapes with genai-prices' extractors).
 Tools use the server's native tool calling. `allowed_tools` is not sent (few servers know it):
-callers check that a call names an allowed tool.
+callers check that a call names an allowed tool. A request that requires a call to the one tool it
+allows sends it as a named `tool_choice`.
 """
 
 from __future__ import annotations
@@ -92,7 +93,11 @@ class OpenAIBackend:
             args["tools"] = [{"type": "function", "function": {
                 "name": t.name, "description": t.description, "parameters": t.parameters}}
                 for t in request.tools]
-            args["tool_choice"] = request.tool_choice
+            callable_names = [t.name for t in request.callable_tools]
+            args["tool_choice"] = (
+                {"type": "function", "function": {"name": callable_names[0]}}
+                if request.tool_choice == "required" and len(callable_names) == 1
+                else request.tool_choice)
         client = self.client
         if request.timeout_s is not None:  # the caller's own limit: no retries past it
             client = client.with_options(max_retries=0, timeout=openai.Timeout(

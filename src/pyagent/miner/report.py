@@ -41,6 +41,7 @@ def sections(report: Mapping[str, Any]) -> list[Section]:
     candidates.tables.append(table([
         {"name": c["name"], "kind": c["kind"], "cluster": c["cluster"], "step": c["step"],
          "replaces": c["replaces"], "tools": ", ".join(c["tools"]),
+         "procedure": " -> ".join(c.get("procedure") or []) or "-",
          "demonstrations": len(c["demonstrations"]),
          "instructions from": ", ".join(p["source"] for p in c["provenance"]["instructions"])}
         for c in report["candidates"]], title="candidates"))

@@ -25,12 +25,12 @@ from typing import Any
 
 from pyagent.bench.results import is_suite, load_json
 from pyagent.errors import ConfigError
+from pyagent.fleet.tools.registry import EDITS
 from pyagent.observe.traces import SpanRecord, TraceReader
 
 WORDS_CHARS = 600  # of the model's own words kept in a signature
 SYMPTOM_CHARS = 90
 SUCCEEDED = "succeeded"
-EDITS = frozenset({"write_file"})  # tools that change the workspace's files
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ of its members went wrong at) and changes three things:
   cluster's evidence (reflection); each piece records what it came from;
 - demonstrations: verified successful trajectories of the same agent on the tasks nearest the
   cluster's (by MiniLM similarity of the task texts);
-- its tools: those the demonstrations used (the incumbent's own, when there are none).
+- its tools: those the demonstrations used (the incumbent's own, when there are none), and, when
+  every demonstration makes the same calls in the same order, that order as its `procedure`.
 It takes over the cluster's step through a route in the manifest (`fleet/manifest.py`).
 """
 
@@ -80,6 +81,7 @@ class Candidate:
         return {"name": self.name, "kind": self.kind, "cluster": self.cluster,
                 "step": self.step, "replaces": self.replaces,
                 "instructions": self.agent.role, "tools": self.agent.tools,
+                "procedure": self.agent.procedure,
                 "demonstrations": [d.source for d in self.agent.demonstrations],
                 "provenance": self.provenance}
 
@@ -135,13 +137,18 @@ def synthesize(name: str, members: Sequence[Signature], symptoms: Sequence[tuple
     demos = _nearest(own, [s.task for s in members], similar)
     used = {c.call for d in demos for c in d.steps}
     tools = [t for t in incumbent.tools if t in used] if demos else list(incumbent.tools)
+    orders = {tuple(c.call for c in d.steps) for d in demos}
+    procedure = list(orders.pop()) if len(orders) == 1 else []
     role = f"{incumbent.role}\n\n{advice_text}" if advice_text else incumbent.role
     agent = incumbent.model_copy(update={"name": name, "role": role, "tools": tools,
-                                         "demonstrations": demos})
+                                         "demonstrations": demos, "procedure": procedure})
     provenance = {"instructions": instructions,
                   "demonstrations": [d.source for d in demos],
                   "tools": (f"the tools its demonstrations call ({', '.join(tools)})" if demos
                             else f"the incumbent {replaces!r}'s (no demonstration found)"),
+                  "procedure": (f"the order of calls all its demonstrations share "
+                                f"({' -> '.join(procedure)})" if procedure else
+                                "none: no demonstrations, or their calls differ"),
                   "members": [s.key for s in members]}
     return Candidate(name, kind, cluster, step, replaces, agent, provenance)
 

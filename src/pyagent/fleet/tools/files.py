@@ -1,4 +1,5 @@
-"""File tools: read a file (or some of its lines), write one atomically, list files by glob."""
+"""File tools: read a file (or some of its lines), write one or replace a piece of it atomically,
+list files by glob."""
 
 from __future__ import annotations
 
@@ -83,21 +84,64 @@ class WriteFile(BaseTool[WriteFileInput]):
     input_model = WriteFileInput
 
     def run(self, args: WriteFileInput, context: ToolContext) -> ToolResult:
-        target = context.workspace.resolve(args.path)
-        if target.is_dir():
-            raise ToolError(f"{args.path!r} is a directory")
-        relative = context.workspace.relative(target)
-        if not any(fnmatch(relative, pattern) for pattern in context.writable):
-            raise ToolError(f"this agent may not write {relative!r}; it may write "
-                            f"{', '.join(context.writable) or 'nothing'}")
+        target, relative = _writable(args.path, context)
         data = args.content.encode()
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(target, data)
-        except OSError as exc:
-            raise ToolError(f"cannot write {args.path!r}: {exc.strerror or exc}") from None
+        _save(target, args.path, data)
         return ToolResult(f"wrote {len(data)} bytes to {relative}",
                           {"path": relative, "bytes": len(data)})
+
+
+class EditFileInput(ToolInput):
+    path: str = Field(description=PATH_HELP)
+    old: str = Field(min_length=1, description="The exact text to replace; it must occur once "
+                                               "in the file.")
+    new: str = Field(description="The text to put in its place.")
+
+
+class EditFile(BaseTool[EditFileInput]):
+    name = "edit_file"
+    description = ("Replace one piece of a text file: the exact text `old`, which must occur "
+                   "once, becomes `new`.")
+    input_model = EditFileInput
+
+    def run(self, args: EditFileInput, context: ToolContext) -> ToolResult:
+        target, relative = _writable(args.path, context)
+        try:
+            text = target.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ToolError(f"{args.path!r} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ToolError(f"cannot read {args.path!r}: {exc}") from None
+        found = text.count(args.old)
+        if found != 1:
+            raise ToolError(f"the text to replace occurs {found} times in {relative}, not once"
+                            + ("; copy it exactly from the file" if not found else
+                               "; include more of its surroundings"))
+        start = text.index(args.old)
+        line = text.count("\n", 0, start) + 1
+        _save(target, args.path, text.replace(args.old, args.new, 1).encode())
+        return ToolResult(f"replaced {args.old.count(chr(10)) + 1} line(s) at line {line} "
+                          f"of {relative}", {"path": relative, "line": line})
+
+
+def _writable(path: str, context: ToolContext) -> tuple[Path, str]:
+    """The file `path` names and its workspace-relative path, if the agent may write it."""
+    target = context.workspace.resolve(path)
+    if target.is_dir():
+        raise ToolError(f"{path!r} is a directory")
+    relative = context.workspace.relative(target)
+    if not any(fnmatch(relative, pattern) for pattern in context.writable):
+        raise ToolError(f"this agent may not write {relative!r}; it may write "
+                        f"{', '.join(context.writable) or 'nothing'}")
+    return target, relative
+
+
+def _save(target: Path, path: str, data: bytes) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(target, data)
+    except OSError as exc:
+        raise ToolError(f"cannot write {path!r}: {exc.strerror or exc}") from None
 
 
 def _atomic_write(target: Path, data: bytes) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from pyagent.fleet.tools.base import Tool, ToolError
-from pyagent.fleet.tools.files import ListFiles, ReadFile, WriteFile
+from pyagent.fleet.tools.files import EditFile, ListFiles, ReadFile, WriteFile
 from pyagent.fleet.tools.lint import Lint
 from pyagent.fleet.tools.shell import Shell
 from pyagent.fleet.tools.testing import RunTests
@@ -14,11 +14,14 @@ from pyagent.types import ToolSpec
 TOOLS: dict[str, type[Tool]] = {
     "read_file": ReadFile,
     "write_file": WriteFile,
+    "edit_file": EditFile,
     "list_files": ListFiles,
     "run_tests": RunTests,
     "lint": Lint,
     "shell": Shell,
 }
+
+EDITS = frozenset({"write_file", "edit_file"})  # the tools that change the workspace's files
 
 
 def make_tool(name: str) -> Tool:
