@@ -303,6 +303,14 @@ def test_a_demonstration_may_only_call_the_agents_own_tools(tmp_path):
     assert "agents.yaml:6" in message and "demonstrations.0.task" in message
 
 
+
+def test_a_procedure_may_only_name_the_agents_own_tools(tmp_path):
+    message = error_for(tmp_path, agents=AGENTS.replace(
+        '    permissions: {paths: ["src/**"]}\n',
+        '    permissions: {paths: ["src/**"]}\n    procedure: [read_file, lint]\n'))
+    assert ("agents.yaml:6: agents.0.procedure.1: 'lint' is not one of the agent's tools "
+            "(read_file, write_file)") in message
+
 ROUTED = MANIFEST.replace(
     "          agent: coder\n",
     "          agent: coder\n          routes:\n"

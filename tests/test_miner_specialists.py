@@ -57,6 +57,7 @@ def test_a_specialist_gets_advice_the_nearest_demonstrations_and_their_tools():
     assert "finish by calling write_file" in agent.role and "Never repeat a call" in agent.role
     assert [d.source for d in agent.demonstrations] == ["run near", "run far"]  # coder's only
     assert agent.tools == ["read_file", "write_file"]  # list_files: no demonstration used it
+    assert agent.procedure == ["read_file", "write_file"]  # the order both demonstrations share
     provenance = candidate.provenance
     assert [p["source"] for p in provenance["instructions"]] == ["template save",
                                                                   "template no-repeats"]
@@ -73,6 +74,16 @@ def test_without_demonstrations_the_incumbents_tools_stay_and_reflection_is_reco
     assert candidate.provenance["instructions"] == [
         {"source": "reflection", "prompt": "the prompt", "text": "Read before you write."}]
     assert "no demonstration found" in candidate.provenance["tools"]
+    assert candidate.agent.procedure == [] and candidate.provenance["procedure"].startswith("none")
+
+
+def test_demonstrations_that_call_in_different_orders_give_no_procedure():
+    members = [failure("a", "sort a list"), failure("b", "sort a list too")]
+    reread = success("sort a list again", "run reread")
+    reread.demonstration.steps.insert(0, reread.demonstration.steps[0])
+    candidate = synthesize("coder-d", members, [], {"coder": CODER},
+                           [success("sort a list", "run plain"), reread], words_overlap)
+    assert len(candidate.agent.demonstrations) == 2 and candidate.agent.procedure == []
 
 
 def test_the_target_is_where_most_members_failed():

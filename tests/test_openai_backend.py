@@ -61,3 +61,18 @@ def test_real_model_through_the_server_matches_the_engine(model_server, engine):
     assert remote.text == local.text
     assert remote.usage == local.usage
     assert remote.model == "gemma-3-270m"
+
+
+@pytest.mark.parametrize("name", ["first", "second"])
+def test_a_required_call_to_one_allowed_tool_is_sent_as_a_named_tool_choice(tiny_server,
+                                                                           tiny_engine, name):
+    from pyagent.types import ToolSpec
+
+    empty = {"type": "object", "properties": {}, "additionalProperties": False}
+    tools = (ToolSpec("first", "One tool.", empty), ToolSpec("second", "Another.", empty))
+    backend = OpenAIBackend(tiny_server.base_url, model=tiny_engine.name, max_retries=0)
+    request = CompletionRequest(messages=(Message("user", "Go."),), tools=tools,
+                                tool_choice="required", allowed_tools=(name,),
+                                sampling=SamplingParams(max_tokens=64))
+    completion = backend.complete(request)
+    assert [c.name for c in completion.tool_calls] == [name]

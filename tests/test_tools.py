@@ -311,3 +311,36 @@ def test_write_file_honours_the_agents_writable_globs(tmp_path):
     with pytest.raises(ToolError, match="may not write 'tests/test_a.py'; it may write src/"):
         write.call({"path": "tests/test_a.py", "content": "x"}, context)
     assert not (tmp_path / "tests").exists()
+
+
+def test_edit_file_replaces_text_that_occurs_once_and_nothing_else(context, root):
+    (root / "a.py").write_text("x = 1\ny = x + 1\nz = 3\n")
+    result = call(context, "edit_file", path="a.py", old="y = x + 1", new="y = x - 1")
+    assert result.data == {"path": "a.py", "line": 2}
+    assert result.output == "replaced 1 line(s) at line 2 of a.py"
+    assert (root / "a.py").read_text() == "x = 1\ny = x - 1\nz = 3\n"
+    assert tree(root) == ["a.py"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize(("old", "message"), [
+    ("w = 9", "occurs 0 times in a.py, not once; copy it exactly"),
+    ("= 1", "occurs 2 times in a.py, not once; include more of its surroundings")])
+def test_edit_file_refuses_text_that_is_missing_or_ambiguous(context, root, old, message):
+    (root / "a.py").write_text("x = 1\ny = 1\n")
+    with pytest.raises(ToolError, match=message):
+        call(context, "edit_file", path="a.py", old=old, new="q")
+    assert (root / "a.py").read_text() == "x = 1\ny = 1\n"
+
+
+def test_edit_file_checks_the_path_and_the_writable_globs(tmp_path):
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "t.py").write_text("assert True\n")
+    context = ToolContext(Workspace(tmp_path), writable=("src/*",))
+    edit = make_tool("edit_file")
+    with pytest.raises(ToolError, match="may not write 'tests/t.py'"):
+        edit.call({"path": "tests/t.py", "old": "True", "new": "False"}, context)
+    with pytest.raises(ToolError, match="'src/none.py' does not exist"):
+        edit.call({"path": "src/none.py", "old": "a", "new": "b"}, context)
+    with pytest.raises(ToolError, match="old"):
+        edit.call({"path": "src/none.py", "old": "", "new": "b"}, context)
+    assert (tmp_path / "tests" / "t.py").read_text() == "assert True\n"

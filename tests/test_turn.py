@@ -213,3 +213,26 @@ def test_demonstrations_come_before_the_instruction_and_stay_out_of_the_transcri
     assert second[:7] == first and "the answer is 42" in second[-1].content
     assert [m.role for m in result.messages] == ["assistant", "tool", "assistant"]
     assert result.output == "42"
+
+
+def test_a_procedure_fixes_each_call_s_tool_then_the_agent_answers(world):
+    root, bus, traces = world
+    reader = AgentSpec(name="reader", role="You read.", tools=["list_files", "read_file"],
+                       procedure=["list_files", "read_file"])
+    model = ScriptedModel(
+        ("", [call("list_files", {}, "a")]),
+        ("", [call("list_files", {}, "b"), call("read_file", {"path": "notes.txt"}, "c")]),
+        ("It says 42.", []))
+    team = Team({"reader": reader}, lambda agent: model, Workspace(root))
+    with bus.span("run", "run test", "r4") as span:
+        result = run_turn(reader, [Message("user", "Read the notes.")], team, span)
+    assert [(r.tool_choice, r.allowed_tools) for r in model.requests] == [
+        ("required", ("list_files",)), ("required", ("read_file",)),
+        ("none", ("list_files", "read_file"))]
+    assert [t.name for t in model.requests[0].tools] == ["list_files", "read_file"]
+    replies = {m.tool_call_id: m.content for m in model.requests[2].messages if m.role == "tool"}
+    assert replies["b"] == "not run: agent 'reader''s procedure calls read_file next"
+    assert "the answer is 42" in replies["c"]
+    assert result.tool_calls == 2 and result.output == "It says 42."
+    ran = [s.name for s in traces.spans("r4") if s.kind == "tool_call"]
+    assert ran == ["execute_tool list_files", "execute_tool read_file"]
