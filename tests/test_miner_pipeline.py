@@ -112,6 +112,7 @@ def test_failures_become_a_specialist_promoted_on_validation_and_held_on_test(mi
     mined_candidate, control = report["candidates"]
     assert (mined_candidate["kind"], control["kind"]) == ("mined", "control")
     assert mined_candidate["tools"] == ["read_file", "write_file"]  # what the demos used
+    assert mined_candidate["procedure"] == ["read_file", "write_file"]  # their shared order
     assert len(mined_candidate["demonstrations"]) == 2
     [decision] = report["validation"]["decisions"]
     assert decision["promoted"], decision["reason"]
@@ -147,6 +148,22 @@ def test_everything_the_miner_did_is_in_its_trace_store(mined):
     assert phases == ["signatures", "demonstrations", "synthesis", "validation", "test"]
     assert sum(run_id.startswith("validation-specialist-c0-") for run_id in runs) == 5
     assert sum(run_id.startswith("rationalize-") for run_id in runs) == 4
+
+
+def test_the_dashboard_s_api_shows_the_miner_s_run_and_its_phases(mined):
+    import httpx
+
+    from test_observer import serving
+
+    root, _, _ = mined
+    with serving(root / "out") as (_, url):
+        runs = {r["run_id"]: r for r in httpx.get(f"{url}/api/runs").json()["runs"]}
+        mine_run = next(run_id for run_id in runs if run_id.startswith("mine-"))
+        assert runs[mine_run]["status"] == "succeeded"
+        assert sum(run_id.startswith("test-promoted-") for run_id in runs) == 5
+        lineage = httpx.get(f"{url}/api/runs/{mine_run}/lineage").json()
+    assert [c["name"] for c in lineage["root"]["children"]] == [
+        "signatures", "demonstrations", "synthesis", "validation", "test"]
 
 
 def test_bad_input_is_one_line(tmp_path):
