@@ -344,3 +344,25 @@ def test_edit_file_checks_the_path_and_the_writable_globs(tmp_path):
     with pytest.raises(ToolError, match="old"):
         edit.call({"path": "src/none.py", "old": "", "new": "b"}, context)
     assert (tmp_path / "tests" / "t.py").read_text() == "assert True\n"
+
+
+def test_replace_lines_keeps_the_indentation_and_the_final_newline(context, root):
+    (root / "a.py").write_text("def f(a, b):\n    return a / b\n\nx = 1")
+    result = call(context, "replace_lines", path="a.py", start_line=2, text="return a * b")
+    assert result.data == {"path": "a.py", "start_line": 2, "end_line": 2}
+    assert (root / "a.py").read_text() == "def f(a, b):\n    return a * b\n\nx = 1"
+    call(context, "replace_lines", path="a.py", start_line=3, end_line=4,
+         text="y = 2\nx = 3")  # the file still ends without a newline
+    assert (root / "a.py").read_text() == "def f(a, b):\n    return a * b\ny = 2\nx = 3"
+    call(context, "replace_lines", path="a.py", start_line=1, end_line=2,
+         text="def f(a, b):\n  return 0\n")  # indented text is kept as it is
+    assert (root / "a.py").read_text() == "def f(a, b):\n  return 0\ny = 2\nx = 3"
+
+
+def test_replace_lines_refuses_lines_past_the_end_and_backwards_ranges(context, root):
+    (root / "a.py").write_text("x = 1\n")
+    with pytest.raises(ToolError, match=r"a.py has 1 lines; cannot replace lines 2-3"):
+        call(context, "replace_lines", path="a.py", start_line=2, end_line=3, text="y")
+    with pytest.raises(ToolError, match="end_line is before start_line"):
+        call(context, "replace_lines", path="a.py", start_line=2, end_line=1, text="y")
+    assert (root / "a.py").read_text() == "x = 1\n"

@@ -106,12 +106,7 @@ class EditFile(BaseTool[EditFileInput]):
 
     def run(self, args: EditFileInput, context: ToolContext) -> ToolResult:
         target, relative = _writable(args.path, context)
-        try:
-            text = target.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ToolError(f"{args.path!r} does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ToolError(f"cannot read {args.path!r}: {exc}") from None
+        text = _text_of(target, args.path)
         found = text.count(args.old)
         if found != 1:
             raise ToolError(f"the text to replace occurs {found} times in {relative}, not once"
@@ -123,6 +118,56 @@ class EditFile(BaseTool[EditFileInput]):
         return ToolResult(f"replaced {args.old.count(chr(10)) + 1} line(s) at line {line} "
                           f"of {relative}", {"path": relative, "line": line})
 
+
+
+class ReplaceLinesInput(ToolInput):
+    path: str = Field(description=PATH_HELP)
+    start_line: int = Field(ge=1, le=MAX_LINE, description="First line to replace (1-based).")
+    end_line: int | None = Field(None, ge=1, le=MAX_LINE,
+                                 description="Last line to replace (default: start_line).")
+    text: str = Field(description="The new lines.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.end_line is not None and self.end_line < self.start_line:
+            raise ValueError("end_line is before start_line")
+        return self
+
+
+class ReplaceLines(BaseTool[ReplaceLinesInput]):
+    name = "replace_lines"
+    description = ("Replace lines start_line to end_line of a text file with new text; text "
+                   "without indentation takes the first replaced line's.")
+    input_model = ReplaceLinesInput
+
+    def run(self, args: ReplaceLinesInput, context: ToolContext) -> ToolResult:
+        target, relative = _writable(args.path, context)
+        lines = _text_of(target, args.path).splitlines(keepends=True)
+        last = args.end_line or args.start_line
+        if last > len(lines):
+            raise ToolError(f"{relative} has {len(lines)} lines; cannot replace lines "
+                            f"{args.start_line}-{last}")
+        first = lines[args.start_line - 1]
+        indent = first[:len(first) - len(first.lstrip(" \t"))]
+        new = args.text.splitlines(keepends=True) or [""]
+        if indent and not new[0].startswith((" ", "\t")):
+            new = [indent + line if line.strip() else line for line in new]
+        if lines[last - 1].endswith("\n") and not new[-1].endswith("\n"):
+            new[-1] += "\n"
+        lines[args.start_line - 1:last] = new
+        _save(target, args.path, "".join(lines).encode())
+        return ToolResult(f"replaced lines {args.start_line}-{last} of {relative} with "
+                          f"{len(new)} line(s)", {"path": relative, "start_line": args.start_line,
+                                                 "end_line": last})
+
+
+def _text_of(target: Path, path: str) -> str:
+    try:
+        return target.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ToolError(f"{path!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ToolError(f"cannot read {path!r}: {exc}") from None
 
 def _writable(path: str, context: ToolContext) -> tuple[Path, str]:
     """The file `path` names and its workspace-relative path, if the agent may write it."""

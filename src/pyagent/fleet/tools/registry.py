@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from pyagent.fleet.tools.base import Tool, ToolError
-from pyagent.fleet.tools.files import EditFile, ListFiles, ReadFile, WriteFile
+from pyagent.fleet.tools.files import (
+    EditFile,
+    ListFiles,
+    ReadFile,
+    ReplaceLines,
+    WriteFile,
+)
 from pyagent.fleet.tools.lint import Lint
 from pyagent.fleet.tools.shell import Shell
 from pyagent.fleet.tools.testing import RunTests
@@ -15,13 +21,15 @@ TOOLS: dict[str, type[Tool]] = {
     "read_file": ReadFile,
     "write_file": WriteFile,
     "edit_file": EditFile,
+    "replace_lines": ReplaceLines,
     "list_files": ListFiles,
     "run_tests": RunTests,
     "lint": Lint,
     "shell": Shell,
 }
 
-EDITS = frozenset({"write_file", "edit_file"})  # the tools that change the workspace's files
+# the tools that change the workspace's files
+EDITS = frozenset({"write_file", "edit_file", "replace_lines"})
 
 
 def make_tool(name: str) -> Tool:
