@@ -103,11 +103,13 @@ def table(result: dict[str, Any]) -> list[str]:
              f"{len(report['clusters'])} clusters, {len(report['demonstrations'])} verified "
              f"demonstrations; promoted: {', '.join(report['promoted']) or 'none'}.", "",
              "### Test split (never seen by mining)", "",
-             "| variant | solved [95% CI] | gain over the incumbent [95% CI], paired | tokens |",
-             "|---|---|---|---|"]
+             "| variant | solved [95% CI] | gain over the incumbent [95% CI], paired | "
+             "tool calls failed | tokens |", "|---|---|---|---|---|"]
     for name, scores in test["scores"].items():
         claim = test["against_incumbent"].get(name)
-        lines.append(f"| {name} | {_rate(scores)} | {_gain(claim)} | "
+        calls = test.get("calls", {}).get(name)
+        failed = f"{calls['failed']}/{calls['calls']}" if calls else "-"
+        lines.append(f"| {name} | {_rate(scores)} | {_gain(claim)} | {failed} | "
                      f"{test['tokens'][name]:,} |")
     lines += ["", "### Specialists", "",
               "| candidate | kind | cluster (size): label | step | procedure | validation gain "

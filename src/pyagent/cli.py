@@ -1313,6 +1313,9 @@ def mine_command(
     rationalize: Annotated[bool, typer.Option(
         help="Also solve failed training tasks with the fix as a hint, for demonstrations "
              "the checker accepts (STaR).")] = True,
+    references: Annotated[bool, typer.Option(
+        help="Also run the suite's known fixes of failed training tasks as the failing agent's "
+             "tool calls, for demonstrations the checker accepts.")] = True,
     alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Family-wise level of the "
                                                                "promotion tests.")] = 0.05,
     concurrency: Annotated[int, typer.Option(min=1, help="Runs at once.")] = 4,
@@ -1332,7 +1335,7 @@ def mine_command(
         raise ConfigError("--out must differ from --data: the miner's own runs would be mined")
     settings = MineSettings(data, manifest, output, clusters, min_cluster, 1.0, validation,
                             test, tuple(_integers(difficulty, "--difficulty")),
-                            tuple(family) or None, rationalize, alpha,
+                            tuple(family) or None, rationalize, references, alpha,
                             seed, concurrency)
     chosen = _backend(backend, model, dtype, base_url, recording, record, "full", None)
     report = Miner(settings, SUITES[suite](), chosen, Embedder(),

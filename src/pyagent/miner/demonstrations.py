@@ -1,5 +1,7 @@
 """Demonstrations from verified successes: what an agent did, step by step, in a run whose
-outcome the task's checker accepted.
+outcome the task's checker accepted; or, for a task whose fix the suite knows, that fix run as the
+agent's own tool calls on a copy of the task's files and accepted by the same checker
+(`from_reference`).
 
 A step's demonstration is its agent's successful tool calls in order, with their arguments and
 results as the trace recorded them, and the agent's answer. A step whose calls' arguments or
@@ -10,11 +12,14 @@ exactly what worked.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pyagent.fleet.agent import Demonstration, DemoStep
+from pyagent.fleet.agent import AgentSpec, Demonstration, DemoStep
+from pyagent.fleet.tools.base import ToolContext, ToolError, Workspace
+from pyagent.fleet.tools.registry import make_tool
+from pyagent.fleet.turn import TOOL_OUTPUT_CHARS
 from pyagent.miner.signatures import SUCCEEDED, suite_records
 from pyagent.miner.specialists import Success
 from pyagent.observe.traces import SpanRecord, TraceReader
@@ -88,3 +93,26 @@ def _demonstration(task: str, agent: SpanRecord, spans: Sequence[SpanRecord],
     return Demonstration(task=task, steps=steps,
                          answer=str(agent.attributes.get("pyagent.agent.output", "")),
                          source=source)
+
+
+def from_reference(task: str, calls: Sequence[tuple[str, dict[str, Any]]], agent: AgentSpec,
+                   step: str, workspace: Path, accepted: Callable[[Path], bool],
+                   source: str) -> Success | None:
+    """`calls` (a known fix) run with `agent`'s tools and permissions on `workspace`, which
+    holds the task's files: a demonstration of `task` at `step` if every call succeeds and
+    `accepted(workspace)` (the suite's checker) holds."""
+    context = ToolContext(Workspace(workspace), writable=tuple(agent.permissions.paths))
+    steps = []
+    for name, arguments in calls:
+        if name not in agent.tools:
+            return None
+        try:
+            output = make_tool(name).call(arguments, context).output
+        except ToolError:
+            return None
+        steps.append(DemoStep(call=name, arguments=dict(arguments),
+                              result=output[-TOOL_OUTPUT_CHARS:]))
+    if not steps or not accepted(workspace):
+        return None
+    return Success(step, agent.name, Demonstration(task=task, steps=steps,
+                                                   answer="The fix is saved.", source=source))

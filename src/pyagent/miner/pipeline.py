@@ -4,7 +4,8 @@
 2. **Demonstrations**: verified successes in the data folder; with `rationalize`, also runs of the
    incumbent manifest on the failed training tasks with the fix given as a hint (STaR's
    rationalization), kept only when the suite's checker accepts the result, and shown without
-   the hint.
+   the hint; with `references`, for the failed training tasks still without one, the suite's
+   known fix run as the failing agent's own tool calls and accepted by the same checker.
 3. **Synthesize** a specialist for each of the largest clusters, and a control from a random
    sample of the failures.
 4. **Validate**: the incumbent manifest and each candidate (the manifest with a route that hands
@@ -37,7 +38,7 @@ from pyagent.fleet.manifest import Manifest, load_manifest
 from pyagent.fleet.tools.registry import TOOLS
 from pyagent.llm.base import Backend
 from pyagent.miner.clusters import cluster, embed
-from pyagent.miner.demonstrations import from_run, successes_in
+from pyagent.miner.demonstrations import from_reference, from_run, successes_in
 from pyagent.miner.promotion import Decision, compare, decide
 from pyagent.miner.signatures import Signature, mine
 from pyagent.miner.specialists import Candidate, Success, control_members, synthesize
@@ -63,6 +64,7 @@ class MineSettings:
     difficulties: tuple[int, ...] = (1,)
     families: tuple[str, ...] | None = None
     rationalize: bool = True
+    references: bool = True
     alpha: float = 0.05
     seed: int = 0
     concurrency: int = 4
@@ -164,6 +166,7 @@ class Miner:
         found = successes_in(self.settings.data)
         tokens = 0
         hint = getattr(self.suite, "hint", None)
+        covered: set[str] = set()
         if self.settings.rationalize and hint is not None:
             items = self._failed_items(signatures)
             if items:
@@ -175,12 +178,41 @@ class Miner:
                 with TraceReader(self.settings.out / "traces.db") as reader:
                     for record in records:
                         if record.get("correct") and record.get("run_id"):
+                            covered.add(record["item_id"])
                             found += from_run(reader.spans(record["run_id"]),
                                               by_id[record["item_id"]].task,
                                               f"run {record['run_id']} of {record['item_id']} "
                                               "(rationalized: solved with the fix as a hint)")
+        if self.settings.references and hasattr(self.suite, "reference"):
+            found += self._references(signatures, covered)
         self.ledger.measure("demonstrations", started, tokens)
         self.progress(f"{len(found)} verified demonstrations")
+        return found
+
+    def _references(self, signatures: Sequence[Signature], covered: set[str]) -> list[Success]:
+        """The suite's known fixes of failed training tasks not in `covered`, each run as the
+        failing agent's tool calls and kept when the checker accepts it."""
+        from pyagent.bench.suites.repair import write_workspace
+
+        found = []
+        failed = {s.item_id: s for s in reversed(signatures)
+                  if s.item_id and s.source == "fleet" and s.step
+                  and s.agent in self.manifest.agents}
+        for item_id, signature in failed.items():
+            if item_id in covered:
+                continue
+            item = self.suite.item(item_id)  # type: ignore[attr-defined]
+            agent = self.manifest.agents[signature.agent]
+            calls = self.suite.reference(item, agent.tools)  # type: ignore[attr-defined]
+            workspace = write_workspace(item, self.settings.out / "references"
+                                        / item_id.replace("/", "_"))
+            success = from_reference(
+                item.task, calls, agent, signature.step, workspace,
+                lambda root, item=item: self.suite.check(item, root).correct,
+                f"the reference fix of {item_id}, run as {agent.name}'s tool calls and "
+                "accepted by the checker")
+            if success is not None:
+                found.append(success)
         return found
 
     def _failed_items(self, signatures: Sequence[Signature]) -> list[Item]:
@@ -265,18 +297,30 @@ class Miner:
         if promoted:
             variants[PROMOTED] = out / "manifest.yaml"
         result: dict[str, Any] = {"items": [i.id for i in items], "scores": {}, "tokens": {},
-                                  "records": {}}
+                                  "calls": {}, "records": {}}
         for name, manifest in variants.items():
             self.progress(f"{split}: {name} on {len(items)} tasks")
             records = self._runner(manifest, f"{split}-{name}-").run(items)
             by_item = {r["item_id"]: r for r in records}
             result["scores"][name] = [float(by_item[i.id].get("score") or 0.0) for i in items]
             result["tokens"][name] = sum(_tokens(r) for r in records)
+            result["calls"][name] = self._calls(records)
             result["records"][name] = [{k: r.get(k) for k in (
                 "item_id", "correct", "score", "detail", "run_id", "error")} for r in records]
         tokens = sum(result["tokens"].values())
         self.ledger.measure(split, started, tokens)
         return result
+
+    def _calls(self, records: Sequence[dict[str, Any]]) -> dict[str, int]:
+        """The tool calls of `records`' runs, and how many of them failed."""
+        calls = failed = 0
+        with TraceReader(self.settings.out / "traces.db") as reader:
+            for record in records:
+                if record.get("run_id"):
+                    spans = [s for s in reader.spans(record["run_id"]) if s.kind == "tool_call"]
+                    calls += len(spans)
+                    failed += sum(s.status == "error" for s in spans)
+        return {"calls": calls, "failed": failed}
 
     # --- report --------------------------------------------------------------------------------
 
@@ -306,10 +350,11 @@ class Miner:
                                 "source": s.demonstration.source} for s in successes],
             "candidates": [c.to_dict() for c in candidates],
             "validation": {"items": validation["items"], "scores": validation["scores"],
-                           "tokens": validation["tokens"],
+                           "tokens": validation["tokens"], "calls": validation["calls"],
                            "decisions": [d.to_dict() for d in decisions]},
             "promoted": [c.name for c in promoted],
             "test": {"items": test["items"], "scores": test["scores"], "tokens": test["tokens"],
+                     "calls": test["calls"],
                      "against_incumbent": claims, "after": after},
             "cost": {"phases": self.ledger.phases, "mining": mining, "total": spent,
                      "extra_solved_on_test": extra,

@@ -21,6 +21,10 @@ def _gain(comparison: Mapping[str, Any]) -> str:
             f"p = {comparison['p_value']:.3g}")
 
 
+def _failed(calls: Mapping[str, int]) -> str:
+    return f"{calls['failed']}/{calls['calls']}"
+
+
 def sections(report: Mapping[str, Any]) -> list[Section]:
     """The report's sections, for the HTML page."""
     test = report["test"]
@@ -52,7 +56,8 @@ def sections(report: Mapping[str, Any]) -> list[Section]:
         for d in report["validation"]["decisions"]], title="decisions"))
     held_out = Section("Test split (never seen by mining): each variant against the incumbent")
     held_out.tables.append(table([{"variant": name, "against the incumbent": _gain(c),
-                                   "tokens": test["tokens"][name]}
+                                   "tokens": test["tokens"][name],
+                                   "tool calls failed": _failed(test["calls"][name])}
                                   for name, c in test["against_incumbent"].items()],
                                  title="test split"))
     cost = Section("What mining cost")

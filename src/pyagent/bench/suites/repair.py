@@ -34,6 +34,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 
@@ -240,6 +241,27 @@ class RepairSuite:
         line = item.data["line"]
         original = item.data["original"].splitlines()[line - 1].strip()
         return f"Hint: line {line} of {item.data['path']} must read `{original}`."
+
+    def reference(self, item: Item, tools: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+        """The known fix as calls to `tools`: read the line with the bug, then replace it (with
+        `replace_lines`, `edit_file` or, failing both, `write_file` of the whole file); none
+        without a tool that edits. A learner that cannot yet find a fix it could be shown learns
+        from these (behaviour cloning), once they have run and the checker accepted the result."""
+        path, line = item.data["path"], item.data["line"]
+        buggy = item.files[path].splitlines()[line - 1] if item.files else ""
+        fixed = item.data["original"].splitlines()[line - 1]
+        calls: list[tuple[str, dict[str, Any]]] = []
+        if "read_file" in tools:
+            calls.append(("read_file", {"path": path, "start_line": line, "end_line": line}))
+        if "replace_lines" in tools:
+            return [*calls, ("replace_lines", {"path": path, "start_line": line,
+                                               "text": fixed.strip()})]
+        if "edit_file" in tools:
+            return [*calls, ("edit_file", {"path": path, "old": buggy.strip(),
+                                           "new": fixed.strip()})]
+        if "write_file" in tools:
+            return [*calls, ("write_file", {"path": path, "content": item.data["original"]})]
+        return []
 
     def _bugs(self, pool: list[Program], family: str, split: str, count: int,
               seed: int) -> list[Bug]:
