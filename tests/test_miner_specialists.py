@@ -100,3 +100,20 @@ def test_the_control_is_a_seeded_random_sample_the_size_of_the_largest_cluster()
     sample = control_members([largest], everyone, seed=3)
     assert len(sample) == 4 and sample == control_members([largest], everyone, seed=3)
     assert sample != control_members([largest], everyone, seed=4)
+
+
+def test_the_advice_names_the_edit_tool_the_specialist_holds():
+    members = [failure("a", "sort a list"), failure("b", "sort a list too")]
+    demo = Demonstration(task="sort a list", source="reference", steps=[
+        {"call": "read_file", "arguments": {"path": "src/solution.py"}, "result": "x = 1"},
+        {"call": "replace_lines", "arguments": {"path": "src/solution.py", "start_line": 1,
+                                                "text": "x = 2"}, "result": "replaced"}])
+    incumbent = CODER.model_copy(update={"tools": [*CODER.tools, "replace_lines"]})
+    candidate = synthesize("coder-l", members, [("no file written", 1.0)],
+                           {"coder": incumbent}, [Success("code", "coder", demo)],
+                           words_overlap)
+    assert candidate.agent.tools == ["read_file", "replace_lines"]
+    assert "finish by calling replace_lines with the line's number" in candidate.agent.role
+    assert "write_file" not in candidate.agent.role
+    assert candidate.provenance["instructions"][0]["text"].endswith(
+        "replace_lines with the line's number and its corrected text.")

@@ -32,29 +32,35 @@ DEMONSTRATIONS = 2  # per specialist
 
 @dataclass(frozen=True)
 class Advice:
-    """One instruction template and the symptoms (a regular expression) it answers."""
+    """One instruction template and the symptoms (a regular expression) it answers; `{save}`
+    in its text becomes how the specialist saves a fix with the tools it holds (`SAVING`)."""
 
     id: str
     symptom: str
     text: str
 
 
+SAVING = {  # how a fix is saved, by the edit tool a specialist holds (the first one held)
+    "replace_lines": "replace_lines with the line's number and its corrected text",
+    "edit_file": "edit_file with the exact text of the line and its corrected text",
+    "write_file": "write_file with the file's path and its whole corrected content",
+}
+
 ADVICE: tuple[Advice, ...] = (
     Advice("act", r"^no tool calls$",
            "Do not answer before you have acted: read the file the task names with read_file, "
            "then fix it."),
     Advice("save", r"^no file written$",
-           "A fix counts only once it is saved: finish by calling write_file with the file's "
-           "path and its whole corrected content."),
-    Advice("real-arguments", r"^(read_file|write_file|list_files) failed",
+           "A fix counts only once it is saved: finish by calling {save}."),
+    Advice("real-arguments", r"^(read_file|write_file|edit_file|replace_lines|list_files) failed",
            "Give every tool real values taken from the task, such as the path "
            "src/solution.py, never the words of its description such as 'file' or 'path'."),
     Advice("no-repeats", r"^the same call repeated$",
            "Never repeat a call you have made: its result will not change. Read the file once, "
            "then write the fix."),
     Advice("whole-file", r"file written with a syntax error$",
-           "write_file replaces the whole file: write all of it, with its indentation, as valid "
-           "Python, changing only the line with the bug."),
+           "What you save must stay valid Python, with its indentation: change only the line "
+           "with the bug."),
     Advice("tests-fail", r"^verdict: N tests? fail|^loop ran out of rounds$",
            "The bug is one small change on one line, such as < for <=, + for -, or an index "
            "off by one: change that line and keep everything else as it is."),
@@ -125,18 +131,21 @@ def synthesize(name: str, members: Sequence[Signature], symptoms: Sequence[tuple
     `similar(a, b)` is a matrix of similarities between two lists of task texts."""
     step, replaces = target(members)
     incumbent = incumbents[replaces]
+    own = [s for s in successes if s.agent == replaces and s.step == step]
+    demos = _nearest(own, [s.task for s in members], similar)
+    used = {c.call for d in demos for c in d.steps}
+    tools = [t for t in incumbent.tools if t in used] if demos else list(incumbent.tools)
+    save = next((how for tool, how in SAVING.items() if tool in tools), "the tool that saves it")
     pieces = advice_for(symptoms)
     if reflection is not None:
         advice_text = reflection[0].strip()
         instructions = [{"source": "reflection", "prompt": reflection[1], "text": advice_text}]
     else:
-        advice_text = " ".join(a.text for a, _, _ in pieces)
+        texts = [a.text.format(save=save) for a, _, _ in pieces]
+        advice_text = " ".join(texts)
         instructions = [{"source": f"template {a.id}", "symptom": symptom, "share": share,
-                         "text": a.text} for a, symptom, share in pieces]
-    own = [s for s in successes if s.agent == replaces and s.step == step]
-    demos = _nearest(own, [s.task for s in members], similar)
-    used = {c.call for d in demos for c in d.steps}
-    tools = [t for t in incumbent.tools if t in used] if demos else list(incumbent.tools)
+                         "text": text} for (a, symptom, share), text in zip(pieces, texts,
+                                                                            strict=True)]
     orders = {tuple(c.call for c in d.steps) for d in demos}
     procedure = list(orders.pop()) if len(orders) == 1 else []
     role = f"{incumbent.role}\n\n{advice_text}" if advice_text else incumbent.role

@@ -335,7 +335,8 @@ class FleetTarget:
     name = "fleet"
     channels = ("task", "document", "tool_output", "file", "transcript")
     goals = ("write_canary", "forbidden_tool", "exfiltrate_secret", "exfiltrate_prompt", "bypass")
-    toolbox = ("list_files", "read_file", "write_file", "run_tests", "lint", "shell")
+    toolbox = ("list_files", "read_file", "replace_lines", "write_file", "run_tests", "lint",
+               "shell")
 
     def __init__(self, backend: Backend, example: Path, screen: Screen | None = None,
                  threshold: float | None = None, mode: str = "sequenced"):
