@@ -17,19 +17,24 @@ PATH_HELP = "Path relative to the workspace root."
 MAX_LINE = 10_000_000  # bounds line numbers, so a constrained model cannot write digits forever
 
 
-class ReadFileInput(ToolInput):
+class _LineRange(ToolInput):
+    """Arguments with a `start_line` and an optional `end_line`, which may not come before it."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        start, end = getattr(self, "start_line", None), getattr(self, "end_line", None)
+        if start and end and end < start:
+            raise ValueError("end_line is before start_line")
+        return self
+
+
+class ReadFileInput(_LineRange):
     path: str = Field(description=PATH_HELP)
     start_line: int | None = Field(None, ge=1, le=MAX_LINE,
                                    description="First line to return (1-based).")
     end_line: int | None = Field(None, ge=1, le=MAX_LINE,
                                  description="Last line to return (inclusive).")
     max_bytes: int = Field(100_000, ge=1, le=1_000_000, description="Most bytes to return.")
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Self:
-        if self.start_line and self.end_line and self.end_line < self.start_line:
-            raise ValueError("end_line is before start_line")
-        return self
 
 
 class ReadFile(BaseTool[ReadFileInput]):
@@ -119,19 +124,12 @@ class EditFile(BaseTool[EditFileInput]):
                           f"of {relative}", {"path": relative, "line": line})
 
 
-
-class ReplaceLinesInput(ToolInput):
+class ReplaceLinesInput(_LineRange):
     path: str = Field(description=PATH_HELP)
     start_line: int = Field(ge=1, le=MAX_LINE, description="First line to replace (1-based).")
     end_line: int | None = Field(None, ge=1, le=MAX_LINE,
                                  description="Last line to replace (default: start_line).")
     text: str = Field(description="The new lines.")
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Self:
-        if self.end_line is not None and self.end_line < self.start_line:
-            raise ValueError("end_line is before start_line")
-        return self
 
 
 class ReplaceLines(BaseTool[ReplaceLinesInput]):
