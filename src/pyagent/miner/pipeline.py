@@ -43,7 +43,7 @@ from pyagent.miner.promotion import Decision, compare, decide
 from pyagent.miner.signatures import Signature, mine
 from pyagent.miner.specialists import Candidate, Success, control_members, synthesize
 from pyagent.observe.events import EventBus, Span
-from pyagent.observe.traces import TraceReader, TraceStore
+from pyagent.observe.traces import TraceStore
 
 INCUMBENT = "incumbent"
 PROMOTED = "promoted"
@@ -103,6 +103,7 @@ class Miner:
         self.embedder, self.progress = embedder, progress
         self.manifest: Manifest = load_manifest(settings.manifest, set(TOOLS))
         self.ledger = Ledger()
+        self.traces: TraceStore  # the run's store, open while `run` runs
         settings.out.mkdir(parents=True, exist_ok=True)
 
     def run(self) -> dict[str, Any]:
@@ -110,6 +111,7 @@ class Miner:
         out = self.settings.out
         bus = EventBus()
         with TraceStore(out / "traces.db") as traces:
+            self.traces = traces  # also reads the runs the miner makes (one connection)
             detach = traces.attach(bus)
             try:
                 with bus.span("run", "mine", f"mine-{int(time.time())}",
@@ -175,14 +177,13 @@ class Miner:
                 records = self._runner(self.settings.manifest, "rationalize-").run(hinted)
                 tokens = sum(_tokens(r) for r in records)
                 by_id = {item.id: item for item in items}
-                with TraceReader(self.settings.out / "traces.db") as reader:
-                    for record in records:
-                        if record.get("correct") and record.get("run_id"):
-                            covered.add(record["item_id"])
-                            found += from_run(reader.spans(record["run_id"]),
-                                              by_id[record["item_id"]].task,
-                                              f"run {record['run_id']} of {record['item_id']} "
-                                              "(rationalized: solved with the fix as a hint)")
+                for record in records:
+                    if record.get("correct") and record.get("run_id"):
+                        covered.add(record["item_id"])
+                        found += from_run(self.traces.spans(record["run_id"]),
+                                          by_id[record["item_id"]].task,
+                                          f"run {record['run_id']} of {record['item_id']} "
+                                          "(rationalized: solved with the fix as a hint)")
         if self.settings.references and hasattr(self.suite, "reference"):
             found += self._references(signatures, covered)
         self.ledger.measure("demonstrations", started, tokens)
@@ -314,12 +315,11 @@ class Miner:
     def _calls(self, records: Sequence[dict[str, Any]]) -> dict[str, int]:
         """The tool calls of `records`' runs, and how many of them failed."""
         calls = failed = 0
-        with TraceReader(self.settings.out / "traces.db") as reader:
-            for record in records:
-                if record.get("run_id"):
-                    spans = [s for s in reader.spans(record["run_id"]) if s.kind == "tool_call"]
-                    calls += len(spans)
-                    failed += sum(s.status == "error" for s in spans)
+        for record in records:
+            if record.get("run_id"):
+                spans = [s for s in self.traces.spans(record["run_id"]) if s.kind == "tool_call"]
+                calls += len(spans)
+                failed += sum(s.status == "error" for s in spans)
         return {"calls": calls, "failed": failed}
 
     # --- report --------------------------------------------------------------------------------
