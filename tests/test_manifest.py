@@ -12,6 +12,7 @@ from pyagent.errors import ConfigError
 from pyagent.fleet.agent import load_agents
 from pyagent.fleet.manifest import LoopSpec, load_manifest
 from pyagent.fleet.templates import TemplateEnvironment, Templates
+from pyagent.fleet.tools.registry import TOOLS as REGISTERED
 
 AGENTS = """\
 agents:
@@ -56,7 +57,7 @@ goal:
       expect: "data.failed == 0"
 """
 EXAMPLES = Path(__file__).parents[1] / "examples"
-TOOLS = {"read_file", "write_file", "list_files", "run_tests", "lint", "shell"}
+TOOLS = set(REGISTERED)
 
 
 def write(tmp_path, manifest=MANIFEST, agents=AGENTS):
