@@ -17,6 +17,7 @@ from pyagent.engine.quantize import (
     weight_precision,
 )
 from pyagent.engine.registry import resolve_model
+from pyagent.engine.screened_head import ScreenedHead
 from pyagent.errors import ModelError
 from pyagent.types import CompletionRequest, SamplingParams
 
@@ -77,7 +78,7 @@ def test_one_set_of_precision_names_for_cli_api_and_server(tiny_model_dir, dtype
 def test_a_quantized_model_still_generates(tiny_model_dir):
     loaded = load(resolve_model(str(tiny_model_dir)), quantize="int8")
     linears = [m for m in loaded.model.modules() if isinstance(m, nn.Linear)]
-    assert linears == [] and isinstance(loaded.model.lm_head, Int8Linear)
+    assert linears == [] and isinstance(loaded.model.lm_head, ScreenedHead)
     engine = Engine(loaded)
     request = CompletionRequest(prompt="The quick", sampling=SamplingParams(max_tokens=8,
                                                                               ignore_eos=True))

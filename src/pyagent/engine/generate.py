@@ -264,7 +264,10 @@ class Engine:
         A pass of prompt tokens only (no part of one token) from `DENSE_ROWS` rows multiplies
         int8 weights through bfloat16 GEMM (engine/quantize.py)."""
         dense = min(paged.sizes) > 1 and sum(paged.sizes) >= DENSE_ROWS
+        fused = getattr(self.model, "pyagent_fused", None)
         with torch.inference_mode(), dense_prompt() if dense else nullcontext():
+            if fused is not None:
+                return fused(torch.tensor(tokens), positions, paged)
             out = self.model.model(input_ids=torch.tensor([tokens]), position_ids=positions[None],
                                    attention_mask=self._no_masks, use_cache=False, paged=paged)
         return out.last_hidden_state[0]

@@ -216,6 +216,9 @@ def load(spec: ModelSpec, dtype: str = "float32", report: Report = lambda _msg: 
     except Exception as exc:
         raise ModelError(f"could not load model {spec.name!r} from {directory}: {exc}") from exc
     model.eval()
+    from pyagent.engine.gemma3 import fuse
+
+    fuse(model)
     if quantize is not None:
         from pyagent.engine.quantize import quantize as quantize_model
 

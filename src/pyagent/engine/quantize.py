@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from pyagent.engine.model import QUANTIZE
+from pyagent.engine.screened_head import ScreenedHead
 from pyagent.errors import ModelError
 
 ACTIVATIONS = torch.bfloat16  # what the CPU int8 kernel multiplies with
@@ -105,13 +106,18 @@ def weight_precision(model: Any) -> str:
 
 def quantize(model: Any, scheme: str) -> int:
     """Replace the model's linear layers (decoder projections and the LM head) by weight-only
-    `scheme` ones in place; the number of weights converted."""
+    `scheme` ones in place; the number of weights converted. With int8, an LM head tied to the
+    input embedding becomes a `ScreenedHead` (int4 screening, exact top logits)."""
     if scheme not in QUANTIZE:
         raise ModelError(f"quantize must be one of {', '.join(QUANTIZE)}, got {scheme!r}")
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear)]
+    embedding = model.get_input_embeddings()
     for name, module in targets:
         parent, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attribute,
-                SCHEMES[scheme](module))
+        tied = module.weight is getattr(embedding, "weight", None)
+        screened = scheme == "int8" and tied and ScreenedHead.fits(module.weight)
+        converted = (ScreenedHead(embedding.weight) if screened
+                     else SCHEMES[scheme](module))
+        setattr(model.get_submodule(parent) if parent else model, attribute, converted)
     return sum(module.weight.numel() for _, module in targets)
