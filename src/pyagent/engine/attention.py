@@ -50,12 +50,11 @@ class PagedForward:
         layer = module.layer_idx
         keys, values, key_pos = self.cache.update(self.plan, layer, key, value)
         group = self.cache.pools[self.cache.group_of[layer]].group
-        query_pos = self.plan.query_positions
         mask = None
         if query.shape[2] > 1 or group.window is not None:
-            mask = key_pos[None, :] <= query_pos[:, None]
-            if group.window is not None:
-                mask &= key_pos[None, :] > query_pos[:, None] - group.window
+            mask = self.plan.masks.get(group.name)
+            if mask is None:  # the same for every layer of the group in this pass
+                mask = self.plan.masks[group.name] = self._mask(key_pos, group.window)
         if group.window is None and self.probe:
             return self._attend_probing(query, keys, values, mask, scaling)
         if group.window is None and self.window:
@@ -64,9 +63,19 @@ class PagedForward:
         if group.window is None and self.collect:
             return self._attend_with_stats(group.layers, layer, query, keys, values, mask,
                                            scaling)
+        if query.shape[2] == 1:
+            return _attend_one(query, keys, values, mask, scaling)
         out = F.scaled_dot_product_attention(query, keys[None], values[None], attn_mask=mask,
                                              scale=scaling, enable_gqa=True)
         return out.transpose(1, 2)
+
+    def _mask(self, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+        """Which keys each query sees: causal, and within the sliding window if any."""
+        query_pos = self.plan.query_positions
+        mask = key_pos[None, :] <= query_pos[:, None]
+        if window is not None:
+            mask &= key_pos[None, :] > query_pos[:, None] - window
+        return mask
 
     def _remember(self, layer: int, query: torch.Tensor) -> None:
         seq = self.sequence
@@ -101,6 +110,20 @@ class PagedForward:
             recon[:held] = torch.maximum(recon[:held], probs[..., :held].amax(dim=(0, 1, 2)))
 
         return _attend_in_chunks(query, keys, values, mask, scaling, observe)
+
+
+def _attend_one(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """One query's attention ([1, heads, 1, dim] over [kv_heads, l, dim]) as two small matrix
+    products: decoding's case, where SDPA's setup costs more than the arithmetic."""
+    heads, dim = query.shape[1], query.shape[3]
+    kv_heads = keys.shape[0]
+    grouped = query[0, :, 0].reshape(kv_heads, heads // kv_heads, dim)
+    scores = torch.bmm(grouped, keys.transpose(1, 2)) * scaling  # [kv_heads, group, l]
+    if mask is not None:
+        scores = scores.masked_fill(~mask[0], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
+    return torch.bmm(probs, values).reshape(1, 1, heads, dim)
 
 
 def _attend_in_chunks(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -4,7 +4,7 @@ Decoding one token of a 270M model is a few milliseconds of arithmetic, and tran
 about as long again in Python and small tensor operations around it: module calls, norms built
 from five operations, rotary tables recomputed in every layer. `FusedGemma3` runs the same
 decoder from the same weights with the projections fused (queries, keys and values in one
-matrix; the MLP's gate and up in another), norms through `F.rms_norm`, the rotary tables computed
+matrix; the MLP's gate and up in another), norms in a few calls each, the rotary tables computed
 once per pass, and the paged attention of engine/attention.py in every layer.
 
 `fuse(model)` builds it before any weight-only conversion (engine/quantize.py converts the fused
@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 SUPPORTED = ("gemma3_text",)
@@ -45,6 +44,13 @@ def _cat_linear(parts: list[nn.Linear]) -> nn.Linear:
         if fused.bias is not None:
             fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
     return fused
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last axis in float32, as Gemma computes it (fewer calls than
+    `F.rms_norm` on the CPU)."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
 
 
 def _norm_weight(norm: nn.Module) -> torch.Tensor:
@@ -83,8 +89,7 @@ class FusedLayer(nn.Module):
         self.q_size, self.k_size, self.inner = q, k, inner
 
     def _norm(self, x: torch.Tensor, which: int) -> torch.Tensor:
-        weight = self.norms[which]
-        return F.rms_norm(x.float(), weight.shape, weight, self.eps).to(x.dtype)
+        return rms_norm(x, self.norms[which], self.eps)
 
     def forward(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
                 paged) -> torch.Tensor:
@@ -93,7 +98,7 @@ class FusedLayer(nn.Module):
         qkv = self.qkv(self._norm(hidden, 0))
         qk = qkv[:, :self.q_size + self.k_size].view(count, self.heads + self.kv_heads,
                                                      self.head_dim)
-        qk = F.rms_norm(qk.float(), (self.head_dim,), None, self.eps) * self.qk_norm
+        qk = rms_norm(qk, self.qk_norm, self.eps)
         cos, sin = rotary
         half = self.head_dim // 2
         qk = qk * cos + torch.cat([qk[..., half:], qk[..., :half]], dim=-1) * sin
@@ -137,8 +142,7 @@ class FusedGemma3(nn.Module):
         tables = {kind: self._rotary(positions, kind) for kind in self.rotary}
         for layer in self.layers:
             hidden = layer(hidden, tables[layer.layer_type], paged)
-        return F.rms_norm(hidden.float(), self.final_norm.shape, self.final_norm,
-                          self.eps).to(hidden.dtype)
+        return rms_norm(hidden, self.final_norm, self.eps)
 
 
 def fuse(model: nn.Module) -> FusedGemma3 | None:

@@ -299,6 +299,9 @@ class WritePlan:
     query_positions: torch.Tensor
     history: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = field(default_factory=dict)
     stored_from: dict[str, int] = field(default_factory=dict)
+    # per group, computed by its first layer in the pass: key positions, attention mask
+    key_positions: dict[str, torch.Tensor] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -654,7 +657,10 @@ class PagedKVCache:
                     torch.cat([positions, plan.query_positions]))
         table, count = plan.tables[name], plan.valid[name]
         keys, values = pool.load(index, table, count)
-        positions = pool.positions.index_select(0, table).flatten()[:count]
+        positions = plan.key_positions.get(name)
+        if positions is None:
+            positions = plan.key_positions[name] = pool.positions.index_select(
+                0, table).flatten()[:count]
         return keys.transpose(0, 1), values.transpose(0, 1), positions
 
     # --- eviction support --------------------------------------------------------------------
