@@ -221,6 +221,8 @@ class Timings:
     total_s: float
     completion_tokens: int
     queue_s: float | None = None  # waiting for a batch slot or KV budget (None: not known)
+    draft_tokens: int = 0  # speculative decoding: tokens drafted from the context
+    accepted_tokens: int = 0  # ...and how many of them the model confirmed
 
     @property
     def tokens_per_s(self) -> float:

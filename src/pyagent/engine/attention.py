@@ -32,6 +32,7 @@ from pyagent.engine.kvcache import PagedKVCache, Sequence, WritePlan
 
 NAME = "pyagent_paged"
 SCORE_ELEMENTS = 1 << 22  # largest scores tensor computed at once (floats)
+FEW_QUERIES = 16  # passes of this many queries or fewer attend through `_attend_few`
 
 
 @dataclass
@@ -63,8 +64,8 @@ class PagedForward:
         if group.window is None and self.collect:
             return self._attend_with_stats(group.layers, layer, query, keys, values, mask,
                                            scaling)
-        if query.shape[2] == 1:
-            return _attend_one(query, keys, values, mask, scaling)
+        if query.shape[2] <= FEW_QUERIES:
+            return _attend_few(query, keys, values, mask, scaling)
         out = F.scaled_dot_product_attention(query, keys[None], values[None], attn_mask=mask,
                                              scale=scaling, enable_gqa=True)
         return out.transpose(1, 2)
@@ -112,18 +113,23 @@ class PagedForward:
         return _attend_in_chunks(query, keys, values, mask, scaling, observe)
 
 
-def _attend_one(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+def _attend_few(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
-    """One query's attention ([1, heads, 1, dim] over [kv_heads, l, dim]) as two small matrix
-    products: decoding's case, where SDPA's setup costs more than the arithmetic."""
-    heads, dim = query.shape[1], query.shape[3]
+    """Attention of a few queries ([1, heads, n, dim] over [kv_heads, l, dim]) as two batched
+    matrix products, the queries of a kv head as rows of one matrix: decoding's case, where
+    SDPA's setup costs more than the arithmetic. A row's result does not depend on how many
+    rows there are, so a token verified with a draft gets the logits it gets alone."""
+    heads, count, dim = query.shape[1], query.shape[2], query.shape[3]
     kv_heads = keys.shape[0]
-    grouped = query[0, :, 0].reshape(kv_heads, heads // kv_heads, dim)
-    scores = torch.bmm(grouped, keys.transpose(1, 2)) * scaling  # [kv_heads, group, l]
+    group = heads // kv_heads
+    rows = query[0].reshape(kv_heads, group, count, dim).transpose(1, 2).reshape(
+        kv_heads, count * group, dim)
+    scores = torch.bmm(rows, keys.transpose(1, 2)) * scaling  # [kv_heads, n * group, l]
     if mask is not None:
-        scores = scores.masked_fill(~mask[0], float("-inf"))
+        scores = scores.masked_fill(~mask.repeat_interleave(group, dim=0), float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
-    return torch.bmm(probs, values).reshape(1, 1, heads, dim)
+    out = torch.bmm(probs, values).reshape(kv_heads, count, group, dim)
+    return out.permute(1, 0, 2, 3).reshape(1, count, heads, dim)
 
 
 def _attend_in_chunks(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -44,6 +44,7 @@ class Decoder:
         self.done = False
         self.started = time.perf_counter()
         self.admitted_at: float | None = None  # when the scheduler let it in
+        self.drafted = self.accepted = 0  # speculation: draft tokens proposed and accepted
         self.first_token_at: float | None = None
 
     def advance(self, logits: torch.Tensor) -> str:
@@ -115,7 +116,8 @@ class Decoder:
                         completion_tokens=len(self.generated), cached_tokens=cached_tokens),
             timings=Timings(time_to_first_token_s=(self.first_token_at or end) - self.started,
                             total_s=end - self.started, completion_tokens=len(self.generated),
-                            queue_s=(self.admitted_at or end) - self.started),
+                            queue_s=(self.admitted_at or end) - self.started,
+                            draft_tokens=self.drafted, accepted_tokens=self.accepted),
             model=self.model,
             backend="embedded",
             logprobs=None if self.request.sampling.logprobs is None else tuple(

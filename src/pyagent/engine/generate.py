@@ -232,10 +232,13 @@ class Engine:
         return self.forward_batch([(sequence, tokens)], collect, window)[0]
 
     def forward_batch(self, items: list[tuple[Sequence | None, list[int]]],
-                      collect: bool | None = None, window: int | None = None
-                      ) -> list[torch.Tensor]:
+                      collect: bool | None = None, window: int | None = None,
+                      dense: bool | None = None, finish: bool = True) -> list[torch.Tensor]:
         """One forward pass over the new tokens of several sequences; each one's hidden states.
-        An item without a sequence pads the pass: its tokens touch no cache."""
+        An item without a sequence pads the pass: its tokens touch no cache. `dense`: whether
+        int8 layers multiply through bfloat16 GEMM (None: for passes of prompt chunks only,
+        see `_run`); without `finish`, the caller calls `cache.finish` on each sequence (after
+        dropping a rejected draft with `cache.truncate`)."""
         if collect is None:
             collect = bool(self.policy and self.policy.collects)
         if window is None:
@@ -252,18 +255,20 @@ class Engine:
                 positions.append(plan.query_positions)
             tokens.extend(new)
         sizes = [len(new) for _, new in items]
-        hidden = self._run(attention.BatchForward(parts, sizes), tokens, torch.cat(positions))
+        hidden = self._run(attention.BatchForward(parts, sizes), tokens, torch.cat(positions),
+                           dense)
         for sequence, _ in items:
-            if sequence is not None:
+            if sequence is not None and finish:
                 self.cache.finish(sequence)
         return list(hidden.split(sizes))
 
-    def _run(self, paged: attention.BatchForward, tokens: list[int], positions: torch.Tensor
-             ) -> torch.Tensor:
+    def _run(self, paged: attention.BatchForward, tokens: list[int], positions: torch.Tensor,
+             dense: bool | None = None) -> torch.Tensor:
         """The model over `tokens` at `positions` with paged attention; the final hidden states.
-        A pass of prompt tokens only (no part of one token) from `DENSE_ROWS` rows multiplies
-        int8 weights through bfloat16 GEMM (engine/quantize.py)."""
-        dense = min(paged.sizes) > 1 and sum(paged.sizes) >= DENSE_ROWS
+        Unless `dense` says otherwise, a pass of prompt tokens only (no part of one token) from
+        `DENSE_ROWS` rows multiplies int8 weights through bfloat16 GEMM (engine/quantize.py)."""
+        if dense is None:
+            dense = min(paged.sizes) > 1 and sum(paged.sizes) >= DENSE_ROWS
         fused = getattr(self.model, "pyagent_fused", None)
         with torch.inference_mode(), dense_prompt() if dense else nullcontext():
             if fused is not None:

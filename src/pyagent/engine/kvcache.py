@@ -594,6 +594,37 @@ class PagedKVCache:
         plan.slots[group.name] = (ids, offs)
         plan.stored_from[group.name] = first - start
 
+    def truncate(self, sequence: Sequence, count: int) -> None:
+        """Drop the last `count` tokens of `sequence`, written by its last pass (a rejected
+        draft): their slots are freed or will be rewritten, a block they filled is no longer a
+        prefix, and their statistics and recent queries are forgotten. Call it before `finish`."""
+        if count <= 0:
+            return
+        bs = self.block_size
+        length = sequence.length - count
+        del sequence.tokens[length:]
+        del sequence.hashes[length // bs:]
+        for name, table in sequence.tables.items():
+            pool, left = self.pools[name], count
+            held = table.tokens(bs)
+            while left:
+                if table.fill > left:
+                    table.fill -= left
+                    pool.forget(table.blocks[-1])  # its slots from `fill` on will be rewritten
+                    left = 0
+                else:
+                    left -= table.fill
+                    table.pristine.pop()
+                    pool.release(table.blocks.pop(), cache=False)
+                    table.fill = bs if table.blocks else 0
+            for stat, values in table.stats.items():
+                values[held - count:held] = -1.0 if stat in STEP_STATS else 0.0
+        for layer, queries in sequence.recent_queries.items():
+            sequence.recent_queries[layer] = queries[:, :max(0, queries.shape[1] - count)]
+        sequence.recent_positions = sequence.recent_positions[
+            :max(0, sequence.recent_positions.numel() - count)]
+        sequence.scored = min(sequence.scored, length)
+
     def finish(self, sequence: Sequence) -> None:
         """After a forward pass: drop sliding-window blocks no future query can see."""
         for group in self.groups:

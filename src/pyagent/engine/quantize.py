@@ -93,6 +93,7 @@ class BF16Linear(nn.Module):
 
 
 SCHEMES = {"int8": Int8Linear, "bf16": BF16Linear}
+ROW_WISE = ("int8",)  # schemes whose decode kernels compute each row on its own
 
 
 def weight_precision(model: Any) -> str:

@@ -44,7 +44,8 @@ import torch
 
 from pyagent.engine.decoding import Decoder
 from pyagent.engine.kvcache import Sequence
-from pyagent.engine.quantize import weight_precision
+from pyagent.engine.quantize import ROW_WISE, weight_precision
+from pyagent.engine.speculation import Drafter, SpeculationSettings
 from pyagent.errors import ConfigError, OverloadedError, PyAgentError
 from pyagent.types import StreamEvent
 
@@ -65,6 +66,7 @@ class SchedulerSettings:
     max_queue: int = 64
     step_tokens: int = 512
     batch_invariant: bool | None = None  # None: on, except with float32 weights
+    speculation: SpeculationSettings = field(default_factory=SpeculationSettings)
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "step_tokens"):
@@ -155,6 +157,8 @@ class Job:
     credit: int = 0  # global tokens of its prefix that an older running request holds
     sequence: Sequence | None = None
     todo: list[int] = field(default_factory=list)  # prompt tokens still to compute
+    drafter: Drafter | None = None  # prompt lookup over its tokens, when it speculates
+    rejected: int = 0  # draft tokens of the last pass whose KV must be dropped
 
 
 class Scheduler:
@@ -179,8 +183,16 @@ class Scheduler:
         if invariant is None:
             invariant = precision != "float32"
         # rows of every decode pass (0: as many as decode), and whether a step is one pass
-        self.pad_rows = self.settings.max_batch if invariant and precision != "int8" else 0
-        self.fused = not invariant and precision != "int8"
+        self.pad_rows = self.settings.max_batch if invariant and precision not in ROW_WISE else 0
+        self.fused = not invariant and precision not in ROW_WISE
+        # prompt lookup, where a draft's rows get the logits they would get alone: not with
+        # padded passes (their kernels depend on the rows), nor with policies that learn from
+        # every query's attention (a rejected draft's queries would teach them)
+        self.speculation = self.settings.speculation
+        policy = engine.policy
+        self.speculates = self.speculation.draft_tokens > 0 and self.pad_rows == 0 and not (
+            policy is not None and (policy.collects or policy.window or policy.reconstructs))
+        self.drafted = self.accepted = 0  # draft tokens proposed and accepted, all requests
 
     # --- the caller's side ---------------------------------------------------------------------
 
@@ -362,6 +374,8 @@ class Scheduler:
             self._finish(job, exc)
             return
         job.todo = job.prompt_ids[job.sequence.length:]
+        if self.speculates:
+            job.drafter = Drafter(job.prompt_ids, self.speculation)
 
     def _drop_cancelled(self) -> None:
         for job in [j for j in self._running if j.ticket.cancelled]:
@@ -382,7 +396,7 @@ class Scheduler:
             chunks.append((job, chunk))
             room -= len(chunk)
         decodes: list[tuple[Job | None, list[int]]] = [
-            (job, [job.decoder.last_token]) for job in decoding]
+            (job, [job.decoder.last_token, *self._draft(job)]) for job in decoding]
         if self.fused:
             self._pass(chunks + decodes)
         else:
@@ -392,23 +406,46 @@ class Scheduler:
                 self._pass(decodes + [(None, [0])] * max(0, self.pad_rows - len(decodes)))
         self.steps += 1
 
+    def _draft(self, job: Job) -> list[int]:
+        """Draft tokens for `job`'s next pass: never past its `max_tokens`, and never past the
+        next eviction, so every token is computed on the cache it would see without a draft."""
+        if job.drafter is None:
+            return []
+        engine, sequence = self.engine, job.sequence
+        assert sequence is not None
+        limit = job.decoder.request.sampling.max_tokens - len(job.decoder.generated) - 1
+        if engine.policy is not None:
+            every = engine.kv.evict_every
+            limit = min(limit, every - 1 - (sequence.length - sequence.prompt_length) % every)
+        return job.drafter.propose(limit)
+
     def _pass(self, items: list[tuple[Job | None, list[int]]]) -> None:
-        """One forward pass; then sample for the rows that end a prompt or decode a token."""
+        """One forward pass; then the decoders take the rows that end a prompt or decode (a
+        draft's rows in order, until a choice differs from the draft), the rejected draft
+        tokens' KV is dropped, and the budget is applied."""
         engine = self.engine
         jobs = [job for job, _ in items if job is not None]
+        decoding = any(job is not None and not job.todo for job in jobs)
         try:
             with engine.exclusive():
                 hidden = engine.forward_batch(
-                    [(job and job.sequence, tokens) for job, tokens in items])
-                ready = [(job, i) for i, (job, tokens) in enumerate(items) if job is not None
-                         and (not job.todo or len(tokens) == len(job.todo))]
-                # a decode pass samples every row, a prompt's pass only its last chunk's last row
-                logits = engine.logits(torch.stack([h[-1] for h in hidden])) if ready else None
+                    [(job and job.sequence, tokens) for job, tokens in items],
+                    dense=False if decoding else None, finish=False)
+                # a decode samples every row, a prompt's pass only its last chunk's last row
+                ready = [(job, tokens, h if not job.todo else h[-1:])
+                         for (job, tokens), h in zip(items, hidden, strict=True)
+                         if job is not None and (not job.todo or len(tokens) == len(job.todo))]
+                logits = engine.logits(torch.cat([h for *_, h in ready])) if ready else None
+                deltas, row = {}, 0
+                for job, tokens, rows in ready:
+                    assert logits is not None
+                    deltas[id(job)] = self._verify(job, tokens, logits[row:row + len(rows)])
+                    row += len(rows)
                 failed = []
                 for job, tokens in items:
                     if job is not None:
                         try:
-                            self._after_forward(job, len(tokens))
+                            self._after_forward(job, tokens)
                         except PyAgentError as exc:  # this request's budget: fails it alone
                             failed.append((job, exc))
         except Exception as exc:  # a failed pass fails the requests in it, never the others
@@ -419,22 +456,47 @@ class Scheduler:
             return
         for job, exc in failed:
             self._finish(job, exc)
-        ready = [(job, i) for job, i in ready if all(job is not f for f, _ in failed)]
-        for job, i in ready:
-            assert logits is not None
-            delta = job.decoder.advance(logits[i])
+        for job, _, _ in ready:
+            if any(job is f for f, _ in failed):
+                continue
+            if delta := deltas[id(job)]:  # a draft's rows may release text and then end it
+                job.ticket.put(StreamEvent(delta, logprobs=job.decoder.released_logprobs()))
             if job.decoder.done:
                 self._finish(job)
-            elif delta:
-                job.ticket.put(StreamEvent(delta, logprobs=job.decoder.released_logprobs()))
 
-    def _after_forward(self, job: Job, count: int) -> None:
-        """Bookkeeping after a pass: the prompt left to compute, and the KV budget."""
+    def _verify(self, job: Job, tokens: list[int], logits: torch.Tensor) -> str:
+        """Let `job`'s decoder take `logits` row by row while its choices match the draft
+        (`tokens[1:]` of a decode; none for a prompt's last row); the text released."""
+        decoder, draft = job.decoder, tokens[1:] if not job.todo else []
+        delta, taken, accepted = "", 0, 0
+        for i in range(logits.shape[0]):
+            delta += decoder.advance(logits[i])
+            taken += 1
+            matched = i < len(draft) and decoder.last_token == draft[i]
+            accepted += matched
+            if decoder.done or not matched:
+                break
+        if draft:
+            decoder.drafted += len(draft)
+            decoder.accepted += accepted
+            self.drafted += len(draft)
+            self.accepted += accepted
+            job.rejected = len(tokens) - taken
+        if job.drafter is not None:
+            job.drafter.extend(decoder.generated[-taken:])
+        return delta
+
+    def _after_forward(self, job: Job, tokens: list[int]) -> None:
+        """Bookkeeping after a pass: a rejected draft's KV dropped, sliding-window blocks
+        released, the prompt left to compute, and the KV budget."""
         engine = self.engine
         sequence = job.sequence
         assert sequence is not None
+        engine.cache.truncate(sequence, job.rejected)
+        job.rejected = 0
+        engine.cache.finish(sequence)
         if job.todo:
-            job.todo = job.todo[count:]
+            job.todo = job.todo[len(tokens):]
             engine.after_prompt_chunk(sequence, last=not job.todo)
         elif (sequence.length - sequence.prompt_length) % engine.kv.evict_every == 0:
             engine.enforce_budget(sequence)
