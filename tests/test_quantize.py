@@ -70,8 +70,8 @@ def test_one_set_of_precision_names_for_cli_api_and_server(tiny_model_dir, dtype
 
     backend = make_backend("embedded", model=str(tiny_model_dir), dtype=dtype)
     assert weight_precision(backend.engine.model) == expected
-    with pytest.raises(ModelError, match="dtype must be one of float32, bfloat16, float16, int8, "
-                                         "bf16-weights, got 'int4'"):
+    with pytest.raises(ModelError, match="dtype must be one of auto, float32, bfloat16, float16, "
+                                         "int8, bf16-weights, got 'int4'"):
         make_backend("embedded", model=str(tiny_model_dir), dtype="int4")
 
 

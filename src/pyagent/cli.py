@@ -47,9 +47,10 @@ PricesOpt = Annotated[Path | None, typer.Option(
 ModelOpt = Annotated[str, typer.Option("--model", "-m",
                                        help="Model name, alias, HF directory or .gguf path.")]
 DtypeOpt = Annotated[str, typer.Option(
-    help="Weights of the embedded engine: float32, bfloat16, float16, int8 or bf16-weights "
-         "(int8 or bfloat16 linear layers and LM head, float32 elsewhere; int8 decodes one "
-         "stream fastest, bf16-weights batches best on CPUs with AMX).")]
+    help="Weights of the embedded engine: auto, float32, bfloat16, float16, int8 or "
+         "bf16-weights (int8 or bfloat16 linear layers, float32 elsewhere; int8 decodes one "
+         "stream fastest, bf16-weights batches best on CPUs with AMX). auto picks by the CPU "
+         "and the command (a server batches) and says what it picked.")]
 PolicyOpt = Annotated[str, typer.Option(
     "--kv-policy",
     help="KV eviction: full, pyagent, streaming_llm, h2o, tova, snapkv, kvzip, random.")]
@@ -80,7 +81,8 @@ def _status(message: str):
 
 def _load_engine(model: str, dtype: str, context_length: int | None = None,
                  policy: str = "full", budget: str | None = None, share_prefix: bool = True,
-                 max_batch: int = 8, max_queue: int = 64, kv_dtype: str = "auto"):
+                 max_batch: int = 8, max_queue: int = 64, kv_dtype: str = "auto",
+                 workload: str = "stream"):
     from transformers.utils import logging as hf_logging
 
     from pyagent.engine.eviction import Budget
@@ -94,9 +96,12 @@ def _load_engine(model: str, dtype: str, context_length: int | None = None,
         engine = Engine.load(model, dtype=dtype, context_length=context_length, kv=kv,
                              report=report,
                              scheduling=SchedulerSettings(max_batch=max_batch,
-                                                          max_queue=max_queue))
-    err.print(f"[green]loaded[/] {engine.name} in {engine.loaded.load_s:.1f} s "
-              f"(context {engine.context_length} tokens)")
+                                                          max_queue=max_queue),
+                             workload=workload)
+    loaded = engine.loaded
+    chosen = f", chosen by auto: {loaded.chosen}" if loaded.chosen else ""
+    err.print(f"[green]loaded[/] {engine.name} in {loaded.load_s:.1f} s "
+              f"({loaded.precision}{chosen}; context {engine.context_length} tokens)")
     return engine
 
 
@@ -156,7 +161,7 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="Prompt text, or - to read it from stdin.")],
     backend: BackendOpt = "embedded",
     model: ModelOpt = DEFAULT_MODEL,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     kv_policy: PolicyOpt = "full",
     kv_budget: BudgetOpt = None,
     kv_dtype: KVDtypeOpt = "auto",
@@ -219,7 +224,7 @@ def _print_stats(rows: list[tuple[str, Completion]]) -> None:
 @app.command()
 def serve(
     model: ModelOpt = DEFAULT_MODEL,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     kv_policy: PolicyOpt = "full",
     kv_budget: BudgetOpt = None,
     kv_dtype: KVDtypeOpt = "auto",
@@ -248,7 +253,7 @@ def serve(
 
     token = server_token(host, token)
     engine = _load_engine(model, dtype, context_length, kv_policy, kv_budget, prefix_sharing,
-                          max_batch, max_queue, kv_dtype)
+                          max_batch, max_queue, kv_dtype, workload="batch")
     app = create_app(engine, max_body_bytes)
     with nullcontext() if data is None else _observing(data, gauges=engine.gauges) as observer:
         if observer is not None:
@@ -344,7 +349,7 @@ DEMO_REQUESTS = (
 
 
 @app.command()
-def demo(model: ModelOpt = DEFAULT_MODEL, dtype: DtypeOpt = "float32",
+def demo(model: ModelOpt = DEFAULT_MODEL, dtype: DtypeOpt = "auto",
          data: DataOpt = Path(".pyagent/demo")) -> None:
     """The main job: a few generations on the embedded model, then the example Code -> Test ->
     Audit workflow on a copy of its buggy project."""
@@ -493,7 +498,7 @@ def bench_run(
         help="Suites (reasoning, repair), suite.family (reasoning.lateral) or family names.")],
     backend: BackendOpt = "embedded",
     model: ModelOpt = DEFAULT_MODEL,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     base_url: BaseUrlOpt = None,
     recording: RecordingOpt = None,
     record: RecordOpt = None,
@@ -910,7 +915,7 @@ def _embedded_loader(model: str, runtime):
     def load():
         from pyagent.llm.embedded import EmbeddedBackend
 
-        engine = _load_engine(model, "float32")
+        engine = _load_engine(model, "auto")
         runtime.sample(engine.gauges)
         return EmbeddedBackend(engine)
 
@@ -1115,7 +1120,7 @@ def fuzz(
         Path("examples/bugfix"),
     backend: BackendOpt = "embedded",
     model: ModelOpt = DEFAULT_MODEL,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     base_url: BaseUrlOpt = None,
     recording: RecordingOpt = None,
     record: RecordOpt = None,
@@ -1298,7 +1303,7 @@ def mine_command(
         Path("mine-results"),
     backend: BackendOpt = "embedded",
     model: ModelOpt = DEFAULT_MODEL,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     base_url: BaseUrlOpt = None,
     recording: RecordingOpt = None,
     record: RecordOpt = None,

@@ -453,3 +453,5 @@ class KVResponse(BaseModel):
 class Health(BaseModel):
     status: str
     model: str
+    precision: str  # the engine's weights (`--dtype`; what auto chose)
+    speculation: dict[str, int]  # prompt lookup: draft tokens per step, drafted, accepted

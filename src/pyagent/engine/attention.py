@@ -32,7 +32,7 @@ from pyagent.engine.kvcache import PagedKVCache, Sequence, WritePlan
 
 NAME = "pyagent_paged"
 SCORE_ELEMENTS = 1 << 22  # largest scores tensor computed at once (floats)
-FEW_QUERIES = 16  # passes of this many queries or fewer attend through `_attend_few`
+FEW_QUERIES = 16  # passes of this many queries or fewer attend through `_attend_spans`
 
 
 @dataclass
@@ -51,6 +51,12 @@ class PagedForward:
         layer = module.layer_idx
         keys, values, key_pos = self.cache.update(self.plan, layer, key, value)
         group = self.cache.pools[self.cache.group_of[layer]].group
+        plain = not (group.window is None and (self.probe or self.window or self.collect))
+        if plain and query.shape[2] <= FEW_QUERIES:
+            spans = self.plan.spans.get(group.name)
+            if spans is None:  # the same for every layer of the group in this pass
+                spans = self.plan.spans[group.name] = self._spans(key_pos, group.window)
+            return _attend_spans(query, keys, values, spans, scaling)
         mask = None
         if query.shape[2] > 1 or group.window is not None:
             mask = self.plan.masks.get(group.name)
@@ -64,11 +70,19 @@ class PagedForward:
         if group.window is None and self.collect:
             return self._attend_with_stats(group.layers, layer, query, keys, values, mask,
                                            scaling)
-        if query.shape[2] <= FEW_QUERIES:
-            return _attend_few(query, keys, values, mask, scaling)
         out = F.scaled_dot_product_attention(query, keys[None], values[None], attn_mask=mask,
                                              scale=scaling, enable_gqa=True)
         return out.transpose(1, 2)
+
+    def _spans(self, key_pos: torch.Tensor, window: int | None) -> list[tuple[int, int]]:
+        """For each query, the slots [start, end) of the keys it sees: keys are held in the
+        order of their positions, so what a query sees (causal, within the window) is one run
+        of slots."""
+        query_pos = self.plan.query_positions
+        ends = torch.searchsorted(key_pos, query_pos, right=True)
+        starts = (torch.zeros_like(ends) if window is None else
+                  torch.searchsorted(key_pos, query_pos - window, right=True))
+        return list(zip(starts.tolist(), ends.tolist(), strict=True))
 
     def _mask(self, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
         """Which keys each query sees: causal, and within the sliding window if any."""
@@ -113,23 +127,22 @@ class PagedForward:
         return _attend_in_chunks(query, keys, values, mask, scaling, observe)
 
 
-def _attend_few(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
-    """Attention of a few queries ([1, heads, n, dim] over [kv_heads, l, dim]) as two batched
-    matrix products, the queries of a kv head as rows of one matrix: decoding's case, where
-    SDPA's setup costs more than the arithmetic. A row's result does not depend on how many
-    rows there are, so a token verified with a draft gets the logits it gets alone."""
-    heads, count, dim = query.shape[1], query.shape[2], query.shape[3]
+def _attend_spans(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  spans: list[tuple[int, int]], scaling: float) -> torch.Tensor:
+    """Attention of a few queries ([1, heads, n, dim] over [kv_heads, l, dim]), each over
+    exactly the keys it sees (`spans`), with two small matrix products: decoding's case, where
+    SDPA's setup costs more than the arithmetic. Nothing is masked and no other query's keys
+    take part, so a token's result does not depend on the pass it is computed in: a token
+    verified in a draft gets the logits it gets alone."""
+    heads, dim = query.shape[1], query.shape[3]
     kv_heads = keys.shape[0]
-    group = heads // kv_heads
-    rows = query[0].reshape(kv_heads, group, count, dim).transpose(1, 2).reshape(
-        kv_heads, count * group, dim)
-    scores = torch.bmm(rows, keys.transpose(1, 2)) * scaling  # [kv_heads, n * group, l]
-    if mask is not None:
-        scores = scores.masked_fill(~mask.repeat_interleave(group, dim=0), float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
-    out = torch.bmm(probs, values).reshape(kv_heads, count, group, dim)
-    return out.permute(1, 0, 2, 3).reshape(1, count, heads, dim)
+    rows = query[0].reshape(kv_heads, heads // kv_heads, -1, dim)
+    out = []
+    for i, (start, end) in enumerate(spans):
+        scores = torch.bmm(rows[:, :, i], keys[:, start:end].transpose(1, 2)) * scaling
+        probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
+        out.append(torch.bmm(probs, values[:, start:end]).reshape(1, heads, dim))
+    return torch.stack(out, dim=1)
 
 
 def _attend_in_chunks(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -79,14 +79,20 @@ class FusedLayer(nn.Module):
         mlp.gate_proj = RowsOf(self, "gate_up", 0, inner)
         mlp.up_proj = RowsOf(self, "gate_up", inner, 2 * inner)
         self.owner = [layer]  # o_proj and down_proj stay where quantize() finds them
+        self.act = mlp.act_fn
+        self.q_size, self.k_size, self.inner = q, k, inner
+        self.derive()
+
+    def derive(self) -> None:
+        """Take the norms' weights from the transformers layer (again, after they changed)."""
+        layer = self.owner[0]
+        attn = layer.self_attn
         self.qk_norm = torch.cat([_norm_weight(attn.q_norm).expand(self.heads, -1),
                                   _norm_weight(attn.k_norm).expand(self.kv_heads, -1)])
         self.norms = [_norm_weight(n) for n in (layer.input_layernorm,
                                                 layer.post_attention_layernorm,
                                                 layer.pre_feedforward_layernorm,
                                                 layer.post_feedforward_layernorm)]
-        self.act = mlp.act_fn
-        self.q_size, self.k_size, self.inner = q, k, inner
 
     def _norm(self, x: torch.Tensor, which: int) -> torch.Tensor:
         return rms_norm(x, self.norms[which], self.eps)
@@ -122,12 +128,19 @@ class FusedGemma3(nn.Module):
         self.config = model.config
         self.embed = text.embed_tokens
         self.layers = nn.ModuleList(FusedLayer(layer, self.config) for layer in text.layers)
-        self.final_norm = _norm_weight(text.norm)
+        self.text = [text]
         self.eps = self.config.rms_norm_eps
+        self.derive()
         rotary = text.rotary_emb
         self.rotary = {kind: (getattr(rotary, f"{kind}_inv_freq").float(),
                               float(getattr(rotary, f"{kind}_attention_scaling")))
                        for kind in set(self.config.layer_types)}
+
+    def derive(self) -> None:
+        """Take the norms' weights from the transformers model (again, after they changed)."""
+        self.final_norm = _norm_weight(self.text[0].norm)
+        for layer in self.layers:
+            layer.derive()
 
     def _rotary(self, positions: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, and sin signed for the half rotation, as [n, 1, dim] tables."""

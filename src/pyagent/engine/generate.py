@@ -130,14 +130,15 @@ class Engine:
         self.scheduler = Scheduler(self, self.scheduling)
 
     @classmethod
-    def load(cls, model: str | None = None, dtype: str = "float32",
+    def load(cls, model: str | None = None, dtype: str = "auto",
              context_length: int | None = None, kv: KVSettings | None = None,
              report=lambda _msg: None, quantize: str | None = None,
-             scheduling: SchedulerSettings | None = None) -> Engine:
+             scheduling: SchedulerSettings | None = None, workload: str = "stream") -> Engine:
         """Load `model` (default: the embedded one) in precision `dtype` (one of PRECISIONS in
-        engine/model.py: float32, bfloat16, float16, int8, bf16-weights)."""
-        return cls(load(resolve_model(model), dtype=dtype, report=report, quantize=quantize),
-                   context_length, kv, scheduling)
+        engine/model.py: auto, float32, bfloat16, float16, int8, bf16-weights; `auto` chooses by
+        the CPU and the `workload`, "stream" or "batch", and `engine.loaded.chosen` says why)."""
+        return cls(load(resolve_model(model), dtype=dtype, report=report, quantize=quantize,
+                        workload=workload), context_length, kv, scheduling)
 
     def shutdown(self) -> None:
         """Stop serving: requests still queued or running end with an error."""
@@ -233,12 +234,14 @@ class Engine:
 
     def forward_batch(self, items: list[tuple[Sequence | None, list[int]]],
                       collect: bool | None = None, window: int | None = None,
-                      dense: bool | None = None, finish: bool = True) -> list[torch.Tensor]:
+                      dense: bool | None = None, finish: bool = True, trim: bool = True
+                      ) -> list[torch.Tensor]:
         """One forward pass over the new tokens of several sequences; each one's hidden states.
         An item without a sequence pads the pass: its tokens touch no cache. `dense`: whether
         int8 layers multiply through bfloat16 GEMM (None: for passes of prompt chunks only,
-        see `_run`); without `finish`, the caller calls `cache.finish` on each sequence (after
-        dropping a rejected draft with `cache.truncate`)."""
+        see `_run`). A pass with drafts passes `finish=False` and `trim=False`: the caller
+        drops the rejected tokens (`cache.truncate`) before sliding-window blocks are let go
+        (`cache.finish`), and no block a committed token still needs dies inside the pass."""
         if collect is None:
             collect = bool(self.policy and self.policy.collects)
         if window is None:
@@ -249,7 +252,7 @@ class Engine:
                 parts.append(None)
                 positions.append(torch.zeros(len(new), dtype=torch.long))
             else:
-                sequence.trim_window = self._trims(sequence, len(new))
+                sequence.trim_window = trim and self._trims(sequence, len(new))
                 plan = self.cache.plan(sequence, new)
                 parts.append(attention.PagedForward(self.cache, sequence, plan, collect, window))
                 positions.append(plan.query_positions)

@@ -299,9 +299,10 @@ class WritePlan:
     query_positions: torch.Tensor
     history: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = field(default_factory=dict)
     stored_from: dict[str, int] = field(default_factory=dict)
-    # per group, computed by its first layer in the pass: key positions, attention mask
+    # per group, computed by its first layer in the pass: key positions, attention mask or spans
     key_positions: dict[str, torch.Tensor] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    spans: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # keys each query sees
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,39 @@ CACHE_FORMAT = 1
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE = ("int8", "bf16")  # weight-only schemes (engine/quantize.py)
 WEIGHT_ONLY = {"int8": "int8", "bf16-weights": "bf16"}  # precisions that convert linear layers
-PRECISIONS = (*DTYPES, *WEIGHT_ONLY)  # the names the CLI, the Python API and the server take
+AUTO = "auto"  # chosen by the CPU and the workload (`choose_precision`)
+PRECISIONS = (AUTO, *DTYPES, *WEIGHT_ONLY)  # the names the CLI, the Python API and the server take
+WORKLOADS = ("stream", "batch")  # one caller at a time (generate, agent runs) or a server
 
 Report = Callable[[str], None]
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def choose_precision(workload: str = "stream", flags: set[str] | None = None
+                     ) -> tuple[str, str]:
+    """What `auto` stands for on this CPU and workload, and why (benchmarks/engine.py and
+    benchmarks/precision_quality.py measure both choices): int8 weights decode fastest one
+    stream at a time, and their row-wise kernels let speculative decoding verify drafts exactly;
+    a server on a CPU with AMX batches requests through bfloat16 weights, whose cost barely
+    grows with the rows of a pass."""
+    if workload not in WORKLOADS:
+        raise ModelError(f"workload must be one of {', '.join(WORKLOADS)}, got {workload!r}")
+    flags = cpu_flags() if flags is None else flags
+    if workload == "batch" and "amx_bf16" in flags:
+        return "bf16-weights", "a server on a CPU with AMX: bfloat16 batches are cheap"
+    amx = "" if "amx_bf16" in flags else ", no AMX"
+    return "int8", f"{workload} workload{amx}: int8 weights decode fastest"
 
 
 def cache_root() -> Path:
@@ -190,14 +220,23 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     load_s: float
+    precision: str = "float32"  # one of PRECISIONS other than auto
+    chosen: str | None = None  # why `auto` chose `precision` (None: asked for by name)
 
 
 def load(spec: ModelSpec, dtype: str = "float32", report: Report = lambda _msg: None,
-         quantize: str | None = None) -> LoadedModel:
+         quantize: str | None = None, workload: str = "stream") -> LoadedModel:
     """Prepare (if needed) and load `spec` for inference on the CPU.
 
     `dtype` is one of PRECISIONS: `int8` and `bf16-weights` load float32 and convert the linear
-    layers and the LM head (the same as `quantize="int8"` or `"bf16"`, see engine/quantize.py)."""
+    layers and the LM head (the same as `quantize="int8"` or `"bf16"`, see engine/quantize.py);
+    `auto` chooses by the CPU and the `workload` (`choose_precision`)."""
+    chosen = None
+    if dtype == AUTO and quantize is None:
+        dtype, chosen = choose_precision(workload)
+        report(f"precision auto: {dtype} ({chosen})")
+    precision = dtype if quantize is None else next(
+        (name for name, scheme in WEIGHT_ONLY.items() if scheme == quantize), quantize)
     if dtype in WEIGHT_ONLY and quantize in (None, WEIGHT_ONLY[dtype]):
         dtype, quantize = "float32", WEIGHT_ONLY[dtype]
     if dtype not in DTYPES:
@@ -209,18 +248,37 @@ def load(spec: ModelSpec, dtype: str = "float32", report: Report = lambda _msg: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    report(f"loading {spec.name} from {directory}")
+    from pyagent.engine import converted
+    from pyagent.engine.gemma3 import fuse
+    from pyagent.engine.quantize import quantize as quantize_model
+
+    cached = converted.converted_path(directory, quantize) if quantize else None
+    report(f"loading {spec.name} from {cached if cached else directory}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        if cached is not None and converted.usable(cached):
+            from accelerate import init_empty_weights
+            from transformers import AutoConfig
+
+            with init_empty_weights():
+                model = AutoModelForCausalLM.from_config(
+                    AutoConfig.from_pretrained(str(directory)), dtype=getattr(torch, dtype))
+            model.tie_weights()
+            fuse(model)
+            quantize_model(model, quantize)
+            converted.load_into(model, cached)
+            if hasattr(model, "pyagent_fused"):
+                model.pyagent_fused.derive()
+            return LoadedModel(spec, directory, model.eval(), tokenizer,
+                               time.perf_counter() - start, precision, chosen)
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=getattr(torch, dtype))
     except Exception as exc:
         raise ModelError(f"could not load model {spec.name!r} from {directory}: {exc}") from exc
     model.eval()
-    from pyagent.engine.gemma3 import fuse
-
     fuse(model)
     if quantize is not None:
-        from pyagent.engine.quantize import quantize as quantize_model
-
         report(f"{quantize}: {quantize_model(model, quantize):,} weights")
-    return LoadedModel(spec, directory, model, tokenizer, time.perf_counter() - start)
+        if cached is not None:
+            converted.save(model, cached)
+    return LoadedModel(spec, directory, model, tokenizer, time.perf_counter() - start, precision,
+                       chosen)

@@ -426,11 +426,13 @@ class Scheduler:
         engine = self.engine
         jobs = [job for job, _ in items if job is not None]
         decoding = any(job is not None and not job.todo for job in jobs)
+        drafts = any(job is not None and not job.todo and len(tokens) > 1
+                     for job, tokens in items)
         try:
             with engine.exclusive():
                 hidden = engine.forward_batch(
                     [(job and job.sequence, tokens) for job, tokens in items],
-                    dense=False if decoding else None, finish=False)
+                    dense=False if decoding else None, finish=False, trim=not drafts)
                 # a decode samples every row, a prompt's pass only its last chunk's last row
                 ready = [(job, tokens, h if not job.todo else h[-1:])
                          for (job, tokens), h in zip(items, hidden, strict=True)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 GROUP = 32  # weights per int4 group along the hidden axis
-TOP = 64  # logits per row recomputed from the float weights
+TOP = 1024  # logits per row recomputed from the float weights
 INNER_K_TILES = 2  # the CPU kernel's packing parameter
 
 
@@ -42,15 +42,23 @@ def int4_groups(weight: torch.Tensor, group: int = GROUP
     return torch.cat(packed), grid
 
 
+def _shapes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty tensors shaped like `int4_groups(weight)`'s, on the meta device."""
+    rows, columns = weight.shape
+    rows += -rows % 16
+    return (torch.empty(rows, columns // 2, dtype=torch.uint8, device="meta"),
+            torch.empty(columns // GROUP, rows, 2, dtype=torch.bfloat16, device="meta"))
+
+
 class ScreenedHead(nn.Module):
     """An LM head tied to float weights: int4 screening, then exact logits for the top rows."""
 
     def __init__(self, weight: torch.Tensor, top: int = TOP):
         super().__init__()
-        packed, grid = int4_groups(weight.detach())
+        packed, grid = int4_groups(weight.detach()) if not weight.is_meta else _shapes(weight)
         self.register_buffer("packed", packed)
         self.register_buffer("grid", grid)
-        self.exact = weight  # the float weights (shared with the input embedding)
+        self.exact = weight.detach()  # the float weights, shared with the input embedding
         self.top = min(top, weight.shape[0])
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
@@ -63,8 +71,10 @@ class ScreenedHead(nn.Module):
         flat = hidden.reshape(-1, self.in_features)
         logits = torch.ops.aten._weight_int4pack_mm_for_cpu(
             flat.to(torch.bfloat16), self.packed, GROUP, self.grid)[:, :self.out_features].float()
-        top = logits.topk(self.top, dim=-1, sorted=False).indices  # [rows, top]
+        # in vocabulary order: a token's exact logit must not depend on where topk put it
+        top = logits.topk(self.top, dim=-1, sorted=False).indices.sort(dim=-1).values
         rows = self.exact.index_select(0, top.flatten()).view(*top.shape, -1)
-        exact = torch.bmm(rows.to(flat.dtype), flat[:, :, None])[..., 0]
+        # an elementwise product and a sum: each logit reduces the same way in any batch
+        exact = (rows.to(flat.dtype) * flat[:, None, :]).sum(dim=-1)
         logits.scatter_(1, top, exact.float())
         return logits.to(hidden.dtype).reshape(*hidden.shape[:-1], self.out_features)

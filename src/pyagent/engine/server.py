@@ -206,8 +206,12 @@ def create_app(engine: Engine, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
         return {**model_card, "id": model_id}
 
     @app.get("/health", response_model=Health)
-    async def health() -> dict[str, str]:
-        return {"status": "ok", "model": engine.name}
+    async def health() -> dict[str, Any]:
+        scheduler = engine.scheduler
+        drafts = scheduler.speculation.draft_tokens if scheduler.speculates else 0
+        return {"status": "ok", "model": engine.name, "precision": engine.loaded.precision,
+                "speculation": {"draft_tokens": drafts, "drafted": scheduler.drafted,
+                                "accepted": scheduler.accepted}}
 
     @app.get("/v1/kv", response_model=KVResponse)
     async def kv() -> dict[str, Any]:

@@ -15,7 +15,7 @@ class EmbeddedBackend:
     name = "embedded"
 
     def __init__(self, engine: Engine | None = None, model: str | None = None,
-                 dtype: str = "float32"):
+                 dtype: str = "auto"):
         self.engine = engine or Engine.load(model, dtype=dtype)
 
     def complete(self, request: CompletionRequest) -> Completion:
