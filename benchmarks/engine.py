@@ -1,12 +1,21 @@
-"""Engine benchmark: PyAgent's embedded engine (float32, weight-only int8 and weight-only bfloat16),
-and llama.cpp on the same GGUF when installed.
+"""Engine benchmark: PyAgent's embedded engine in each precision, with and without speculative
+decoding, and llama.cpp on the same GGUF (plain, and with its prompt-lookup drafts) when installed.
 
     .venv/bin/python benchmarks/engine.py [--quick] [--repeats N] [--threads N]
 
-The parent process builds prompts from Python's own documentation (`pydoc_data.topics`), then runs
-each engine `repeats` times, alternating, each time in a fresh worker process (`--worker NAME`) so
-that load time and peak RSS belong to one engine and one load. A worker loads the model, runs every
-request once (the first one is a warm-up) and prints one JSON object. Figures are the median, min
+The parent process builds prompts from Python's own documentation (`pydoc_data.topics`) and from
+the repair suite's held-out programs, then runs each engine `repeats` times, alternating, each
+time in a fresh worker process (`--worker NAME`) so that load time and peak RSS belong to one
+engine and one load. A worker loads the model, runs every request once (the first one is a
+warm-up) and prints one JSON object. Requests:
+- `short`, `prefill-N`: time to first token;
+- `decode`: greedy continuation of a ~560-token documentation prompt, 128 tokens;
+- `rewrite`: an agent's file rewrite: a buggy program, then the whole file again with the fix
+  (greedy, until the closing fence or 400 tokens), over 4 programs of the repair suite's test
+  split. Its decode speed is every generated token after each request's first over their time.
+`PyAgent int8 (no cache)` deletes the converted-weight cache before loading (load time and peak
+RSS of a first load). The texts of `PyAgent int8` and `PyAgent auto` (int8 and prompt-lookup
+drafts) are compared: greedy speculation must not change a token. Figures are the median, min
 and max over the workers; every raw sample is kept in `benchmarks/results/engine.json`.
 """
 
@@ -33,10 +42,19 @@ from pyagent.bench.provenance import command, cpuinfo, git_state, machine, versi
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-ENGINES = {"embedded": "PyAgent", "embedded-int8": "PyAgent int8",
-           "embedded-bf16": "PyAgent bf16-weights", "llamacpp": "llama.cpp"}
-QUANTIZE = {"embedded-int8": "int8", "embedded-bf16": "bf16"}
+ENGINES = {"embedded": "PyAgent float32", "embedded-int8": "PyAgent int8",
+           "embedded-int8-cold": "PyAgent int8 (no cache)",
+           "embedded-bf16": "PyAgent bf16-weights", "embedded-auto": "PyAgent auto",
+           "llamacpp": "llama.cpp", "llamacpp-lookup": "llama.cpp + lookup"}
+# precision and draft tokens per step of each PyAgent worker ("auto": the defaults)
+EMBEDDED = {"embedded": ("float32", 0), "embedded-int8": ("int8", 0),
+            "embedded-int8-cold": ("int8", 0), "embedded-bf16": ("bf16-weights", 0),
+            "embedded-auto": ("auto", None)}
+LOAD_ONLY = ("embedded-int8-cold",)  # workers that measure loading alone
 LLAMACPP_CONTEXT = 4096
+LOOKUP_TOKENS = 8  # llama.cpp's prompt-lookup draft, as many tokens as PyAgent drafts
+REWRITES = 4  # programs in the rewrite workload
+FENCE = "```"
 
 
 @dataclass(frozen=True)
@@ -47,6 +65,7 @@ class Request:
     tokens: int
     max_tokens: int
     prompt: str = ""
+    stop: str = ""  # a rewrite ends at its closing fence
 
 
 @dataclass(frozen=True)
@@ -57,6 +76,9 @@ class Run:
     completion_tokens: int
     ttft_s: float
     total_s: float
+    text: str = ""
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 def requests(quick: bool) -> list[Request]:
@@ -66,7 +88,7 @@ def requests(quick: bool) -> list[Request]:
         Request("warmup", 16, 2),
         Request("short", 16, 1),
         *(Request(f"prefill-{n}", n, 1) for n in prefill),
-        Request("decode", 512, 16 if quick else 64),
+        Request("decode", 560, 16 if quick else 128),
     ]
 
 
@@ -82,39 +104,73 @@ def with_prompts(plan: list[Request], tokenizer: Any) -> list[Request]:
         out.append(Request(request.name, request.tokens, request.max_tokens,
                            tokenizer.decode(ids[start:end])))
         start = end
+    return out + rewrites(tokenizer, 1 if len(plan) < 5 else REWRITES)
+
+
+def rewrites(tokenizer: Any, count: int) -> list[Request]:
+    """The agent workload: a held-out buggy program, then the whole file again, fixed."""
+    from pyagent.bench.suites.repair import RepairSuite
+
+    items = RepairSuite().items("test", 1, seed=1)[::3][:count]
+    out = []
+    for i, item in enumerate(items):
+        path, text = next((p, t) for p, t in sorted(item.files.items()) if p.startswith("src/"))
+        prompt = (f"Task: {item.task}\n\n### {path} (before)\n{FENCE}python\n{text}{FENCE}\n\n"
+                  f"### {path} (after: the whole file, fixed)\n{FENCE}python\n")
+        tokens = len(tokenizer(prompt)["input_ids"])
+        out.append(Request(f"rewrite-{i}", tokens, 400, prompt, FENCE))
     return out
 
 
 # --- workers: one engine, one load, every request once --------------------------------------
 
 
-def embedded_worker(threads: int, quantize: str | None = None
+def embedded_worker(name: str, threads: int
                     ) -> tuple[float, Callable[[Request], Run], dict[str, Any]]:
     """Load the embedded engine; return load time, a request runner and its settings."""
     import torch
 
+    from pyagent.engine import converted
     from pyagent.engine.generate import Engine
+    from pyagent.engine.model import prepare
+    from pyagent.engine.registry import EMBEDDED as MODEL
+    from pyagent.engine.scheduler import SchedulerSettings
+    from pyagent.engine.speculation import SpeculationSettings
     from pyagent.types import CompletionRequest, SamplingParams
 
     torch.set_num_threads(threads)
+    dtype, drafts = EMBEDDED[name]
+    if name in LOAD_ONLY:
+        cached = converted.converted_path(prepare(MODEL), "int8")
+        cached.unlink(missing_ok=True)
+    scheduling = SchedulerSettings() if drafts is None else SchedulerSettings(
+        speculation=SpeculationSettings(draft_tokens=drafts))
     start = time.perf_counter()
-    engine = Engine.load(quantize=quantize)
+    engine = Engine.load(dtype=dtype, scheduling=scheduling)
     load_s = time.perf_counter() - start
 
     def run(request: Request) -> Run:
-        sampling = SamplingParams(max_tokens=request.max_tokens, ignore_eos=True)
+        sampling = SamplingParams(max_tokens=request.max_tokens, ignore_eos=not request.stop,
+                                  stop=(request.stop,) if request.stop else ())
+        engine.cache.clear_prefix_cache()  # every request starts cold, as in llama.cpp
         done = engine.generate(CompletionRequest(prompt=request.prompt, sampling=sampling))
+        t = done.timings
         return Run(done.usage.prompt_tokens, done.usage.completion_tokens,
-                   done.timings.time_to_first_token_s, done.timings.total_s)
+                   t.time_to_first_token_s, t.total_s, done.text, t.draft_tokens,
+                   t.accepted_tokens)
 
-    settings = {"dtype": str(engine.model.dtype), "quantize": quantize,
-                "torch_threads": torch.get_num_threads()}
+    scheduler = engine.scheduler
+    settings = {"precision": engine.loaded.precision, "chosen": engine.loaded.chosen,
+                "draft_tokens": scheduler.speculation.draft_tokens if scheduler.speculates
+                else 0, "torch_threads": torch.get_num_threads()}
     return load_s, run, settings
 
 
-def llamacpp_worker(threads: int) -> tuple[float, Callable[[Request], Run], dict[str, Any]]:
+def llamacpp_worker(name: str, threads: int
+                    ) -> tuple[float, Callable[[Request], Run], dict[str, Any]]:
     """Load the embedded model's GGUF in llama.cpp; same contract as `embedded_worker`."""
     from llama_cpp import Llama
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
     from pyagent.engine.model import packaged_gguf
     from pyagent.engine.registry import EMBEDDED
@@ -123,22 +179,35 @@ def llamacpp_worker(threads: int) -> tuple[float, Callable[[Request], Run], dict
     repack = "amx_int8" not in (cpuinfo("flags") or "").split()
     if not repack:
         disable_weight_repacking()
+    lookup = name == "llamacpp-lookup"
+    draft = LlamaPromptLookupDecoding(num_pred_tokens=LOOKUP_TOKENS) if lookup else None
     start = time.perf_counter()
+    # llama-cpp-python verifies drafts from the logits of every position (logits_all)
     llm = Llama(model_path=str(gguf), n_ctx=LLAMACPP_CONTEXT, n_threads=threads,
-                n_threads_batch=threads, verbose=False)
+                n_threads_batch=threads, verbose=False, draft_model=draft, logits_all=lookup)
     load_s = time.perf_counter() - start
 
     def run(request: Request) -> Run:
         tokens = llm.tokenize(request.prompt.encode(), add_bos=True)
         llm.reset()  # forget the previous request: no prefix reuse
         start = time.perf_counter()
-        # Greedy and without an EOS check, like ignore_eos in the embedded engine.
-        stream = islice(llm.generate(tokens, temp=0.0), request.max_tokens)
-        times = [time.perf_counter() for _ in stream]
-        return Run(len(tokens), len(times), times[0] - start, times[-1] - start)
+        # Greedy; without an EOS check (like ignore_eos) unless the request stops at a fence.
+        times, generated, text = [], [], ""
+        for token in islice(llm.generate(tokens, temp=0.0), request.max_tokens):
+            times.append(time.perf_counter())
+            generated.append(token)
+            if request.stop:
+                text = llm.detokenize(generated).decode(errors="replace")
+                if request.stop in text or token == llm.token_eos():
+                    break
+        if not request.stop:
+            text = llm.detokenize(generated).decode(errors="replace")
+        return Run(len(tokens), len(times), times[0] - start, times[-1] - start,
+                   text.split(request.stop)[0] if request.stop else text)
 
     settings = {"gguf": str(gguf), "n_ctx": llm.n_ctx(), "n_batch": llm.n_batch,
-                "n_threads": threads, "weight_repacking": repack}
+                "n_threads": threads, "weight_repacking": repack,
+                "prompt_lookup_tokens": LOOKUP_TOKENS if lookup else 0}
     return load_s, run, settings
 
 
@@ -168,12 +237,13 @@ def worker(name: str) -> None:
     result = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # libraries that print must not corrupt the JSON on stdout
     plan = json.load(sys.stdin)
-    if name == "llamacpp":
-        load_s, run, settings = llamacpp_worker(plan["threads"])
+    if name.startswith("llamacpp"):
+        load_s, run, settings = llamacpp_worker(name, plan["threads"])
     else:
-        load_s, run, settings = embedded_worker(plan["threads"], QUANTIZE.get(name))
+        load_s, run, settings = embedded_worker(name, plan["threads"])
     rss_after_load = psutil.Process().memory_info().rss / 2**20
-    runs = {item["name"]: asdict(run(Request(**item))) for item in plan["requests"]}
+    requests = plan["requests"][:1] if name in LOAD_ONLY else plan["requests"]
+    runs = {item["name"]: asdict(run(Request(**item))) for item in requests}
     sample = {
         "load_s": load_s,
         "rss_after_load_mib": rss_after_load,
@@ -200,28 +270,47 @@ def run_worker(name: str, plan: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Metric:
-    """One row of the table: a figure computed from each worker sample."""
+    """One row of the table: a figure computed from each worker sample (None: not measured)."""
 
     key: str
     label: str
     unit: str
     higher_is_better: bool
-    value: Callable[[dict[str, Any]], float]
+    value: Callable[[dict[str, Any]], float | None]
     digits: int = 1
 
 
-def prefill_tok_s(name: str) -> Callable[[dict[str, Any]], float]:
-    return lambda s: s["runs"][name]["prompt_tokens"] / s["runs"][name]["ttft_s"]
+def measured(name: str, figure: Callable[[dict[str, Any]], float]
+             ) -> Callable[[dict[str, Any]], float | None]:
+    """`figure` of a sample whose worker ran request `name`, else None."""
+    return lambda s: figure(s["runs"][name]) if name in s["runs"] else None
 
 
-def decode_tok_s(sample: dict[str, Any]) -> float:
+def decode_tok_s(run: dict[str, Any]) -> float:
     """Tokens after the first over the time after the first (as `Timings.tokens_per_s`)."""
-    run = sample["runs"]["decode"]
     return (run["completion_tokens"] - 1) / (run["total_s"] - run["ttft_s"])
 
 
+def rewrite_runs(sample: dict[str, Any]) -> list[dict[str, Any]]:
+    return [run for name, run in sample["runs"].items() if name.startswith("rewrite-")]
+
+
+def rewrite_tok_s(sample: dict[str, Any]) -> float | None:
+    runs = rewrite_runs(sample)
+    if not runs:
+        return None
+    return (sum(r["completion_tokens"] - 1 for r in runs)
+            / sum(r["total_s"] - r["ttft_s"] for r in runs))
+
+
+def acceptance(sample: dict[str, Any]) -> float | None:
+    runs = rewrite_runs(sample)
+    drafted = sum(r["draft_tokens"] for r in runs)
+    return 100 * sum(r["accepted_tokens"] for r in runs) / drafted if drafted else None
+
+
 def token_count(samples: list[dict[str, Any]], name: str, field: str = "prompt_tokens") -> str:
-    counts = sorted({s["runs"][name][field] for s in samples})
+    counts = sorted({s["runs"][name][field] for s in samples if name in s["runs"]})
     return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
 
 
@@ -230,47 +319,67 @@ def metrics(samples: list[dict[str, Any]]) -> list[Metric]:
     prefills = [name for name in samples[0]["runs"] if name.startswith("prefill-")]
     decode = (f"decode, {token_count(samples, 'decode', 'completion_tokens')} tokens after a "
               f"{token_count(samples, 'decode')}-token prompt")
+    rewrites = [name for name in samples[0]["runs"] if name.startswith("rewrite-")]
     return [
-        Metric("load_s", "load time (warm cache)", "s", False, lambda s: s["load_s"], 2),
+        Metric("load_s", "load time", "s", False, lambda s: s["load_s"], 2),
         Metric("peak_rss_mib", "peak RSS", "MiB", False, lambda s: s["peak_rss_mib"], 0),
         Metric("ttft_short_ms", f"time to first token, {token_count(samples, 'short')}-token "
-               "prompt", "ms", False, lambda s: s["runs"]["short"]["ttft_s"] * 1000),
+               "prompt", "ms", False, measured("short", lambda r: r["ttft_s"] * 1000)),
         *(Metric(f"{name.replace('-', '_')}_tok_s",
                  f"prefill, {token_count(samples, name)}-token prompt", "tok/s", True,
-                 prefill_tok_s(name)) for name in prefills),
-        Metric("decode_tok_s", decode, "tok/s", True, decode_tok_s),
+                 measured(name, lambda r: r["prompt_tokens"] / r["ttft_s"]))
+          for name in prefills),
+        Metric("decode_tok_s", decode, "tok/s", True, measured("decode", decode_tok_s)),
+        Metric("rewrite_tok_s", f"agent file rewrite, {len(rewrites)} programs", "tok/s", True,
+               rewrite_tok_s),
+        Metric("acceptance_pct", "rewrite: draft tokens accepted", "%", True, acceptance, 0),
     ]
 
 
-def summarize(values: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "values": values}
+def summarize(values: list[float | None]) -> dict[str, Any] | None:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    return {"median": statistics.median(present), "min": min(present), "max": max(present),
+            "values": present}
 
 
 def summaries(samples: dict[str, list[dict[str, Any]]],
               rows: list[Metric]) -> dict[str, dict[str, Any]]:
-    """Per engine, per metric: median, min, max and every value."""
+    """Per engine, per metric: median, min, max and every value (None: not measured)."""
     return {engine: {m.key: summarize([m.value(s) for s in runs]) for m in rows}
             for engine, runs in samples.items()}
 
 
-def ratios(stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per PyAgent variant, its median / llama.cpp's median, per metric."""
+def ratios(stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per PyAgent variant, its median / plain llama.cpp's median, per metric."""
     if "llamacpp" not in stats:
         return {}
-    return {engine: {key: value["median"] / stats["llamacpp"][key]["median"]
+    base = stats["llamacpp"]
+    return {engine: {key: value["median"] / base[key]["median"] if value and base[key] else None
                      for key, value in stats[engine].items()}
-            for engine in stats if engine != "llamacpp"}
+            for engine in stats if engine.startswith("embedded") and engine not in LOAD_ONLY}
 
 
-def cell(stat: dict[str, Any], digits: int) -> str:
+def identical(samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Greedy texts of int8 without drafts against auto (int8 with drafts), request by request."""
+    pairs = [(a["runs"][name]["text"], b["runs"][name]["text"])
+             for a, b in zip(samples.get("embedded-int8", []), samples.get("embedded-auto", []),
+                             strict=False)
+             for name in a["runs"] if name == "decode" or name.startswith("rewrite-")]
+    return {"compared": len(pairs), "identical": sum(x == y for x, y in pairs)}
+
+
+def cell(stat: dict[str, Any] | None, digits: int) -> str:
+    if stat is None:
+        return "-"
     if len(stat["values"]) == 1:
         return f"{stat['median']:.{digits}f}"
     return f"{stat['median']:.{digits}f} [{stat['min']:.{digits}f}, {stat['max']:.{digits}f}]"
 
 
 def table_rows(rows: list[Metric], stats: dict[str, dict[str, Any]],
-               ratio: dict[str, dict[str, float]]) -> tuple[list[str], list[list[str]]]:
+               ratio: dict[str, dict[str, float | None]]) -> tuple[list[str], list[list[str]]]:
     """Header and cells shared by the terminal table and the Markdown file."""
     header = ["figure", "unit", "better", *(ENGINES[e] for e in stats)]
     header += [f"{ENGINES[e]} / llama.cpp" for e in ratio]
@@ -278,26 +387,35 @@ def table_rows(rows: list[Metric], stats: dict[str, dict[str, Any]],
     for m in rows:
         line = [m.label, m.unit, "higher" if m.higher_is_better else "lower",
                 *(cell(stats[e][m.key], m.digits) for e in stats)]
-        line += [f"{ratio[e][m.key]:.2f}x" for e in ratio]
+        line += ["-" if ratio[e][m.key] is None else f"{ratio[e][m.key]:.2f}x" for e in ratio]
         cells.append(line)
     return header, cells
 
 
 def engine_notes(result: dict[str, Any]) -> list[str]:
     """How each engine ran, from the settings its workers reported."""
-    embedded = result["samples"]["embedded"][0]["settings"]
-    notes = [f"PyAgent: {embedded['dtype'].removeprefix('torch.')} weights, "
-             f"{embedded['torch_threads']} torch threads",
-             "PyAgent int8: the same, with weight-only int8 linear layers and LM head "
-             "(engine/quantize.py)",
-             "PyAgent bf16-weights: the same, with bfloat16 linear layers and LM head"]
+    auto = result["samples"]["embedded-auto"][0]["settings"]
+    same = result["identical"]
+    notes = [f"PyAgent: {auto['torch_threads']} torch threads; each request starts without "
+             "cached prefixes",
+             "PyAgent int8: int8 linear layers (rounding steps searched per row), LM head "
+             "screened in int4 with its top 1,024 logits recomputed from float32 "
+             "(engine/quantize.py, engine/screened_head.py); float32, int8 and bf16-weights "
+             "run without drafts",
+             f"PyAgent auto: the defaults, here {auto['precision']} ({auto['chosen']}) with "
+             f"prompt-lookup drafts of up to {auto['draft_tokens']} tokens; its greedy texts "
+             f"equal int8's in {same['identical']} of {same['compared']} requests",
+             "PyAgent int8 (no cache): the converted-weight cache deleted before loading "
+             "(load and peak RSS only)"]
     if result["llamacpp_skipped"]:
         return [*notes, f"llama.cpp: {result['llamacpp_skipped']}"]
     llama = result["samples"]["llamacpp"][0]["settings"]
     repack = ("on" if llama["weight_repacking"] else "off (this CPU has AMX, where llama.cpp "
               "crashes with repacked weights: ggml-org/llama.cpp#20824)")
     return [*notes, f"llama.cpp: the same GGUF (Q4_K_M), n_ctx {llama['n_ctx']}, n_batch "
-            f"{llama['n_batch']}, {llama['n_threads']} threads, weight repacking {repack}"]
+            f"{llama['n_batch']}, {llama['n_threads']} threads, weight repacking {repack}; "
+            f"+ lookup: its prompt-lookup drafts (LlamaPromptLookupDecoding, "
+            f"{LOOKUP_TOKENS} tokens); ratios are over plain llama.cpp"]
 
 
 def markdown(result: dict[str, Any], header: list[str], cells: list[list[str]]) -> str:
@@ -361,10 +479,11 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(prepare(EMBEDDED)))
     plan = {"threads": threads,
             "requests": [asdict(r) for r in with_prompts(requests(args.quick), tokenizer)]}
-    engines = ["embedded", "embedded-int8", "embedded-bf16"]
+    engines = ["embedded", "embedded-int8", "embedded-int8-cold", "embedded-bf16",
+               "embedded-auto"]
     skipped = None
     if util.find_spec("llama_cpp"):
-        engines.append("llamacpp")
+        engines += ["llamacpp", "llamacpp-lookup"]
     else:
         skipped = "llama_cpp is not installed, figures skipped (pip install -e '.[llamacpp]')"
         console.print(f"[yellow]{skipped}[/]")
@@ -378,7 +497,7 @@ def main() -> None:
                 samples[engine].append(run_worker(engine, plan))
                 progress.advance(task)
 
-    rows = metrics(samples["embedded"])
+    rows = metrics(samples["embedded-auto"])
     stats = summaries(samples, rows)
     ratio = ratios(stats)
     result = {
@@ -399,6 +518,7 @@ def main() -> None:
                             "higher_is_better": m.higher_is_better} for m in rows},
         "summary": stats,
         "ratios_over_llamacpp": ratio,
+        "identical": identical(samples),
         "samples": samples,
     }
     header, cells = table_rows(rows, stats, ratio)

@@ -485,6 +485,7 @@ class Scheduler:
             self.accepted += accepted
             job.rejected = len(tokens) - taken
         if job.drafter is not None:
+            job.drafter.feedback(len(draft), accepted)
             job.drafter.extend(decoder.generated[-taken:])
         return delta
 
