@@ -9,8 +9,9 @@ the model on the main thread), driven over loopback by streaming OpenAI-style cl
   (the first ones staggered over one unloaded request's time, as agents' calls are).
 Every prompt is distinct (~60 tokens, no shared prefix), greedy, `--max-tokens` tokens each.
 The loaded outputs are checked against the unloaded outputs of the same prompts (batch invariance).
-Before that, in its own process, it times the LM head's matrix product (262,144 x 640) at 1 and 8
-rows in each precision: why some precisions batch better than others.
+Before that, in its own process, it times the LM head (262,144 x 640) at 1 and 8 rows in each
+precision (int8's is the screened head: int4 logits, the top 1,024 recomputed in float32): why
+some precisions batch better than others.
 Results: benchmarks/results/batching.json and batching.md.
 """
 
@@ -100,11 +101,12 @@ def kernels(rows: tuple[int, ...] = (1, 8), repeats: int = 10) -> dict[str, dict
     """Milliseconds of the LM head's product per precision and row count (median of repeats)."""
     import torch
 
-    from pyagent.engine.quantize import BF16Linear, Int8Linear
+    from pyagent.engine.quantize import BF16Linear
+    from pyagent.engine.screened_head import ScreenedHead
 
     torch.manual_seed(0)
     float_head = torch.nn.Linear(640, 262_144, bias=False)
-    heads = {"float32": float_head, "int8": Int8Linear(float_head),
+    heads = {"float32": float_head, "int8": ScreenedHead(float_head.weight.detach()),
              "bf16": BF16Linear(float_head)}
     out: dict[str, dict[str, float]] = {}
     with torch.inference_mode():

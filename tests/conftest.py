@@ -83,8 +83,9 @@ def agent_engine(agent_model_dir: Path) -> Engine:
 
 @pytest.fixture(scope="session")
 def engine() -> Engine:
-    """The real embedded Gemma 3 270M (prepared into the user cache on first use)."""
-    return Engine.load()
+    """The real embedded Gemma 3 270M in float32, the reference precision (prepared into the
+    user cache on first use)."""
+    return Engine.load(dtype="float32")
 
 
 class LoopbackServer:

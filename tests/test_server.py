@@ -489,3 +489,11 @@ def test_a_model_is_retrieved_by_its_id(client, tiny_engine):
     assert client.models.retrieve(tiny_engine.name).id == tiny_engine.name
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-9")
+
+
+def test_health_names_the_precision_and_the_drafts(http, tiny_engine):
+    health = http.get("/health").json()
+    assert health["precision"] == tiny_engine.loaded.precision == "float32"
+    scheduler = tiny_engine.scheduler
+    assert health["speculation"] == {"draft_tokens": 8, "drafted": scheduler.drafted,
+                                     "accepted": scheduler.accepted}

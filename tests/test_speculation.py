@@ -144,3 +144,24 @@ def test_a_truncated_draft_leaves_the_cache_as_if_never_written(tiny_model_dir):
     again = engine.open([*ids[:9], 5, 6, 7, 8, 9, 1])
     assert again.cached_tokens == 8
     engine.close(again)
+
+
+@pytest.mark.model
+def test_the_embedded_model_rewrites_a_file_faster_and_word_for_word(engine):
+    """An agent's file rewrite on the real model (int8): drafts from the file it quotes are
+    mostly accepted, and the greedy text is the one decoding without drafts writes."""
+    import inspect
+    import json
+
+    source = inspect.getsource(json.dumps)[:1200]
+    prompt = (f"### encoder.py (before)\n```python\n{source}```\n\n"
+              "### encoder.py (after renaming `skipkeys` to `skip_keys`)\n```python\n")
+    loaded = load(resolve_model(None), dtype="int8")
+    request = CompletionRequest(prompt=prompt, sampling=SamplingParams(
+        max_tokens=160, temperature=0.0, stop=("```",)))
+    plain = Engine(loaded, scheduling=SchedulerSettings(
+        speculation=SpeculationSettings(draft_tokens=0))).generate(request)
+    drafted = Engine(loaded).generate(request)
+    assert drafted.text == plain.text and drafted.usage == plain.usage
+    timings = drafted.timings
+    assert timings.accepted_tokens > 0.5 * timings.draft_tokens > 20

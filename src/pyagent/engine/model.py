@@ -235,6 +235,8 @@ def load(spec: ModelSpec, dtype: str = "float32", report: Report = lambda _msg: 
     if dtype == AUTO and quantize is None:
         dtype, chosen = choose_precision(workload)
         report(f"precision auto: {dtype} ({chosen})")
+    elif dtype == AUTO:  # a weight-only scheme asked for by name: float32 elsewhere
+        dtype = "float32"
     precision = dtype if quantize is None else next(
         (name for name, scheme in WEIGHT_ONLY.items() if scheme == quantize), quantize)
     if dtype in WEIGHT_ONLY and quantize in (None, WEIGHT_ONLY[dtype]):
