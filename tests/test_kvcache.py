@@ -168,7 +168,7 @@ def test_paged_cache_matches_transformers_on_the_real_model():
     512-token sliding window and through decoding."""
     from pydoc_data.topics import topics
 
-    engine = Engine.load(kv=KVSettings(prefill_chunk=300, share_prefix=False))
+    engine = Engine.load(dtype="float32", kv=KVSettings(prefill_chunk=300, share_prefix=False))
     ids = engine.tokenizer(topics["assert"] + topics["for"])["input_ids"][:700]
     sequence = engine.open(ids)
     assert len(ids) > 600

@@ -491,8 +491,8 @@ def test_a_model_is_retrieved_by_its_id(client, tiny_engine):
         client.models.retrieve("gpt-9")
 
 
-def test_health_names_the_precision_and_the_drafts(http, tiny_engine):
-    health = http.get("/health").json()
+def test_health_names_the_precision_and_the_drafts(tiny_server, tiny_engine):
+    health = httpx.get(tiny_server.base_url.removesuffix("/v1") + "/health").json()
     assert health["precision"] == tiny_engine.loaded.precision == "float32"
     scheduler = tiny_engine.scheduler
     assert health["speculation"] == {"draft_tokens": 8, "drafted": scheduler.drafted,

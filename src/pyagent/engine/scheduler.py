@@ -17,6 +17,13 @@ Padding is cheap with bfloat16 weights (oneDNN, AMX); MKL's float32 kernels cost
 as much at 8 rows as at 1 (benchmarks/batching.py times them), so float32 engines leave it off
 unless `batch_invariant` is set; without it, each step is one fused pass.
 
+Speculative decoding (engine/speculation.py): a decoding request may add draft tokens from its
+own context to its row of the decode pass; its decoder then takes the rows in order while its
+choices match the draft, and the KV of the rejected tokens is dropped before sliding-window blocks
+are released. With int8 weights every row's logits are those it would get alone, so drafts
+change nothing but the speed. Padded passes and policies that learn from every query's attention
+do not draft.
+
 Each request's events go to its `Ticket`, which a thread or an asyncio task reads. Cancelling a
 ticket (a client went away) frees its sequence before the next pass.
 

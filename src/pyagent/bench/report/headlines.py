@@ -59,11 +59,26 @@ def figure(data: Data, path: str, name: str | None = None) -> str:
 
 
 def engine(data: Data) -> Summary:
+    summary = at(data, "summary")
     out = Summary("engine", [figure(data, f"summary|{e}|decode_tok_s|median", f"{e} decode")
-                             for e in at(data, "summary")])
-    if "embedded-int8" in at(data, "ratios_over_llamacpp"):
+                             for e in summary  # None: a worker that only loads
+                             if at(data, f"summary|{e}|decode_tok_s") is not None])
+    ratios = at(data, "ratios_over_llamacpp")
+    if "embedded-int8" in ratios:
         ratio = num(data, "ratios_over_llamacpp|embedded-int8|decode_tok_s")
         out.checks.append(Check("int8 decode >= 0.5x llama.cpp", f"{ratio:.2f}x", ratio >= 0.5))
+    if "embedded-auto" in ratios:  # the engine-speed targets, on the default (auto, drafts)
+        ratio = num(data, "ratios_over_llamacpp|embedded-auto|decode_tok_s")
+        out.checks.append(Check("default decode >= 1.0x llama.cpp", f"{ratio:.2f}x",
+                                ratio >= 1.0))
+        rewrite = (num(data, "summary|embedded-auto|rewrite_tok_s|median")
+                   / num(data, "summary|llamacpp|decode_tok_s|median"))
+        out.checks.append(Check("default agent rewrite >= 2x llama.cpp's plain decode",
+                                f"{rewrite:.2f}x", rewrite >= 2.0))
+    if "identical" in data:
+        same, compared = num(data, "identical|identical"), num(data, "identical|compared")
+        out.checks.append(Check("greedy text the same with and without drafts",
+                                f"{same:g} of {compared:g}", same == compared > 0))
     return out
 
 
