@@ -5,7 +5,12 @@ layer. Given a `PagedForward` (passed as the `paged` keyword through the model's
 function writes the layer's new keys and values into the paged cache, reads the layer's blocks
 back and attends over them, with a mask built from the positions the blocks hold (causal, and the
 sliding window where the layer has one). Without it, the model runs exactly as with SDPA (the
-same masks are registered for it), so `model.generate` still works.
+same masks are registered for it), so `model.generate` still works. engine/gemma3.py's fused
+decoder calls `BatchForward.attend` directly.
+
+A pass of at most `FEW_QUERIES` queries per sequence (decoding, and a draft's verification)
+attends without a mask: each query over exactly the run of slots it sees, in two small products.
+A token's result then never depends on the pass it is computed in.
 
 Layers of the global group can also collect per-token attention statistics for eviction policies
 (accumulated mass, entropy-weighted mass, peak focused attention, the last query's attention, the
