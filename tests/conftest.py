@@ -21,6 +21,7 @@ import uvicorn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
 
+from pyagent.engine import avx512
 from pyagent.engine.generate import Engine
 from pyagent.engine.model import load
 from pyagent.engine.registry import resolve_model
@@ -58,6 +59,13 @@ def build_tiny_model(directory: Path, layer_types: tuple[str, ...] = (
     Gemma3ForCausalLM(config).save_pretrained(str(directory))
     fast.save_pretrained(str(directory))
     return directory
+
+
+@pytest.fixture(scope="session", autouse=True)
+def avx512_kernels() -> None:
+    """Build the AVX-512 kernels into the user cache once, before a test points the cache
+    elsewhere (where the CPU has them)."""
+    avx512.kernels()
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import torch
 from pyagent.engine import converted
 from pyagent.engine.generate import Engine
 from pyagent.engine.model import choose_precision, load
+from pyagent.engine.quantize import layout
 from pyagent.engine.registry import resolve_model
 from pyagent.errors import ModelError
 from pyagent.types import CompletionRequest, SamplingParams
@@ -29,7 +30,7 @@ def greedy_text(loaded) -> str:
 
 def test_a_conversion_is_cached_and_loads_to_the_same_model(tiny_model_dir, cache):
     spec = resolve_model(str(tiny_model_dir))
-    path = converted.converted_path(tiny_model_dir, "int8")
+    path = converted.converted_path(tiny_model_dir, layout("int8"))
     assert not path.exists()
     first = load(spec, dtype="int8")
     assert converted.usable(path) and path.is_relative_to(cache)
@@ -46,7 +47,7 @@ def test_a_conversion_is_cached_and_loads_to_the_same_model(tiny_model_dir, cach
 def test_a_damaged_conversion_is_rebuilt_not_used(tiny_model_dir, cache):
     spec = resolve_model(str(tiny_model_dir))
     reference = greedy_text(load(spec, dtype="int8"))
-    path = converted.converted_path(tiny_model_dir, "int8")
+    path = converted.converted_path(tiny_model_dir, layout("int8"))
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -61,7 +62,7 @@ def test_a_damaged_conversion_is_rebuilt_not_used(tiny_model_dir, cache):
 def test_small_conversions_are_not_kept(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("PYAGENT_CACHE_DIR", str(tmp_path / "cache"))
     load(resolve_model(str(tiny_model_dir)), dtype="int8")
-    assert not converted.converted_path(tiny_model_dir, "int8").exists()
+    assert not converted.converted_path(tiny_model_dir, layout("int8")).exists()
 
 
 def test_auto_picks_by_cpu_and_workload_and_says_why():

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from pyagent.engine import avx512
 from pyagent.engine.generate import Engine
 from pyagent.engine.model import load
 from pyagent.engine.quantize import (
@@ -22,20 +23,33 @@ from pyagent.errors import ModelError
 from pyagent.types import CompletionRequest, SamplingParams
 
 
-def test_an_int8_layer_matches_its_float_layer():
+@pytest.fixture(params=["avx512", "pytorch"])
+def kernels(request, monkeypatch):
+    """Each int8 test on PyTorch's kernels too (where the AVX-512 ones are missing)."""
+    if request.param == "pytorch":
+        monkeypatch.setattr(avx512, "available", lambda inputs: False)
+    elif avx512.kernels() is None:
+        pytest.skip("this CPU lacks AVX-512 VNNI")
+    return request.param
+
+
+def test_an_int8_layer_matches_its_float_layer(kernels):
     torch.manual_seed(0)
     linear = nn.Linear(256, 384)
     layer = Int8Linear(linear)
-    assert layer.weight.dtype == torch.int8 and layer.weight.shape == (384, 256)
+    codes = (avx512.int8_codes(layer.tiles, 384) if kernels == "avx512" else layer.weight)
+    assert layer.tiled == (kernels == "avx512")
+    assert codes.dtype == torch.int8 and codes.shape == (384, 256)
     x = torch.randn(3, 5, 256)
     exact, approx = linear(x), layer(x)
     assert approx.shape == exact.shape and approx.dtype == exact.dtype
     error = (approx - exact).norm() / exact.norm()
-    assert error < 0.01  # int8 weights and bfloat16 activations: well under 1% here
+    assert error < 0.01  # int8 weights and 8-bit activations: well under 1% here
     assert not torch.allclose(approx, exact)  # it really is the int8 path
 
 
-def test_int8_prompts_take_the_dense_path_to_the_same_product():
+def test_int8_prompts_take_the_dense_path_to_the_same_product(monkeypatch):
+    monkeypatch.setattr(avx512, "available", lambda inputs: False)  # the path PyTorch's needs
     torch.manual_seed(0)
     layer = Int8Linear(nn.Linear(256, 384))
     x = torch.randn(64, 256)

@@ -33,6 +33,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from pyagent.engine import avx512
 from pyagent.engine.kvcache import PagedKVCache, Sequence, WritePlan
 
 NAME = "pyagent_paged"
@@ -79,15 +80,15 @@ class PagedForward:
                                              scale=scaling, enable_gqa=True)
         return out.transpose(1, 2)
 
-    def _spans(self, key_pos: torch.Tensor, window: int | None) -> list[tuple[int, int]]:
-        """For each query, the slots [start, end) of the keys it sees: keys are held in the
-        order of their positions, so what a query sees (causal, within the window) is one run
-        of slots."""
+    def _spans(self, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+        """For each query, the slots [start, end) of the keys it sees ([n, 2]): keys are held in
+        the order of their positions, so what a query sees (causal, within the window) is one
+        run of slots."""
         query_pos = self.plan.query_positions
         ends = torch.searchsorted(key_pos, query_pos, right=True)
         starts = (torch.zeros_like(ends) if window is None else
                   torch.searchsorted(key_pos, query_pos - window, right=True))
-        return list(zip(starts.tolist(), ends.tolist(), strict=True))
+        return torch.stack([starts, ends], dim=1)
 
     def _mask(self, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
         """Which keys each query sees: causal, and within the sliding window if any."""
@@ -133,17 +134,23 @@ class PagedForward:
 
 
 def _attend_spans(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                  spans: list[tuple[int, int]], scaling: float) -> torch.Tensor:
+                  spans: torch.Tensor, scaling: float) -> torch.Tensor:
     """Attention of a few queries ([1, heads, n, dim] over [kv_heads, l, dim]), each over
-    exactly the keys it sees (`spans`), with two small matrix products: decoding's case, where
-    SDPA's setup costs more than the arithmetic. Nothing is masked and no other query's keys
-    take part, so a token's result does not depend on the pass it is computed in: a token
-    verified in a draft gets the logits it gets alone."""
+    exactly the keys it sees (`spans`, [n, 2]): decoding's case, where SDPA's setup costs more
+    than the arithmetic. In float32 on AVX-512 one kernel call computes every (query, head)
+    on its own (engine/avx512.py); elsewhere two small matrix products per query. Nothing is
+    masked and no other query's keys take part, so a token's result does not depend on the
+    pass it is computed in: a token verified in a draft gets the logits it gets alone."""
     heads, dim = query.shape[1], query.shape[3]
+    if query.dtype == keys.dtype == values.dtype == torch.float32 and avx512.available(dim):
+        out = avx512.attend_spans(query[0].transpose(0, 1).contiguous(),
+                                  keys.transpose(0, 1).contiguous(),
+                                  values.transpose(0, 1).contiguous(), spans, scaling)
+        return out[None]
     kv_heads = keys.shape[0]
     rows = query[0].reshape(kv_heads, heads // kv_heads, -1, dim)
     out = []
-    for i, (start, end) in enumerate(spans):
+    for i, (start, end) in enumerate(spans.tolist()):
         scores = torch.bmm(rows[:, :, i], keys[:, start:end].transpose(1, 2)) * scaling
         probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
         out.append(torch.bmm(probs, values[:, start:end]).reshape(1, heads, dim))

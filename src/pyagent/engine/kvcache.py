@@ -302,7 +302,7 @@ class WritePlan:
     # per group, computed by its first layer in the pass: key positions, attention mask or spans
     key_positions: dict[str, torch.Tensor] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
-    spans: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # keys each query sees
+    spans: dict[str, torch.Tensor] = field(default_factory=dict)  # keys each query sees
 
 
 @dataclass(frozen=True)

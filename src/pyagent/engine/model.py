@@ -250,11 +250,14 @@ def load(spec: ModelSpec, dtype: str = "float32", report: Report = lambda _msg: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pyagent.engine import converted
+    from pyagent.engine import avx512, converted
     from pyagent.engine.gemma3 import fuse
+    from pyagent.engine.quantize import layout
     from pyagent.engine.quantize import quantize as quantize_model
 
-    cached = converted.converted_path(directory, quantize) if quantize else None
+    if quantize is not None:
+        avx512.prepare(report)
+    cached = converted.converted_path(directory, layout(quantize)) if quantize else None
     report(f"loading {spec.name} from {cached if cached else directory}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory))

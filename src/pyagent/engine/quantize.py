@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pyagent.engine import avx512
 from pyagent.engine.model import QUANTIZE
 from pyagent.engine.screened_head import ScreenedHead
 from pyagent.errors import ModelError
@@ -69,7 +70,8 @@ def row_scales(weight: torch.Tensor) -> torch.Tensor:
 
 
 class Int8Linear(nn.Module):
-    """A linear layer holding int8 weights and a bfloat16 scale per output row."""
+    """A linear layer holding int8 weights and a scale per output row: in VNNI tiles
+    (engine/avx512.py) where the CPU has VNNI, else as a matrix for PyTorch's kernels."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -80,19 +82,28 @@ class Int8Linear(nn.Module):
             rows = slice(start, start + ROWS_PER_CHUNK)
             scales[rows] = row_scales(weight[rows].float())
             packed[rows] = torch.round(weight[rows].float() / scales[rows, None]).clamp(-127, 127)
-        self.register_buffer("weight", packed)
-        self.register_buffer("scales", scales.to(ACTIVATIONS))
+        self.tiled = avx512.available(weight.shape[1])
+        if self.tiled:
+            tiles, scales = avx512.int8_tiles(packed, scales)
+            self.register_buffer("tiles", tiles)
+            self.register_buffer("scales", scales)
+        else:
+            self.register_buffer("weight", packed)
+            self.register_buffer("scales", scales.to(ACTIVATIONS))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
                                                                    requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(ACTIVATIONS)
-        if _DENSE.get():
-            out = (nn.functional.linear(flat, self.weight.to(ACTIVATIONS)) * self.scales
-                   ).to(x.dtype)
+        flat = x.reshape(-1, self.in_features)
+        if self.tiled:
+            out = avx512.int8_mm(flat, self.tiles, self.scales)[:, :self.out_features].to(x.dtype)
+        elif _DENSE.get():
+            out = (nn.functional.linear(flat.to(ACTIVATIONS), self.weight.to(ACTIVATIONS))
+                   * self.scales).to(x.dtype)
         else:
-            out = torch._weight_int8pack_mm(flat, self.weight, self.scales).to(x.dtype)
+            out = torch._weight_int8pack_mm(flat.to(ACTIVATIONS), self.weight, self.scales
+                                            ).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -116,6 +127,11 @@ class BF16Linear(nn.Module):
 
 SCHEMES = {"int8": Int8Linear, "bf16": BF16Linear}
 ROW_WISE = ("int8",)  # schemes whose decode kernels compute each row on its own
+
+
+def layout(scheme: str) -> str:
+    """`scheme` as this machine lays its tensors out (what the converted-weight cache keys)."""
+    return f"{scheme}-vnni" if scheme in ROW_WISE and avx512.kernels() is not None else scheme
 
 
 def weight_precision(model: Any) -> str:

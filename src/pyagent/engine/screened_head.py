@@ -16,36 +16,55 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pyagent.engine import avx512
+
 GROUP = 32  # weights per int4 group along the hidden axis
 TOP = 1024  # logits per row recomputed from the float weights
 INNER_K_TILES = 2  # the CPU kernel's packing parameter
 
 
-def int4_groups(weight: torch.Tensor, group: int = GROUP
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize `weight` ([out, in]) to asymmetric int4 per `group` inputs: the kernel's packed
-    codes and its [in / group, out, 2] bfloat16 (step, offset) grid, where a weight is
-    `(code - 8) * step + offset`."""
+def int4_codes(weight: torch.Tensor, group: int = GROUP
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per `group` inputs of `weight` ([out, in]): codes 0..15 ([out, in],
+    uint8) and each group's float step and low ([out, in / group]), where a weight is
+    `code * step + low`."""
     rows, columns = weight.shape
-    if rows % 16:  # the kernel packs rows in sixteens: pad with zero rows
-        weight = torch.cat([weight, weight.new_zeros(16 - rows % 16, columns)])
-    packed, grids = [], []
+    codes = torch.empty(rows, columns, dtype=torch.uint8)
+    steps, lows = torch.empty(rows, columns // group), torch.empty(rows, columns // group)
     for start in range(0, rows, 8192):  # a few MB of float temporaries at a time
         part = weight[start:start + 8192].float().reshape(-1, columns // group, group)
         low, high = part.amin(-1), part.amax(-1)
         step = ((high - low) / 15).clamp(min=1e-10)
-        codes = torch.round((part - low[..., None]) / step[..., None]).clamp(0, 15)
-        packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            codes.to(torch.int32).reshape(-1, columns), INNER_K_TILES))
-        grids.append(torch.stack([step, low + 8 * step], dim=-1))
-    grid = torch.cat(grids).transpose(0, 1).contiguous().to(torch.bfloat16)
-    return torch.cat(packed), grid
+        codes[start:start + 8192] = torch.round((part - low[..., None]) / step[..., None]
+                                                ).clamp(0, 15).reshape(-1, columns)
+        steps[start:start + 8192], lows[start:start + 8192] = step, low
+    return codes, steps, lows
 
 
-def _shapes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Empty tensors shaped like `int4_groups(weight)`'s, on the meta device."""
+def int4_groups(weight: torch.Tensor, group: int = GROUP
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weight` ([out, in]) in int4 for PyTorch's kernel: its packed codes and its
+    [in / group, out, 2] bfloat16 (step, offset) grid, where a weight is
+    `(code - 8) * step + offset`."""
+    if weight.shape[0] % 16:  # the kernel packs rows in sixteens: pad with zero rows
+        weight = torch.cat([weight, weight.new_zeros(16 - weight.shape[0] % 16, weight.shape[1])])
+    codes, steps, lows = int4_codes(weight, group)
+    packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        codes[start:start + 8192].to(torch.int32), INNER_K_TILES)
+        for start in range(0, weight.shape[0], 8192)])
+    grid = torch.stack([steps, lows + 8 * steps], dim=-1).transpose(0, 1)
+    return packed, grid.contiguous().to(torch.bfloat16)
+
+
+def _shapes(weight: torch.Tensor, tiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty tensors shaped like the head's int4 layout of `weight`, on the meta device."""
     rows, columns = weight.shape
     rows += -rows % 16
+    if tiled:
+        return (torch.empty(rows // 16, columns // GROUP, 4, 64, dtype=torch.uint8,
+                            device="meta"),
+                torch.empty(rows // 16, columns // GROUP, 2, 16, dtype=torch.float16,
+                            device="meta"))
     return (torch.empty(rows, columns // 2, dtype=torch.uint8, device="meta"),
             torch.empty(columns // GROUP, rows, 2, dtype=torch.bfloat16, device="meta"))
 
@@ -55,7 +74,13 @@ class ScreenedHead(nn.Module):
 
     def __init__(self, weight: torch.Tensor, top: int = TOP):
         super().__init__()
-        packed, grid = int4_groups(weight.detach()) if not weight.is_meta else _shapes(weight)
+        self.tiled = avx512.available(weight.shape[1])
+        if weight.is_meta:
+            packed, grid = _shapes(weight, self.tiled)
+        elif self.tiled:
+            packed, grid = avx512.int4_tiles(*int4_codes(weight.detach()))
+        else:
+            packed, grid = int4_groups(weight.detach())
         self.register_buffer("packed", packed)
         self.register_buffer("grid", grid)
         self.exact = weight.detach()  # the float weights, shared with the input embedding
@@ -69,12 +94,19 @@ class ScreenedHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         flat = hidden.reshape(-1, self.in_features)
-        logits = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            flat.to(torch.bfloat16), self.packed, GROUP, self.grid)[:, :self.out_features].float()
+        if self.tiled:
+            logits = avx512.int4_mm(flat, self.packed, self.grid)[:, :self.out_features]
+        else:
+            logits = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                flat.to(torch.bfloat16), self.packed, GROUP, self.grid
+            )[:, :self.out_features].float()
         # in vocabulary order: a token's exact logit must not depend on where topk put it
         top = logits.topk(self.top, dim=-1, sorted=False).indices.sort(dim=-1).values
-        rows = self.exact.index_select(0, top.flatten()).view(*top.shape, -1)
-        # an elementwise product and a sum: each logit reduces the same way in any batch
-        exact = (rows.to(flat.dtype) * flat[:, None, :]).sum(dim=-1)
+        if self.tiled and flat.dtype == self.exact.dtype == torch.float32:
+            exact = avx512.rescore(flat.contiguous(), self.exact, top)
+        else:
+            rows = self.exact.index_select(0, top.flatten()).view(*top.shape, -1)
+            # an elementwise product and a sum: each logit reduces the same way in any batch
+            exact = (rows.to(flat.dtype) * flat[:, None, :]).sum(dim=-1)
         logits.scatter_(1, top, exact.float())
         return logits.to(hidden.dtype).reshape(*hidden.shape[:-1], self.out_features)

@@ -1,0 +1,324 @@
+// CPU kernels for decoding (AVX-512), whose results for one row never depend on the other rows.
+//
+// Weight-stationary products of int8 or int4 weights with activations quantized per group of 32
+// (AVX-512 VNNI). Each block of 16 weight rows is unpacked into registers once per group and
+// multiplied with every activation row in turn, so a batch of rows costs little more than one row
+// (PyTorch's weight-only kernels read and unpack the weights again for every few rows). Integer
+// sums are exact and each output is then accumulated over its groups in a fixed order, so a row's
+// result never depends on the other rows of the batch. Layouts: see engine/vnni.py.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t GROUP = 32;  // activations and int4 weights share one scale per 32 inputs
+constexpr int64_t LANES = 16;  // output rows per block: one per 32-bit lane
+
+struct Quantized {
+  at::Tensor codes;  // [m, k] int8
+  at::Tensor steps;  // [m, k / 32] float: an activation is code * step
+  at::Tensor sums;   // [m, k / 32] int32: the codes' sum per group
+};
+
+// Symmetric int8 per group of 32 inputs: step = largest magnitude / 127.
+Quantized quantize_rows(const at::Tensor& x) {
+  const int64_t m = x.size(0), k = x.size(1), groups = k / GROUP;
+  auto input = x.to(at::kFloat).contiguous();
+  Quantized q{at::empty({m, k}, at::kChar), at::empty({m, groups}, at::kFloat),
+              at::empty({m, groups}, at::kInt)};
+  const float* in = input.data_ptr<float>();
+  int8_t* codes = q.codes.data_ptr<int8_t>();
+  float* steps = q.steps.data_ptr<float>();
+  int32_t* sums = q.sums.data_ptr<int32_t>();
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* v = in + r * k + g * GROUP;
+      float largest = 0.f;
+      for (int64_t i = 0; i < GROUP; ++i) largest = std::max(largest, std::fabs(v[i]));
+      const float step = largest / 127.f;
+      const float inverse = largest > 0.f ? 127.f / largest : 0.f;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < GROUP; ++i) {
+        const int32_t c = static_cast<int32_t>(std::nearbyint(v[i] * inverse));
+        codes[r * k + g * GROUP + i] = static_cast<int8_t>(c);
+        sum += c;
+      }
+      steps[r * groups + g] = step;
+      sums[r * groups + g] = sum;
+    }
+  }
+  return q;
+}
+
+inline __m512i broadcast4(const int8_t* p) {
+  int32_t word;
+  std::memcpy(&word, p, sizeof(word));
+  return _mm512_set1_epi32(word);
+}
+
+void check(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "activations must be [rows, ", k, "]");
+  TORCH_CHECK(k % GROUP == 0, "inputs must be whole groups of 32");
+}
+
+}  // namespace
+
+// x [m, k] times int8 weights stored as unsigned (code + 128) in tiles [n / 16, k / 4, 16, 4],
+// with a float scale per weight row: [m, n] float.
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scales) {
+  const int64_t k = tiles.size(1) * 4, n = tiles.size(0) * LANES, m = x.size(0);
+  check(x, k);
+  TORCH_CHECK(tiles.scalar_type() == at::kByte && tiles.is_contiguous(), "bad int8 tiles");
+  TORCH_CHECK(scales.numel() == n && scales.scalar_type() == at::kFloat, "bad int8 scales");
+  const Quantized q = quantize_rows(x);
+  auto out = at::empty({m, n}, at::kFloat);
+  const int64_t groups = k / GROUP;
+  const uint8_t* w = tiles.data_ptr<uint8_t>();
+  const float* scale = scales.data_ptr<float>();
+  const int8_t* codes = q.codes.data_ptr<int8_t>();
+  const float* steps = q.steps.data_ptr<float>();
+  const int32_t* sums = q.sums.data_ptr<int32_t>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, n / LANES, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t r0 = 0; r0 < m; r0 += LANES) {  // activation rows, 16 at a time
+        const int64_t rows = std::min<int64_t>(LANES, m - r0);
+        __m512 acc[LANES];
+        for (int64_t r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < groups; ++g) {
+          const uint8_t* tile = w + (b * (k / 4) + g * 8) * 64;
+          __m512i weights[8];
+          for (int t = 0; t < 8; ++t) weights[t] = _mm512_loadu_si512(tile + t * 64);
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t row = r0 + r;
+            const int8_t* c = codes + row * k + g * GROUP;
+            __m512i dot = _mm512_setzero_si512();
+            for (int t = 0; t < 8; ++t)
+              dot = _mm512_dpbusd_epi32(dot, weights[t], broadcast4(c + 4 * t));
+            // the weights are stored plus 128: take 128 times the codes' sum back
+            dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(128 * sums[row * groups + g]));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
+                                     _mm512_set1_ps(steps[row * groups + g]), acc[r]);
+          }
+        }
+        const __m512 s = _mm512_loadu_ps(scale + b * LANES);
+        for (int64_t r = 0; r < rows; ++r)
+          _mm512_storeu_ps(o + (r0 + r) * n + b * LANES, _mm512_mul_ps(acc[r], s));
+      }
+    }
+  });
+  return out;
+}
+
+// x [m, k] times int4 weights (code 0..15, weight = code * step + low per group of 32 inputs):
+// codes in tiles [n / 16, k / 32, 4, 64] (the low nibbles hold an even run of 4 inputs, the high
+// nibbles the next), steps and lows as float16 [n / 16, k / 32, 2, 16]: [m, n] float.
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& grid) {
+  const int64_t groups = tiles.size(1), k = groups * GROUP, n = tiles.size(0) * LANES;
+  const int64_t m = x.size(0);
+  check(x, k);
+  TORCH_CHECK(tiles.scalar_type() == at::kByte && tiles.is_contiguous(), "bad int4 tiles");
+  TORCH_CHECK(grid.scalar_type() == at::kHalf && grid.is_contiguous() &&
+                  grid.numel() == n * groups * 2, "bad int4 grid");
+  const Quantized q = quantize_rows(x);
+  auto out = at::empty({m, n}, at::kFloat);
+  const uint8_t* w = tiles.data_ptr<uint8_t>();
+  const uint16_t* gr = reinterpret_cast<const uint16_t*>(grid.data_ptr<at::Half>());
+  const int8_t* codes = q.codes.data_ptr<int8_t>();
+  const float* steps = q.steps.data_ptr<float>();
+  const int32_t* sums = q.sums.data_ptr<int32_t>();
+  float* o = out.data_ptr<float>();
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  at::parallel_for(0, n / LANES, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t r0 = 0; r0 < m; r0 += LANES) {
+        const int64_t rows = std::min<int64_t>(LANES, m - r0);
+        __m512 acc[LANES];
+        for (int64_t r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < groups; ++g) {
+          const uint8_t* tile = w + (b * groups + g) * 256;
+          __m512i weights[8];
+          for (int t = 0; t < 4; ++t) {
+            const __m512i packed = _mm512_loadu_si512(tile + t * 64);
+            weights[2 * t] = _mm512_and_si512(packed, nibble);
+            weights[2 * t + 1] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+          }
+          const uint16_t* cell = gr + (b * groups + g) * 2 * LANES;
+          const __m512 step = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)cell));
+          const __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(cell + LANES)));
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t row = r0 + r;
+            const int8_t* c = codes + row * k + g * GROUP;
+            __m512i dot = _mm512_setzero_si512();
+            for (int t = 0; t < 8; ++t)
+              dot = _mm512_dpbusd_epi32(dot, weights[t], broadcast4(c + 4 * t));
+            const float a = steps[row * groups + g];
+            // sum over the group of code * step * x + low * x
+            acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(a)),
+                                     step, acc[r]);
+            acc[r] = _mm512_fmadd_ps(low, _mm512_set1_ps(a * sums[row * groups + g]), acc[r]);
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r)
+          _mm512_storeu_ps(o + (r0 + r) * n + b * LANES, acc[r]);
+      }
+    }
+  });
+  return out;
+}
+
+namespace {
+
+// e^x for x <= 0 (softmax after subtracting the maximum): 2^(x log2 e) as 2^n * 2^f, with 2^f
+// from a degree-6 polynomial on [-0.5, 0.5] (relative error under 2e-7).
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline float dot(const float* a, const float* b, int64_t dim) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dim; d += 16)
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+  return _mm512_reduce_add_ps(acc);
+}
+
+}  // namespace
+
+// Attention of a few queries, each over its own run of keys: query [n, heads, dim], keys and
+// values [l, kv_heads, dim] (float, contiguous), spans [n, 2] (first and end slot per query):
+// [n, heads, dim]. Every (query, head) sums its keys in slot order with an exact softmax, so its
+// result does not depend on the other queries; the keys and values are read in tiles that all
+// of a thread's (query, head) pairs use while they are in cache.
+at::Tensor attend_spans(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
+                        const at::Tensor& spans, double scaling) {
+  TORCH_CHECK(query.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat &&
+                  values.scalar_type() == at::kFloat, "attention takes float32");
+  TORCH_CHECK(query.is_contiguous() && keys.is_contiguous() && values.is_contiguous() &&
+                  spans.is_contiguous() && spans.scalar_type() == at::kLong, "bad layout");
+  const int64_t n = query.size(0), heads = query.size(1), dim = query.size(2);
+  const int64_t length = keys.size(0), kv_heads = keys.size(1);
+  TORCH_CHECK(dim % 16 == 0 && heads % kv_heads == 0 && keys.size(2) == dim &&
+                  values.sizes() == keys.sizes() && spans.size(0) == n, "bad shapes");
+  const int64_t* span = spans.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(0 <= span[2 * i] && span[2 * i] < span[2 * i + 1] &&
+                    span[2 * i + 1] <= length, "a query's span is out of range");
+  auto out = at::zeros({n, heads, dim}, at::kFloat);
+  const float* q = query.data_ptr<float>();
+  const float* k = keys.data_ptr<float>();
+  const float* v = values.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int64_t group = heads / kv_heads, row = kv_heads * dim;
+  const float scale = static_cast<float>(scaling);
+  constexpr int64_t TILE = 32;  // keys read while in cache by every pair of the thread
+  at::parallel_for(0, n * heads, 1, [&](int64_t begin, int64_t end) {
+    const int64_t tasks = end - begin;
+    int64_t low = length, high = 0;
+    for (int64_t t = begin; t < end; ++t) {
+      low = std::min(low, span[2 * (t / heads)]);
+      high = std::max(high, span[2 * (t / heads) + 1]);
+    }
+    std::vector<float> scores(tasks * (length + 16));
+    auto score = [&](int64_t t) { return scores.data() + (t - begin) * (length + 16); };
+    for (int64_t j0 = low; j0 < high; j0 += TILE) {  // scores, a tile of keys at a time
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t i = t / heads, kv = (t % heads) / group, first = span[2 * i];
+        const int64_t stop = std::min(j0 + TILE, span[2 * i + 1]);
+        for (int64_t j = std::max(j0, first); j < stop; ++j)
+          score(t)[j - first] = dot(q + t * dim, k + j * row + kv * dim, dim) * scale;
+      }
+    }
+    for (int64_t t = begin; t < end; ++t) {  // softmax over each pair's own keys, unnormalized
+      const int64_t count = span[2 * (t / heads) + 1] - span[2 * (t / heads)];
+      float* s = score(t);
+      float largest = -INFINITY;
+      for (int64_t j = 0; j < count; ++j) largest = std::max(largest, s[j]);
+      __m512 total = _mm512_setzero_ps();
+      const __m512 top = _mm512_set1_ps(largest);
+      for (int64_t j = 0; j < count; j += 16) {
+        const __mmask16 lanes =
+            count - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (count - j)) - 1);
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, s + j), top));
+        _mm512_mask_storeu_ps(s + j, lanes, e);
+        total = _mm512_add_ps(total, _mm512_maskz_mov_ps(lanes, e));
+      }
+      s[length + 15] = 1.f / _mm512_reduce_add_ps(total);  // past the scores: the 1 / sum
+    }
+    for (int64_t j0 = low; j0 < high; j0 += TILE) {  // weighted values, a tile at a time
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t i = t / heads, kv = (t % heads) / group, first = span[2 * i];
+        const int64_t from = std::max(j0, first), stop = std::min(j0 + TILE, span[2 * i + 1]);
+        if (from >= stop) continue;
+        const float* s = score(t);
+        for (int64_t d0 = 0; d0 < dim; d0 += 128) {  // 8 registers of the output at a time
+          const int64_t chunks = std::min<int64_t>(128, dim - d0) / 16;
+          float* ot = o + t * dim + d0;
+          __m512 acc[8];
+          for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_loadu_ps(ot + 16 * c);
+          for (int64_t j = from; j < stop; ++j) {
+            const __m512 p = _mm512_set1_ps(s[j - first]);
+            const float* vj = v + j * row + kv * dim + d0;
+            for (int64_t c = 0; c < chunks; ++c)
+              acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + 16 * c), acc[c]);
+          }
+          for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_ps(ot + 16 * c, acc[c]);
+        }
+      }
+    }
+    for (int64_t t = begin; t < end; ++t) {
+      const __m512 inverse = _mm512_set1_ps(score(t)[length + 15]);
+      for (int64_t d = 0; d < dim; d += 16)
+        _mm512_storeu_ps(o + t * dim + d, _mm512_mul_ps(_mm512_loadu_ps(o + t * dim + d), inverse));
+    }
+  });
+  return out;
+}
+
+// The logits of chosen tokens, exactly: hidden [m, k] times the rows `ids` [m, top] of `weight`
+// [vocabulary, k] (float32): [m, top]. Each logit is one dot product in a fixed order.
+at::Tensor rescore(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& ids) {
+  TORCH_CHECK(hidden.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
+                  ids.scalar_type() == at::kLong, "rescoring takes float32 and int64 ids");
+  TORCH_CHECK(hidden.is_contiguous() && weight.is_contiguous() && ids.is_contiguous(),
+              "bad layout");
+  const int64_t m = hidden.size(0), k = hidden.size(1), top = ids.size(1);
+  const int64_t vocabulary = weight.size(0);
+  TORCH_CHECK(weight.size(1) == k && k % 16 == 0 && ids.size(0) == m, "bad shapes");
+  auto out = at::empty({m, top}, at::kFloat);
+  const float* h = hidden.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, m * top, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t token = id[t];
+      TORCH_CHECK(0 <= token && token < vocabulary, "token id out of range");
+      o[t] = dot(h + (t / top) * k, w + token * k, k);
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_mm", &int8_mm, "int8 weights times activations quantized per group of 32");
+  m.def("int4_mm", &int4_mm, "int4 weights times activations quantized per group of 32");
+  m.def("attend_spans", &attend_spans, "attention of a few queries over their own keys");
+  m.def("rescore", &rescore, "exact logits of chosen tokens");
+}

@@ -1,0 +1,109 @@
+"""The AVX-512 kernels: close to float references, every row's result independent of the other
+rows of its batch (what exact speculation and batching rest on), and one-line errors for bad
+input."""
+
+import pytest
+import torch
+
+from pyagent.engine import avx512
+from pyagent.engine.screened_head import ScreenedHead, int4_codes
+
+pytestmark = pytest.mark.skipif(avx512.kernels() is None, reason="this CPU lacks AVX-512 VNNI")
+
+
+def alone_equals_batched(compute, rows: int) -> bool:
+    """Whether computing each row alone gives the bits the whole batch gives it."""
+    batched = compute(slice(0, rows))
+    return all(torch.equal(compute(slice(i, i + 1))[0], batched[i]) for i in range(rows))
+
+
+@pytest.mark.parametrize(("outputs", "inputs"), [(384, 256), (1000, 64), (40, 2048)])
+def test_the_int8_product_is_close_to_float_and_rows_stand_alone(outputs, inputs):
+    torch.manual_seed(outputs)
+    codes = torch.randint(-127, 128, (outputs, inputs), dtype=torch.int8)
+    scales = torch.rand(outputs) / 100
+    tiles, padded = avx512.int8_tiles(codes, scales)
+    assert torch.equal(avx512.int8_codes(tiles, outputs), codes)
+    assert tiles.shape[0] * 16 >= outputs and padded.shape[0] == tiles.shape[0] * 16
+    x = torch.randn(33, inputs) * torch.linspace(0.01, 10, inputs)  # uneven magnitudes
+    out = avx512.int8_mm(x, tiles, padded)
+    exact = x @ (codes.float() * scales[:, None]).T
+    assert (out[:, :outputs] - exact).norm() / exact.norm() < 0.01
+    assert torch.equal(out[:, outputs:], torch.zeros_like(out[:, outputs:]))  # padding rows
+    assert alone_equals_batched(lambda rows: avx512.int8_mm(x[rows], tiles, padded), 33)
+    zeros = avx512.int8_mm(torch.zeros(2, inputs), tiles, padded)
+    assert torch.equal(zeros, torch.zeros_like(zeros))  # an all-zero group has no NaN step
+
+
+def test_the_int4_product_is_close_to_its_weights_and_rows_stand_alone():
+    torch.manual_seed(1)
+    weight = torch.randn(1000, 128) / 10
+    codes, steps, lows = int4_codes(weight)
+    tiles, grid = avx512.int4_tiles(codes, steps, lows)
+    dequantized = (codes.float().view(1000, 4, 32) * steps.half().float()[..., None]
+                   + lows.half().float()[..., None]).view(1000, 128)
+    assert (dequantized - weight).abs().max() < 0.05
+    x = torch.randn(20, 128)
+    out = avx512.int4_mm(x, tiles, grid)[:, :1000]
+    exact = x @ dequantized.T
+    assert (out - exact).norm() / exact.norm() < 0.01
+    assert alone_equals_batched(lambda rows: avx512.int4_mm(x[rows], tiles, grid), 20)
+
+
+def test_the_screened_head_keeps_exact_logits_for_its_top_tokens():
+    torch.manual_seed(2)
+    weight = torch.randn(5000, 64)
+    head = ScreenedHead(weight, top=64)
+    assert head.tiled
+    hidden = torch.randn(7, 64)
+    logits = head(hidden)
+    exact = hidden @ weight.T
+    best = exact.topk(8, dim=-1).indices
+    assert torch.allclose(logits.gather(1, best), exact.gather(1, best), atol=1e-4)
+    assert torch.equal(logits.argmax(-1), exact.argmax(-1))
+    assert alone_equals_batched(lambda rows: head(hidden[rows]), 7)
+
+
+def reference_attention(query, keys, values, spans, scaling):
+    out = []
+    for i, (start, end) in enumerate(spans.tolist()):
+        group = query.shape[1] // keys.shape[1]
+        k = keys[start:end].repeat_interleave(group, dim=1)  # [l, heads, dim]
+        v = values[start:end].repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,lhd->hl", query[i].double(), k.double()) * scaling
+        out.append(torch.einsum("hl,lhd->hd", scores.softmax(-1), v.double()))
+    return torch.stack(out).float()
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(4, 1, 256), (4, 2, 16), (2, 2, 144)])
+def test_attention_over_spans_matches_softmax_and_queries_stand_alone(heads, kv_heads, dim):
+    torch.manual_seed(heads + dim)
+    length = 203  # not a multiple of the kernel's tiles or vectors
+    query = torch.randn(9, heads, dim)
+    keys, values = torch.randn(length, kv_heads, dim), torch.randn(length, kv_heads, dim)
+    ends = torch.arange(length - 8, length + 1)
+    spans = torch.stack([torch.tensor([0, 0, 5, 17, 100, 190, 194, 199, 202]), ends], dim=1)
+    out = avx512.attend_spans(query, keys, values, spans, dim ** -0.5)
+    expected = reference_attention(query, keys, values, spans, dim ** -0.5)
+    assert torch.allclose(out, expected, atol=2e-5)
+    assert alone_equals_batched(
+        lambda rows: avx512.attend_spans(query[rows], keys, values, spans[rows], dim ** -0.5), 9)
+
+
+def test_bad_spans_and_ids_are_refused_in_one_line():
+    query, keys = torch.randn(1, 4, 16), torch.randn(10, 1, 16)
+    for spans in ([[0, 11]], [[3, 3]], [[-1, 4]]):
+        with pytest.raises(RuntimeError, match="a query's span is out of range"):
+            avx512.attend_spans(query, keys, keys, torch.tensor(spans), 1.0)
+    with pytest.raises(RuntimeError, match="token id out of range"):
+        avx512.rescore(torch.randn(1, 16), torch.randn(10, 16), torch.tensor([[3, 10]]))
+
+
+def test_rescoring_is_exact_and_rows_stand_alone():
+    torch.manual_seed(3)
+    hidden, weight = torch.randn(5, 640), torch.randn(3000, 640)
+    ids = torch.randint(0, 3000, (5, 100)).sort(dim=-1).values
+    out = avx512.rescore(hidden, weight, ids)
+    exact = (weight[ids].double() * hidden[:, None].double()).sum(-1)
+    assert torch.allclose(out.double(), exact, atol=1e-4)
+    assert alone_equals_batched(lambda rows: avx512.rescore(hidden[rows], weight, ids[rows]), 5)
