@@ -113,8 +113,7 @@ def int4_tiles(codes: torch.Tensor, steps: torch.Tensor, lows: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes 0..15 [rows, inputs] and float steps and lows [rows, inputs / 32] in the int4
     layout: (tiles, grid)."""
-    rows, inputs = codes.shape
-    groups = inputs // GROUP
+    groups = codes.shape[1] // GROUP
     # [block, lane, group, t, half, j] -> [block, group, t, half, lane, j]
     blocks = _pad_rows(codes.to(torch.uint8), 0).view(-1, LANES, groups, 4, 2, 4)
     blocks = blocks.permute(0, 2, 3, 4, 1, 5)
