@@ -112,9 +112,10 @@ def test_weight_only_perplexity_is_within_one_percent_of_float32(engine, scheme)
     quantized = Engine(load(resolve_model(None), quantize=scheme))
     ratio = math.exp(continuation_nll(quantized, samples) - continuation_nll(engine, samples))
     assert 0.99 < ratio < 1.01 and ratio != 1.0
-    # decoding's kernels (int8: row-wise, not the prompt's dense GEMM) agree with the prompt's.
-    # On this one 128-token sample quantization itself moves the loss by 4-9 %; the two paths'
-    # rounding differs by up to 1.6 % on a CPU without AMX (AMD EPYC, avx512_bf16), 0 in float32.
+    # decoding's passes agree with the prompt's. On this one 128-token sample quantization itself
+    # moves the loss by 4-9 %. On the AVX-512 kernels both multiply alike (only attention differs:
+    # SDPA for the prompt, spans for decoding); on PyTorch's, the prompt's dense GEMM and the
+    # row-wise kernel round differently, by up to 1.6 % on a CPU without AMX, 0 in float32.
     decoded = samples[0][:129]
     paths = math.exp(continuation_nll(quantized, [decoded], decode=True)
                      - continuation_nll(quantized, [decoded]))

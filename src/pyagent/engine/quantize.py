@@ -1,21 +1,23 @@
-"""Weight-only precisions for the large matrices: int8 on PyTorch's own CPU kernel, or bfloat16.
+"""Weight-only precisions for the large matrices: int8 or bfloat16.
 
 Decoding one token reads every weight once, so on a CPU it is bound by memory bandwidth; Gemma 3
 270M's LM head alone (262,144 x 640) is 671 MB in float32. Weight-only int8 keeps one byte per
 weight with a float scale per output row (symmetric, per channel, clipped where that lowers the
-row's rounding error), and multiplies through
-`torch._weight_int8pack_mm`, which takes bfloat16 activations and dequantizes inside the kernel.
-Activations, the KV cache, norms and embeddings stay in the model's dtype. The input embedding
-stays in float even when it shares its weights with the LM head: a lookup reads one row.
+row's rounding error). Activations, the KV cache, norms and embeddings stay in the model's dtype.
+The input embedding stays in float even when it shares its weights with the LM head: a lookup
+reads one row.
 
-`_weight_int8pack_mm` computes each row of a batch on its own, so its cost grows with the batch
-and a row's result never depends on the others. Inside `dense_prompt()`, int8 layers instead
-multiply through their weights converted to bfloat16 (exactly: int8 values fit its mantissa), with
-the row scales applied to the product: for a prompt chunk of many rows that GEMM is far faster.
+On CPUs with AVX-512 VNNI, int8 layers multiply through engine/avx512.py: the weights in tiles,
+each unpacked once per pass for all its rows, the activations in int8 per group of 32. Every row
+of a pass, prompt chunk or decoding step, goes through the same kernel, and a row's result never
+depends on the others. Elsewhere they multiply through `torch._weight_int8pack_mm` (bfloat16
+activations, each row on its own, its cost growing with the rows), and inside `dense_prompt()`
+through their weights converted to bfloat16 (exactly: int8 values fit its mantissa), with the row
+scales applied to the product: for a prompt chunk of many rows that GEMM is far faster.
 
 Weight-only bfloat16 keeps two bytes per weight and multiplies through oneDNN (AMX on recent
-Xeons), whose cost barely grows up to 16 rows: the precision for batched decoding. Its kernels
-depend on the batch's shape, which the scheduler keeps fixed (see engine/scheduler.py).
+Xeons), whose cost barely grows up to 16 rows: the precision for batched decoding there. Its
+kernels depend on the batch's shape, which the scheduler keeps fixed (see engine/scheduler.py).
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@ the likeliest tokens.
 
 Gemma 3's vocabulary has 262,144 rows, so its LM head is most of what one decoded token reads
 from memory (168 M of 268 M weights). `ScreenedHead` multiplies through a 4-bit copy of the head
-(groups of 32 weights along the hidden axis, each with a bfloat16 step and offset: 84 MB, on
-PyTorch's `_weight_int4pack_mm_for_cpu`), then recomputes the `top` highest logits of each row
-exactly, from the float weights the input embedding already holds. The tokens that greedy
+(groups of 32 weights along the hidden axis, each with a step and an offset: 84 MB, on the
+AVX-512 VNNI kernel of engine/avx512.py, else PyTorch's `_weight_int4pack_mm_for_cpu`), then
+recomputes the `top` highest logits of each row exactly, from the float weights the input
+embedding already holds. The tokens that greedy
 decoding, top-k and top-p sampling choose from therefore get the float32 model's logits; only
 the far tail keeps its int4 estimate. A row is computed on its own, so its logits never depend on
 the other rows of a batch.

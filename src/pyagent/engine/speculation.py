@@ -23,13 +23,13 @@ from pyagent.errors import ConfigError
 @dataclass(frozen=True)
 class SpeculationSettings:
     """How many tokens to draft per step at most (0: off), the n-gram lengths to look up, and
-    what a drafted row costs against a pass of one token (int8 weights on a CPU: each row reads
-    the weights again, about a fifth of a pass; benchmarks/engine.py)."""
+    what a drafted row costs against a pass of one token (int8 on the AVX-512 kernels: 0.17 of a
+    pass, mostly arithmetic; the weights are read once per pass; engine/avx512.py)."""
 
     draft_tokens: int = 8
     ngram_max: int = 4
     ngram_min: int = 2
-    row_cost: float = 0.2
+    row_cost: float = 0.17
 
     def __post_init__(self) -> None:
         for name in ("draft_tokens", "ngram_max", "ngram_min"):
