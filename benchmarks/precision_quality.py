@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/precision_quality.py
 
 Four 512-token continuations from fixed places in the corpus (Python's documentation topics),
-each scored two ways: in one prompt pass, and token by token as decoding computes them (int8
-multiplies prompts through bfloat16 GEMM and decodes through its row-wise kernel). Figures per
+each scored two ways: in one prompt pass, and token by token as decoding computes them (prompts
+attend through SDPA, decoding through per-query spans; on CPUs without AVX-512 VNNI, int8 also
+multiplies prompts through bfloat16 GEMM and decodes through a row-wise kernel). Figures per
 precision, against float32:
 - perplexity ratio, exp(mean loss difference): 1.006 means 0.6% higher perplexity;
 - KL divergence of the next-token distributions, KL(float32 || precision), mean per token;
