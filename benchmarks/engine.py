@@ -133,6 +133,7 @@ def embedded_worker(name: str, threads: int
     from pyagent.engine import converted
     from pyagent.engine.generate import Engine
     from pyagent.engine.model import prepare
+    from pyagent.engine.quantize import layout
     from pyagent.engine.registry import EMBEDDED as MODEL
     from pyagent.engine.scheduler import SchedulerSettings
     from pyagent.engine.speculation import SpeculationSettings
@@ -141,7 +142,7 @@ def embedded_worker(name: str, threads: int
     torch.set_num_threads(threads)
     dtype, drafts = EMBEDDED[name]
     if name in LOAD_ONLY:
-        cached = converted.converted_path(prepare(MODEL), "int8")
+        cached = converted.converted_path(prepare(MODEL), layout("int8"))
         cached.unlink(missing_ok=True)
     scheduling = SchedulerSettings() if drafts is None else SchedulerSettings(
         speculation=SpeculationSettings(draft_tokens=drafts))
