@@ -41,17 +41,6 @@ def test_the_drafter_proposes_what_followed_the_longest_match():
     assert Drafter([5, 6, 5, 6], SpeculationSettings(draft_tokens=0)).propose(4) == []
 
 
-def test_drafts_get_shorter_as_the_batch_grows():
-    drafter = Drafter([1, 2, 3], SpeculationSettings())
-    for _ in range(10):
-        drafter.feedback(8, 7)  # 7 of 8 accepted, step after step
-    lengths = [drafter.length(8, others) for others in (0, 1, 3, 7, 15)]
-    assert lengths == sorted(lengths, reverse=True) and lengths[0] >= 4 * max(lengths[-1], 1)
-    for _ in range(30):
-        drafter.feedback(8, 0)  # every first drafted token rejected: drafts do not pay
-    assert drafter.length(8) == 0
-
-
 def test_the_settings_refuse_what_cannot_work():
     with pytest.raises(ConfigError, match="draft_tokens must be an integer >= 0, got -1"):
         SpeculationSettings(draft_tokens=-1)

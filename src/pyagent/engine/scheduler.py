@@ -403,8 +403,7 @@ class Scheduler:
             chunks.append((job, chunk))
             room -= len(chunk)
         decodes: list[tuple[Job | None, list[int]]] = [
-            (job, [job.decoder.last_token, *self._draft(job, len(decoding) - 1)])
-            for job in decoding]
+            (job, [job.decoder.last_token, *self._draft(job)]) for job in decoding]
         if self.fused:
             self._pass(chunks + decodes)
         else:
@@ -414,10 +413,9 @@ class Scheduler:
                 self._pass(decodes + [(None, [0])] * max(0, self.pad_rows - len(decodes)))
         self.steps += 1
 
-    def _draft(self, job: Job, others: int) -> list[int]:
-        """Draft tokens for `job`'s next pass, which decodes `others` requests besides: never
-        past its `max_tokens`, and never past the next eviction, so every token is computed on
-        the cache it would see without a draft."""
+    def _draft(self, job: Job) -> list[int]:
+        """Draft tokens for `job`'s next pass: never past its `max_tokens`, and never past the
+        next eviction, so every token is computed on the cache it would see without a draft."""
         if job.drafter is None:
             return []
         engine, sequence = self.engine, job.sequence
@@ -426,7 +424,7 @@ class Scheduler:
         if engine.policy is not None:
             every = engine.kv.evict_every
             limit = min(limit, every - 1 - (sequence.length - sequence.prompt_length) % every)
-        return job.drafter.propose(limit, others)
+        return job.drafter.propose(limit)
 
     def _pass(self, items: list[tuple[Job | None, list[int]]]) -> None:
         """One forward pass; then the decoders take the rows that end a prompt or decode (a

@@ -80,29 +80,26 @@ class Drafter:
             self.accepted = MEMORY * self.accepted + (1 - MEMORY) * PRIOR
             self.tried = MEMORY * self.tried + (1 - MEMORY)
 
-    def length(self, limit: int, others: int = 0) -> int:
+    def length(self, limit: int) -> int:
         """The draft length that yields the most tokens per unit of pass time: with a chance
         `a` that each next drafted token is accepted, k drafted tokens yield
-        (1 - a^(k+1)) / (1 - a) tokens for k * row_cost more of a pass. In a pass with `others`
-        requests (a token each, 1 + others * row_cost of a pass without this request's
-        drafts), a drafted row must pay against their tokens too: drafts get shorter as the
-        batch grows. 0 when even one drafted token does not pay."""
+        (1 - a^(k+1)) / (1 - a) tokens for 1 + k * row_cost of a pass; 0 when even one
+        drafted token does not pay (a <= row_cost)."""
         rate = min(self.accepted / self.tried, 0.999)
         cost = self.settings.row_cost
-        base_tokens, base_cost = others, 1 + others * cost
-        best, best_yield = 0, (base_tokens + 1) / base_cost
+        if rate <= cost:
+            return 0
+        best, best_yield = 0, 1.0
         for k in range(1, limit + 1):
-            tokens = base_tokens + (1 - rate ** (k + 1)) / (1 - rate)
-            yield_ = tokens / (base_cost + k * cost)
+            yield_ = (1 - rate ** (k + 1)) / (1 - rate) / (1 + k * cost)
             if yield_ > best_yield:
                 best, best_yield = k, yield_
         return best
 
-    def propose(self, limit: int, others: int = 0) -> list[int]:
+    def propose(self, limit: int) -> list[int]:
         """Up to `limit` tokens that followed the latest earlier occurrence of the longest
-        n-gram ending the context, as many as pay off in a pass with `others` requests
-        (`length`); [] if none occurs."""
-        limit = self.length(min(limit, self.settings.draft_tokens), others)
+        n-gram ending the context, as many as pay off (`length`); [] if none occurs."""
+        limit = self.length(min(limit, self.settings.draft_tokens))
         if limit <= 0:
             return []
         for n in range(self.settings.ngram_max, self.settings.ngram_min - 1, -1):
