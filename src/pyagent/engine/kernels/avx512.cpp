@@ -62,6 +62,15 @@ inline __m512i broadcast4(const int8_t* p) {
   return _mm512_set1_epi32(word);
 }
 
+// One group's sums for 16 weight rows: `weights` (8 tiles of 16 rows by 4 unsigned codes)
+// times the 32 activation codes at `codes`, exactly, in int32.
+inline __m512i group_dot(const __m512i* weights, const int8_t* codes) {
+  __m512i dot = _mm512_setzero_si512();
+  for (int t = 0; t < 8; ++t)
+    dot = _mm512_dpbusd_epi32(dot, weights[t], broadcast4(codes + 4 * t));
+  return dot;
+}
+
 void check(const at::Tensor& x, int64_t k) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "activations must be [rows, ", k, "]");
   TORCH_CHECK(k % GROUP == 0, "inputs must be whole groups of 32");
@@ -97,12 +106,9 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& tiles, const at::Tenso
           for (int t = 0; t < 8; ++t) weights[t] = _mm512_loadu_si512(tile + t * 64);
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t row = r0 + r;
-            const int8_t* c = codes + row * k + g * GROUP;
-            __m512i dot = _mm512_setzero_si512();
-            for (int t = 0; t < 8; ++t)
-              dot = _mm512_dpbusd_epi32(dot, weights[t], broadcast4(c + 4 * t));
             // the weights are stored plus 128: take 128 times the codes' sum back
-            dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(128 * sums[row * groups + g]));
+            const __m512i dot = _mm512_sub_epi32(group_dot(weights, codes + row * k + g * GROUP),
+                                                 _mm512_set1_epi32(128 * sums[row * groups + g]));
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
                                      _mm512_set1_ps(steps[row * groups + g]), acc[r]);
           }
@@ -154,10 +160,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& tiles, const at::Tenso
           const __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(cell + LANES)));
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t row = r0 + r;
-            const int8_t* c = codes + row * k + g * GROUP;
-            __m512i dot = _mm512_setzero_si512();
-            for (int t = 0; t < 8; ++t)
-              dot = _mm512_dpbusd_epi32(dot, weights[t], broadcast4(c + 4 * t));
+            const __m512i dot = group_dot(weights, codes + row * k + g * GROUP);
             const float a = steps[row * groups + g];
             // sum over the group of code * step * x + low * x
             acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(a)),
