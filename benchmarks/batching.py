@@ -1,6 +1,7 @@
 """Continuous batching: one stream against 8 concurrent agents, through the HTTP server.
 
     .venv/bin/python benchmarks/batching.py [--precisions float32,int8,bf16] [--clients 8]
+                                            [--drafts both|on|off]
 
 For each weight precision, in a fresh process: `pyagent serve`'s arrangement (uvicorn on a thread,
 the model on the main thread), driven over loopback by streaming OpenAI-style clients.
@@ -9,6 +10,8 @@ the model on the main thread), driven over loopback by streaming OpenAI-style cl
   (the first ones staggered over one unloaded request's time, as agents' calls are).
 Every prompt is distinct (~60 tokens, no shared prefix), greedy, `--max-tokens` tokens each.
 The loaded outputs are checked against the unloaded outputs of the same prompts (batch invariance).
+Each precision runs with prompt-lookup drafts (the default: they speed the single stream up too)
+and without (what the kernels alone batch).
 Before that, in its own process, it times the LM head (262,144 x 640) at 1 and 8 rows in each
 precision (int8's is the screened head: int4 logits, the top 1,024 recomputed in float32): why
 some precisions batch better than others.
@@ -124,16 +127,21 @@ def kernels(rows: tuple[int, ...] = (1, 8), repeats: int = 10) -> dict[str, dict
     return out
 
 
-def precision(name: str, clients: int, requests: int, max_tokens: int) -> dict[str, Any]:
-    """Serve the embedded model at `name` precision and measure it (in this process)."""
+def precision(name: str, clients: int, requests: int, max_tokens: int, drafts: bool
+              ) -> dict[str, Any]:
+    """Serve the embedded model at `name` precision, with or without prompt-lookup drafts,
+    and measure it (in this process)."""
     import uvicorn
 
     from pyagent.engine.generate import Engine
     from pyagent.engine.scheduler import SchedulerSettings
     from pyagent.engine.server import create_app
+    from pyagent.engine.speculation import SpeculationSettings
 
     quantize = None if name == "float32" else name
-    engine = Engine.load(quantize=quantize, scheduling=SchedulerSettings(max_batch=clients))
+    speculation = SpeculationSettings() if drafts else SpeculationSettings(draft_tokens=0)
+    engine = Engine.load(quantize=quantize, scheduling=SchedulerSettings(
+        max_batch=clients, speculation=speculation))
     server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=0,
                                            log_level="warning"))
     http = threading.Thread(target=server.run, daemon=True)
@@ -184,31 +192,39 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=3, help="requests per client")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--drafts", choices=("on", "off", "both"), default="both",
+                        help="prompt-lookup drafts (the default is on): measure with, without "
+                             "or both")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # one precision, in a child process
     args = parser.parse_args()
     if args.one == "kernels":
         print(json.dumps(kernels()))
         return
     if args.one:
-        print(json.dumps(precision(args.one, args.clients, args.requests, args.max_tokens)))
+        print(json.dumps(precision(args.one, args.clients, args.requests, args.max_tokens,
+                                   args.drafts == "on")))
         return
     child = subprocess.run([sys.executable, __file__, "--one", "kernels"], capture_output=True,
                            text=True, check=True)
     lm_head = json.loads(child.stdout.splitlines()[-1])
     print("LM head", json.dumps(lm_head), flush=True)
     results: dict[str, Any] = {}
-    for name in args.precisions.split(","):
+    variants = [(name, drafts) for name in args.precisions.split(",")
+                for drafts in ("on", "off") if args.drafts in (drafts, "both")]
+    for name, drafts in variants:
+        label = name if drafts == "on" else f"{name}, no drafts"
         child = subprocess.run(
             [sys.executable, __file__, "--one", name, "--clients", str(args.clients),
-             "--requests", str(args.requests), "--max-tokens", str(args.max_tokens)],
-            capture_output=True, text=True)
+             "--requests", str(args.requests), "--max-tokens", str(args.max_tokens),
+             "--drafts", drafts], capture_output=True, text=True)
         if child.returncode:
-            sys.exit(f"{name} failed:\n{child.stderr[-3000:]}")
-        results[name] = json.loads(child.stdout.splitlines()[-1])
-        print(name, json.dumps(results[name]), flush=True)
+            sys.exit(f"{label} failed:\n{child.stderr[-3000:]}")
+        results[label] = json.loads(child.stdout.splitlines()[-1])
+        print(label, json.dumps(results[label]), flush=True)
     out = {"benchmark": "batching", "meta": provenance(ROOT),
            "settings": {"clients": args.clients, "requests_per_client": args.requests,
-                        "max_tokens": args.max_tokens}, "lm_head_ms": lm_head,
+                        "max_tokens": args.max_tokens, "drafts": args.drafts},
+           "lm_head_ms": lm_head,
            "results": results}
     lines = ["| weights | single stream | 8 concurrent, aggregate | ratio | TTFT unloaded "
              "(median / p95) | TTFT loaded (median / p95) | p95 ratio | same output |",

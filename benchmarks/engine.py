@@ -130,7 +130,7 @@ def embedded_worker(name: str, threads: int
     """Load the embedded engine; return load time, a request runner and its settings."""
     import torch
 
-    from pyagent.engine import converted
+    from pyagent.engine import avx512, converted
     from pyagent.engine.generate import Engine
     from pyagent.engine.model import prepare
     from pyagent.engine.quantize import layout
@@ -163,7 +163,8 @@ def embedded_worker(name: str, threads: int
     scheduler = engine.scheduler
     settings = {"precision": engine.loaded.precision, "chosen": engine.loaded.chosen,
                 "draft_tokens": scheduler.speculation.draft_tokens if scheduler.speculates
-                else 0, "torch_threads": torch.get_num_threads()}
+                else 0, "torch_threads": torch.get_num_threads(),
+                "kernels": "AVX-512 (engine/avx512.py)" if avx512.kernels() else "PyTorch's"}
     return load_s, run, settings
 
 
@@ -401,8 +402,8 @@ def engine_notes(result: dict[str, Any]) -> list[str]:
              "cached prefixes",
              "PyAgent int8: int8 linear layers (rounding steps searched per row), LM head "
              "screened in int4 with its top 1,024 logits recomputed from float32 "
-             "(engine/quantize.py, engine/screened_head.py); float32, int8 and bf16-weights "
-             "run without drafts",
+             f"(engine/quantize.py, engine/screened_head.py), on {auto.get('kernels')} "
+             "kernels; float32, int8 and bf16-weights run without drafts",
              f"PyAgent auto: the defaults, here {auto['precision']} ({auto['chosen']}) with "
              f"prompt-lookup drafts of up to {auto['draft_tokens']} tokens; its greedy texts "
              f"equal int8's in {same['identical']} of {same['compared']} requests",

@@ -128,3 +128,18 @@ def test_the_embedded_model_knows_a_plain_fact(engine):
     assert "red" in completion.text
     assert completion.backend == "embedded" and completion.model == "gemma-3-270m"
     assert completion.timings.tokens_per_s > 0
+
+
+def test_the_fast_argmax_is_torch_argmax():
+    from pyagent.engine.sampling import first_max
+
+    torch.manual_seed(0)
+    for size in (262144, 1024, 1000, 512):
+        for _ in range(20):
+            logits = torch.randn(size)
+            logits[torch.randint(0, size, (3,))] = 9.0  # ties: the first one wins
+            assert first_max(logits) == int(torch.argmax(logits))
+    logits = torch.randn(4096)
+    logits[[700, 3000]] = float("nan")  # NaN counts as the largest, as in torch.argmax
+    assert first_max(logits) == int(torch.argmax(logits)) == 700
+    assert first_max(torch.randn(2048)[::2]) >= 0  # a strided view takes torch's path

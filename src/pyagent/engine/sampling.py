@@ -8,6 +8,19 @@ import torch
 
 from pyagent.types import SamplingParams
 
+CHUNK = 512  # logits per chunk in `first_max`
+
+
+def first_max(logits: torch.Tensor) -> int:
+    """`torch.argmax` of a 1-D tensor (the first largest, NaN counting as largest), in two
+    vectorized passes: PyTorch's CPU argmax reads 262,144 logits at about 1 GB/s, a tenth of
+    what the chunks' `amax` does."""
+    if logits.numel() % CHUNK or not logits.is_contiguous():
+        return int(torch.argmax(logits))
+    chunks = logits.view(-1, CHUNK)
+    best = int(torch.argmax(chunks.amax(dim=1)))
+    return best * CHUNK + int(torch.argmax(chunks[best]))
+
 
 class Sampler:
     """Stateful per request: owns the RNG so a seed reproduces the whole sequence."""
@@ -22,7 +35,7 @@ class Sampler:
         """`logits` is a 1-D float tensor over the vocabulary."""
         p = self.params
         if p.greedy:
-            return int(torch.argmax(logits))
+            return first_max(logits)
         logits = logits.float() / p.temperature
         if p.top_k:
             values, indices = torch.topk(logits, min(p.top_k, logits.numel()))
