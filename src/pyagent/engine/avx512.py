@@ -1,4 +1,7 @@
-"""Weight-stationary int8 and int4 products on AVX-512 VNNI (engine/kernels/vnni.cpp).
+"""PyAgent's CPU kernels for decoding on AVX-512 (engine/kernels/avx512.cpp): weight-stationary
+int8 and int4 products on VNNI, attention of a few queries over their own keys, and the LM
+head's exact rescoring. Every one computes a row (or a query and head) on its own, in a fixed
+order.
 
 PyTorch's weight-only CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) read
 and unpack the weights again for every few rows, so a pass of 9 rows (a token and 8 drafted ones,
