@@ -75,6 +75,11 @@ def reference_attention(query, keys, values, spans, scaling):
     return torch.stack(out).float()
 
 
+def attend(query, keys, values, spans, scaling):
+    """One sequence through the kernel."""
+    return avx512.attend_spans([query], [keys], [values], [spans], scaling)[0]
+
+
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(4, 1, 256), (4, 2, 16), (2, 2, 144)])
 def test_attention_over_spans_matches_softmax_and_queries_stand_alone(heads, kv_heads, dim):
     torch.manual_seed(heads + dim)
@@ -83,18 +88,34 @@ def test_attention_over_spans_matches_softmax_and_queries_stand_alone(heads, kv_
     keys, values = torch.randn(length, kv_heads, dim), torch.randn(length, kv_heads, dim)
     ends = torch.arange(length - 8, length + 1)
     spans = torch.stack([torch.tensor([0, 0, 5, 17, 100, 190, 194, 199, 202]), ends], dim=1)
-    out = avx512.attend_spans(query, keys, values, spans, dim ** -0.5)
+    out = attend(query, keys, values, spans, dim ** -0.5)
     expected = reference_attention(query, keys, values, spans, dim ** -0.5)
     assert torch.allclose(out, expected, atol=2e-5)
     assert alone_equals_batched(
-        lambda rows: avx512.attend_spans(query[rows], keys, values, spans[rows], dim ** -0.5), 9)
+        lambda rows: attend(query[rows], keys, values, spans[rows], dim ** -0.5), 9)
+
+
+def test_sequences_attended_together_get_what_they_get_alone():
+    torch.manual_seed(4)
+    lengths, counts = (40, 300, 7), (1, 9, 2)
+    queries = [torch.randn(n, 4, 256) for n in counts]
+    keys = [torch.randn(length, 1, 256) for length in lengths]
+    values = [torch.randn(length, 1, 256) for length in lengths]
+    spans = [torch.stack([torch.zeros(n, dtype=torch.long),
+                          torch.arange(length - n + 1, length + 1)], dim=1)
+             for n, length in zip(counts, lengths, strict=True)]
+    together = avx512.attend_spans(queries, keys, values, spans, 0.0625)
+    for i in range(3):
+        assert torch.equal(together[i], attend(queries[i], keys[i], values[i], spans[i], 0.0625))
 
 
 def test_bad_spans_and_ids_are_refused_in_one_line():
     query, keys = torch.randn(1, 4, 16), torch.randn(10, 1, 16)
     for spans in ([[0, 11]], [[3, 3]], [[-1, 4]]):
         with pytest.raises(RuntimeError, match="a query's span is out of range"):
-            avx512.attend_spans(query, keys, keys, torch.tensor(spans), 1.0)
+            attend(query, keys, keys, torch.tensor(spans), 1.0)
+    with pytest.raises(RuntimeError, match="one query, key, value and span tensor per sequence"):
+        avx512.attend_spans([query], [keys, keys], [keys], [torch.tensor([[0, 1]])], 1.0)
     with pytest.raises(RuntimeError, match="token id out of range"):
         avx512.rescore(torch.randn(1, 16), torch.randn(10, 16), torch.tensor([[3, 10]]))
 

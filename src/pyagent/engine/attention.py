@@ -9,8 +9,9 @@ same masks are registered for it), so `model.generate` still works. engine/gemma
 decoder calls `BatchForward.attend` directly.
 
 A pass of at most `FEW_QUERIES` queries per sequence (decoding, and a draft's verification)
-attends without a mask: each query over exactly the run of slots it sees, in two small products.
-A token's result then never depends on the pass it is computed in.
+attends without a mask: each query over exactly the run of slots it sees, the sequences of a
+batch in one kernel call (engine/avx512.py). A token's result then never depends on the pass it
+is computed in.
 
 Layers of the global group can also collect per-token attention statistics for eviction policies
 (accumulated mass, entropy-weighted mass, peak focused attention, the last query's attention, the
@@ -34,11 +35,22 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from pyagent.engine import avx512
-from pyagent.engine.kvcache import PagedKVCache, Sequence, WritePlan
+from pyagent.engine.kvcache import LayerGroup, PagedKVCache, Sequence, WritePlan
 
 NAME = "pyagent_paged"
 SCORE_ELEMENTS = 1 << 22  # largest scores tensor computed at once (floats)
 FEW_QUERIES = 16  # passes of this many queries or fewer attend through `_attend_spans`
+
+
+@dataclass
+class Stored:
+    """One layer's keys and values of one sequence ([kv_heads, l, dim]), the positions they
+    hold, and the layer's group, once the pass's new ones are stored."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    group: LayerGroup
 
 
 @dataclass
@@ -54,20 +66,40 @@ class PagedForward:
 
     def attend(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float) -> torch.Tensor:
-        layer = module.layer_idx
-        keys, values, key_pos = self.cache.update(self.plan, layer, key, value)
-        group = self.cache.pools[self.cache.group_of[layer]].group
-        plain = not (group.window is None and (self.probe or self.window or self.collect))
-        if plain and query.shape[2] <= FEW_QUERIES:
-            spans = self.plan.spans.get(group.name)
-            if spans is None:  # the same for every layer of the group in this pass
-                spans = self.plan.spans[group.name] = self._spans(key_pos, group.window)
-            return _attend_spans(query, keys, values, spans, scaling)
+        stored = self.store(module, key, value)
+        spans = self.span_table(stored, query.shape[2])
+        if spans is not None:
+            return _attend_spans([query], [stored], [spans], scaling)[0]
+        return self.attend_masked(module, query, stored, scaling)
+
+    def store(self, module, key: torch.Tensor, value: torch.Tensor) -> Stored:
+        """Store the layer's new keys and values; what its queries attend over."""
+        keys, values, positions = self.cache.update(self.plan, module.layer_idx, key, value)
+        group = self.cache.pools[self.cache.group_of[module.layer_idx]].group
+        return Stored(keys, values, positions, group)
+
+    def span_table(self, stored: Stored, queries: int) -> torch.Tensor | None:
+        """The slots each query sees ([queries, 2]) when this pass attends through spans (few
+        queries, nothing collected or probed); else None."""
+        group = stored.group
+        if queries > FEW_QUERIES or (group.window is None
+                                     and (self.probe or self.window or self.collect)):
+            return None
+        spans = self.plan.spans.get(group.name)
+        if spans is None:  # the same for every layer of the group in this pass
+            spans = self.plan.spans[group.name] = self._spans(stored.positions, group.window)
+        return spans
+
+    def attend_masked(self, module, query: torch.Tensor, stored: Stored, scaling: float
+                      ) -> torch.Tensor:
+        """Attention with a mask (prompt chunks), collecting or probing what the policy needs."""
+        layer, group = module.layer_idx, stored.group
+        keys, values = stored.keys, stored.values
         mask = None
         if query.shape[2] > 1 or group.window is not None:
             mask = self.plan.masks.get(group.name)
             if mask is None:  # the same for every layer of the group in this pass
-                mask = self.plan.masks[group.name] = self._mask(key_pos, group.window)
+                mask = self.plan.masks[group.name] = self._mask(stored.positions, group.window)
         if group.window is None and self.probe:
             return self._attend_probing(query, keys, values, mask, scaling)
         if group.window is None and self.window:
@@ -133,20 +165,31 @@ class PagedForward:
         return _attend_in_chunks(query, keys, values, mask, scaling, observe)
 
 
-def _attend_spans(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                  spans: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Attention of a few queries ([1, heads, n, dim] over [kv_heads, l, dim]), each over
+def _attend_spans(queries: list[torch.Tensor], stored: list[Stored], spans: list[torch.Tensor],
+                  scaling: float) -> list[torch.Tensor]:
+    """Attention of a few queries of each sequence ([1, heads, n, dim] each), each query over
     exactly the keys it sees (`spans`, [n, 2]): decoding's case, where SDPA's setup costs more
-    than the arithmetic. In float32 on AVX-512 one kernel call computes every (query, head)
-    on its own (engine/avx512.py); elsewhere two small matrix products per query. Nothing is
-    masked and no other query's keys take part, so a token's result does not depend on the
-    pass it is computed in: a token verified in a draft gets the logits it gets alone."""
+    than the arithmetic. In float32 on AVX-512 one kernel call computes every (query, head) of
+    every sequence on its own (engine/avx512.py); elsewhere two small matrix products per query.
+    Nothing is masked and no other query's keys take part, so a token's result does not depend
+    on the pass it is computed in: a token verified in a draft or batched with others gets the
+    logits it gets alone. Per sequence, [1, n, heads, dim]."""
+    dim = queries[0].shape[3]
+    if (all(q.dtype == s.keys.dtype == torch.float32 for q, s in zip(queries, stored, strict=True))
+            and avx512.available(dim)):
+        outs = avx512.attend_spans([q[0].transpose(0, 1).contiguous() for q in queries],
+                                   [s.keys.transpose(0, 1).contiguous() for s in stored],
+                                   [s.values.transpose(0, 1).contiguous() for s in stored],
+                                   spans, scaling)
+        return [out[None] for out in outs]
+    return [_attend_spans_each(q, s.keys, s.values, table, scaling)
+            for q, s, table in zip(queries, stored, spans, strict=True)]
+
+
+def _attend_spans_each(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       spans: torch.Tensor, scaling: float) -> torch.Tensor:
+    """`_attend_spans` for one sequence, two small products per query."""
     heads, dim = query.shape[1], query.shape[3]
-    if query.dtype == keys.dtype == values.dtype == torch.float32 and avx512.available(dim):
-        out = avx512.attend_spans(query[0].transpose(0, 1).contiguous(),
-                                  keys.transpose(0, 1).contiguous(),
-                                  values.transpose(0, 1).contiguous(), spans, scaling)
-        return out[None]
     kv_heads = keys.shape[0]
     rows = query[0].reshape(kv_heads, heads // kv_heads, -1, dim)
     out = []
@@ -191,10 +234,26 @@ class BatchForward:
         if len(self.parts) == 1 and self.parts[0] is not None:
             return self.parts[0].attend(module, query, key, value, scaling)
         queries, keys, values = (t.split(self.sizes, dim=2) for t in (query, key, value))
-        return torch.cat([q.new_zeros(q.shape).transpose(1, 2) if part is None
-                          else part.attend(module, q, k, v, scaling)
-                          for part, q, k, v in zip(self.parts, queries, keys, values,
-                                                   strict=True)], dim=1)
+        outs: list[torch.Tensor | None] = [None] * len(self.parts)
+        spanned: list[tuple[int, Stored, torch.Tensor]] = []  # attended together below
+        for i, (part, q, k, v) in enumerate(zip(self.parts, queries, keys, values,
+                                                strict=True)):
+            if part is None:  # padding
+                outs[i] = q.new_zeros(q.shape).transpose(1, 2)
+                continue
+            stored = part.store(module, k, v)
+            spans = part.span_table(stored, q.shape[2])
+            if spans is None:
+                outs[i] = part.attend_masked(module, q, stored, scaling)
+            else:
+                spanned.append((i, stored, spans))
+        if spanned:
+            together = _attend_spans([queries[i] for i, _, _ in spanned],
+                                     [stored for _, stored, _ in spanned],
+                                     [spans for _, _, spans in spanned], scaling)
+            for (i, _, _), out in zip(spanned, together, strict=True):
+                outs[i] = out
+        return torch.cat(outs, dim=1)
 
 
 def _observe(stats: dict[str, torch.Tensor], probs: torch.Tensor, visible: torch.Tensor,

@@ -136,12 +136,13 @@ def int4_mm(x: torch.Tensor, tiles: torch.Tensor, grid: torch.Tensor) -> torch.T
     return kernels().int4_mm(x, tiles, grid)
 
 
-def attend_spans(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                 spans: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Attention of queries [n, heads, dim] over keys and values [l, kv_heads, dim] (float32),
-    each query over the slots [start, end) of its row of `spans` ([n, 2] int64): [n, heads,
-    dim]."""
-    return kernels().attend_spans(query, keys, values, spans, scaling)
+def attend_spans(queries: list[torch.Tensor], keys: list[torch.Tensor],
+                 values: list[torch.Tensor], spans: list[torch.Tensor], scaling: float
+                 ) -> list[torch.Tensor]:
+    """Attention of the queries of several sequences in one call: per sequence, queries [n,
+    heads, dim] over keys and values [l, kv_heads, dim] (float32), each query over the slots
+    [start, end) of its row of `spans` ([n, 2] int64); per sequence, [n, heads, dim]."""
+    return kernels().attend_spans(queries, keys, values, spans, scaling)
 
 
 def rescore(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

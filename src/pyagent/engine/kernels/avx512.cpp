@@ -12,6 +12,7 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -204,94 +205,130 @@ inline float dot(const float* a, const float* b, int64_t dim) {
 
 }  // namespace
 
-// Attention of a few queries, each over its own run of keys: query [n, heads, dim], keys and
-// values [l, kv_heads, dim] (float, contiguous), spans [n, 2] (first and end slot per query):
-// [n, heads, dim]. Every (query, head) sums its keys in slot order with an exact softmax, so its
-// result does not depend on the other queries; the keys and values are read in tiles that all
-// of a thread's (query, head) pairs use while they are in cache.
-at::Tensor attend_spans(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
-                        const at::Tensor& spans, double scaling) {
-  TORCH_CHECK(query.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat &&
-                  values.scalar_type() == at::kFloat, "attention takes float32");
-  TORCH_CHECK(query.is_contiguous() && keys.is_contiguous() && values.is_contiguous() &&
-                  spans.is_contiguous() && spans.scalar_type() == at::kLong, "bad layout");
-  const int64_t n = query.size(0), heads = query.size(1), dim = query.size(2);
-  const int64_t length = keys.size(0), kv_heads = keys.size(1);
-  TORCH_CHECK(dim % 16 == 0 && heads % kv_heads == 0 && keys.size(2) == dim &&
-                  values.sizes() == keys.sizes() && spans.size(0) == n, "bad shapes");
-  const int64_t* span = spans.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK(0 <= span[2 * i] && span[2 * i] < span[2 * i + 1] &&
-                    span[2 * i + 1] <= length, "a query's span is out of range");
-  auto out = at::zeros({n, heads, dim}, at::kFloat);
-  const float* q = query.data_ptr<float>();
-  const float* k = keys.data_ptr<float>();
-  const float* v = values.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  const int64_t group = heads / kv_heads, row = kv_heads * dim;
-  const float scale = static_cast<float>(scaling);
-  constexpr int64_t TILE = 32;  // keys read while in cache by every pair of the thread
-  at::parallel_for(0, n * heads, 1, [&](int64_t begin, int64_t end) {
-    const int64_t tasks = end - begin;
-    int64_t low = length, high = 0;
+// One sequence's share of an attention call: its queries [n, heads, dim], keys and values
+// [l, kv_heads, dim] (float, contiguous) and spans [n, 2] (first and end slot per query).
+struct Part {
+  const float* q;
+  const float* k;
+  const float* v;
+  const int64_t* span;
+  float* o;
+  int64_t n, length;
+};
+
+// The (query, head) pairs [begin, end) of one part: each sums its keys in slot order with an
+// exact softmax, so its result does not depend on the other pairs; keys and values are read in
+// tiles that all of these pairs use while they are in cache.
+void attend_pairs(const Part& part, int64_t begin, int64_t end, int64_t heads, int64_t kv_heads,
+                  int64_t dim, float scale) {
+  constexpr int64_t TILE = 32;
+  const int64_t group = heads / kv_heads, row = kv_heads * dim, length = part.length;
+  const int64_t* span = part.span;
+  int64_t low = length, high = 0;
+  for (int64_t t = begin; t < end; ++t) {
+    low = std::min(low, span[2 * (t / heads)]);
+    high = std::max(high, span[2 * (t / heads) + 1]);
+  }
+  std::vector<float> scores((end - begin) * (length + 16));
+  auto score = [&](int64_t t) { return scores.data() + (t - begin) * (length + 16); };
+  for (int64_t j0 = low; j0 < high; j0 += TILE) {  // scores, a tile of keys at a time
     for (int64_t t = begin; t < end; ++t) {
-      low = std::min(low, span[2 * (t / heads)]);
-      high = std::max(high, span[2 * (t / heads) + 1]);
+      const int64_t i = t / heads, kv = (t % heads) / group, first = span[2 * i];
+      const int64_t stop = std::min(j0 + TILE, span[2 * i + 1]);
+      for (int64_t j = std::max(j0, first); j < stop; ++j)
+        score(t)[j - first] = dot(part.q + t * dim, part.k + j * row + kv * dim, dim) * scale;
     }
-    std::vector<float> scores(tasks * (length + 16));
-    auto score = [&](int64_t t) { return scores.data() + (t - begin) * (length + 16); };
-    for (int64_t j0 = low; j0 < high; j0 += TILE) {  // scores, a tile of keys at a time
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t i = t / heads, kv = (t % heads) / group, first = span[2 * i];
-        const int64_t stop = std::min(j0 + TILE, span[2 * i + 1]);
-        for (int64_t j = std::max(j0, first); j < stop; ++j)
-          score(t)[j - first] = dot(q + t * dim, k + j * row + kv * dim, dim) * scale;
-      }
+  }
+  for (int64_t t = begin; t < end; ++t) {  // softmax over each pair's own keys, unnormalized
+    const int64_t count = span[2 * (t / heads) + 1] - span[2 * (t / heads)];
+    float* s = score(t);
+    float largest = -INFINITY;
+    for (int64_t j = 0; j < count; ++j) largest = std::max(largest, s[j]);
+    __m512 total = _mm512_setzero_ps();
+    const __m512 top = _mm512_set1_ps(largest);
+    for (int64_t j = 0; j < count; j += 16) {
+      const __mmask16 lanes =
+          count - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (count - j)) - 1);
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, s + j), top));
+      _mm512_mask_storeu_ps(s + j, lanes, e);
+      total = _mm512_add_ps(total, _mm512_maskz_mov_ps(lanes, e));
     }
-    for (int64_t t = begin; t < end; ++t) {  // softmax over each pair's own keys, unnormalized
-      const int64_t count = span[2 * (t / heads) + 1] - span[2 * (t / heads)];
-      float* s = score(t);
-      float largest = -INFINITY;
-      for (int64_t j = 0; j < count; ++j) largest = std::max(largest, s[j]);
-      __m512 total = _mm512_setzero_ps();
-      const __m512 top = _mm512_set1_ps(largest);
-      for (int64_t j = 0; j < count; j += 16) {
-        const __mmask16 lanes =
-            count - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (count - j)) - 1);
-        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, s + j), top));
-        _mm512_mask_storeu_ps(s + j, lanes, e);
-        total = _mm512_add_ps(total, _mm512_maskz_mov_ps(lanes, e));
-      }
-      s[length + 15] = 1.f / _mm512_reduce_add_ps(total);  // past the scores: the 1 / sum
-    }
-    for (int64_t j0 = low; j0 < high; j0 += TILE) {  // weighted values, a tile at a time
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t i = t / heads, kv = (t % heads) / group, first = span[2 * i];
-        const int64_t from = std::max(j0, first), stop = std::min(j0 + TILE, span[2 * i + 1]);
-        if (from >= stop) continue;
-        const float* s = score(t);
-        for (int64_t d0 = 0; d0 < dim; d0 += 128) {  // 8 registers of the output at a time
-          const int64_t chunks = std::min<int64_t>(128, dim - d0) / 16;
-          float* ot = o + t * dim + d0;
-          __m512 acc[8];
-          for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_loadu_ps(ot + 16 * c);
-          for (int64_t j = from; j < stop; ++j) {
-            const __m512 p = _mm512_set1_ps(s[j - first]);
-            const float* vj = v + j * row + kv * dim + d0;
-            for (int64_t c = 0; c < chunks; ++c)
-              acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + 16 * c), acc[c]);
-          }
-          for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_ps(ot + 16 * c, acc[c]);
+    s[length + 15] = 1.f / _mm512_reduce_add_ps(total);  // past the scores: the 1 / sum
+  }
+  for (int64_t t = begin; t < end; ++t)
+    std::fill(part.o + t * dim, part.o + (t + 1) * dim, 0.f);
+  for (int64_t j0 = low; j0 < high; j0 += TILE) {  // weighted values, a tile at a time
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i = t / heads, kv = (t % heads) / group, first = span[2 * i];
+      const int64_t from = std::max(j0, first), stop = std::min(j0 + TILE, span[2 * i + 1]);
+      if (from >= stop) continue;
+      const float* s = score(t);
+      for (int64_t d0 = 0; d0 < dim; d0 += 128) {  // 8 registers of the output at a time
+        const int64_t chunks = std::min<int64_t>(128, dim - d0) / 16;
+        float* ot = part.o + t * dim + d0;
+        __m512 acc[8];
+        for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_loadu_ps(ot + 16 * c);
+        for (int64_t j = from; j < stop; ++j) {
+          const __m512 p = _mm512_set1_ps(s[j - first]);
+          const float* vj = part.v + j * row + kv * dim + d0;
+          for (int64_t c = 0; c < chunks; ++c)
+            acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + 16 * c), acc[c]);
         }
+        for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_ps(ot + 16 * c, acc[c]);
       }
     }
-    for (int64_t t = begin; t < end; ++t) {
-      const __m512 inverse = _mm512_set1_ps(score(t)[length + 15]);
-      for (int64_t d = 0; d < dim; d += 16)
-        _mm512_storeu_ps(o + t * dim + d, _mm512_mul_ps(_mm512_loadu_ps(o + t * dim + d), inverse));
+  }
+  for (int64_t t = begin; t < end; ++t) {
+    const __m512 inverse = _mm512_set1_ps(score(t)[length + 15]);
+    for (int64_t d = 0; d < dim; d += 16)
+      _mm512_storeu_ps(part.o + t * dim + d,
+                       _mm512_mul_ps(_mm512_loadu_ps(part.o + t * dim + d), inverse));
+  }
+}
+
+// Attention of a few queries of several sequences, each query over its own run of its
+// sequence's keys, in one parallel call: per sequence, queries [n, heads, dim], keys and values
+// [l, kv_heads, dim] (float32, contiguous), spans [n, 2]; the outputs [n, heads, dim].
+std::vector<at::Tensor> attend_spans(const std::vector<at::Tensor>& queries,
+                                     const std::vector<at::Tensor>& keys,
+                                     const std::vector<at::Tensor>& values,
+                                     const std::vector<at::Tensor>& spans, double scaling) {
+  TORCH_CHECK(!queries.empty() && keys.size() == queries.size() &&
+                  values.size() == queries.size() && spans.size() == queries.size(),
+              "one query, key, value and span tensor per sequence");
+  const int64_t heads = queries[0].size(1), dim = queries[0].size(2);
+  const int64_t kv_heads = keys[0].size(1);
+  TORCH_CHECK(dim % 16 == 0 && heads % kv_heads == 0, "bad shapes");
+  std::vector<Part> parts;
+  std::vector<at::Tensor> outs;
+  std::vector<int64_t> starts{0};  // the first (query, head) pair of each part
+  for (size_t p = 0; p < queries.size(); ++p) {
+    const at::Tensor &q = queries[p], &k = keys[p], &v = values[p], &s = spans[p];
+    TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+                    v.scalar_type() == at::kFloat, "attention takes float32");
+    TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() &&
+                    s.is_contiguous() && s.scalar_type() == at::kLong, "bad layout");
+    TORCH_CHECK(q.dim() == 3 && q.size(1) == heads && q.size(2) == dim && k.dim() == 3 &&
+                    k.size(1) == kv_heads && k.size(2) == dim && v.sizes() == k.sizes() &&
+                    s.dim() == 2 && s.size(0) == q.size(0) && s.size(1) == 2, "bad shapes");
+    const int64_t* span = s.data_ptr<int64_t>();
+    for (int64_t i = 0; i < q.size(0); ++i)
+      TORCH_CHECK(0 <= span[2 * i] && span[2 * i] < span[2 * i + 1] &&
+                      span[2 * i + 1] <= k.size(0), "a query's span is out of range");
+    outs.push_back(at::empty({q.size(0), heads, dim}, at::kFloat));
+    parts.push_back({q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), span,
+                     outs.back().data_ptr<float>(), q.size(0), k.size(0)});
+    starts.push_back(starts.back() + q.size(0) * heads);
+  }
+  const float scale = static_cast<float>(scaling);
+  at::parallel_for(0, starts.back(), 1, [&](int64_t begin, int64_t end) {
+    for (size_t p = 0; p < parts.size(); ++p) {  // the parts this range of pairs overlaps
+      const int64_t from = std::max(begin, starts[p]), to = std::min(end, starts[p + 1]);
+      if (from < to)
+        attend_pairs(parts[p], from - starts[p], to - starts[p], heads, kv_heads, dim, scale);
     }
   });
-  return out;
+  return outs;
 }
 
 // The logits of chosen tokens, exactly: hidden [m, k] times the rows `ids` [m, top] of `weight`
@@ -322,6 +359,7 @@ at::Tensor rescore(const at::Tensor& hidden, const at::Tensor& weight, const at:
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_mm", &int8_mm, "int8 weights times activations quantized per group of 32");
   m.def("int4_mm", &int4_mm, "int4 weights times activations quantized per group of 32");
-  m.def("attend_spans", &attend_spans, "attention of a few queries over their own keys");
+  m.def("attend_spans", &attend_spans, "attention of a few queries of several sequences over "
+        "their own keys");
   m.def("rescore", &rescore, "exact logits of chosen tokens");
 }
