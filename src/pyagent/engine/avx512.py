@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import sysconfig
+import threading
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -44,6 +45,7 @@ GROUP = 32  # inputs per activation step (and per int4 step)
 NEEDS = ("avx512f", "avx512bw", "avx512_vnni")
 SOURCE = Path(__file__).with_name("kernels") / "avx512.cpp"
 log = logging.getLogger(__name__)
+_BUILDING = threading.Lock()  # one build at a time, and PATH changed by one thread only
 
 
 def _build_directory() -> Path:
@@ -58,10 +60,15 @@ def prepare(report: Callable[[str], None]) -> bool:
     return kernels() is not None
 
 
-@cache
 def kernels() -> Any | None:
     """The compiled kernels, or None where the CPU lacks AVX-512 VNNI or they cannot be
-    built."""
+    built (built once, whichever thread asks first)."""
+    with _BUILDING:
+        return _built()
+
+
+@cache
+def _built() -> Any | None:
     if not set(NEEDS) <= cpu_flags():
         return None
     from torch.utils.cpp_extension import load
