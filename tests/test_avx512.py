@@ -76,8 +76,24 @@ def reference_attention(query, keys, values, spans, scaling):
 
 
 def attend(query, keys, values, spans, scaling):
-    """One sequence through the kernel."""
-    return avx512.attend_spans([query], [keys], [values], [spans], scaling)[0]
+    """One sequence through the kernel, its keys and values [l, kv_heads, dim] as one block."""
+    return avx512.attend_spans(query, [keys[None]], [values[None]], [torch.tensor([0])],
+                               [query.shape[0]], spans, scaling)
+
+
+def paged(tensors, block_size, blocks, generator):
+    """`tensors` ([l, kv_heads, dim] each) scattered over a plane of `blocks` blocks in random
+    order: the plane and each one's table."""
+    plane = torch.randn(blocks, block_size, *tensors[0].shape[1:], generator=generator)
+    free = torch.randperm(blocks, generator=generator).tolist()
+    tables = []
+    for tensor in tensors:
+        table = torch.tensor([free.pop() for _ in range(-(-tensor.shape[0] // block_size))])
+        flat = plane[table].flatten(0, 1)
+        flat[:tensor.shape[0]] = tensor
+        plane[table] = flat.view(len(table), block_size, *tensor.shape[1:])
+        tables.append(table)
+    return plane, tables
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(4, 1, 256), (4, 2, 16), (2, 2, 144)])
@@ -104,20 +120,87 @@ def test_sequences_attended_together_get_what_they_get_alone():
     spans = [torch.stack([torch.zeros(n, dtype=torch.long),
                           torch.arange(length - n + 1, length + 1)], dim=1)
              for n, length in zip(counts, lengths, strict=True)]
-    together = avx512.attend_spans(queries, keys, values, spans, 0.0625)
+    together = avx512.attend_spans(torch.cat(queries), [k[None] for k in keys],
+                                   [v[None] for v in values], [torch.tensor([0])] * 3,
+                                   list(counts), torch.cat(spans), 0.0625).split(counts)
     for i in range(3):
         assert torch.equal(together[i], attend(queries[i], keys[i], values[i], spans[i], 0.0625))
 
 
-def test_bad_spans_and_ids_are_refused_in_one_line():
+def test_keys_read_from_blocks_through_tables_give_what_contiguous_keys_give():
+    generator = torch.Generator().manual_seed(5)
+    lengths, counts = (40, 300, 7, 16), (1, 9, 2, 3)
+    queries = [torch.randn(n, 4, 256, generator=generator) for n in counts]
+    keys = [torch.randn(length, 1, 256, generator=generator) for length in lengths]
+    values = [torch.randn(length, 1, 256, generator=generator) for length in lengths]
+    spans = [torch.stack([torch.arange(n) * 3, torch.arange(length - n + 1, length + 1)], dim=1)
+             for n, length in zip(counts, lengths, strict=True)]
+    key_plane, tables = paged(keys, 16, 40, generator)
+    value_plane = torch.randn_like(key_plane)
+    for table, value in zip(tables, values, strict=True):
+        flat = value_plane[table].flatten(0, 1)
+        flat[:value.shape[0]] = value
+        value_plane[table] = flat.view(len(table), 16, 1, 256)
+    out = avx512.attend_spans(torch.cat(queries), [key_plane] * 4, [value_plane] * 4, tables,
+                              list(counts), torch.cat(spans), 0.0625).split(counts)
+    for i in range(4):
+        assert torch.equal(out[i], attend(queries[i], keys[i], values[i], spans[i], 0.0625))
+
+
+def test_bad_spans_blocks_and_ids_are_refused_in_one_line():
     query, keys = torch.randn(1, 4, 16), torch.randn(10, 1, 16)
     for spans in ([[0, 11]], [[3, 3]], [[-1, 4]]):
         with pytest.raises(RuntimeError, match="a query's span is out of range"):
             attend(query, keys, keys, torch.tensor(spans), 1.0)
-    with pytest.raises(RuntimeError, match="one query, key, value and span tensor per sequence"):
-        avx512.attend_spans([query], [keys, keys], [keys], [torch.tensor([[0, 1]])], 1.0)
+    plane, span = keys.view(5, 2, 1, 16), torch.tensor([[0, 1]])
+    with pytest.raises(RuntimeError, match="one key plane, value plane and table per sequence"):
+        avx512.attend_spans(query, [plane, plane], [plane], [torch.tensor([0])], [1], span, 1.0)
+    with pytest.raises(RuntimeError, match="a block id is out of range"):
+        avx512.attend_spans(query, [plane], [plane], [torch.tensor([0, 5])], [1], span, 1.0)
+    with pytest.raises(RuntimeError, match="counts do not add up to the rows"):
+        avx512.attend_spans(query, [plane], [plane], [torch.tensor([0])], [2], span, 1.0)
     with pytest.raises(RuntimeError, match="token id out of range"):
         avx512.rescore(torch.randn(1, 16), torch.randn(10, 16), torch.tensor([[3, 10]]))
+    with pytest.raises(RuntimeError, match="top must be in 1..10, got 11"):
+        avx512.top_ids(torch.randn(2, 10), 11)
+
+
+def test_the_top_ids_are_torch_topk_s_in_ascending_order_and_rows_stand_alone():
+    generator = torch.Generator().manual_seed(6)
+    for rows, n, top in ((5, 262144, 1024), (3, 5000, 64), (2, 100, 100), (4, 37, 5)):
+        values = torch.randn(rows, n, generator=generator)
+        expected = values.topk(top, dim=-1).indices.sort(dim=-1).values
+        assert torch.equal(avx512.top_ids(values, top), expected)
+    padded = torch.randn(3, 5008, generator=generator)[:, :5000]  # strided rows, as the head's
+    assert torch.equal(avx512.top_ids(padded, 64),
+                       padded.topk(64, dim=-1).indices.sort(dim=-1).values)
+    values = torch.randn(6, 262144, generator=generator)
+    assert alone_equals_batched(lambda rows: avx512.top_ids(values[rows], 1024), 6)
+
+
+def test_the_top_ids_hold_on_rows_that_fool_the_sample():
+    """The floor comes from a strided sample: rows whose sampled slots are all high, or all
+    low, must still give the exact set; ties on the boundary go to the lowest ids."""
+    generator = torch.Generator().manual_seed(7)
+    n, top = 262144, 1024
+    sampled = torch.zeros(n, dtype=torch.bool)
+    sampled[::n // 4096] = True
+    high = torch.randn(n, generator=generator)
+    high[sampled] += 100  # the sample says a few hundred values are high
+    low = torch.randn(n, generator=generator)
+    low[sampled] -= 100  # the sample says nearly every value is high
+    for row in (high, low):
+        assert torch.equal(avx512.top_ids(row[None], top)[0],
+                           row.topk(top).indices.sort().values)
+    ties = torch.zeros(n)
+    ties[5000:5010] = 1.0
+    assert torch.equal(avx512.top_ids(ties[None], 20)[0],
+                       torch.cat([torch.arange(10), torch.arange(5000, 5010)]).sort().values)
+    special = torch.randn(n, generator=generator)
+    special[[7, 70000]] = float("nan")
+    special[[9, 90000]] = float("inf")
+    chosen = avx512.top_ids(special[None], top)[0]
+    assert {7, 9, 70000, 90000} <= set(chosen.tolist()) and chosen.unique().numel() == top
 
 
 def test_rescoring_is_exact_and_rows_stand_alone():

@@ -26,7 +26,7 @@ attends only over its own blocks.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from pyagent.engine import avx512
-from pyagent.engine.kvcache import LayerGroup, PagedKVCache, Sequence, WritePlan
+from pyagent.engine.kvcache import BlockPool, LayerGroup, PagedKVCache, Sequence, WritePlan
 
 NAME = "pyagent_paged"
 SCORE_ELEMENTS = 1 << 22  # largest scores tensor computed at once (floats)
@@ -64,30 +64,23 @@ class PagedForward:
     window: int = 0  # recent queries to keep per global layer (0: none)
     probe: bool = False  # record the most attention each held global token gets ("recon")
 
-    def attend(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               scaling: float) -> torch.Tensor:
-        stored = self.store(module, key, value)
-        spans = self.span_table(stored, query.shape[2])
-        if spans is not None:
-            return _attend_spans([query], [stored], [spans], scaling)[0]
-        return self.attend_masked(module, query, stored, scaling)
-
     def store(self, module, key: torch.Tensor, value: torch.Tensor) -> Stored:
         """Store the layer's new keys and values; what its queries attend over."""
         keys, values, positions = self.cache.update(self.plan, module.layer_idx, key, value)
         group = self.cache.pools[self.cache.group_of[module.layer_idx]].group
         return Stored(keys, values, positions, group)
 
-    def span_table(self, stored: Stored, queries: int) -> torch.Tensor | None:
-        """The slots each query sees ([queries, 2]) when this pass attends through spans (few
-        queries, nothing collected or probed); else None."""
-        group = stored.group
+    def span_table(self, positions: torch.Tensor, group: LayerGroup, queries: int
+                   ) -> torch.Tensor | None:
+        """The slots each query sees ([queries, 2]; `positions`: the group's key positions)
+        when this pass attends through spans (few queries, nothing collected or probed); else
+        None."""
         if queries > FEW_QUERIES or (group.window is None
                                      and (self.probe or self.window or self.collect)):
             return None
         spans = self.plan.spans.get(group.name)
         if spans is None:  # the same for every layer of the group in this pass
-            spans = self.plan.spans[group.name] = self._spans(stored.positions, group.window)
+            spans = self.plan.spans[group.name] = self._spans(positions, group.window)
         return spans
 
     def attend_masked(self, module, query: torch.Tensor, stored: Stored, scaling: float
@@ -167,21 +160,22 @@ class PagedForward:
 
 def _attend_spans(queries: list[torch.Tensor], stored: list[Stored], spans: list[torch.Tensor],
                   scaling: float) -> list[torch.Tensor]:
-    """Attention of a few queries of each sequence ([1, heads, n, dim] each), each query over
-    exactly the keys it sees (`spans`, [n, 2]): decoding's case, where SDPA's setup costs more
-    than the arithmetic. In float32 on AVX-512 one kernel call computes every (query, head) of
-    every sequence on its own (engine/avx512.py); elsewhere two small matrix products per query.
-    Nothing is masked and no other query's keys take part, so a token's result does not depend
-    on the pass it is computed in: a token verified in a draft or batched with others gets the
-    logits it gets alone. Per sequence, [1, n, heads, dim]."""
+    """Attention of a few queries of each sequence ([1, heads, n, dim] each) over the keys and
+    values `stored` for it, each query over exactly the keys it sees (`spans`, [n, 2]): the
+    sequences whose keys are not attended where the cache stores them (quantized or trimmed
+    ones; see `InPlace`). In float32 on AVX-512 one kernel call computes every (query, head) on
+    its own; elsewhere two small matrix products per query. Per sequence, [1, n, heads, dim]."""
     dim = queries[0].shape[3]
     if (all(q.dtype == s.keys.dtype == torch.float32 for q, s in zip(queries, stored, strict=True))
             and avx512.available(dim)):
-        outs = avx512.attend_spans([q[0].transpose(0, 1).contiguous() for q in queries],
-                                   [s.keys.transpose(0, 1).contiguous() for s in stored],
-                                   [s.values.transpose(0, 1).contiguous() for s in stored],
-                                   spans, scaling)
-        return [out[None] for out in outs]
+        counts = [q.shape[2] for q in queries]
+        whole = torch.tensor([0])  # each sequence's keys as one block
+        out = avx512.attend_spans(
+            torch.cat([q[0].transpose(0, 1) for q in queries]).contiguous(),
+            [s.keys.transpose(0, 1).contiguous()[None] for s in stored],
+            [s.values.transpose(0, 1).contiguous()[None] for s in stored],
+            [whole] * len(stored), counts, torch.cat(spans), scaling)
+        return [part[None] for part in out.split(counts)]
     return [_attend_spans_each(q, s.keys, s.values, table, scaling)
             for q, s, table in zip(queries, stored, spans, strict=True)]
 
@@ -222,17 +216,75 @@ def _attend_in_chunks(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
 
 
 @dataclass
+class InPlace:
+    """A layer group's attention in a pass where every sequence reads its keys and values
+    where the cache stores them (float32 blocks, few queries each, nothing trimmed, collected
+    or probed): per layer, one store of the whole pass's keys and values and one kernel call
+    that reads every sequence's blocks through its table, with no gathered copy."""
+
+    pool: BlockPool
+    blocks: torch.Tensor  # where the pass's tokens go (block, slot), all sequences in order
+    offsets: torch.Tensor
+    tables: list[torch.Tensor]  # per sequence, the blocks its slots are in
+    counts: list[int]  # per sequence, its queries
+    spans: torch.Tensor  # [queries, 2]: the slots each query sees
+
+    @classmethod
+    def of(cls, batch: BatchForward, name: str, query: torch.Tensor) -> InPlace | None:
+        """The group `name`'s in-place attention for `batch`, or None where a sequence cannot
+        have it."""
+        parts = batch.parts
+        if (any(part is None for part in parts) or query.dtype != torch.float32
+                or not avx512.available(query.shape[-1])):
+            return None
+        cache = parts[0].cache
+        pool = cache.pools[name]
+        if pool.quantized or pool.k.dtype != torch.float32:
+            return None
+        spans = []
+        for part, size in zip(parts, batch.sizes, strict=True):
+            if name in part.plan.history:
+                return None
+            table = part.span_table(cache.key_positions(part.plan, name), pool.group, size)
+            if table is None:
+                return None
+            spans.append(table)
+        slots = [part.plan.slots[name] for part in parts]
+        return cls(pool, torch.cat([blocks for blocks, _ in slots]),
+                   torch.cat([offsets for _, offsets in slots]),
+                   [part.plan.tables[name] for part in parts], list(batch.sizes),
+                   torch.cat(spans))
+
+    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+        index = self.pool.layer_index[layer]
+        self.pool.store(index, self.blocks, self.offsets, key[0].transpose(0, 1),
+                        value[0].transpose(0, 1))
+        keys, values = [self.pool.k[index]] * len(self.counts), [self.pool.v[index]] * len(
+            self.counts)
+        out = avx512.attend_spans(query[0].transpose(0, 1).contiguous(), keys, values,
+                                  self.tables, self.counts, self.spans, scaling)
+        return out[None]
+
+
+@dataclass
 class BatchForward:
     """Several sequences' new tokens in one forward pass: `parts[i]` owns the next `sizes[i]`;
     a part that is None pads the pass (its rows touch no cache and attend to nothing)."""
 
     parts: list[PagedForward | None]
     sizes: list[int]
+    in_place: dict[str, InPlace | None] = field(default_factory=dict)  # per group, once a pass
 
     def attend(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float) -> torch.Tensor:
-        if len(self.parts) == 1 and self.parts[0] is not None:
-            return self.parts[0].attend(module, query, key, value, scaling)
+        cache = next(part.cache for part in self.parts if part is not None)
+        name = cache.group_of[module.layer_idx]
+        if name not in self.in_place:
+            self.in_place[name] = InPlace.of(self, name, query)
+        in_place = self.in_place[name]
+        if in_place is not None:
+            return in_place.attend(module.layer_idx, query, key, value, scaling)
         queries, keys, values = (t.split(self.sizes, dim=2) for t in (query, key, value))
         outs: list[torch.Tensor | None] = [None] * len(self.parts)
         spanned: list[tuple[int, Stored, torch.Tensor]] = []  # attended together below
@@ -242,7 +294,7 @@ class BatchForward:
                 outs[i] = q.new_zeros(q.shape).transpose(1, 2)
                 continue
             stored = part.store(module, k, v)
-            spans = part.span_table(stored, q.shape[2])
+            spans = part.span_table(stored.positions, stored.group, q.shape[2])
             if spans is None:
                 outs[i] = part.attend_masked(module, q, stored, scaling)
             else:

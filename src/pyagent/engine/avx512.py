@@ -1,6 +1,7 @@
 """PyAgent's CPU kernels for decoding on AVX-512 (engine/kernels/avx512.cpp): weight-stationary
-int8 and int4 products on VNNI, attention of a few queries over their own keys, and the LM
-head's exact rescoring. Every one computes a row (or a query and head) on its own, in a fixed
+int8 and int4 products on VNNI, attention of a few queries over their own keys read straight
+from the paged cache's blocks, and the LM head's selection of its top logits and their exact
+rescoring. Every one computes a row (or a query and head) on its own, in a fixed
 order.
 
 PyTorch's weight-only CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) read
@@ -143,13 +144,23 @@ def int4_mm(x: torch.Tensor, tiles: torch.Tensor, grid: torch.Tensor) -> torch.T
     return kernels().int4_mm(x, tiles, grid)
 
 
-def attend_spans(queries: list[torch.Tensor], keys: list[torch.Tensor],
-                 values: list[torch.Tensor], spans: list[torch.Tensor], scaling: float
-                 ) -> list[torch.Tensor]:
-    """Attention of the queries of several sequences in one call: per sequence, queries [n,
-    heads, dim] over keys and values [l, kv_heads, dim] (float32), each query over the slots
-    [start, end) of its row of `spans` ([n, 2] int64); per sequence, [n, heads, dim]."""
-    return kernels().attend_spans(queries, keys, values, spans, scaling)
+def attend_spans(queries: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+                 tables: list[torch.Tensor], counts: list[int], spans: torch.Tensor,
+                 scaling: float) -> torch.Tensor:
+    """Attention of the queries of several sequences in one call: queries [n, heads, dim]
+    (float32), the first `counts[0]` rows of the first sequence and so on; each query over the
+    slots [start, end) of its row of `spans` ([n, 2] int64). A sequence's keys and values are
+    read where they are stored: planes [blocks, block_size, kv_heads, dim] (sequences may share
+    them) and the table of blocks that holds its slots in order (int64; slot j is in block
+    `table[j // block_size]`). [n, heads, dim]."""
+    return kernels().attend_spans(queries, keys, values, tables, counts, spans, scaling)
+
+
+def top_ids(values: torch.Tensor, top: int) -> torch.Tensor:
+    """The ids of the `top` largest of every row of `values` ([n, vocabulary] float32, rows
+    contiguous), in ascending order: [n, top] int64. The set torch.topk chooses (at a tie on
+    the boundary, the lowest ids)."""
+    return kernels().top_ids(values, top)
 
 
 def rescore(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -687,13 +687,16 @@ class PagedKVCache:
             return (torch.cat([old_keys.transpose(0, 1), key[0].to(dtype)], dim=1),
                     torch.cat([old_values.transpose(0, 1), value[0].to(dtype)], dim=1),
                     torch.cat([positions, plan.query_positions]))
-        table, count = plan.tables[name], plan.valid[name]
-        keys, values = pool.load(index, table, count)
+        keys, values = pool.load(index, plan.tables[name], plan.valid[name])
+        return keys.transpose(0, 1), values.transpose(0, 1), self.key_positions(plan, name)
+
+    def key_positions(self, plan: WritePlan, name: str) -> torch.Tensor:
+        """The positions group `name`'s layers read in `plan`, in slot order (once a pass)."""
         positions = plan.key_positions.get(name)
         if positions is None:
-            positions = plan.key_positions[name] = pool.positions.index_select(
-                0, table).flatten()[:count]
-        return keys.transpose(0, 1), values.transpose(0, 1), positions
+            positions = plan.key_positions[name] = self.pools[name].positions.index_select(
+                0, plan.tables[name]).flatten()[:plan.valid[name]]
+        return positions
 
     # --- eviction support --------------------------------------------------------------------
 

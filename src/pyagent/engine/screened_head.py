@@ -102,7 +102,8 @@ class ScreenedHead(nn.Module):
                 flat.to(torch.bfloat16), self.packed, GROUP, self.grid
             )[:, :self.out_features].float()
         # in vocabulary order: a token's exact logit must not depend on where topk put it
-        top = logits.topk(self.top, dim=-1, sorted=False).indices.sort(dim=-1).values
+        top = (avx512.top_ids(logits, self.top) if self.tiled else
+               logits.topk(self.top, dim=-1, sorted=False).indices.sort(dim=-1).values)
         if self.tiled and flat.dtype == self.exact.dtype == torch.float32:
             exact = avx512.rescore(flat.contiguous(), self.exact, top)
         else:

@@ -13,7 +13,9 @@
 
 #include <cmath>
 #include <algorithm>
+#include <climits>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 namespace {
@@ -205,38 +207,52 @@ inline float dot(const float* a, const float* b, int64_t dim) {
 
 }  // namespace
 
-// One sequence's share of an attention call: its queries [n, heads, dim], keys and values
-// [l, kv_heads, dim] (float, contiguous) and spans [n, 2] (first and end slot per query).
+// One sequence's share of an attention call: its queries [n, heads, dim], its keys and values
+// in planes of blocks [blocks, block_size, kv_heads, dim] (float, contiguous), the blocks that
+// hold its slots in order (slot j is in table[j / block_size]), and its spans [n, 2] (first and
+// end slot per query).
 struct Part {
   const float* q;
   const float* k;
   const float* v;
+  const int64_t* table;
+  int64_t block_size;
   const int64_t* span;
   float* o;
   int64_t n, length;
 };
+
+constexpr int64_t TILE = 32;  // keys and values read together by all of a thread's pairs
+
+// Where the slots [j0, j0 + TILE) of `part` start in its planes (floats), up to `stop`.
+inline void locate(const Part& part, int64_t j0, int64_t stop, int64_t row, int64_t* at) {
+  for (int64_t j = j0; j < std::min(j0 + TILE, stop); ++j)
+    at[j - j0] = (part.table[j / part.block_size] * part.block_size + j % part.block_size) * row;
+}
 
 // The (query, head) pairs [begin, end) of one part: each sums its keys in slot order with an
 // exact softmax, so its result does not depend on the other pairs; keys and values are read in
 // tiles that all of these pairs use while they are in cache.
 void attend_pairs(const Part& part, int64_t begin, int64_t end, int64_t heads, int64_t kv_heads,
                   int64_t dim, float scale) {
-  constexpr int64_t TILE = 32;
-  const int64_t group = heads / kv_heads, row = kv_heads * dim, length = part.length;
+  const int64_t group = heads / kv_heads, row = kv_heads * dim;
   const int64_t* span = part.span;
-  int64_t low = length, high = 0;
+  int64_t low = part.length, high = 0;
   for (int64_t t = begin; t < end; ++t) {
     low = std::min(low, span[2 * (t / heads)]);
     high = std::max(high, span[2 * (t / heads) + 1]);
   }
-  std::vector<float> scores((end - begin) * (length + 16));
-  auto score = [&](int64_t t) { return scores.data() + (t - begin) * (length + 16); };
+  const int64_t width = high - low + 16;  // scores of a pair, and its 1 / sum at the end
+  std::vector<float> scores((end - begin) * width);
+  auto score = [&](int64_t t) { return scores.data() + (t - begin) * width; };
+  int64_t at[TILE];
   for (int64_t j0 = low; j0 < high; j0 += TILE) {  // scores, a tile of keys at a time
+    locate(part, j0, high, row, at);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i = t / heads, kv = (t % heads) / group, first = span[2 * i];
       const int64_t stop = std::min(j0 + TILE, span[2 * i + 1]);
       for (int64_t j = std::max(j0, first); j < stop; ++j)
-        score(t)[j - first] = dot(part.q + t * dim, part.k + j * row + kv * dim, dim) * scale;
+        score(t)[j - first] = dot(part.q + t * dim, part.k + at[j - j0] + kv * dim, dim) * scale;
     }
   }
   for (int64_t t = begin; t < end; ++t) {  // softmax over each pair's own keys, unnormalized
@@ -253,11 +269,12 @@ void attend_pairs(const Part& part, int64_t begin, int64_t end, int64_t heads, i
       _mm512_mask_storeu_ps(s + j, lanes, e);
       total = _mm512_add_ps(total, _mm512_maskz_mov_ps(lanes, e));
     }
-    s[length + 15] = 1.f / _mm512_reduce_add_ps(total);  // past the scores: the 1 / sum
+    s[width - 1] = 1.f / _mm512_reduce_add_ps(total);
   }
   for (int64_t t = begin; t < end; ++t)
     std::fill(part.o + t * dim, part.o + (t + 1) * dim, 0.f);
   for (int64_t j0 = low; j0 < high; j0 += TILE) {  // weighted values, a tile at a time
+    locate(part, j0, high, row, at);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i = t / heads, kv = (t % heads) / group, first = span[2 * i];
       const int64_t from = std::max(j0, first), stop = std::min(j0 + TILE, span[2 * i + 1]);
@@ -270,7 +287,7 @@ void attend_pairs(const Part& part, int64_t begin, int64_t end, int64_t heads, i
         for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_loadu_ps(ot + 16 * c);
         for (int64_t j = from; j < stop; ++j) {
           const __m512 p = _mm512_set1_ps(s[j - first]);
-          const float* vj = part.v + j * row + kv * dim + d0;
+          const float* vj = part.v + at[j - j0] + kv * dim + d0;
           for (int64_t c = 0; c < chunks; ++c)
             acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + 16 * c), acc[c]);
         }
@@ -279,7 +296,7 @@ void attend_pairs(const Part& part, int64_t begin, int64_t end, int64_t heads, i
     }
   }
   for (int64_t t = begin; t < end; ++t) {
-    const __m512 inverse = _mm512_set1_ps(score(t)[length + 15]);
+    const __m512 inverse = _mm512_set1_ps(score(t)[width - 1]);
     for (int64_t d = 0; d < dim; d += 16)
       _mm512_storeu_ps(part.o + t * dim + d,
                        _mm512_mul_ps(_mm512_loadu_ps(part.o + t * dim + d), inverse));
@@ -287,39 +304,55 @@ void attend_pairs(const Part& part, int64_t begin, int64_t end, int64_t heads, i
 }
 
 // Attention of a few queries of several sequences, each query over its own run of its
-// sequence's keys, in one parallel call: per sequence, queries [n, heads, dim], keys and values
-// [l, kv_heads, dim] (float32, contiguous), spans [n, 2]; the outputs [n, heads, dim].
-std::vector<at::Tensor> attend_spans(const std::vector<at::Tensor>& queries,
-                                     const std::vector<at::Tensor>& keys,
-                                     const std::vector<at::Tensor>& values,
-                                     const std::vector<at::Tensor>& spans, double scaling) {
-  TORCH_CHECK(!queries.empty() && keys.size() == queries.size() &&
-                  values.size() == queries.size() && spans.size() == queries.size(),
-              "one query, key, value and span tensor per sequence");
-  const int64_t heads = queries[0].size(1), dim = queries[0].size(2);
-  const int64_t kv_heads = keys[0].size(1);
-  TORCH_CHECK(dim % 16 == 0 && heads % kv_heads == 0, "bad shapes");
+// sequence's slots, in one parallel call: queries [N, heads, dim] (`counts[p]` rows per
+// sequence, in order), spans [N, 2]; per sequence, key and value planes [blocks, block_size,
+// kv_heads, dim] (float32, contiguous; sequences may share them) and the table of blocks that
+// holds its slots. The outputs [N, heads, dim].
+at::Tensor attend_spans(const at::Tensor& queries, const std::vector<at::Tensor>& keys,
+                        const std::vector<at::Tensor>& values,
+                        const std::vector<at::Tensor>& tables,
+                        const std::vector<int64_t>& counts, const at::Tensor& spans,
+                        double scaling) {
+  const size_t count = counts.size();
+  TORCH_CHECK(count > 0 && keys.size() == count && values.size() == count &&
+                  tables.size() == count, "one key plane, value plane and table per sequence");
+  TORCH_CHECK(queries.dim() == 3 && queries.scalar_type() == at::kFloat &&
+                  queries.is_contiguous(), "queries must be [rows, heads, dim] float32");
+  const int64_t rows = queries.size(0), heads = queries.size(1), dim = queries.size(2);
+  TORCH_CHECK(spans.dim() == 2 && spans.size(0) == rows && spans.size(1) == 2 &&
+                  spans.scalar_type() == at::kLong && spans.is_contiguous(),
+              "spans must be [rows, 2] int64");
+  auto out = at::empty({rows, heads, dim}, at::kFloat);
   std::vector<Part> parts;
-  std::vector<at::Tensor> outs;
   std::vector<int64_t> starts{0};  // the first (query, head) pair of each part
-  for (size_t p = 0; p < queries.size(); ++p) {
-    const at::Tensor &q = queries[p], &k = keys[p], &v = values[p], &s = spans[p];
-    TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
-                    v.scalar_type() == at::kFloat, "attention takes float32");
-    TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() &&
-                    s.is_contiguous() && s.scalar_type() == at::kLong, "bad layout");
-    TORCH_CHECK(q.dim() == 3 && q.size(1) == heads && q.size(2) == dim && k.dim() == 3 &&
-                    k.size(1) == kv_heads && k.size(2) == dim && v.sizes() == k.sizes() &&
-                    s.dim() == 2 && s.size(0) == q.size(0) && s.size(1) == 2, "bad shapes");
-    const int64_t* span = s.data_ptr<int64_t>();
-    for (int64_t i = 0; i < q.size(0); ++i)
+  int64_t first = 0;  // its first query
+  for (size_t p = 0; p < count; ++p) {
+    const at::Tensor &k = keys[p], &v = values[p], &table = tables[p];
+    TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+                "attention takes float32");
+    TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && table.is_contiguous() &&
+                    table.scalar_type() == at::kLong && table.dim() == 1, "bad layout");
+    TORCH_CHECK(k.dim() == 4 && k.size(3) == dim && v.sizes() == k.sizes() &&
+                    heads % k.size(2) == 0 && dim % 16 == 0, "bad shapes");
+    TORCH_CHECK(counts[p] >= 0 && first + counts[p] <= rows, "counts do not add up to the rows");
+    const int64_t blocks = k.size(0), block_size = k.size(1);
+    const int64_t* ids = table.data_ptr<int64_t>();
+    for (int64_t b = 0; b < table.numel(); ++b)
+      TORCH_CHECK(0 <= ids[b] && ids[b] < blocks, "a block id is out of range");
+    const int64_t length = table.numel() * block_size;
+    const int64_t* span = spans.data_ptr<int64_t>() + 2 * first;
+    for (int64_t i = 0; i < counts[p]; ++i)
       TORCH_CHECK(0 <= span[2 * i] && span[2 * i] < span[2 * i + 1] &&
-                      span[2 * i + 1] <= k.size(0), "a query's span is out of range");
-    outs.push_back(at::empty({q.size(0), heads, dim}, at::kFloat));
-    parts.push_back({q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), span,
-                     outs.back().data_ptr<float>(), q.size(0), k.size(0)});
-    starts.push_back(starts.back() + q.size(0) * heads);
+                      span[2 * i + 1] <= length, "a query's span is out of range");
+    parts.push_back({queries.data_ptr<float>() + first * heads * dim, k.data_ptr<float>(),
+                     v.data_ptr<float>(), ids, block_size, span,
+                     out.data_ptr<float>() + first * heads * dim, counts[p], length});
+    starts.push_back(starts.back() + counts[p] * heads);
+    first += counts[p];
   }
+  TORCH_CHECK(first == rows, "counts do not add up to the rows");
+  const int64_t kv_heads = keys[0].size(2);
+  for (const auto& k : keys) TORCH_CHECK(k.size(2) == kv_heads, "bad shapes");
   const float scale = static_cast<float>(scaling);
   at::parallel_for(0, starts.back(), 1, [&](int64_t begin, int64_t end) {
     for (size_t p = 0; p < parts.size(); ++p) {  // the parts this range of pairs overlaps
@@ -328,7 +361,7 @@ std::vector<at::Tensor> attend_spans(const std::vector<at::Tensor>& queries,
         attend_pairs(parts[p], from - starts[p], to - starts[p], heads, kv_heads, dim, scale);
     }
   });
-  return outs;
+  return out;
 }
 
 // The logits of chosen tokens, exactly: hidden [m, k] times the rows `ids` [m, top] of `weight`
@@ -356,10 +389,125 @@ at::Tensor rescore(const at::Tensor& hidden, const at::Tensor& weight, const at:
   return out;
 }
 
+namespace {
+
+// A float's bits as an int32 in the floats' order (-NaN < -inf < ... < inf < NaN).
+inline int32_t ordered(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return bits ^ ((bits >> 31) & 0x7FFFFFFF);
+}
+
+inline __m512i ordered(__m512i bits) {
+  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+  return _mm512_xor_si512(bits, _mm512_and_si512(_mm512_srai_epi32(bits, 31), magnitude));
+}
+
+// How many of `row` ([n]) are at least `floor` (ordered).
+int64_t count_at_least(const float* row, int64_t n, int32_t floor) {
+  const __m512i bound = _mm512_set1_epi32(floor);
+  int64_t found = 0, j = 0;
+  for (; j + 16 <= n; j += 16)
+    found += __builtin_popcount(
+        _mm512_cmpge_epi32_mask(ordered(_mm512_loadu_si512(row + j)), bound));
+  for (; j < n; ++j) found += ordered(row[j]) >= floor;
+  return found;
+}
+
+// The slots of `row` ([n]) whose value is at least `floor` (ordered), in slot order, and their
+// ordered values, into `ids` and `keys` (room for what `count_at_least` found, plus 16):
+// AVX-512 compares and compresses, 16 at a time.
+void at_least(const float* row, int64_t n, int32_t floor, int32_t* keys, int32_t* ids) {
+  const __m512i bound = _mm512_set1_epi32(floor);
+  __m512i index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t found = 0, j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512i key = ordered(_mm512_loadu_si512(row + j));
+    const __mmask16 keep = _mm512_cmpge_epi32_mask(key, bound);
+    // compress in registers and store all 16 lanes (compress-stores to memory are slow on
+    // some CPUs); the lanes past the kept ones are overwritten next
+    _mm512_storeu_si512(keys + found, _mm512_maskz_compress_epi32(keep, key));
+    _mm512_storeu_si512(ids + found, _mm512_maskz_compress_epi32(keep, index));
+    found += __builtin_popcount(keep);
+    index = _mm512_add_epi32(index, _mm512_set1_epi32(16));
+  }
+  for (; j < n; ++j) {
+    const int32_t key = ordered(row[j]);
+    if (key >= floor) keys[found] = key, ids[found++] = static_cast<int32_t>(j);
+  }
+}
+
+// The `top` largest of `row` ([n], n > top): their slots in ascending order into `out`. Ties
+// at the boundary go to the lower slots, so the choice depends on the row's values only. A
+// strided sample sets a floor that about twice `top` values clear (a floor that too few clear
+// is lowered); the values at or above it are collected in one vectorized pass and the exact cut
+// is chosen among them.
+void top_of_row(const float* row, int64_t n, int64_t top, int64_t* out) {
+  const int64_t stride = std::max<int64_t>(1, n / 4096);
+  std::vector<int32_t> sample;
+  for (int64_t j = 0; j < n; j += stride) sample.push_back(ordered(row[j]));
+  const int64_t size = static_cast<int64_t>(sample.size());
+  int32_t floor = INT32_MIN;
+  int64_t found = n;
+  for (int64_t rank = 2 * top * size / n + 1; rank < size; rank *= 4) {
+    std::nth_element(sample.begin(), sample.begin() + rank, sample.end(),
+                     std::greater<int32_t>());
+    found = count_at_least(row, n, sample[rank]);
+    if (found >= top) {
+      floor = sample[rank];
+      break;
+    }
+    found = n;
+  }
+  thread_local std::vector<int32_t> keys, ids;  // kept: no fresh pages on every call
+  if (static_cast<int64_t>(keys.size()) < found + 16) {
+    keys.resize(found + 16);
+    ids.resize(found + 16);
+  }
+  at_least(row, n, floor, keys.data(), ids.data());
+  // the cut: the top-th largest (value, then lower slot first)
+  std::vector<int32_t> order(found);
+  for (int64_t c = 0; c < found; ++c) order[c] = static_cast<int32_t>(c);
+  auto before = [&](int32_t a, int32_t b) {
+    return keys[a] != keys[b] ? keys[a] > keys[b] : a < b;
+  };
+  std::nth_element(order.begin(), order.begin() + (top - 1), order.end(), before);
+  const int32_t cut = order[top - 1];
+  int64_t written = 0;
+  for (int64_t c = 0; c < found; ++c)
+    if (keys[c] > keys[cut] || (keys[c] == keys[cut] && c <= cut)) out[written++] = ids[c];
+}
+
+}  // namespace
+
+// The ids of the `top` largest values of every row of `values` [m, n] (float32, rows may be
+// strided), in ascending order: [m, top] int64, the same set as torch.topk (ties at the boundary: the lowest ids). A
+// row is chosen on its own.
+at::Tensor top_ids(const at::Tensor& values, int64_t top) {
+  TORCH_CHECK(values.dim() == 2 && values.scalar_type() == at::kFloat && values.stride(1) == 1,
+              "values must be [rows, n] float32, each row contiguous");
+  const int64_t m = values.size(0), n = values.size(1);
+  TORCH_CHECK(0 < top && top <= n, "top must be in 1..", n, ", got ", top);
+  auto out = at::empty({m, top}, at::kLong);
+  const float* v = values.data_ptr<float>();
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (top == n) {
+        for (int64_t j = 0; j < n; ++j) o[r * top + j] = j;
+      } else {
+        top_of_row(v + r * values.stride(0), n, top, o + r * top);
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_mm", &int8_mm, "int8 weights times activations quantized per group of 32");
   m.def("int4_mm", &int4_mm, "int4 weights times activations quantized per group of 32");
   m.def("attend_spans", &attend_spans, "attention of a few queries of several sequences over "
-        "their own keys");
+        "their own paged keys");
   m.def("rescore", &rescore, "exact logits of chosen tokens");
+  m.def("top_ids", &top_ids, "the ids of every row's largest values, in ascending order");
 }
