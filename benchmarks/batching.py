@@ -4,7 +4,8 @@
                                             [--drafts both|on|off]
 
 For each weight precision, in a fresh process: `pyagent serve`'s arrangement (uvicorn on a thread,
-the model on the main thread), driven over loopback by streaming OpenAI-style clients.
+the model on the main thread), driven over loopback by streaming OpenAI-style clients in a process
+of their own (as agents calling a server are).
 - unloaded: requests one at a time; time to first token (TTFT, at the client) and throughput;
 - loaded: `--clients` clients in a closed loop, each sending `--requests` requests back to back
   (the first ones staggered over one unloaded request's time, as agents' calls are).
@@ -96,6 +97,15 @@ async def loaded(base: str, model: str, clients: int, requests: int, max_tokens:
     return [r for rs in done for r in rs], wall
 
 
+def drive(base: str, model: str, clients: int, requests: int, max_tokens: int
+          ) -> dict[str, Any]:
+    """The clients' side: the unloaded requests, then the loaded ones."""
+    alone = asyncio.run(unloaded(base, model, clients * requests, max_tokens))
+    stagger = statistics.median(r["total_s"] for r in alone)
+    batch, wall = asyncio.run(loaded(base, model, clients, requests, max_tokens, stagger))
+    return {"alone": alone, "batch": batch, "wall": wall}
+
+
 def p95(values: list[float]) -> float:
     return statistics.quantiles(values, n=20, method="inclusive")[-1]
 
@@ -150,20 +160,17 @@ def precision(name: str, clients: int, requests: int, max_tokens: int, drafts: b
         time.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     base = f"http://127.0.0.1:{port}/v1"
-    out: dict[str, Any] = {}
-
-    def drive() -> None:  # the clients run on their own thread; the model runs on this one
-        alone = asyncio.run(unloaded(base, engine.name, clients * requests, max_tokens))
-        stagger = statistics.median(r["total_s"] for r in alone)
-        batch, wall = asyncio.run(loaded(base, engine.name, clients, requests, max_tokens,
-                                         stagger))
-        out.update(alone=alone, batch=batch, wall=wall)
-
-    clients_thread = threading.Thread(target=drive)
-    clients_thread.start()
-    engine.scheduler.run(stop=lambda: not clients_thread.is_alive())
+    # the clients are agents in a process of their own; the model runs on this thread
+    agents = subprocess.Popen([sys.executable, __file__, "--drive", base, "--model", engine.name,
+                               "--clients", str(clients), "--requests", str(requests),
+                               "--max-tokens", str(max_tokens)], stdout=subprocess.PIPE,
+                              text=True)
+    engine.scheduler.run(stop=lambda: agents.poll() is not None)
     server.should_exit = True
     http.join()
+    if agents.returncode:
+        raise RuntimeError(f"the clients failed (exit status {agents.returncode})")
+    out = json.loads(agents.stdout.read().splitlines()[-1])
     alone, batch, wall = out["alone"], out["batch"], out["wall"]
     single_tok_s = sum(r["completion_tokens"] for r in alone) / sum(r["total_s"] for r in alone)
     aggregate = sum(r["completion_tokens"] for r in batch) / wall
@@ -196,7 +203,13 @@ def main() -> None:
                         help="prompt-lookup drafts (the default is on): measure with, without "
                              "or both")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # one precision, in a child process
+    parser.add_argument("--drive", help=argparse.SUPPRESS)  # the clients of a server at this URL
+    parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.drive:
+        print(json.dumps(drive(args.drive, args.model, args.clients, args.requests,
+                               args.max_tokens)))
+        return
     if args.one == "kernels":
         print(json.dumps(kernels()))
         return

@@ -65,6 +65,24 @@ def test_outputs_are_identical_alone_and_in_a_batch(tiny_model_dir, quantize, in
     assert engine.cache.memory().bytes == 0  # every sequence let go of its blocks
 
 
+def test_generate_many_runs_every_pass_on_its_own_thread(tiny_model_dir):
+    """No other thread may run a pass: OpenMP then keeps a second pool of workers, and every
+    parallel region of the caller's passes wakes its workers slowly."""
+    engine = tiny(tiny_model_dir, "int8")
+    threads, forward = set(), engine.forward_batch
+
+    def recording(*args, **kwargs):
+        threads.add(threading.get_ident())
+        return forward(*args, **kwargs)
+
+    engine.forward_batch = recording
+    results = engine.generate_many([greedy(p, 6) for p in PROMPTS[:5]])
+    assert threads == {threading.get_ident()}
+    assert [r.usage.completion_tokens for r in results[:5]] == [6] * 5
+    alone = [engine.generate(greedy(p, 6)).text for p in PROMPTS[:5]]
+    assert [r.text for r in results[:5]] == alone
+
+
 def test_concurrent_requests_share_a_cached_prefix(tiny_model_dir):
     engine = Engine(load(resolve_model(str(tiny_model_dir))), kv=KVSettings(block_size=16))
     system = "You are the reviewer agent of a small code team. " * 2

@@ -462,27 +462,11 @@ class Engine:
     def generate_many(self, requests: list[CompletionRequest]
                       ) -> list[Completion | PyAgentError]:
         """Run `requests` at once, batched by the scheduler on this thread; each one's
-        completion, or the error that ended it, in order."""
+        completion, or the error that ended it, in order. This thread alone runs the passes
+        (OpenMP wakes its workers quickly only while one thread uses it)."""
         tickets = [self.submit(request) for request in requests]
-        results: list[Completion | PyAgentError] = []
-        done = threading.Event()
-
-        def collect() -> None:
-            try:
-                for ticket in tickets:
-                    try:
-                        *_, last = ticket
-                        results.append(last.completion)
-                    except PyAgentError as exc:
-                        results.append(exc)
-            finally:
-                done.set()
-
-        reader = threading.Thread(target=collect, name="pyagent-collect")
-        reader.start()
-        self.scheduler.run(stop=done.is_set)
-        reader.join()
-        return results
+        self.scheduler.run(stop=lambda: all(ticket.outcome() is not None for ticket in tickets))
+        return [ticket.outcome() or ticket.result() for ticket in tickets]
 
     def stream(self, request: CompletionRequest) -> Iterator[StreamEvent]:
         """Yield text deltas as they become final; the last event carries the `Completion`.

@@ -24,6 +24,7 @@ import hashlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -112,13 +113,13 @@ class BlockPool:
     def quantized(self) -> bool:
         return self.format.quantized
 
-    @property
+    @cached_property
     def bytes_per_block_per_layer(self) -> int:
         """Every plane's bytes for one block of one layer, whatever its shape after the
         blocks axis (int4 keys' grids are per block, without a token axis)."""
         return sum(math.prod(p.shape[2:]) * p.element_size() for p in self.planes.values())
 
-    @property
+    @cached_property
     def bytes_per_block(self) -> int:
         return self.bytes_per_block_per_layer * len(self.group.layers)
 
@@ -508,7 +509,9 @@ class PagedKVCache:
             self._grow_stats(group, table)
             if table.stats:
                 table.stats["written_at"][count - len(new_tokens):count] = float(sequence.step)
-        sequence.peak_bytes = max(sequence.peak_bytes, self.memory(sequence).bytes)
+        held = sum(len(sequence.tables[name].blocks) * pool.bytes_per_block
+                   for name, pool in self.pools.items())
+        sequence.peak_bytes = max(sequence.peak_bytes, held)
         return plan
 
     def _append(self, sequence: Sequence, pool: BlockPool, table: Table,

@@ -54,7 +54,7 @@ from pyagent.engine.kvcache import Sequence
 from pyagent.engine.quantize import ROW_WISE, weight_precision
 from pyagent.engine.speculation import Drafter, SpeculationSettings
 from pyagent.errors import ConfigError, OverloadedError, PyAgentError
-from pyagent.types import StreamEvent
+from pyagent.types import Completion, StreamEvent
 
 if TYPE_CHECKING:
     from pyagent.engine.generate import Engine
@@ -94,6 +94,7 @@ class Ticket:
             asyncio.Queue() if loop is not None else queue.SimpleQueue())
         self.cancelled = False
         self.finished = False
+        self._outcome: Completion | PyAgentError | None = None
 
     def put(self, item: StreamEvent | BaseException) -> None:
         """Deliver an event or an error (called by the scheduler's thread)."""
@@ -140,6 +141,29 @@ class Ticket:
                 yield self._take(await self._events.get())
         finally:
             self.cancel()
+
+    def outcome(self) -> Completion | PyAgentError | None:
+        """The completion, or the error that ended the request, once it has arrived (threads
+        only; the events before it are let go); else None. Never waits."""
+        while self._outcome is None and not self.finished and (item := self.poll()) is not None:
+            try:
+                event = self._take(item)
+            except PyAgentError as exc:
+                self._outcome = exc
+            else:
+                self._outcome = event.completion
+        return self._outcome
+
+    def result(self) -> Completion | PyAgentError:
+        """The completion, or the error that ended the request, waiting for it (and running
+        passes meanwhile if no other thread is)."""
+        try:
+            for event in self:
+                self._outcome = event.completion or self._outcome
+        except PyAgentError as exc:
+            self._outcome = exc
+        assert self._outcome is not None
+        return self._outcome
 
     def _take(self, item: StreamEvent | BaseException) -> StreamEvent:
         if isinstance(item, BaseException):

@@ -1,11 +1,12 @@
 // CPU kernels for decoding (AVX-512), whose results for one row never depend on the other rows.
 //
 // Weight-stationary products of int8 or int4 weights with activations quantized per group of 32
-// (AVX-512 VNNI). Each block of 16 weight rows is unpacked into registers once per group and
-// multiplied with every activation row in turn, so a batch of rows costs little more than one row
-// (PyTorch's weight-only kernels read and unpack the weights again for every few rows). Integer
-// sums are exact and each output is then accumulated over its groups in a fixed order, so a row's
-// result never depends on the other rows of the batch. Layouts: see engine/vnni.py.
+// (AVX-512 VNNI). Each tile of 16 weight rows by 4 inputs is loaded (and unpacked) once and
+// multiplied with up to 8 activation rows whose sums stay in registers, so a batch of rows costs
+// little more than one row (PyTorch's weight-only kernels read and unpack the weights again for
+// every few rows). Integer sums are exact and each output is then accumulated over its groups in
+// a fixed order, so a row's result never depends on the other rows of the batch. Layouts: see
+// engine/avx512.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -16,6 +17,7 @@
 #include <climits>
 #include <cstring>
 #include <functional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -65,13 +67,22 @@ inline __m512i broadcast4(const int8_t* p) {
   return _mm512_set1_epi32(word);
 }
 
-// One group's sums for 16 weight rows: `weights` (8 tiles of 16 rows by 4 unsigned codes)
-// times the 32 activation codes at `codes`, exactly, in int32.
-inline __m512i group_dot(const __m512i* weights, const int8_t* codes) {
-  __m512i dot = _mm512_setzero_si512();
-  for (int t = 0; t < 8; ++t)
-    dot = _mm512_dpbusd_epi32(dot, weights[t], broadcast4(codes + 4 * t));
-  return dot;
+// Runs `block(rows, r0)` over activation rows [r0, r0 + rows) in blocks of 8 and one of the
+// rest, `rows` a compile-time constant: each block's accumulators then live in registers.
+template <typename F>
+inline void in_row_blocks(int64_t m, F&& block) {
+  int64_t r0 = 0;
+  for (; r0 + 8 <= m; r0 += 8) block(std::integral_constant<int, 8>{}, r0);
+  switch (m - r0) {
+    case 1: block(std::integral_constant<int, 1>{}, r0); break;
+    case 2: block(std::integral_constant<int, 2>{}, r0); break;
+    case 3: block(std::integral_constant<int, 3>{}, r0); break;
+    case 4: block(std::integral_constant<int, 4>{}, r0); break;
+    case 5: block(std::integral_constant<int, 5>{}, r0); break;
+    case 6: block(std::integral_constant<int, 6>{}, r0); break;
+    case 7: block(std::integral_constant<int, 7>{}, r0); break;
+    default: break;
+  }
 }
 
 void check(const at::Tensor& x, int64_t k) {
@@ -99,27 +110,29 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& tiles, const at::Tenso
   float* o = out.data_ptr<float>();
   at::parallel_for(0, n / LANES, 4, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      for (int64_t r0 = 0; r0 < m; r0 += LANES) {  // activation rows, 16 at a time
-        const int64_t rows = std::min<int64_t>(LANES, m - r0);
-        __m512 acc[LANES];
-        for (int64_t r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
+      in_row_blocks(m, [&](auto count, int64_t r0) {
+        constexpr int R = decltype(count)::value;
+        __m512 acc[R];
+        for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
         for (int64_t g = 0; g < groups; ++g) {
           const uint8_t* tile = w + (b * (k / 4) + g * 8) * 64;
-          __m512i weights[8];
-          for (int t = 0; t < 8; ++t) weights[t] = _mm512_loadu_si512(tile + t * 64);
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t row = r0 + r;
-            // the weights are stored plus 128: take 128 times the codes' sum back
-            const __m512i dot = _mm512_sub_epi32(group_dot(weights, codes + row * k + g * GROUP),
-                                                 _mm512_set1_epi32(128 * sums[row * groups + g]));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
-                                     _mm512_set1_ps(steps[row * groups + g]), acc[r]);
+          __m512i dot[R];  // the weights are stored plus 128: start from -128 times the sum
+          for (int r = 0; r < R; ++r)
+            dot[r] = _mm512_set1_epi32(-128 * sums[(r0 + r) * groups + g]);
+          for (int t = 0; t < 8; ++t) {  // a tile of 16 rows by 4 inputs, for every row
+            const __m512i weights = _mm512_loadu_si512(tile + t * 64);
+            for (int r = 0; r < R; ++r)
+              dot[r] = _mm512_dpbusd_epi32(dot[r], weights,
+                                           broadcast4(codes + (r0 + r) * k + g * GROUP + 4 * t));
           }
+          for (int r = 0; r < R; ++r)
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]),
+                                     _mm512_set1_ps(steps[(r0 + r) * groups + g]), acc[r]);
         }
         const __m512 s = _mm512_loadu_ps(scale + b * LANES);
-        for (int64_t r = 0; r < rows; ++r)
+        for (int r = 0; r < R; ++r)
           _mm512_storeu_ps(o + (r0 + r) * n + b * LANES, _mm512_mul_ps(acc[r], s));
-      }
+      });
     }
   });
   return out;
@@ -146,34 +159,38 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& tiles, const at::Tenso
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   at::parallel_for(0, n / LANES, 64, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      for (int64_t r0 = 0; r0 < m; r0 += LANES) {
-        const int64_t rows = std::min<int64_t>(LANES, m - r0);
-        __m512 acc[LANES];
-        for (int64_t r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
+      in_row_blocks(m, [&](auto count, int64_t r0) {
+        constexpr int R = decltype(count)::value;
+        __m512 acc[R];
+        for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
         for (int64_t g = 0; g < groups; ++g) {
           const uint8_t* tile = w + (b * groups + g) * 256;
-          __m512i weights[8];
-          for (int t = 0; t < 4; ++t) {
+          __m512i dot[R];
+          for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_si512();
+          for (int t = 0; t < 4; ++t) {  // 4 inputs in the low nibbles, the next 4 in the high
             const __m512i packed = _mm512_loadu_si512(tile + t * 64);
-            weights[2 * t] = _mm512_and_si512(packed, nibble);
-            weights[2 * t + 1] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+            const __m512i low = _mm512_and_si512(packed, nibble);
+            const __m512i high = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+            for (int r = 0; r < R; ++r) {
+              const int8_t* c = codes + (r0 + r) * k + g * GROUP + 8 * t;
+              dot[r] = _mm512_dpbusd_epi32(dot[r], low, broadcast4(c));
+              dot[r] = _mm512_dpbusd_epi32(dot[r], high, broadcast4(c + 4));
+            }
           }
           const uint16_t* cell = gr + (b * groups + g) * 2 * LANES;
           const __m512 step = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)cell));
           const __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(cell + LANES)));
-          for (int64_t r = 0; r < rows; ++r) {
+          for (int r = 0; r < R; ++r) {
             const int64_t row = r0 + r;
-            const __m512i dot = group_dot(weights, codes + row * k + g * GROUP);
             const float a = steps[row * groups + g];
             // sum over the group of code * step * x + low * x
-            acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(a)),
+            acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(a)),
                                      step, acc[r]);
             acc[r] = _mm512_fmadd_ps(low, _mm512_set1_ps(a * sums[row * groups + g]), acc[r]);
           }
         }
-        for (int64_t r = 0; r < rows; ++r)
-          _mm512_storeu_ps(o + (r0 + r) * n + b * LANES, acc[r]);
-      }
+        for (int r = 0; r < R; ++r) _mm512_storeu_ps(o + (r0 + r) * n + b * LANES, acc[r]);
+      });
     }
   });
   return out;
@@ -503,11 +520,17 @@ at::Tensor top_ids(const at::Tensor& values, int64_t top) {
   return out;
 }
 
+// The kernels let go of the GIL while they compute, as PyTorch's own operators do: the server's
+// threads can answer clients meanwhile.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_mm", &int8_mm, "int8 weights times activations quantized per group of 32");
-  m.def("int4_mm", &int4_mm, "int4 weights times activations quantized per group of 32");
+  using released = py::call_guard<py::gil_scoped_release>;
+  m.def("int8_mm", &int8_mm, "int8 weights times activations quantized per group of 32",
+        released());
+  m.def("int4_mm", &int4_mm, "int4 weights times activations quantized per group of 32",
+        released());
   m.def("attend_spans", &attend_spans, "attention of a few queries of several sequences over "
-        "their own paged keys");
-  m.def("rescore", &rescore, "exact logits of chosen tokens");
-  m.def("top_ids", &top_ids, "the ids of every row's largest values, in ascending order");
+        "their own paged keys", released());
+  m.def("rescore", &rescore, "exact logits of chosen tokens", released());
+  m.def("top_ids", &top_ids, "the ids of every row's largest values, in ascending order",
+        released());
 }
