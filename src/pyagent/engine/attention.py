@@ -11,7 +11,9 @@ decoder calls `BatchForward.attend` directly.
 A pass of at most `FEW_QUERIES` queries per sequence (decoding, and a draft's verification)
 attends without a mask: each query over exactly the run of slots it sees, the sequences of a
 batch in one kernel call (engine/avx512.py). A token's result then never depends on the pass it
-is computed in.
+is computed in. Where the cache stores float32 keys (`InPlace`), a layer stores the whole pass's
+keys and values at once and the kernel reads every sequence's blocks through its block table:
+nothing is gathered.
 
 Layers of the global group can also collect per-token attention statistics for eviction policies
 (accumulated mass, entropy-weighted mass, peak focused attention, the last query's attention, the
