@@ -1,7 +1,7 @@
 """Continuous batching: one stream against 8 concurrent agents, through the HTTP server.
 
     .venv/bin/python benchmarks/batching.py [--precisions float32,int8,bf16] [--clients 8]
-                                            [--drafts both|on|off]
+                                            [--drafts both|on|off] [--repeats 3]
 
 For each weight precision, in a fresh process: `pyagent serve`'s arrangement (uvicorn on a thread,
 the model on the main thread), driven over loopback by streaming OpenAI-style clients in a process
@@ -11,6 +11,9 @@ of their own (as agents calling a server are).
   (the first ones staggered over one unloaded request's time, as agents' calls are).
 Every prompt is distinct (~60 tokens, no shared prefix), greedy, `--max-tokens` tokens each.
 The loaded outputs are checked against the unloaded outputs of the same prompts (batch invariance).
+Each variant runs `--repeats` times in fresh processes, the variants alternating: single stream,
+aggregate and their ratio are medians over the runs (with the min and max), the TTFT and output
+figures those of the run with the median aggregate.
 Each precision runs with prompt-lookup drafts (the default: they speed the single stream up too)
 and without (what the kernels alone batch).
 Before that, in its own process, it times the LM head (262,144 x 640) at 1 and 8 rows in each
@@ -104,6 +107,14 @@ def drive(base: str, model: str, clients: int, requests: int, max_tokens: int
     stagger = statistics.median(r["total_s"] for r in alone)
     batch, wall = asyncio.run(loaded(base, model, clients, requests, max_tokens, stagger))
     return {"alone": alone, "batch": batch, "wall": wall}
+
+
+def median_run(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The runs' median of every throughput figure; the other figures from the run whose
+    aggregate is the median."""
+    middle = sorted(samples, key=lambda run: run["aggregate_tok_s"])[(len(samples) - 1) // 2]
+    return middle | {key: statistics.median(run[key] for run in samples)
+                     for key in ("single_stream_tok_s", "aggregate_tok_s", "throughput_ratio")}
 
 
 def p95(values: list[float]) -> float:
@@ -202,6 +213,8 @@ def main() -> None:
     parser.add_argument("--drafts", choices=("on", "off", "both"), default="both",
                         help="prompt-lookup drafts (the default is on): measure with, without "
                              "or both")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="fresh server processes per variant (this machine is noisy)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # one precision, in a child process
     parser.add_argument("--drive", help=argparse.SUPPRESS)  # the clients of a server at this URL
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -221,32 +234,45 @@ def main() -> None:
                            text=True, check=True)
     lm_head = json.loads(child.stdout.splitlines()[-1])
     print("LM head", json.dumps(lm_head), flush=True)
-    results: dict[str, Any] = {}
     variants = [(name, drafts) for name in args.precisions.split(",")
                 for drafts in ("on", "off") if args.drafts in (drafts, "both")]
-    for name, drafts in variants:
-        label = name if drafts == "on" else f"{name}, no drafts"
-        child = subprocess.run(
-            [sys.executable, __file__, "--one", name, "--clients", str(args.clients),
-             "--requests", str(args.requests), "--max-tokens", str(args.max_tokens),
-             "--drafts", drafts], capture_output=True, text=True)
-        if child.returncode:
-            sys.exit(f"{label} failed:\n{child.stderr[-3000:]}")
-        results[label] = json.loads(child.stdout.splitlines()[-1])
-        print(label, json.dumps(results[label]), flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(args.repeats):  # the variants alternate: a slow spell hits them alike
+        for name, drafts in variants:
+            label = name if drafts == "on" else f"{name}, no drafts"
+            child = subprocess.run(
+                [sys.executable, __file__, "--one", name, "--clients", str(args.clients),
+                 "--requests", str(args.requests), "--max-tokens", str(args.max_tokens),
+                 "--drafts", drafts], capture_output=True, text=True)
+            if child.returncode:
+                sys.exit(f"{label} failed:\n{child.stderr[-3000:]}")
+            runs.setdefault(label, []).append(json.loads(child.stdout.splitlines()[-1]))
+            print(label, json.dumps(runs[label][-1]), flush=True)
+    results = {label: median_run(samples) for label, samples in runs.items()}
     out = {"benchmark": "batching", "meta": provenance(ROOT),
            "settings": {"clients": args.clients, "requests_per_client": args.requests,
-                        "max_tokens": args.max_tokens, "drafts": args.drafts},
-           "lm_head_ms": lm_head,
-           "results": results}
-    lines = ["| weights | single stream | 8 concurrent, aggregate | ratio | TTFT unloaded "
-             "(median / p95) | TTFT loaded (median / p95) | p95 ratio | same output |",
+                        "max_tokens": args.max_tokens, "drafts": args.drafts,
+                        "repeats": args.repeats},
+           "lm_head_ms": lm_head, "results": results, "runs": runs}
+
+    def spread(label: str, key: str, form: str, unit: str = "") -> str:
+        values = [run[key] for run in runs[label]]
+        middle = format(results[label][key], form) + unit
+        return middle if len(values) == 1 else (
+            f"{middle} [{format(min(values), form)}{unit}, {format(max(values), form)}{unit}]")
+
+    lines = ["| weights | single stream (tok/s) | 8 concurrent, aggregate (tok/s) | ratio | TTFT "
+             "unloaded (median / p95) | TTFT loaded (median / p95) | p95 ratio | same output |",
              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {k} | {v['single_stream_tok_s']:.1f} tok/s | {v['aggregate_tok_s']:.1f} tok/s "
-              f"| {v['throughput_ratio']:.2f}x | {v['ttft_unloaded_median_s'] * 1e3:.0f} / "
+    lines += [f"| {k} | {spread(k, 'single_stream_tok_s', '.1f')} "
+              f"| {spread(k, 'aggregate_tok_s', '.1f')} "
+              f"| {spread(k, 'throughput_ratio', '.2f', 'x')} "
+              f"| {v['ttft_unloaded_median_s'] * 1e3:.0f} / "
               f"{v['ttft_unloaded_p95_s'] * 1e3:.0f} ms | {v['ttft_loaded_median_s'] * 1e3:.0f} / "
               f"{v['ttft_loaded_p95_s'] * 1e3:.0f} ms | {v['ttft_p95_ratio']:.2f}x "
               f"| {v['identical_outputs']} |" for k, v in results.items()]
+    lines += ["", f"Cells: the median run [min, max] of {args.repeats} (by aggregate for the "
+              "TTFT and output columns)." if args.repeats > 1 else ""]
     lines += ["", "| LM head (262,144 x 640) | 1 row | 8 rows | 8 rows / 1 row |",
               "|---|---|---|---|"]
     lines += [f"| {k} | {v['1_rows_ms']:.1f} ms | {v['8_rows_ms']:.1f} ms "

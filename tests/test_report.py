@@ -228,3 +228,18 @@ def test_every_committed_result_renders_without_raw_json(tmp_path):
     text = out.read_text()
     assert '<td>{"' not in text and '<td class="num">[' not in text
     assert "Benchmark: engine" in text and "Benchmark: kv" in text
+
+
+def test_the_batching_summary_judges_throughput_at_8_concurrent_against_4x():
+    from pyagent.bench.report.headlines import batching
+
+    data = {"results": {
+        "int8": {"aggregate_tok_s": 290.0, "ttft_p95_ratio": 1.5, "throughput_ratio": 2.4},
+        "int8, no drafts": {"aggregate_tok_s": 230.0, "ttft_p95_ratio": 0.7,
+                            "throughput_ratio": 4.02},
+        "float32": {"aggregate_tok_s": 46.7, "ttft_p95_ratio": 2.4}}}  # an older result
+    checks = {c.target: (c.measured, c.met) for c in batching(data).checks}
+    assert checks["int8: 8 concurrent >= 4x single stream"] == ("2.40x", False)
+    assert checks["int8, no drafts: 8 concurrent >= 4x single stream"] == ("4.02x", True)
+    assert "float32: 8 concurrent >= 4x single stream" not in checks
+    assert checks["float32: p95 TTFT under load < 2x unloaded"] == ("2.40x", False)

@@ -90,6 +90,10 @@ def batching(data: Data) -> Summary:
         ratio = num(data, f"results|{weights}|ttft_p95_ratio")
         out.checks.append(Check(f"{weights}: p95 TTFT under load < 2x unloaded", f"{ratio:.2f}x",
                                 ratio < 2))
+        if "throughput_ratio" in at(data, f"results|{weights}"):  # the engine-speed target
+            ratio = num(data, f"results|{weights}|throughput_ratio")
+            out.checks.append(Check(f"{weights}: 8 concurrent >= 4x single stream",
+                                    f"{ratio:.2f}x", ratio >= 4))
     return out
 
 
