@@ -143,3 +143,46 @@ def test_the_fast_argmax_is_torch_argmax():
     logits[[700, 3000]] = float("nan")  # NaN counts as the largest, as in torch.argmax
     assert first_max(logits) == int(torch.argmax(logits)) == 700
     assert first_max(torch.randn(2048)[::2]) >= 0  # a strided view takes torch's path
+
+
+def frequencies(sampler, logits: torch.Tensor, draws: int) -> torch.Tensor:
+    counts = torch.zeros(logits.numel())
+    for _ in range(draws):
+        counts[sampler(logits)] += 1
+    return counts / draws
+
+
+def test_sampling_draws_from_the_softmax_without_sorting_the_vocabulary():
+    from pyagent.engine.sampling import Sampler
+    from pyagent.types import SamplingParams
+
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0, 0.0])
+    seen = frequencies(Sampler(SamplingParams(temperature=0.8, seed=3)), logits, 20000)
+    assert (seen - torch.softmax(logits / 0.8, -1)).abs().max() < 0.015
+    again = Sampler(SamplingParams(temperature=0.8, seed=3))
+    first = Sampler(SamplingParams(temperature=0.8, seed=3))
+    assert [again(logits) for _ in range(50)] == [first(logits) for _ in range(50)]
+
+
+def test_a_nucleus_found_among_the_likeliest_logits_is_the_one_a_full_sort_finds():
+    from pyagent.engine.sampling import NUCLEUS_FIRST, Sampler
+    from pyagent.types import SamplingParams
+
+    torch.manual_seed(1)
+    peaked = torch.randn(8000) * 2
+    peaked[:5] += 12.0  # most of the mass on a few tokens, as a language model's
+    flat = torch.randn(8000)  # the top 1,024 hold too little: the full sort decides
+    for logits in (peaked, flat):
+        params = SamplingParams(temperature=1.0, top_p=0.9, seed=4)
+        values, indices = Sampler(params)._nucleus_candidates(logits)
+        ordered = torch.sort(logits, descending=True)
+        assert torch.equal(indices, ordered.indices[:len(indices)])
+        assert torch.equal(values, ordered.values[:len(values)])
+        assert len(indices) == (NUCLEUS_FIRST if logits is peaked else 8000)
+        nucleus = torch.cumsum(torch.softmax(ordered.values, -1), -1)
+        keep = int(torch.searchsorted(nucleus, torch.tensor(0.9))) + 1
+        seen = frequencies(Sampler(params), logits, 4000)
+        assert seen[ordered.indices[keep:]].sum() == 0  # nothing outside the nucleus
+        if logits is peaked:
+            expected = torch.softmax(ordered.values[:keep], -1)
+            assert (seen[ordered.indices[:keep]] - expected).abs().max() < 0.03
